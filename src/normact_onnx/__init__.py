@@ -1,0 +1,8 @@
+"""normact-onnx: normalized activations for any ONNX model.
+
+Find activation sites in exported models, rewrite them into statically
+normalized or ANAct-calibrated form (a portable model-local function that ONNX
+Runtime runs as a fused kernel when the library is registered), and deploy.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,260 @@
+"""The Python API behind the CLI: ``inspect`` and ``rewrite``.
+
+Both accept a path or an ``onnx.ModelProto``. ``rewrite`` returns the rewritten
+model and, given ``output``, writes it atomically after verifying it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .catalogue import CATALOGUE
+from .errors import NormactError
+from .graph import default_opset
+from .io import atomic_path, carry_external_data, clamp_ir, external_locations, load_model, write_model
+from .methods.static import VARIANTS, Affine, static_affine
+from .passes.find import Site, find_sites
+from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
+
+MIN_OPSET = 7
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    path = Path(model)
+    return load_model(path), path
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    opset = default_opset(model.opset_import)
+    if opset < MIN_OPSET:
+        raise NormactError(f"model opset {opset} is older than normact-onnx supports (≥ {MIN_OPSET})")
+
+
+def inspect(model: ModelLike) -> list[dict[str, Any]]:
+    """Every activation site: name, kind, how it was written, graph path, normalized or not, skip reason."""
+    m, path = _load(model)
+    return [s.summary() for s in find_sites(m, str(path.parent) if path else None)]
+
+
+@dataclass
+class RewriteResult:
+    model: onnx.ModelProto
+    outcomes: list[SiteOutcome]
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    verification: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteOutcome]:
+        return [o for o in self.outcomes if o.action == "rewritten"]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path) if self.path else None,
+            "notes": self.notes,
+            "sites": [o.as_dict() for o in self.outcomes],
+            "verification": self.verification,
+        }
+
+    def table(self) -> str:
+        """Before/after counts per kind, for people."""
+        rows: dict[str, Counter] = {}
+        for o in self.outcomes:
+            rows.setdefault(o.site.kind, Counter())[o.action] += 1
+        lines = [f"{'kind':<14}{'found':>7}{'rewritten':>11}{'skipped':>9}{'already':>9}"]
+        for kind, c in rows.items():
+            lines.append(
+                f"{kind:<14}{sum(c.values()):>7}{c['rewritten']:>11}{c['skipped']:>9}{c['normalized']:>9}"
+            )
+        return "\n".join(lines)
+
+
+def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out = {n.strip().replace("-", "_").lower() for n in names}
+    unknown = sorted(out - set(CATALOGUE))
+    if unknown:
+        raise NormactError(
+            f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}"
+        )
+    return out
+
+
+Constants = Callable[[Site], Affine | str]
+
+
+def select(
+    sites: list[Site],
+    include: set[str] | None,
+    exclude: set[str] | None,
+    nodes: str | None,
+    all_sites: bool,
+    constants: Constants,
+) -> list[SiteOutcome]:
+    """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
+    pattern = None
+    if nodes:
+        try:
+            pattern = re.compile(nodes)
+        except re.error as e:
+            raise NormactError(f"--nodes: bad regular expression ({e})") from None
+    out = []
+    for s in sites:
+        if s.normalized is not None:
+            out.append(SiteOutcome(s, "normalized", "already normalized"))
+        elif include is not None and s.kind not in include:
+            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} not in --include"))
+        elif exclude is not None and s.kind in exclude:
+            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} in --exclude"))
+        elif pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
+            out.append(SiteOutcome(s, "skipped", "name does not match --nodes"))
+        elif s.skip and not all_sites:
+            out.append(SiteOutcome(s, "skipped", f"{s.skip} (use --all-sites to include)"))
+        else:
+            aff = constants(s)
+            if isinstance(aff, str):
+                out.append(SiteOutcome(s, "skipped", aff))
+            else:
+                out.append(SiteOutcome(s, "rewritten", affine=aff))
+    return out
+
+
+def static_constants(
+    q: float = 1.0,
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    q_per_site: dict[str, float] | None = None,
+) -> Constants:
+    """Static normalization (MATH.md §1) at design variance q, or at each site's measured q."""
+    if variant not in VARIANTS:
+        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if not q > 0:
+        raise NormactError(f"--q must be positive, got {q}")
+
+    def constants(site: Site) -> Affine | str:
+        site_q = (q_per_site or {}).get(site.output, q)
+        try:
+            return static_affine(site.activation, site.params, site_q, variant, ratio)
+        except NormactError as e:
+            return str(e)
+
+    return constants
+
+
+def rewrite(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    variant: str = "center-scale",
+    q: float = 1.0,
+    ratio: float | None = None,
+    form: str = "function",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    preserve_function: bool = False,
+    constants: Constants | None = None,
+    method: dict[str, Any] | None = None,
+    verify: bool = True,
+    in_place: bool = False,
+    dry_run: bool = False,
+    details: bool = False,
+) -> onnx.ModelProto | RewriteResult:
+    """Normalize the activations of ``model``; write to ``output`` when given.
+
+    Returns the rewritten ``ModelProto`` (or the full :class:`RewriteResult` with
+    ``details=True``). The input model object is not modified.
+    """
+    if form not in FORMS:
+        raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
+    inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
+    src, path = _load(model)
+    _check_opset(src)
+    if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
+        raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
+    m = onnx.ModelProto()
+    m.CopyFrom(src)
+    base_dir = str(path.parent) if path else None
+    if constants is None:
+        constants = static_constants(q, variant, ratio)
+        method = {
+            "method": "static",
+            "variant": variant,
+            "q": q,
+            **({"ratio": ratio} if ratio is not None else {}),
+        }
+    sites = find_sites(m, base_dir)
+    outcomes = select(sites, inc, exc, nodes, all_sites, constants)
+    result = RewriteResult(m, outcomes)
+    if not sites:
+        result.notes.append("no activation sites found")
+    if dry_run:
+        return result if details else m
+    apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
+    clamp_ir(m)
+    if output is not None and result.rewritten:
+        result.path = Path(output)
+        result.verification = save_verified(m, result.path, path.parent if path else None, outcomes, verify)
+    elif verify and result.rewritten:
+        result.verification = verify_in_memory(m, outcomes, base_dir)
+    return result if details else m
+
+
+def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:
+    from .verify import check_sites
+
+    if not external_locations(m):
+        try:
+            onnx.checker.check_model(m)
+        except Exception as e:
+            raise NormactError(f"verification failed: onnx checker: {str(e).splitlines()[0]}") from None
+    return check_sites(m, outcomes, base_dir)
+
+
+def save_verified(
+    m: onnx.ModelProto, dest: Path, src_dir: Path | None, outcomes: list[SiteOutcome], verify: bool
+) -> list[dict[str, Any]]:
+    """Write atomically beside ``dest``; verify the written file before it takes the final name."""
+    from .verify import check_model_file, check_sites, ort_load
+
+    created: list[Path] = []
+    dest_dir = dest.parent
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if src_dir is not None:
+        before = {loc: (dest_dir / loc).exists() for loc in external_locations(m)}
+        carry_external_data(m, src_dir, dest_dir)
+        created = [dest_dir / loc for loc, existed in before.items() if not existed]
+    try:
+        with atomic_path(dest) as tmp:
+            write_model(m, tmp)
+            report: list[dict[str, Any]] = []
+            if verify:
+                check_model_file(tmp)
+                ort_load(tmp)
+                report = check_sites(m, outcomes, str(src_dir) if src_dir else None)
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def write_report(result: RewriteResult, path: str | os.PathLike) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(result.report(), indent=2))

@@ -1,0 +1,188 @@
+"""Self-gated activations x·g(x): SiLU/Swish, HardSwish, Mish, GELU (erf and tanh).
+
+Exporters rarely write these as one op (older opsets have none), so each entry
+lists the decomposed spellings that real exporters emit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .base import Activation, Body, OpForm, erf, no_params, sigmoid, softplus
+from .exponential import softplus_body
+from .patterns import Attr, C, DecomposedForm, N, Pattern, X, alt, node
+
+SQRT2 = math.sqrt(2.0)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+def _half_x_times(one_plus: Pattern) -> tuple[N, ...]:
+    """0.5·x·(1 + g) in the orders exporters write it: ((x·A)·0.5), ((x·0.5)·A), x·(A·0.5), (x·A)/2."""
+    return (
+        node("Mul", node("Mul", X, one_plus, comm=True), C(0.5), comm=True),
+        node("Mul", node("Mul", X, C(0.5), comm=True), one_plus, comm=True),
+        node("Mul", X, node("Mul", one_plus, C(0.5), comm=True), comm=True),
+        node("Div", node("Mul", X, one_plus, comm=True), C(2.0)),
+    )
+
+
+_ERF_ARG = alt(node("Div", X, C(SQRT2)), node("Mul", X, C(1.0 / SQRT2), comm=True))
+_ERF_ONE_PLUS = node("Add", node("Erf", _ERF_ARG), C(1.0), comm=True)
+
+_CUBE = alt(
+    node("Pow", X, C(3.0)),
+    node("Mul", X, node("Mul", X, X), comm=True),
+)
+_TANH_INNER = node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True)
+_TANH_ONE_PLUS = node(
+    "Add", node("Tanh", node("Mul", _TANH_INNER, C(SQRT_2_OVER_PI), comm=True)), C(1.0), comm=True
+)
+
+_CLIP_0_6 = alt(  # Clip(x+3, 0, 6): bounds as inputs (opset ≥ 11) or attributes (older)
+    node("Clip", node("Add", X, C(3.0), comm=True), C(0.0), C(6.0)),
+    node("Clip", node("Add", X, C(3.0), comm=True), min=Attr(0.0), max=Attr(6.0)),
+)
+_HARD_SWISH_FORMS = (
+    DecomposedForm("Add→Clip→Div→Mul", node("Div", node("Mul", X, _CLIP_0_6, comm=True), C(6.0))),
+    DecomposedForm("Add→Clip→Div→Mul", node("Mul", X, node("Div", _CLIP_0_6, C(6.0)), comm=True)),
+    DecomposedForm(
+        "Add→Clip→Mul→Mul", node("Mul", X, node("Mul", _CLIP_0_6, C(1 / 6.0), comm=True), comm=True)
+    ),
+    DecomposedForm(
+        "x·HardSigmoid(x)",
+        node("Mul", X, node("HardSigmoid", X, alpha=Attr(1 / 6.0, 0.2), beta=Attr(0.5, 0.5)), comm=True),
+    ),
+)
+
+
+def _read_gelu(approximate: str) -> Any:
+    def read(view: Any) -> dict[str, Any] | str:
+        got = view.attr("approximate", "none")
+        return {} if got == approximate else f"Gelu approximate={got!r}"
+
+    return read
+
+
+def _gelu_body(b: Body, x: str) -> str:
+    if b.opset >= 20:
+        return b.op("Gelu", x)
+    one_plus = b.op("Add", b.op("Erf", b.op("Div", x, b.const(SQRT2))), b.const(1.0))
+    return b.op("Mul", b.op("Mul", x, b.const(0.5)), one_plus)
+
+
+def _gelu_tanh_body(b: Body, x: str) -> str:
+    if b.opset >= 20 and not b.gradient_safe:
+        return b.op("Gelu", x, approximate="tanh")
+    cube = b.op("Mul", x, b.op("Mul", x, x))
+    inner = b.op("Add", x, b.op("Mul", cube, b.const(GELU_CUBIC)))
+    one_plus = b.op("Add", b.op("Tanh", b.op("Mul", inner, b.const(SQRT_2_OVER_PI))), b.const(1.0))
+    return b.op("Mul", b.op("Mul", x, b.const(0.5)), one_plus)
+
+
+def _hard_swish_body(b: Body, x: str) -> str:
+    if b.opset >= 14 and not b.gradient_safe:
+        return b.op("HardSwish", x)
+    gate = b.op("Add", b.op("Mul", x, b.const(1 / 6.0)), b.const(0.5))
+    return b.op("Mul", x, b.op("Max", b.op("Min", gate, b.const(1.0)), b.const(0.0)))
+
+
+def _mish_body(b: Body, x: str) -> str:
+    if b.opset >= 18 and not b.gradient_safe:
+        return b.op("Mish", x)
+    return b.op("Mul", x, b.op("Tanh", softplus_body(b, x)))
+
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3)))
+
+
+def _gelu_tanh_derivative(x: np.ndarray) -> np.ndarray:
+    t = np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+
+
+def _mish_derivative(x: np.ndarray) -> np.ndarray:
+    t = np.tanh(softplus(x))
+    return t + x * sigmoid(x) * (1.0 - t * t)
+
+
+def _read_swish(view: Any) -> dict[str, Any] | str:
+    alpha = float(view.attr("alpha", 1.0))
+    return {} if alpha == 1.0 else f"Swish alpha={alpha} (only alpha=1 is SiLU)"
+
+
+SILU = Activation(
+    kind="silu",
+    op_name="NormSilu",
+    forward=lambda x: x * sigmoid(x),
+    derivative=lambda x: sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
+    body=lambda b, x: b.op("Mul", x, b.op("Sigmoid", x)),
+    ops=(OpForm("Swish", _read_swish, min_opset=24),),
+    patterns=(DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),),
+    summary="x·sigmoid(x) (Swish)",
+)
+
+HARD_SWISH = Activation(
+    kind="hard_swish",
+    op_name="NormHardSwish",
+    forward=lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    derivative=lambda x: np.where(x < -3, 0.0, np.where(x > 3, 1.0, (2.0 * x + 3.0) / 6.0)),
+    body=_hard_swish_body,
+    ops=(OpForm("HardSwish", no_params, min_opset=14),),
+    patterns=_HARD_SWISH_FORMS,
+    kinks=lambda p: (-3.0, 3.0),
+    summary="x·max(0, min(1, x/6 + 1/2))",
+)
+
+MISH = Activation(
+    kind="mish",
+    op_name="NormMish",
+    forward=lambda x: x * np.tanh(softplus(x)),
+    derivative=_mish_derivative,
+    body=_mish_body,
+    ops=(OpForm("Mish", no_params, min_opset=18),),
+    patterns=(
+        DecomposedForm("x·Tanh(Softplus(x))", node("Mul", X, node("Tanh", node("Softplus", X)), comm=True)),
+    ),
+    summary="x·tanh(softplus(x))",
+)
+
+GELU = Activation(
+    kind="gelu",
+    op_name="NormGelu",
+    forward=lambda x: 0.5 * x * (1.0 + erf(x / SQRT2)),
+    derivative=lambda x: 0.5 * (1.0 + erf(x / SQRT2)) + x * _phi(x),
+    body=_gelu_body,
+    ops=(
+        OpForm("Gelu", _read_gelu("none"), min_opset=20),
+        OpForm("Gelu", no_params, domain="com.microsoft"),
+    ),
+    patterns=tuple(DecomposedForm("Erf chain", p) for p in _half_x_times(_ERF_ONE_PLUS)),
+    summary="x·Φ(x) (exact, erf)",
+)
+
+GELU_TANH = Activation(
+    kind="gelu_tanh",
+    op_name="NormGeluTanh",
+    forward=_gelu_tanh,
+    derivative=_gelu_tanh_derivative,
+    body=_gelu_tanh_body,
+    ops=(
+        OpForm("Gelu", _read_gelu("tanh"), min_opset=20),
+        OpForm(
+            "FastGelu", lambda v: {} if not v.has_input(1) else "FastGelu with bias", domain="com.microsoft"
+        ),
+    ),
+    patterns=tuple(DecomposedForm("tanh chain", p) for p in _half_x_times(_TANH_ONE_PLUS)),
+    summary="0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",
+)
+
+ENTRIES = (SILU, HARD_SWISH, MISH, GELU, GELU_TANH)

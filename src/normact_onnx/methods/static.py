@@ -1,0 +1,92 @@
+"""Static activation normalization (Richemond & Guo, arXiv 1905.01369; MATH.md §1).
+
+A fixed transform computed once from Gaussian integrals at the design variance q:
+no data needed. Every variant is ``y = scale·(f(x) − shift − slope·x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..catalogue import Activation
+from ..errors import NormactError
+from ..moments import Moments, gaussian_moments
+
+VARIANTS = ("center-scale", "zeta-zero", "ratio")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """The three numbers (or per-channel arrays) that normalize one site."""
+
+    scale: Any
+    shift: Any
+    slope: Any = 0.0
+
+    @property
+    def is_scalar(self) -> bool:
+        return all(np.ndim(v) == 0 for v in (self.scale, self.shift, self.slope))
+
+    def as_dict(self) -> dict[str, Any]:
+        conv = lambda v: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()  # noqa: E731
+        return {"scale": conv(self.scale), "shift": conv(self.shift), "slope": conv(self.slope)}
+
+
+def affine_from_moments(m: Moments, variant: str = "center-scale", ratio: float | None = None) -> Affine:
+    """The normalizing affine of a variant, given the Gaussian moments at q = ``m.q``."""
+    q, b, v = m.q, m.b, m.v
+    if variant == "center-scale":
+        if not v > 0:
+            raise NormactError("activation has zero variance at this q; center-scale is undefined")
+        return Affine(1.0 / math.sqrt(v), m.m1, 0.0)
+    residual = v - q * b * b  # variance left after removing the linear part (Poincaré: ≥ 0)
+    if variant == "zeta-zero":
+        ratio = 0.0
+    elif variant != "ratio":
+        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if ratio is None:
+        raise NormactError("variant 'ratio' needs --ratio r")
+    r_max = q * b * b / v if v > 0 else 0.0
+    if not 0.0 <= ratio <= r_max + 1e-12:
+        raise NormactError(f"ratio must lie in [0, {r_max:.6g}] (= q·b²/v) for this activation, got {ratio}")
+    if not residual > 1e-12 * max(v, 1e-300):
+        raise NormactError(
+            "activation is affine at this q (v = q·b²); zeta-zero/ratio variants are undefined"
+        )
+    if ratio >= r_max:  # the top end of the range is center-scale exactly
+        return Affine(1.0 / math.sqrt(v), m.m1, 0.0)
+    scale = math.sqrt((1.0 - ratio) / residual)
+    slope = b - math.copysign(math.sqrt(ratio * residual / ((1.0 - ratio) * q)), b) if ratio else b
+    return Affine(scale, m.m1, slope)
+
+
+def static_affine(
+    act: Activation,
+    params: dict[str, Any] | None = None,
+    q: float = 1.0,
+    variant: str = "center-scale",
+    ratio: float | None = None,
+) -> Affine:
+    """Static normalization of ``act`` at design variance ``q``.
+
+    Per-channel parameters (a PRelu slope tensor) give per-channel constants of the
+    same shape, one Gaussian integral per distinct value.
+    """
+    params = act.with_defaults(params)
+    tensors = {k: np.asarray(v) for k, v in params.items() if np.ndim(v) > 0}
+    if not tensors:
+        return affine_from_moments(gaussian_moments(act, q, params), variant, ratio)
+    (name, values), *rest = tensors.items()
+    if rest:
+        raise NormactError(f"{act.kind}: more than one per-channel parameter is not supported")
+    parts = [
+        affine_from_moments(gaussian_moments(act, q, {**params, name: float(v)}), variant, ratio)
+        for v in values.ravel()
+    ]
+    shape = values.shape
+    stack = lambda attr: np.array([getattr(p, attr) for p in parts]).reshape(shape)  # noqa: E731
+    return Affine(stack("scale"), stack("shift"), stack("slope"))

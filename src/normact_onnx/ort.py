@@ -1,0 +1,58 @@
+"""ONNX Runtime sessions as the tool itself uses them (verification, calibration, compare).
+
+Every session the tool creates registers the fused-kernel library when it was
+built, so what the tool measures is what a deployment with the library runs;
+without the library, the model-local function bodies run instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import NormactError
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise NormactError(
+            'onnxruntime is not installed: pip install "normact-onnx[cpu]" (or [gpu])'
+        ) from None
+    return ort
+
+
+def kernel_library(cuda: bool = False) -> str | None:
+    """Path of the fused-kernel library, or None when it was not built."""
+    try:
+        from .runtime.library import get_library_path
+    except ImportError:
+        return None
+    try:
+        return get_library_path(cuda=cuda)
+    except NormactError:
+        return None
+
+
+def make_session(
+    model: Any, providers: list[str] | None = None, optimize: bool = True, threads: int = 0, **config: str
+) -> Any:
+    """An ORT session on ``model`` (path or bytes) with the kernel library registered when available.
+
+    ``optimize=False`` turns off graph rewrites that could fuse or erase sites
+    (calibration needs every site's statistics to stay where it was put).
+    """
+    ort = require_onnxruntime()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # warnings about the user's own model are not ours to print
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
+    providers = providers or ["CPUExecutionProvider"]
+    lib = kernel_library(cuda="CUDAExecutionProvider" in providers)
+    if lib:
+        so.register_custom_ops_library(lib)
+    return ort.InferenceSession(model, sess_options=so, providers=providers)

@@ -1,0 +1,1 @@
+"""Graph passes: find sites, emit normalized forms, move affine maps into neighbours."""

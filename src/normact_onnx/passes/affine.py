@@ -1,0 +1,225 @@
+"""Move an affine map of a value into the layers that consume it (MATH.md §3).
+
+Given consumers that read ``u`` and a new value ``u'`` with ``u = a·u' + c``
+(``a``, ``c`` scalars or per-channel vectors), rewrite every consumer so that
+reading ``u'`` computes exactly what reading ``u`` did. Both directions use it:
+
+- ``rewrite --preserve-function``: the site now outputs y = s·(f − h); the
+  consumers used f = y/s + h, so a = 1/s, c = h.
+- ``fold``: the site goes back to plain f; consumers used y = s·f − s·h, so
+  a = s, c = −s·h.
+
+Exact for Gemm, MatMul (+Add) and Conv without zero padding. Shared weights are
+copied, never changed in place for the other users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..graph import Container, attr_value, const_value
+from .edits import Edits
+
+Plan = Callable[[Edits], None]
+
+
+def _vector(v: Any) -> np.ndarray:
+    arr = np.asarray(v, dtype=np.float64)
+    return arr.reshape(()) if arr.size == 1 else arr.ravel()
+
+
+class _Weights:
+    """Reads a consumer's constant input and writes its replacement (copied when shared)."""
+
+    def __init__(self, c: Container, base_dir: str | None, fresh: Callable[[str], str]) -> None:
+        self.c, self.base_dir, self.fresh = c, base_dir, fresh
+
+    def read(self, name: str) -> np.ndarray | None:
+        return const_value(self.c, name, self.base_dir, limit=None) if name else None
+
+    def write(
+        self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray
+    ) -> None:
+        value = value.astype(like.dtype if like is not None else np.float32)
+        old = node.input[index] if index < len(node.input) else ""
+        producer = self.c.producer.get(old)
+        users = self.c.consumers.get(old, [])
+        exclusive = old and len(users) == 1 and old not in self.c.outputs and old not in self.c.inputs
+        if exclusive and old in self.c.initializers:
+            edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
+            return
+        if exclusive and producer is not None and producer.op_type == "Constant":
+            edits.replace[id(producer)] = [
+                helper.make_node(
+                    "Constant", [], [old], name=producer.name, value=onnx.numpy_helper.from_array(value, old)
+                )
+            ]
+            return
+        new = self.fresh(f"{old or node.name or node.op_type}_normact")
+        edits.add_constant(new, value, node)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = new
+
+
+def _absorb_matmul_like(
+    w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """W scaled along its input-feature axis, and the bias term Σ_k c_k·W_k."""
+    shape = [1, 1]
+    if a.ndim:
+        shape[k_axis] = -1
+    w64 = w.astype(np.float64)
+    new_w = w64 * a.reshape(shape)
+    bias = np.tensordot(np.broadcast_to(c, (w.shape[k_axis],)), w64, axes=([0], [k_axis]))
+    return new_w, bias
+
+
+def plan_absorb(
+    c: Container,
+    tensor: str,
+    a: Any,
+    off: Any,
+    base_dir: str | None,
+    fresh: Callable[[str], str],
+    pad_ok: bool = False,
+) -> Plan | str:
+    """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not."""
+    a, off = _vector(a), _vector(off)
+    if tensor in c.outputs:
+        return "the value is a graph output"
+    consumers = c.consumers.get(tensor, [])
+    if not consumers:
+        return "the value has no consumer"
+    weights = _Weights(c, base_dir, fresh)
+    plans: list[Plan] = []
+    for node in consumers:
+        plan = _plan_one(c, node, tensor, a, off, weights, fresh, pad_ok)
+        if isinstance(plan, str):
+            return plan
+        plans.append(plan)
+
+    def apply(edits: Edits) -> None:
+        for p in plans:
+            p(edits)
+
+    return apply
+
+
+def _plan_one(
+    c: Container,
+    node: onnx.NodeProto,
+    tensor: str,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    pad_ok: bool,
+) -> Plan | str:
+    label = f"{node.op_type} '{node.name or node.output[0]}'"
+    if (
+        node.domain not in ("", "ai.onnx")
+        or len(node.input) < 2
+        or node.input[0] != tensor
+        or tensor in node.input[1:]
+    ):
+        return f"consumer {label} is not a layer linear in this value"
+    w = weights.read(node.input[1])
+    if w is None:
+        return f"consumer {label} has no constant weight"
+    has_shift = bool(np.any(off != 0))
+    if node.op_type == "Gemm":
+        if w.ndim != 2 or (a.ndim and attr_value(node, "transA", 0)):
+            return f"consumer {label}: per-feature constants with transA are not supported"
+        k_axis = 1 if attr_value(node, "transB", 0) else 0
+        if a.ndim and a.shape[0] != w.shape[k_axis]:
+            return f"consumer {label}: constants do not match the weight's input dimension"
+        alpha, beta = float(attr_value(node, "alpha", 1.0)), float(attr_value(node, "beta", 1.0))
+        new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        c_val = weights.read(node.input[2]) if has_c else None
+        if has_shift and ((has_c and c_val is None) or beta == 0):
+            return f"consumer {label}: its bias is not a constant"
+
+        def gemm(edits: Edits) -> None:
+            weights.write(edits, node, 1, new_w, w)
+            if has_shift:
+                base = c_val.astype(np.float64) if c_val is not None else 0.0
+                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else w)
+
+        return gemm
+    if node.op_type == "MatMul":
+        if w.ndim != 2:
+            return f"consumer {label}: weight is not a 2-D matrix"
+        if a.ndim and a.shape[0] != w.shape[0]:
+            return f"consumer {label}: constants do not match the weight's input dimension"
+        new_w, bias = _absorb_matmul_like(w, a, off, 0)
+        out = node.output[0]
+        users = c.consumers.get(out, [])
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" and out not in c.outputs else None
+        add_idx = (1 if add.input[0] == out else 0) if add is not None else None
+        add_val = weights.read(add.input[add_idx]) if add is not None else None
+
+        def matmul(edits: Edits) -> None:
+            weights.write(edits, node, 1, new_w, w)
+            if not has_shift:
+                return
+            if add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
+                weights.write(edits, add, add_idx, add_val.astype(np.float64) + bias, add_val)
+                return
+            raw = fresh(f"{out}_normact_matmul")
+            bias_name = fresh(f"{out}_normact_bias")
+            edits.replace[id(node)] = [_renamed_output(node, raw)]
+            edits.add_constant(bias_name, bias.astype(w.dtype), node)
+            edits.after.setdefault(id(node), []).append(
+                helper.make_node(
+                    "Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias")
+                )
+            )
+
+        return matmul
+    if node.op_type == "Conv":
+        if w.ndim < 3:
+            return f"consumer {label}: unexpected weight rank"
+        group = int(attr_value(node, "group", 1))
+        out_ch, cg = w.shape[0], w.shape[1]
+        if a.ndim and a.shape[0] != cg * group:
+            return f"consumer {label}: constants do not match its input channels"
+        if off.ndim and off.shape[0] != cg * group:
+            return f"consumer {label}: constants do not match its input channels"
+        pads = attr_value(node, "pads", [0])
+        auto_pad = attr_value(node, "auto_pad", "NOTSET")
+        padded = any(pads) or auto_pad not in ("NOTSET", "VALID")
+        if padded and has_shift and not pad_ok:
+            return f"consumer {label} pads with zeros (the shift is not exact at the borders)"
+        in_channel = (np.arange(out_ch)[:, None] // (out_ch // group)) * cg + np.arange(cg)[None, :]
+        expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
+        a_w = (np.broadcast_to(a, (cg * group,))[in_channel])[expand]
+        c_w = (np.broadcast_to(off, (cg * group,))[in_channel])[expand]
+        w64 = w.astype(np.float64)
+        new_w = w64 * a_w
+        bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
+        b_val = weights.read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and b_val is None and has_shift:
+            return f"consumer {label}: its bias is not a constant"
+
+        def conv(edits: Edits) -> None:
+            weights.write(edits, node, 1, new_w, w)
+            if has_shift:
+                base = b_val.astype(np.float64) if b_val is not None else np.zeros(out_ch)
+                weights.write(edits, node, 2, base + bias, b_val if b_val is not None else w)
+
+        return conv
+    return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv fold)"
+
+
+def _renamed_output(node: onnx.NodeProto, name: str) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.output[0] = name
+    return out

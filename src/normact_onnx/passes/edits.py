@@ -1,0 +1,81 @@
+"""Batched edits to one container, applied in a single rebuild of its node list.
+
+Passes decide first and edit after: replacements, deletions, insertions and new
+or changed constants are collected here and committed together, so node order
+stays topological and untouched nodes keep their exact bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph import Container
+
+
+@dataclass
+class Edits:
+    container: Container
+    replace: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    delete: set[int] = field(default_factory=set)
+    before: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    after: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)  # new or replaced, by name
+    drop_initializers: set[str] = field(default_factory=set)
+    drop_value_info: set[str] = field(default_factory=set)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.replace or self.delete or self.before or self.after or self.initializers)
+
+    def add_constant(self, name: str, value: np.ndarray, anchor: onnx.NodeProto) -> None:
+        """A new constant visible to ``anchor``: an initializer in graphs, a Constant node in functions."""
+        tensor = numpy_helper.from_array(value, name)
+        if self.container.graph is not None:
+            self.initializers[name] = tensor
+        else:
+            self.before.setdefault(id(anchor), []).append(
+                helper.make_node("Constant", [], [name], name=name, value=tensor)
+            )
+
+    def commit(self) -> None:
+        c = self.container
+        if self.empty and not self.drop_initializers:
+            return
+        new_nodes: list[onnx.NodeProto] = []
+        for node in c.nodes:
+            key = id(node)
+            new_nodes.extend(self.before.get(key, ()))
+            if key in self.replace:
+                new_nodes.extend(self.replace[key])
+            elif key not in self.delete:
+                new_nodes.append(_detached(node))
+            new_nodes.extend(self.after.get(key, ()))
+        del c.nodes[:]
+        c.nodes.extend(new_nodes)
+        g = c.graph
+        if g is not None:
+            if self.initializers or self.drop_initializers:
+                kept = []
+                for t in g.initializer:
+                    if t.name in self.drop_initializers:
+                        continue
+                    kept.append(self.initializers.pop(t.name, None) or _detached(t))
+                kept.extend(self.initializers.values())
+                del g.initializer[:]
+                g.initializer.extend(kept)
+            if self.drop_value_info:
+                vi = [_detached(v) for v in g.value_info if v.name not in self.drop_value_info]
+                del g.value_info[:]
+                g.value_info.extend(vi)
+        c.index(c.opset)
+
+
+def _detached(msg):
+    """A copy that survives clearing the repeated field it came from."""
+    out = type(msg)()
+    out.CopyFrom(msg)
+    return out

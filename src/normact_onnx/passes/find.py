@@ -1,0 +1,304 @@
+"""Find activation sites: every place the catalogue's ops or patterns occur, in every scope.
+
+The matcher knows no activation by name: it interprets the catalogue's
+:class:`~normact_onnx.catalogue.OpForm` entries and pattern trees. Larger patterns
+claim their nodes first, so the Sigmoid of a SiLU or the Tanh of a Mish is part
+of that site, never a site of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
+from ..catalogue.patterns import Alt, C, N, Pattern, Var
+from ..graph import Container, attr_value, const_value, containers
+
+META_SITES = "normact.sites"
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(eq=False)
+class Site:
+    """One activation occurrence: which nodes compute it, from which input, in which scope."""
+
+    container: Container
+    kind: str
+    params: dict[str, Any]
+    nodes: list[onnx.NodeProto]  # the activation's nodes; the last one writes ``output``
+    input: str
+    output: str
+    written_as: str  # "op Relu", "pattern x·Sigmoid(x)", "normalized NormRelu"
+    const_nodes: list[onnx.NodeProto] = field(default_factory=list)  # Constant nodes only this site reads
+    normalized: dict[str, Any] | None = None  # prior rewrite's record, when already normalized
+    skip: str | None = None  # why it is not rewritten by default (gate, graph output)
+
+    @property
+    def activation(self) -> Activation:
+        return CATALOGUE[self.kind]
+
+    @property
+    def root(self) -> onnx.NodeProto:
+        return self.nodes[-1]
+
+    @property
+    def name(self) -> str:
+        return self.root.name or self.output
+
+    @property
+    def path(self) -> str:
+        return self.container.path
+
+    def summary(self) -> dict[str, Any]:
+        params = {
+            k: (float(v) if np.ndim(v) == 0 else f"per-channel{list(np.shape(v))}")
+            for k, v in self.params.items()
+        }
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": params,
+            "written_as": self.written_as,
+            "graph": self.path,
+            "input": self.input,
+            "output": self.output,
+            "normalized": self.normalized is not None,
+            "skipped": self.skip,
+        }
+
+
+class _View:
+    """What an :class:`OpForm` reader may ask of a candidate node."""
+
+    def __init__(self, node: onnx.NodeProto, c: Container, base_dir: str | None) -> None:
+        self.node, self.c, self.base_dir, self.opset = node, c, base_dir, c.opset
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return attr_value(self.node, name, default)
+
+    def has_input(self, i: int) -> bool:
+        return len(self.node.input) > i and bool(self.node.input[i])
+
+    def const_input(self, i: int) -> np.ndarray | None:
+        return const_value(self.c, self.node.input[i], self.base_dir) if self.has_input(i) else None
+
+
+@dataclass
+class _Env:
+    x: str | None = None
+    nodes: tuple[onnx.NodeProto, ...] = ()
+    params: tuple[tuple[str, float], ...] = ()
+    consts: tuple[str, ...] = ()
+
+
+class _Matcher:
+    def __init__(self, c: Container, base_dir: str | None) -> None:
+        self.c, self.base_dir = c, base_dir
+
+    def tensor(self, p: Pattern, name: str, consumer: onnx.NodeProto, env: _Env) -> Iterator[_Env]:
+        if isinstance(p, Var):
+            if env.x is None or env.x == name:
+                yield _Env(name, env.nodes, env.params, env.consts)
+        elif isinstance(p, C):
+            value = const_value(self.c, name, self.base_dir)
+            if value is None or value.size == 0 or not np.issubdtype(value.dtype, np.number):
+                return
+            first = float(value.flat[0])
+            if not np.all(value == value.flat[0]):
+                return
+            if p.value is not None and not np.isclose(first, p.value, rtol=p.rtol, atol=p.rtol * 1e-3):
+                return
+            params = env.params + ((p.capture, first),) if p.capture else env.params
+            yield _Env(env.x, env.nodes, params, env.consts + (name,))
+        elif isinstance(p, Alt):
+            for option in p.options:
+                yield from self.tensor(option, name, consumer, env)
+        else:
+            node = self.c.producer.get(name)
+            if node is None or name in self.c.outputs:
+                return
+            if any(n is not consumer for n in self.c.consumers.get(name, ())):
+                return  # an intermediate value with another consumer: not part of a pattern
+            yield from self.node(p, node, env)
+
+    def node(self, p: N, node: onnx.NodeProto, env: _Env) -> Iterator[_Env]:
+        if node.op_type != p.op or node.domain not in ((p.domain,) if p.domain else STANDARD_DOMAINS):
+            return
+        if any(node is n for n in env.nodes):
+            return
+        for name, want in p.attrs:
+            got = attr_value(node, name, want.default)
+            if got is None or (want.value is not None and not np.isclose(float(got), want.value, rtol=1e-4)):
+                return
+        inputs = list(node.input)
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        if len(inputs) != len(p.inputs):
+            return
+        orders = [p.inputs]
+        if p.commutative and len(p.inputs) == 2:
+            orders.append(p.inputs[::-1])
+        env = _Env(env.x, env.nodes + (node,), env.params, env.consts)
+        for order in orders:
+            yield from self._inputs(list(zip(order, inputs)), node, env)
+
+    def _inputs(self, pairs: list[tuple[Pattern, str]], node: onnx.NodeProto, env: _Env) -> Iterator[_Env]:
+        if not pairs:
+            yield env
+            return
+        (p, name), rest = pairs[0], pairs[1:]
+        for e in self.tensor(p, name, node, env):
+            yield from self._inputs(rest, node, e)
+
+
+def _patterns_by_size() -> list[tuple[Activation, Any]]:
+    forms = [(a, f) for a in CATALOGUE.values() for f in a.patterns]
+    return sorted(forms, key=lambda af: -af[1].size())
+
+
+def _op_forms() -> dict[tuple[str, str], list[tuple[Activation, Any]]]:
+    index: dict[tuple[str, str], list[tuple[Activation, Any]]] = {}
+    for a in CATALOGUE.values():
+        for form in a.ops:
+            for dom in (form.domain,) if form.domain else STANDARD_DOMAINS:
+                index.setdefault((dom, form.op_type), []).append((a, form))
+    return index
+
+
+_PATTERNS = _patterns_by_size()
+_OPS = _op_forms()
+
+
+def recorded_sites(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """The per-site records earlier rewrites stamped into the model's metadata."""
+    for p in model.metadata_props:
+        if p.key == META_SITES:
+            try:
+                return list(json.loads(p.value))
+            except (ValueError, TypeError):
+                return []
+    return []
+
+
+def _is_const(c: Container, name: str, base_dir: str | None) -> bool:
+    return const_value(c, name, base_dir, limit=None if name in c.initializers else 1 << 30) is not None
+
+
+def _skip_reason(site: Site, base_dir: str | None) -> str | None:
+    c = site.container
+    if site.output in c.outputs:
+        return (
+            "its output is a graph output"
+            if c.parent is None and c.function is None
+            else ("its output leaves a subgraph/function body")
+        )
+    if site.activation.gate_like:
+        for consumer in c.consumers.get(site.output, ()):
+            if consumer.op_type in ("Mul", "Div") and len(consumer.input) == 2:
+                other = consumer.input[1] if consumer.input[0] == site.output else consumer.input[0]
+                if other != site.output and not _is_const(c, other, base_dir):
+                    return f"multiplicative gate (feeds {consumer.op_type} '{consumer.name or consumer.output[0]}')"
+    return None
+
+
+def find_in_container(c: Container, base_dir: str | None, normalized_outputs: dict[str, dict]) -> list[Site]:
+    """All sites of one container, in node order."""
+    claimed: set[int] = set()
+    sites: list[Site] = []
+    matcher = _Matcher(c, base_dir)
+    by_op: dict[str, list[onnx.NodeProto]] = {}
+    for node in c.nodes:
+        by_op.setdefault(node.op_type, []).append(node)
+
+    for node in c.nodes:  # fused ops of earlier rewrites
+        if node.domain == NORM_DOMAIN and node.op_type in BY_OP_NAME:
+            act = BY_OP_NAME[node.op_type]
+            params = {k: float(attr_value(node, k, v)) for k, v in act.params.items()}
+            record = {
+                k: float(attr_value(node, k, d)) for k, d in (("scale", 1.0), ("shift", 0.0), ("slope", 0.0))
+            }
+            sites.append(
+                Site(
+                    c,
+                    act.kind,
+                    params,
+                    [node],
+                    node.input[0],
+                    node.output[0],
+                    f"normalized {node.op_type}",
+                    normalized=record,
+                )
+            )
+            claimed.add(id(node))
+
+    for act, form in _PATTERNS:
+        root = form.pattern
+        for node in by_op.get(root.op, ()):
+            if id(node) in claimed:
+                continue
+            for env in matcher.node(root, node, _Env()):
+                if any(id(n) in claimed for n in env.nodes) or env.x is None:
+                    continue
+                nodes = [n for n in c.nodes if any(n is m for m in env.nodes)]  # node order, root last
+                if nodes[-1] is not node:
+                    continue
+                params = {**form.fixed, **dict(env.params)}
+                site = Site(c, act.kind, params, nodes, env.x, node.output[0], f"pattern {form.name}")
+                site.const_nodes = _exclusive_const_nodes(c, env.consts, nodes)
+                claimed.update(id(n) for n in nodes)
+                sites.append(site)
+                break
+
+    for node in c.nodes:
+        if id(node) in claimed or not node.input or not node.output:
+            continue
+        reasons = []
+        for act, form in _OPS.get((node.domain, node.op_type), ()):
+            if c.opset < form.min_opset and form.domain == "":
+                continue
+            params = form.read(_View(node, c, base_dir))
+            if isinstance(params, str):
+                reasons.append(params)
+                continue
+            sites.append(
+                Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}")
+            )
+            claimed.add(id(node))
+            break
+
+    order = {id(n): i for i, n in enumerate(c.nodes)}
+    sites.sort(key=lambda s: order[id(s.root)])
+    for s in sites:
+        if s.normalized is None and s.output in normalized_outputs:
+            s.normalized = normalized_outputs[s.output]
+            s.written_as += " (normalized, subgraph form)"
+        if s.normalized is None:
+            s.skip = _skip_reason(s, base_dir)
+    return sites
+
+
+def _exclusive_const_nodes(
+    c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]
+) -> list[onnx.NodeProto]:
+    out = []
+    for name in dict.fromkeys(names):
+        producer = c.producer.get(name)
+        if producer is not None and producer.op_type == "Constant":
+            if all(any(u is n for n in nodes) for u in c.consumers.get(name, ())) and name not in c.outputs:
+                out.append(producer)
+    return out
+
+
+def find_sites(model: onnx.ModelProto, base_dir: str | None = None) -> list[Site]:
+    """Every activation site of the model: main graph, control-flow bodies, model-local functions."""
+    normalized = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
+    sites: list[Site] = []
+    for c in containers(model):
+        sites.extend(find_in_container(c, base_dir, normalized))
+    return sites

@@ -1,0 +1,228 @@
+"""Rewrite selected sites into their normalized form, in place on a ModelProto.
+
+The pass knows no activation by name: constants come from a method callback
+(static moments, calibrated statistics), ONNX comes from the catalogue through
+:mod:`.forms`, and the optional function-preserving step from :mod:`.affine`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import __version__
+from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
+from ..graph import Container, default_opset, unique_namer
+from ..methods.static import Affine
+from ..types import infer_value_types
+from .affine import plan_absorb
+from .edits import Edits
+from .find import META_SITES, Site, recorded_sites
+from .forms import (
+    GENERIC_OPSET,
+    MIN_FUNCTION_IR,
+    MIN_FUNCTION_OPSET,
+    LiteralBody,
+    affine_literal_tail,
+    norm_function,
+    norm_node,
+)
+
+FORMS = ("function", "subgraph", "custom-op")
+META_VERSION = "normact.version"
+
+
+@dataclass
+class SiteOutcome:
+    """What happened to one site: rewritten (with constants and form) or why not."""
+
+    site: Site
+    action: str  # "rewritten" | "skipped" | "normalized"
+    reason: str = ""
+    affine: Affine | None = None
+    form: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.site.summary()
+        d.update(action=self.action, reason=self.reason or None, form=self.form or None)
+        if self.affine is not None:
+            d.update(self.affine.as_dict())
+        return d
+
+
+@dataclass
+class Plan:
+    """The selected sites with their constants, and the provenance to stamp."""
+
+    outcomes: list[SiteOutcome]
+    method: dict[str, Any]
+    form: str = "function"
+    preserve_function: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None:
+    """Edit ``model`` so every outcome marked "rewritten" is normalized; downgrade the rest with reasons."""
+    todo = [o for o in plan.outcomes if o.action == "rewritten"]
+    if not todo:
+        return
+    fresh = unique_namer(model)
+    opset = default_opset(model.opset_import)
+    edits: dict[int, Edits] = {}
+
+    def edits_for(c: Container) -> Edits:
+        return edits.setdefault(id(c), Edits(c))
+
+    if plan.preserve_function:
+        for o in todo:
+            why = _preserve(o, base_dir, fresh, edits_for)
+            if why:
+                o.action, o.reason = "skipped", f"--preserve-function: {why}"
+        todo = [o for o in todo if o.action == "rewritten"]
+
+    types = infer_value_types(model)
+    functions: dict[str, onnx.FunctionProto] = {(f.domain, f.name): f for f in model.functions}
+    fn_elem: dict[str, int | None] = {}
+    records = recorded_sites(model)
+    orphans: set[str] = set()
+    need_domain: list[Any] = [model.opset_import]
+    for o in todo:
+        site, e = o.site, edits_for(o.site.container)
+        elem = types.elem_type(site.input)
+        form = _choose_form(plan.form, model, opset, o, elem, fn_elem)
+        o.form = form
+        doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
+        record = {
+            "graph": site.path,
+            "name": site.name,
+            "kind": site.kind,
+            "output": site.output,
+            "form": form,
+            **plan.method,
+            **o.affine.as_dict(),
+        }
+        if form == "subgraph":
+            f_name = fresh(f"{site.output}__normact_f")
+            root = onnx.NodeProto()
+            root.CopyFrom(site.root)
+            root.output[0] = f_name
+            b = LiteralBody(site.container.opset, f"{site.name}/normact_", elem, {}, False)
+            affine_literal_tail(b, site.input, f_name, o.affine, out=site.output)
+            e.replace[id(site.root)] = [root, *b.nodes]
+            record["act_output"] = f_name
+        else:
+            node = norm_node(
+                site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc
+            )
+            e.replace[id(site.root)] = [node]
+            for n in site.nodes[:-1] + site.const_nodes:
+                e.delete.add(id(n))
+            e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
+            orphans.update(i for n in site.nodes for i in n.input if i != site.input)
+            if form == "function":
+                key = (NORM_DOMAIN, site.activation.op_name)
+                if key not in functions:
+                    functions[key] = norm_function(site.kind, opset, fn_elem.get(site.activation.op_name))
+                    model.functions.append(functions[key])
+            if site.container.function is not None:
+                need_domain.append(site.container.function.opset_import)
+        records.append(record)
+    for e in edits.values():
+        e.commit()
+    _drop_unused_initializers(model, orphans)
+    if any(o.form in ("function", "custom-op") for o in todo):
+        for imports in need_domain:
+            if not any(i.domain == NORM_DOMAIN for i in imports):
+                imports.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
+    _stamp(model, records)
+
+
+def _choose_form(
+    wanted: str, model: onnx.ModelProto, opset: int, o: SiteOutcome, elem: int, fn_elem: dict[str, int | None]
+) -> str:
+    """The requested form, or the subgraph form where the requested one cannot express the site."""
+    scalar = o.affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
+    if wanted == "subgraph":
+        return wanted
+    if not scalar:
+        o.reason = "per-channel constants: written as standard ops"
+        return "subgraph"
+    if wanted == "custom-op":
+        return wanted
+    if model.ir_version < MIN_FUNCTION_IR or opset < MIN_FUNCTION_OPSET:
+        o.reason = (
+            f"function form needs IR ≥ {MIN_FUNCTION_IR} and opset ≥ {MIN_FUNCTION_OPSET}: standard ops"
+        )
+        return "subgraph"
+    if opset < GENERIC_OPSET:  # functions are typed below opset 15: one element type per op
+        op = o.site.activation.op_name
+        if fn_elem.setdefault(op, elem) != elem:
+            o.reason = "a second element type below opset 15: standard ops"
+            return "subgraph"
+    else:
+        fn_elem.setdefault(o.site.activation.op_name, None)
+    return "function"
+
+
+def _preserve(
+    o: SiteOutcome, base_dir: str | None, fresh: Callable[[str], str], edits_for: Callable[[Container], Edits]
+) -> str | None:
+    """Fold the inverse of the site's affine into its consumers, or say why that is not exact."""
+    aff = o.affine
+    if np.any(np.asarray(aff.slope) != 0):
+        return "slope ≠ 0 (zeta-zero/ratio variant): the inverse needs the pre-activation"
+    if np.any(np.asarray(aff.scale) == 0):
+        return "scale is 0"
+    plan = plan_absorb(
+        o.site.container,
+        o.site.output,
+        1.0 / np.asarray(aff.scale, dtype=np.float64),
+        aff.shift,
+        base_dir,
+        fresh,
+    )
+    if isinstance(plan, str):
+        return plan
+    plan(edits_for(o.site.container))
+    return None
+
+
+def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove main-graph initializers that only deleted pattern nodes used (their constants)."""
+    if not candidates:
+        return
+    from ..graph import containers
+
+    used: set[str] = set()
+    for c in containers(model):
+        used.update(c.consumers)
+    used.update(o.name for o in model.graph.output)
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    dead = {
+        i
+        for i, t in enumerate(g.initializer)
+        if t.name in candidates and t.name not in used and t.name not in inputs
+    }
+    if not dead:
+        return
+    from .edits import _detached
+
+    keep = [_detached(t) for i, t in enumerate(g.initializer) if i not in dead]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _stamp(model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
+    values = {META_VERSION: __version__, META_SITES: json.dumps(records, separators=(",", ":"))}
+    for p in model.metadata_props:
+        if p.key in values:
+            p.value = values.pop(p.key)
+    for k, v in values.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
