@@ -1,0 +1,43 @@
+// kernels.h -- the interface between the op registration (ops.cc) and the
+// compute kernels (CPU: cpu_kernels.inc, CUDA: cuda_kernels.cuh).
+//
+// Kernels are plain function pointers in [op][dtype] tables generated from the
+// op table, so registration never names an activation.
+#pragma once
+
+#include <stddef.h>
+
+#include "normact_math.h"
+#include "normact_ops.h"
+
+namespace normact {
+
+// y[i] = norm_act(x[i]) for i in [0, n); x and y may be the same buffer.
+using CpuFn = void (*)(const void* x, void* y, size_t n, const Params& p);
+
+// The same loops compiled twice: for the x86-64 baseline (SSE2) and for
+// AVX2+FMA+F16C; ops.cc picks one at kernel creation (see select_cpu_table).
+namespace cpu_generic {
+extern const CpuFn kTable[kNumOps][kNumDTypes];
+}
+namespace cpu_avx2 {
+extern const CpuFn kTable[kNumOps][kNumDTypes];
+}
+
+// Launches the kernel on `stream` (a cudaStream_t) and returns nullptr, or a
+// static error string.  x and y are device pointers and may alias.
+using CudaFn = const char* (*)(const void* x, void* y, size_t n, const Params& p, void* stream);
+
+#if defined(NORMACT_WITH_CUDA)
+namespace cuda {
+// One column per storage type, each from its own translation unit.
+extern const CudaFn kColumn_f32[kNumOps];
+extern const CudaFn kColumn_f16[kNumOps];
+extern const CudaFn kColumn_bf16[kNumOps];
+inline CudaFn kernel(int op, int dtype) {
+  return dtype == kFloat32 ? kColumn_f32[op] : dtype == kFloat16 ? kColumn_f16[op] : kColumn_bf16[op];
+}
+}  // namespace cuda
+#endif
+
+}  // namespace normact
