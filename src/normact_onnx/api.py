@@ -75,9 +75,7 @@ class RewriteResult:
             rows.setdefault(o.site.kind, Counter())[o.action] += 1
         lines = [f"{'kind':<14}{'found':>7}{'rewritten':>11}{'skipped':>9}{'already':>9}"]
         for kind, c in rows.items():
-            lines.append(
-                f"{kind:<14}{sum(c.values()):>7}{c['rewritten']:>11}{c['skipped']:>9}{c['normalized']:>9}"
-            )
+            lines.append(f"{kind:<14}{sum(c.values()):>7}{c['rewritten']:>11}{c['skipped']:>9}{c['normalized']:>9}")
         return "\n".join(lines)
 
 
@@ -89,9 +87,7 @@ def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
     out = {n.strip().replace("-", "_").lower() for n in names}
     unknown = sorted(out - set(CATALOGUE))
     if unknown:
-        raise NormactError(
-            f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}"
-        )
+        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}")
     return out
 
 

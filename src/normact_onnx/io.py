@@ -64,9 +64,7 @@ def check_external_paths(model: onnx.ModelProto, base: Path) -> None:
     for loc in external_locations(model):
         target = (base / loc).resolve()
         if Path(loc).is_absolute() or not target.is_relative_to(root):
-            raise NormactError(
-                f"external data location {loc!r} escapes the model's folder; refusing to read it"
-            )
+            raise NormactError(f"external data location {loc!r} escapes the model's folder; refusing to read it")
         if not target.exists():
             raise NormactError(f"external data file {loc!r} is missing next to the model")
 
@@ -138,8 +136,6 @@ def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Serialize (tensors still external stay external) to ``path``."""
     if model.ByteSize() >= TWO_GB:
-        raise NormactError(
-            "the rewritten model is over 2 GB in one protobuf; store its weights as external data"
-        )
+        raise NormactError("the rewritten model is over 2 GB in one protobuf; store its weights as external data")
     with open(path, "wb") as fh:
         fh.write(model.SerializeToString())

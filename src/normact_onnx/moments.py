@@ -75,9 +75,7 @@ def _moments_cached(kind: str, q: float, params: tuple[tuple[str, float], ...]) 
         return Moments(base.m1 * math.sqrt(q), base.m2 * q, base.b, base.d2, q)
     f = lambda x: act.forward(x, **p)  # noqa: E731
     df = lambda x: act.derivative(x, **p)  # noqa: E731
-    m1, m2, b, d2 = gaussian_expectations(
-        [f, lambda x: f(x) ** 2, df, lambda x: df(x) ** 2], q, tuple(act.kinks(p))
-    )
+    m1, m2, b, d2 = gaussian_expectations([f, lambda x: f(x) ** 2, df, lambda x: df(x) ** 2], q, tuple(act.kinks(p)))
     return Moments(m1, m2, b, d2, q)
 
 

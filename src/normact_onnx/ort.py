@@ -16,9 +16,7 @@ def require_onnxruntime() -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise NormactError(
-            'onnxruntime is not installed: pip install "normact-onnx[cpu]" (or [gpu])'
-        ) from None
+        raise NormactError('onnxruntime is not installed: pip install "normact-onnx[cpu]" (or [gpu])') from None
     return ort
 
 

@@ -70,12 +70,7 @@ def check_sites(
         producer = c.producer[s.output]
         chain = _chain(c, s.input, producer)
         consts = sorted(
-            {
-                n
-                for node in chain
-                for n in node.input
-                if n and n != s.input and not any(n in m.output for m in chain)
-            }
+            {n for node in chain for n in node.input if n and n != s.input and not any(n in m.output for m in chain)}
         )
         rename = {s.input: f"x{i}", s.output: f"y{i}"}
         for n in consts:
@@ -110,23 +105,17 @@ def check_sites(
     try:
         got = make_session(probe.SerializeToString()).run(None, feeds)
     except Exception as e:
-        raise NormactError(
-            f"verification failed: rewritten sites do not run: {str(e).splitlines()[0]}"
-        ) from None
+        raise NormactError(f"verification failed: rewritten sites do not run: {str(e).splitlines()[0]}") from None
     report = []
     for (o, x), y in zip(refs, got):
         a, s = o.affine, o.site
         x64 = x.astype(np.float64)
-        want = np.asarray(a.scale) * (
-            s.activation.f(x64, s.params) - np.asarray(a.shift) - np.asarray(a.slope) * x64
-        )
+        want = np.asarray(a.scale) * (s.activation.f(x64, s.params) - np.asarray(a.shift) - np.asarray(a.slope) * x64)
         tol = 1e-4 if x.dtype == np.float32 else 2e-2
         err = float(np.max(np.abs(y.astype(np.float64) - want) / (1.0 + np.abs(want)))) if y.size else 0.0
         report.append({"name": s.name, "max_rel_err": err})
         if not err <= tol:
-            raise NormactError(
-                f"verification failed: site {s.name} ({s.kind}) is off by {err:.3g} (tolerance {tol})"
-            )
+            raise NormactError(f"verification failed: site {s.name} ({s.kind}) is off by {err:.3g} (tolerance {tol})")
     return report
 
 

@@ -83,9 +83,7 @@ CELU = Activation(
     kind="celu",
     op_name="NormCelu",
     params={"alpha": 1.0},
-    forward=lambda x, alpha: (
-        np.maximum(x, 0.0) + np.minimum(0.0, alpha * np.expm1(np.minimum(x, 0.0) / alpha))
-    ),
+    forward=lambda x, alpha: np.maximum(x, 0.0) + np.minimum(0.0, alpha * np.expm1(np.minimum(x, 0.0) / alpha)),
     derivative=lambda x, alpha: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0) / alpha)),
     body=_celu_body,
     ops=(OpForm("Celu", attrs_reader(alpha=1.0), min_opset=12),),

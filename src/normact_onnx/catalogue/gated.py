@@ -38,9 +38,7 @@ _CUBE = alt(
     node("Mul", X, node("Mul", X, X), comm=True),
 )
 _TANH_INNER = node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True)
-_TANH_ONE_PLUS = node(
-    "Add", node("Tanh", node("Mul", _TANH_INNER, C(SQRT_2_OVER_PI), comm=True)), C(1.0), comm=True
-)
+_TANH_ONE_PLUS = node("Add", node("Tanh", node("Mul", _TANH_INNER, C(SQRT_2_OVER_PI), comm=True)), C(1.0), comm=True)
 
 _CLIP_0_6 = alt(  # Clip(x+3, 0, 6): bounds as inputs (opset ≥ 11) or attributes (older)
     node("Clip", node("Add", X, C(3.0), comm=True), C(0.0), C(6.0)),
@@ -49,9 +47,7 @@ _CLIP_0_6 = alt(  # Clip(x+3, 0, 6): bounds as inputs (opset ≥ 11) or attribut
 _HARD_SWISH_FORMS = (
     DecomposedForm("Add→Clip→Div→Mul", node("Div", node("Mul", X, _CLIP_0_6, comm=True), C(6.0))),
     DecomposedForm("Add→Clip→Div→Mul", node("Mul", X, node("Div", _CLIP_0_6, C(6.0)), comm=True)),
-    DecomposedForm(
-        "Add→Clip→Mul→Mul", node("Mul", X, node("Mul", _CLIP_0_6, C(1 / 6.0), comm=True), comm=True)
-    ),
+    DecomposedForm("Add→Clip→Mul→Mul", node("Mul", X, node("Mul", _CLIP_0_6, C(1 / 6.0), comm=True), comm=True)),
     DecomposedForm(
         "x·HardSigmoid(x)",
         node("Mul", X, node("HardSigmoid", X, alpha=Attr(1 / 6.0, 0.2), beta=Attr(0.5, 0.5)), comm=True),
@@ -149,9 +145,7 @@ MISH = Activation(
     derivative=_mish_derivative,
     body=_mish_body,
     ops=(OpForm("Mish", no_params, min_opset=18),),
-    patterns=(
-        DecomposedForm("x·Tanh(Softplus(x))", node("Mul", X, node("Tanh", node("Softplus", X)), comm=True)),
-    ),
+    patterns=(DecomposedForm("x·Tanh(Softplus(x))", node("Mul", X, node("Tanh", node("Softplus", X)), comm=True)),),
     summary="x·tanh(softplus(x))",
 )
 
@@ -177,9 +171,7 @@ GELU_TANH = Activation(
     body=_gelu_tanh_body,
     ops=(
         OpForm("Gelu", _read_gelu("tanh"), min_opset=20),
-        OpForm(
-            "FastGelu", lambda v: {} if not v.has_input(1) else "FastGelu with bias", domain="com.microsoft"
-        ),
+        OpForm("FastGelu", lambda v: {} if not v.has_input(1) else "FastGelu with bias", domain="com.microsoft"),
     ),
     patterns=tuple(DecomposedForm("tanh chain", p) for p in _half_x_times(_TANH_ONE_PLUS)),
     summary="0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",

@@ -54,9 +54,7 @@ def affine_from_moments(m: Moments, variant: str = "center-scale", ratio: float 
     if not 0.0 <= ratio <= r_max + 1e-12:
         raise NormactError(f"ratio must lie in [0, {r_max:.6g}] (= q·b²/v) for this activation, got {ratio}")
     if not residual > 1e-12 * max(v, 1e-300):
-        raise NormactError(
-            "activation is affine at this q (v = q·b²); zeta-zero/ratio variants are undefined"
-        )
+        raise NormactError("activation is affine at this q (v = q·b²); zeta-zero/ratio variants are undefined")
     if ratio >= r_max:  # the top end of the range is center-scale exactly
         return Affine(1.0 / math.sqrt(v), m.m1, 0.0)
     scale = math.sqrt((1.0 - ratio) / residual)

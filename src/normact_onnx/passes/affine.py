@@ -42,9 +42,7 @@ class _Weights:
     def read(self, name: str) -> np.ndarray | None:
         return const_value(self.c, name, self.base_dir, limit=None) if name else None
 
-    def write(
-        self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray
-    ) -> None:
+    def write(self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray) -> None:
         value = value.astype(like.dtype if like is not None else np.float32)
         old = node.input[index] if index < len(node.input) else ""
         producer = self.c.producer.get(old)
@@ -67,9 +65,7 @@ class _Weights:
         node.input[index] = new
 
 
-def _absorb_matmul_like(
-    w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """W scaled along its input-feature axis, and the bias term Σ_k c_k·W_k."""
     shape = [1, 1]
     if a.ndim:
@@ -122,12 +118,7 @@ def _plan_one(
     pad_ok: bool,
 ) -> Plan | str:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
-    if (
-        node.domain not in ("", "ai.onnx")
-        or len(node.input) < 2
-        or node.input[0] != tensor
-        or tensor in node.input[1:]
-    ):
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
         return f"consumer {label} is not a layer linear in this value"
     w = weights.read(node.input[1])
     if w is None:
@@ -177,9 +168,7 @@ def _plan_one(
             edits.replace[id(node)] = [_renamed_output(node, raw)]
             edits.add_constant(bias_name, bias.astype(w.dtype), node)
             edits.after.setdefault(id(node), []).append(
-                helper.make_node(
-                    "Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias")
-                )
+                helper.make_node("Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias"))
             )
 
         return matmul

@@ -57,8 +57,7 @@ class Site:
 
     def summary(self) -> dict[str, Any]:
         params = {
-            k: (float(v) if np.ndim(v) == 0 else f"per-channel{list(np.shape(v))}")
-            for k, v in self.params.items()
+            k: (float(v) if np.ndim(v) == 0 else f"per-channel{list(np.shape(v))}") for k, v in self.params.items()
         }
         return {
             "name": self.name,
@@ -192,12 +191,8 @@ def _is_const(c: Container, name: str, base_dir: str | None) -> bool:
 
 def _skip_reason(site: Site, base_dir: str | None) -> str | None:
     c = site.container
-    if site.output in c.outputs:
-        return (
-            "its output is a graph output"
-            if c.parent is None and c.function is None
-            else ("its output leaves a subgraph/function body")
-        )
+    if site.output in c.outputs and c.parent is None and c.function is None:
+        return "its output is a graph output"
     if site.activation.gate_like:
         for consumer in c.consumers.get(site.output, ()):
             if consumer.op_type in ("Mul", "Div") and len(consumer.input) == 2:
@@ -220,9 +215,7 @@ def find_in_container(c: Container, base_dir: str | None, normalized_outputs: di
         if node.domain == NORM_DOMAIN and node.op_type in BY_OP_NAME:
             act = BY_OP_NAME[node.op_type]
             params = {k: float(attr_value(node, k, v)) for k, v in act.params.items()}
-            record = {
-                k: float(attr_value(node, k, d)) for k, d in (("scale", 1.0), ("shift", 0.0), ("slope", 0.0))
-            }
+            record = {k: float(attr_value(node, k, d)) for k, d in (("scale", 1.0), ("shift", 0.0), ("slope", 0.0))}
             sites.append(
                 Site(
                     c,
@@ -266,9 +259,7 @@ def find_in_container(c: Container, base_dir: str | None, normalized_outputs: di
             if isinstance(params, str):
                 reasons.append(params)
                 continue
-            sites.append(
-                Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}")
-            )
+            sites.append(Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}"))
             claimed.add(id(node))
             break
 
@@ -283,9 +274,7 @@ def find_in_container(c: Container, base_dir: str | None, normalized_outputs: di
     return sites
 
 
-def _exclusive_const_nodes(
-    c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]
-) -> list[onnx.NodeProto]:
+def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     out = []
     for name in dict.fromkeys(names):
         producer = c.producer.get(name)

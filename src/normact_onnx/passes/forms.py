@@ -81,9 +81,7 @@ class LiteralBody(_Builder):
 
     name_nodes = True
 
-    def __init__(
-        self, opset: int, prefix: str, elem_type: int, params: dict[str, Any], gradient_safe: bool
-    ) -> None:
+    def __init__(self, opset: int, prefix: str, elem_type: int, params: dict[str, Any], gradient_safe: bool) -> None:
         super().__init__(opset, prefix, gradient_safe)
         self.elem_type, self.params = elem_type, params
 

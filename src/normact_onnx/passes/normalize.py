@@ -117,9 +117,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             e.replace[id(site.root)] = [root, *b.nodes]
             record["act_output"] = f_name
         else:
-            node = norm_node(
-                site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc
-            )
+            node = norm_node(site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc)
             e.replace[id(site.root)] = [node]
             for n in site.nodes[:-1] + site.const_nodes:
                 e.delete.add(id(n))
@@ -156,9 +154,7 @@ def _choose_form(
     if wanted == "custom-op":
         return wanted
     if model.ir_version < MIN_FUNCTION_IR or opset < MIN_FUNCTION_OPSET:
-        o.reason = (
-            f"function form needs IR ≥ {MIN_FUNCTION_IR} and opset ≥ {MIN_FUNCTION_OPSET}: standard ops"
-        )
+        o.reason = f"function form needs IR ≥ {MIN_FUNCTION_IR} and opset ≥ {MIN_FUNCTION_OPSET}: standard ops"
         return "subgraph"
     if opset < GENERIC_OPSET:  # functions are typed below opset 15: one element type per op
         op = o.site.activation.op_name
@@ -206,9 +202,7 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     g = model.graph
     inputs = {i.name for i in g.input}
     dead = {
-        i
-        for i, t in enumerate(g.initializer)
-        if t.name in candidates and t.name not in used and t.name not in inputs
+        i for i, t in enumerate(g.initializer) if t.name in candidates and t.name not in used and t.name not in inputs
     }
     if not dead:
         return

@@ -1,0 +1,56 @@
+"""The ``normact-onnx`` command.
+
+Each subcommand lives in :mod:`normact_onnx.commands` as a module with
+``register(subparsers)``; this file only dispatches and turns user errors into
+one line on stderr with a non-zero exit code (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .commands import COMMANDS
+from .errors import NormactError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normact-onnx",
+        description="Normalized activations for ONNX models: find, rewrite, calibrate, fold, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"normact-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except NormactError as e:
+        print(f"normact-onnx: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("normact-onnx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(
+            f"normact-onnx: internal error: {type(e).__name__}: {e} (set NORMACT_DEBUG=1 for details)", file=sys.stderr
+        )
+        import os
+
+        if os.environ.get("NORMACT_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``normact-onnx rewrite``: static normalization (or calibrated constants) of a model's activations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..api import rewrite, write_report
+from ..methods.static import VARIANTS
+from ..passes.normalize import FORMS
+from .common import default_output, table
+
+
+def add_selection(p: argparse.ArgumentParser) -> None:
+    """Site-selection flags shared by every command that rewrites."""
+    g = p.add_argument_group("which sites")
+    g.add_argument("--include", help="comma-separated kinds to rewrite (e.g. relu,gelu)")
+    g.add_argument("--exclude", help="comma-separated kinds to leave alone")
+    g.add_argument("--nodes", metavar="REGEX", help="only sites whose node or output name matches")
+    g.add_argument(
+        "--all-sites",
+        action="store_true",
+        help="also rewrite graph outputs and multiplicative gates (skipped by default)",
+    )
+
+
+def add_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", help="output path (default: <model>.normact.onnx beside the input)")
+    g.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    g.add_argument(
+        "--form",
+        choices=FORMS,
+        default="function",
+        help="function: Norm<Act> ops with model-local function bodies (default); "
+        "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
+    )
+    g.add_argument("--report", metavar="FILE.json", help="write every site's constants and decisions as JSON")
+    g.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and per-site numeric checks")
+    g.add_argument("--explain", action="store_true", help="dry run: say what would change and why, write nothing")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rewrite",
+        help="normalize activations (static method)",
+        description="Rewrite activation sites into normalized form (MATH.md §1).",
+    )
+    p.add_argument("model", help="path to an .onnx file")
+    m = p.add_argument_group("method")
+    m.add_argument("--variant", choices=VARIANTS, default="center-scale")
+    m.add_argument("--q", type=float, default=1.0, help="design variance of the pre-activation (default 1)")
+    m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
+    m.add_argument(
+        "--preserve-function",
+        action="store_true",
+        help="fold the inverse into the next layers so outputs are unchanged (prepares fine-tuning)",
+    )
+    add_selection(p)
+    add_output(p)
+    p.set_defaults(handler=run)
+
+
+def output_path(args: argparse.Namespace):
+    return args.model if args.in_place else (args.output or default_output(args.model))
+
+
+def finish(args: argparse.Namespace, result) -> int:
+    """Shared tail: the explain/summary tables, the report file, the exit code."""
+    rows = [
+        {
+            "site": o.site.name,
+            "kind": o.site.kind,
+            "graph": o.site.path,
+            "action": o.action,
+            "form": o.form,
+            "scale": f"{o.affine.scale:.6g}"
+            if o.affine and o.affine.is_scalar
+            else ("per-channel" if o.affine else ""),
+            "shift": f"{o.affine.shift:.6g}" if o.affine and o.affine.is_scalar else "",
+            "why": o.reason,
+        }
+        for o in result.outcomes
+    ]
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.explain or len(rows) <= 200:
+        print(table(rows, ["site", "kind", "graph", "action", "form", "scale", "shift", "why"]))
+        print()
+    print(result.table())
+    if args.report:
+        write_report(result, args.report)
+    if args.explain:
+        print("\n(dry run: nothing written)")
+    elif result.path is not None:
+        print(f"\nwrote {result.path}" + ("" if args.no_verify else " (verified)"))
+    elif not result.rewritten:
+        print("\nnothing to rewrite; nothing written")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    result = rewrite(
+        args.model,
+        None if args.explain else output_path(args),
+        variant=args.variant,
+        q=args.q,
+        ratio=args.ratio,
+        form=args.form,
+        include=args.include,
+        exclude=args.exclude,
+        nodes=args.nodes,
+        all_sites=args.all_sites,
+        preserve_function=args.preserve_function,
+        verify=not args.no_verify,
+        in_place=args.in_place,
+        dry_run=args.explain,
+        details=True,
+    )
+    return finish(args, result)
