@@ -10,7 +10,6 @@ declare them, so adding a spelling of an activation is one line, not a new match
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Alt:
     options: tuple[Pattern, ...]
 
 
-Pattern = Union[Var, C, N, Alt]
+Pattern = Var | C | N | Alt
 
 
 def node(op: str, *inputs: Pattern, comm: bool = False, domain: str = "", **attrs: Attr) -> N:

@@ -113,8 +113,8 @@ class _Matcher:
                 return
             if p.value is not None and not np.isclose(first, p.value, rtol=p.rtol, atol=p.rtol * 1e-3):
                 return
-            params = env.params + ((p.capture, first),) if p.capture else env.params
-            yield _Env(env.x, env.nodes, params, env.consts + (name,))
+            params = (*env.params, (p.capture, first)) if p.capture else env.params
+            yield _Env(env.x, env.nodes, params, (*env.consts, name))
         elif isinstance(p, Alt):
             for option in p.options:
                 yield from self.tensor(option, name, consumer, env)
@@ -143,7 +143,7 @@ class _Matcher:
         orders = [p.inputs]
         if p.commutative and len(p.inputs) == 2:
             orders.append(p.inputs[::-1])
-        env = _Env(env.x, env.nodes + (node,), env.params, env.consts)
+        env = _Env(env.x, (*env.nodes, node), env.params, env.consts)
         for order in orders:
             yield from self._inputs(list(zip(order, inputs)), node, env)
 
@@ -278,9 +278,9 @@ def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onn
     out = []
     for name in dict.fromkeys(names):
         producer = c.producer.get(name)
-        if producer is not None and producer.op_type == "Constant":
-            if all(any(u is n for n in nodes) for u in c.consumers.get(name, ())) and name not in c.outputs:
-                out.append(producer)
+        exclusive = all(any(u is n for n in nodes) for u in c.consumers.get(name, ())) and name not in c.outputs
+        if producer is not None and producer.op_type == "Constant" and exclusive:
+            out.append(producer)
     return out
 
 
