@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Activation, Body, OpForm, attrs_reader, no_params, sigmoid, softplus
+from .patterns import C, DecomposedForm, X, node
 
 SELU_ALPHA = 1.67326319217681884765625  # ONNX's defaults (float32-exact)
 SELU_GAMMA = 1.05070102214813232421875
@@ -98,6 +99,12 @@ SOFTPLUS = Activation(
     derivative=sigmoid,
     body=softplus_body,
     ops=(OpForm("Softplus", no_params),),
+    patterns=(  # torch's Softplus(threshold=t): where(x > t, x, softplus(x)); equal to softplus in float for t ≥ 15
+        DecomposedForm(
+            "Where(x > t, x, Softplus(x))",
+            node("Where", node("Greater", X, C(None, rtol=0)), X, node("Softplus", X)),
+        ),
+    ),
     summary="log(1 + eˣ)",
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Activation, Body, OpForm, attrs_reader, no_params, sigmoid
+from .patterns import C, DecomposedForm, X, node
 
 
 def _hard_sigmoid_body(b: Body, x: str) -> str:
@@ -67,6 +68,7 @@ SOFTSIGN = Activation(
     derivative=lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
     body=_softsign_body,
     ops=(OpForm("Softsign", no_params),),
+    patterns=(DecomposedForm("x/(1+|x|)", node("Div", X, node("Add", node("Abs", X), C(1.0), comm=True))),),
     gate_like=True,
     summary="x / (1 + |x|)",
 )

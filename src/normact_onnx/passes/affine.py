@@ -76,6 +76,24 @@ def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int
     return new_w, bias
 
 
+# Ops an affine map passes through unchanged: op(a·u + c) = a·op(u) + c. ``positive``: only for a > 0
+# (max commutes with positive scaling); ``per_tensor``: the op moves elements across channels.
+_TRANSPARENT = {
+    "MaxPool": "positive",
+    "GlobalMaxPool": "positive",
+    "AveragePool": "pads",
+    "GlobalAveragePool": "",
+    "Identity": "",
+    "Dropout": "",
+    "Flatten": "per_tensor",
+    "Reshape": "per_tensor",
+    "Transpose": "per_tensor",
+    "Squeeze": "per_tensor",
+    "Unsqueeze": "per_tensor",
+    "ReduceMean": "per_tensor",
+}
+
+
 def plan_absorb(
     c: Container,
     tensor: str,
@@ -85,17 +103,39 @@ def plan_absorb(
     fresh: Callable[[str], str],
     pad_ok: bool = False,
 ) -> Plan | str:
-    """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not."""
+    """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not.
+
+    Pooling and reshaping ops in between are looked through: the affine map
+    commutes with them, and the layers after them absorb it.
+    """
     a, off = _vector(a), _vector(off)
+    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh), fresh, pad_ok)
+
+
+def _plan_tensor(
+    c: Container,
+    tensor: str,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    pad_ok: bool,
+) -> Plan | str:
     if tensor in c.outputs:
         return "the value is a graph output"
     consumers = c.consumers.get(tensor, [])
     if not consumers:
         return "the value has no consumer"
-    weights = _Weights(c, base_dir, fresh)
     plans: list[Plan] = []
     for node in consumers:
-        plan = _plan_one(c, node, tensor, a, off, weights, fresh, pad_ok)
+        rule = _TRANSPARENT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
+            why = _transparent_blocker(node, rule, a, off)
+            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, pad_ok)
+            if not why and any(o and c.consumers.get(o) for o in node.output[1:]):
+                plan = f"consumer {node.op_type} '{node.name}' has a second output in use"
+        else:
+            plan = _plan_one(c, node, tensor, a, off, weights, fresh, pad_ok)
         if isinstance(plan, str):
             return plan
         plans.append(plan)
@@ -105,6 +145,17 @@ def plan_absorb(
             p(edits)
 
     return apply
+
+
+def _transparent_blocker(node: onnx.NodeProto, rule: str, a: np.ndarray, off: np.ndarray) -> str | None:
+    label = f"{node.op_type} '{node.name or node.output[0]}'"
+    if rule == "positive" and np.any(a <= 0):
+        return f"a negative scale does not commute with {label}"
+    if rule == "per_tensor" and (a.ndim or off.ndim):
+        return f"per-channel constants do not pass through {label}"
+    if rule == "pads" and any(attr_value(node, "pads", [0])) and attr_value(node, "count_include_pad", 0):
+        return f"{label} averages padded zeros (count_include_pad=1)"
+    return None
 
 
 def _plan_one(
@@ -118,8 +169,9 @@ def _plan_one(
     pad_ok: bool,
 ) -> Plan | str:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
-    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
-        return f"consumer {label} is not a layer linear in this value"
+    linear = node.op_type in ("Gemm", "MatMul", "Conv") and node.domain in ("", "ai.onnx")
+    if not linear or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
+        return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv fold)"
     w = weights.read(node.input[1])
     if w is None:
         return f"consumer {label} has no constant weight"
@@ -204,7 +256,7 @@ def _plan_one(
                 weights.write(edits, node, 2, base + bias, b_val if b_val is not None else w)
 
         return conv
-    return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv fold)"
+    raise AssertionError(node.op_type)
 
 
 def _renamed_output(node: onnx.NodeProto, name: str) -> onnx.NodeProto:
