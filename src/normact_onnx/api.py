@@ -48,6 +48,16 @@ def inspect(model: ModelLike) -> list[dict[str, Any]]:
     return [s.summary() for s in find_sites(m, str(path.parent) if path else None)]
 
 
+def _check_input(m: onnx.ModelProto, path: Path | None) -> None:
+    """A model that already fails the checker is the user's problem to hear about first, not ours."""
+    target = str(path) if path is not None and external_locations(m) else m
+    try:
+        onnx.checker.check_model(target)
+    except Exception as e:  # noqa: BLE001
+        where = path or "model"
+        raise NormactError(f"{where}: fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+
+
 @dataclass
 class RewriteResult:
     model: onnx.ModelProto
@@ -182,6 +192,8 @@ def rewrite(
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
     src, path = _load(model)
     _check_opset(src)
+    if verify:
+        _check_input(src, path)
     if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
         raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
     m = onnx.ModelProto()

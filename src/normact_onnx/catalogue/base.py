@@ -75,6 +75,8 @@ class Activation:
     closed_moments: Callable[[float, Params], tuple[float, float, float, float] | None] | None = None
     gate_like: bool = False  # bounded output, often a multiplicative gate (SE blocks, LSTM/GRU gates)
     summary: str = ""
+    # f'(x) in ONNX ops: calibration reduces E f'(x)² inside the graph (ANAct's backward gain ρ')
+    derivative_body: Callable[[Body, str], str] | None = None
 
     def with_defaults(self, params: Params | None = None) -> dict[str, Any]:
         """The full parameter set: defaults overridden by ``params``."""
@@ -113,6 +115,16 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def softplus(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def step(b: Body, x: str) -> str:
+    """1 where x > 0, else 0, in any float type: Sign(Relu(x)) needs no Cast or Where."""
+    return b.op("Sign", b.op("Relu", x))
+
+
+def one_minus_square(b: Body, t: str) -> str:
+    """1 − t²: the derivative of tanh written through its output (also used by Mish, tanh-GELU)."""
+    return b.op("Sub", b.const(1.0), b.op("Mul", t, t))
 
 
 def attrs_reader(**defaults: float) -> Callable[[Any], dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Activation, Body, OpForm, attrs_reader, no_params, sigmoid, softplus
+from .base import Activation, Body, OpForm, attrs_reader, no_params, sigmoid, softplus, step
 from .patterns import C, DecomposedForm, X, node
 
 SELU_ALPHA = 1.67326319217681884765625  # ONNX's defaults (float32-exact)
@@ -52,6 +52,13 @@ def softplus_body(b: Body, x: str) -> str:
     return b.op("Softplus", x)
 
 
+def _elu_derivative_body(b: Body, x: str) -> str:
+    """1 for x > 0, else alpha·eˣ (exp of min(x, 0): never overflows)."""
+    s = step(b, x)
+    neg = b.op("Mul", b.param("alpha"), b.op("Exp", b.op("Min", x, b.const(0.0))))
+    return b.op("Add", s, b.op("Mul", b.op("Sub", b.const(1.0), s), neg))
+
+
 def _elu(x: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
 
@@ -66,6 +73,7 @@ ELU = Activation(
     ops=(OpForm("Elu", attrs_reader(alpha=1.0)),),
     kinks=lambda p: (0.0,),
     summary="x if x > 0 else alpha·(eˣ − 1)",
+    derivative_body=_elu_derivative_body,
 )
 
 SELU = Activation(
@@ -78,6 +86,7 @@ SELU = Activation(
     ops=(OpForm("Selu", attrs_reader(alpha=SELU_ALPHA, gamma=SELU_GAMMA)),),
     kinks=lambda p: (0.0,),
     summary="gamma·(x if x > 0 else alpha·(eˣ − 1))",
+    derivative_body=lambda b, x: b.op("Mul", b.param("gamma"), _elu_derivative_body(b, x)),
 )
 
 CELU = Activation(
@@ -90,6 +99,7 @@ CELU = Activation(
     ops=(OpForm("Celu", attrs_reader(alpha=1.0), min_opset=12),),
     kinks=lambda p: (0.0,),
     summary="max(0, x) + min(0, alpha·(e^(x/alpha) − 1))",
+    derivative_body=lambda b, x: b.op("Exp", b.op("Div", b.op("Min", x, b.const(0.0)), b.param("alpha"))),
 )
 
 SOFTPLUS = Activation(
@@ -106,6 +116,7 @@ SOFTPLUS = Activation(
         ),
     ),
     summary="log(1 + eˣ)",
+    derivative_body=lambda b, x: b.op("Sigmoid", x),
 )
 
 ENTRIES = (ELU, SELU, CELU, SOFTPLUS)

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .base import Activation, Body, OpForm, erf, no_params, sigmoid, softplus
+from .base import Activation, Body, OpForm, erf, no_params, one_minus_square, sigmoid, softplus, step
 from .exponential import softplus_body
 from .patterns import Attr, C, DecomposedForm, N, Pattern, X, alt, node
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _half_x_times(one_plus: Pattern) -> tuple[N, ...]:
@@ -92,6 +93,42 @@ def _mish_body(b: Body, x: str) -> str:
     return b.op("Mul", x, b.op("Tanh", softplus_body(b, x)))
 
 
+def _silu_derivative_body(b: Body, x: str) -> str:
+    """σ(x)·(1 + x·(1 − σ(x)))."""
+    s = b.op("Sigmoid", x)
+    return b.op("Mul", s, b.op("Add", b.const(1.0), b.op("Mul", x, b.op("Sub", b.const(1.0), s))))
+
+
+def _hard_swish_derivative_body(b: Body, x: str) -> str:
+    """0 | (2x + 3)/6 | 1 on x < −3 | [−3, 3] | x > 3 (masks from steps: no Where, no Cast)."""
+    inside = b.op("Mul", step(b, b.op("Add", x, b.const(3.0))), step(b, b.op("Sub", b.const(3.0), x)))
+    ramp = b.op("Add", b.op("Mul", x, b.const(1 / 3.0)), b.const(0.5))
+    return b.op("Add", b.op("Mul", inside, ramp), step(b, b.op("Sub", x, b.const(3.0))))
+
+
+def _mish_derivative_body(b: Body, x: str) -> str:
+    """tanh(sp) + x·σ(x)·(1 − tanh²(sp)), sp = softplus(x)."""
+    t = b.op("Tanh", softplus_body(b, x))
+    return b.op("Add", t, b.op("Mul", b.op("Mul", x, b.op("Sigmoid", x)), one_minus_square(b, t)))
+
+
+def _gelu_derivative_body(b: Body, x: str) -> str:
+    """Φ(x) + x·φ(x)."""
+    cdf = b.op("Mul", b.op("Add", b.op("Erf", b.op("Div", x, b.const(SQRT2))), b.const(1.0)), b.const(0.5))
+    gauss = b.op("Exp", b.op("Mul", b.op("Mul", x, x), b.const(-0.5)))
+    return b.op("Add", cdf, b.op("Mul", x, b.op("Mul", gauss, b.const(INV_SQRT_2PI))))
+
+
+def _gelu_tanh_derivative_body(b: Body, x: str) -> str:
+    """0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3c·x²), t = tanh(√(2/π)·(x + c·x³))."""
+    x2 = b.op("Mul", x, x)
+    cubic = b.op("Add", x, b.op("Mul", b.op("Mul", x2, x), b.const(GELU_CUBIC)))
+    t = b.op("Tanh", b.op("Mul", cubic, b.const(SQRT_2_OVER_PI)))
+    slope = b.op("Add", b.op("Mul", x2, b.const(3.0 * GELU_CUBIC * SQRT_2_OVER_PI)), b.const(SQRT_2_OVER_PI))
+    tail = b.op("Mul", b.op("Mul", x, one_minus_square(b, t)), slope)
+    return b.op("Mul", b.op("Add", b.op("Add", b.const(1.0), t), tail), b.const(0.5))
+
+
 def _phi(x: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
 
@@ -124,6 +161,7 @@ SILU = Activation(
     ops=(OpForm("Swish", _read_swish, min_opset=24),),
     patterns=(DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),),
     summary="x·sigmoid(x) (Swish)",
+    derivative_body=_silu_derivative_body,
 )
 
 HARD_SWISH = Activation(
@@ -136,6 +174,7 @@ HARD_SWISH = Activation(
     patterns=_HARD_SWISH_FORMS,
     kinks=lambda p: (-3.0, 3.0),
     summary="x·max(0, min(1, x/6 + 1/2))",
+    derivative_body=_hard_swish_derivative_body,
 )
 
 MISH = Activation(
@@ -147,6 +186,7 @@ MISH = Activation(
     ops=(OpForm("Mish", no_params, min_opset=18),),
     patterns=(DecomposedForm("x·Tanh(Softplus(x))", node("Mul", X, node("Tanh", node("Softplus", X)), comm=True)),),
     summary="x·tanh(softplus(x))",
+    derivative_body=_mish_derivative_body,
 )
 
 GELU = Activation(
@@ -161,6 +201,7 @@ GELU = Activation(
     ),
     patterns=tuple(DecomposedForm("Erf chain", p) for p in _half_x_times(_ERF_ONE_PLUS)),
     summary="x·Φ(x) (exact, erf)",
+    derivative_body=_gelu_derivative_body,
 )
 
 GELU_TANH = Activation(
@@ -175,6 +216,7 @@ GELU_TANH = Activation(
     ),
     patterns=tuple(DecomposedForm("tanh chain", p) for p in _half_x_times(_TANH_ONE_PLUS)),
     summary="0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",
+    derivative_body=_gelu_tanh_derivative_body,
 )
 
 ENTRIES = (SILU, HARD_SWISH, MISH, GELU, GELU_TANH)

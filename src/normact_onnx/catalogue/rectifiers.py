@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Activation, Body, OpForm, attrs_reader, no_params
+from .base import Activation, Body, OpForm, attrs_reader, no_params, step
 from .patterns import C, DecomposedForm, X, node
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -40,6 +40,18 @@ def _leaky_body(b: Body, x: str) -> str:
         neg = b.op("Relu", b.op("Neg", x))
         return b.op("Sub", b.op("Relu", x), b.op("Mul", b.param("alpha"), neg))
     return b.op("LeakyRelu", x, alpha=b.attr("alpha"))
+
+
+def _leaky_derivative_body(b: Body, x: str) -> str:
+    """alpha + (1 − alpha)·1[x > 0]: scalar and per-channel slopes alike."""
+    alpha = b.param("alpha")
+    return b.op("Add", alpha, b.op("Mul", b.op("Sub", b.const(1.0), alpha), step(b, x)))
+
+
+def _clip_derivative_body(b: Body, x: str) -> str:
+    """1 strictly inside (min, max), else 0."""
+    above = step(b, b.op("Sub", x, b.param("min")))
+    return b.op("Mul", above, step(b, b.op("Sub", b.param("max"), x)))
 
 
 def _read_prelu(view: Any) -> dict[str, Any] | str:
@@ -89,6 +101,7 @@ RELU = Activation(
     homogeneous=True,
     closed_moments=lambda q, p: _leaky_moments(q, 0.0),
     summary="max(x, 0)",
+    derivative_body=step,
 )
 
 LEAKY_RELU = Activation(
@@ -103,6 +116,7 @@ LEAKY_RELU = Activation(
     homogeneous=True,
     closed_moments=lambda q, p: _leaky_moments(q, p["alpha"]),
     summary="x if x ≥ 0 else alpha·x",
+    derivative_body=_leaky_derivative_body,
 )
 
 PRELU = Activation(
@@ -117,6 +131,7 @@ PRELU = Activation(
     homogeneous=True,
     closed_moments=lambda q, p: _leaky_moments(q, p["alpha"]),
     summary="x if x ≥ 0 else slope·x, slope learned (scalar or per channel)",
+    derivative_body=_leaky_derivative_body,
 )
 
 ABS = Activation(
@@ -130,6 +145,7 @@ ABS = Activation(
     homogeneous=True,
     closed_moments=lambda q, p: (math.sqrt(2.0 * q / math.pi), q, 0.0, 1.0),
     summary="|x|",
+    derivative_body=lambda b, x: b.op("Sign", x),
 )
 
 CLIP = Activation(
@@ -147,6 +163,7 @@ CLIP = Activation(
     ),
     kinks=_clip_kinks,
     summary="min(max(x, min), max): ReLU6 is Clip(0, 6)",
+    derivative_body=_clip_derivative_body,
 )
 
 ENTRIES = (RELU, LEAKY_RELU, PRELU, ABS, CLIP)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Activation, Body, OpForm, attrs_reader, no_params, sigmoid
+from .base import Activation, Body, OpForm, attrs_reader, no_params, one_minus_square, sigmoid, step
 from .patterns import C, DecomposedForm, X, node
 
 
@@ -26,6 +26,23 @@ def _softsign_body(b: Body, x: str) -> str:
     return b.op("Softsign", x)
 
 
+def _sigmoid_derivative_body(b: Body, x: str) -> str:
+    s = b.op("Sigmoid", x)
+    return b.op("Mul", s, b.op("Sub", b.const(1.0), s))
+
+
+def _hard_sigmoid_derivative_body(b: Body, x: str) -> str:
+    """alpha strictly inside the linear part (0 < alpha·x + beta < 1), else 0."""
+    lin = b.op("Add", b.op("Mul", x, b.param("alpha")), b.param("beta"))
+    inside = b.op("Mul", step(b, lin), step(b, b.op("Sub", b.const(1.0), lin)))
+    return b.op("Mul", b.param("alpha"), inside)
+
+
+def _softsign_derivative_body(b: Body, x: str) -> str:
+    d = b.op("Add", b.op("Abs", x), b.const(1.0))
+    return b.op("Reciprocal", b.op("Mul", d, d))
+
+
 SIGMOID = Activation(
     kind="sigmoid",
     op_name="NormSigmoid",
@@ -35,6 +52,7 @@ SIGMOID = Activation(
     ops=(OpForm("Sigmoid", no_params),),
     gate_like=True,
     summary="1 / (1 + e⁻ˣ)",
+    derivative_body=_sigmoid_derivative_body,
 )
 
 HARD_SIGMOID = Activation(
@@ -48,6 +66,7 @@ HARD_SIGMOID = Activation(
     kinks=lambda p: (-p["beta"] / p["alpha"], (1.0 - p["beta"]) / p["alpha"]) if p["alpha"] else (),
     gate_like=True,
     summary="max(0, min(1, alpha·x + beta))",
+    derivative_body=_hard_sigmoid_derivative_body,
 )
 
 TANH = Activation(
@@ -59,6 +78,7 @@ TANH = Activation(
     ops=(OpForm("Tanh", no_params),),
     gate_like=True,
     summary="tanh(x)",
+    derivative_body=lambda b, x: one_minus_square(b, b.op("Tanh", x)),
 )
 
 SOFTSIGN = Activation(
@@ -71,6 +91,7 @@ SOFTSIGN = Activation(
     patterns=(DecomposedForm("x/(1+|x|)", node("Div", X, node("Add", node("Abs", X), C(1.0), comm=True))),),
     gate_like=True,
     summary="x / (1 + |x|)",
+    derivative_body=_softsign_derivative_body,
 )
 
 ENTRIES = (SIGMOID, HARD_SIGMOID, TANH, SOFTSIGN)

@@ -9,8 +9,15 @@ reading ``u'`` computes exactly what reading ``u`` did. Both directions use it:
 - ``fold``: the site goes back to plain f; consumers used y = s·f − s·h, so
   a = s, c = −s·h.
 
-Exact for Gemm, MatMul (+Add) and Conv without zero padding. Shared weights are
-copied, never changed in place for the other users.
+Exact for Gemm, MatMul (+Add) and Conv. A Conv that pads with zeros sees
+zeros of ``u``, which are not zeros of ``u'`` once there is an offset; the
+``padding`` strategy says what to do there (MATH.md §3): ``"refuse"``, ``"pad"``
+(an explicit ``Pad`` of ``u'`` with the value that stands for u = 0, then the
+Conv without padding: exact, one copy), or ``"keep-shift"`` (fold only the
+scale; an explicit ``Add`` of off/a in front of that Conv: exact, one
+elementwise op). ``"pad"`` falls back to ``"keep-shift"`` when that value
+differs per channel (Pad takes one scalar). Shared weights are copied, never
+changed in place for the other users.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from ..graph import Container, attr_value, const_value
 from .edits import Edits
 
 Plan = Callable[[Edits], None]
+PADDING = ("pad", "keep-shift", "refuse")
 
 
 def _vector(v: Any) -> np.ndarray:
@@ -101,7 +109,7 @@ def plan_absorb(
     off: Any,
     base_dir: str | None,
     fresh: Callable[[str], str],
-    pad_ok: bool = False,
+    padding: str = "refuse",
 ) -> Plan | str:
     """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not.
 
@@ -109,7 +117,7 @@ def plan_absorb(
     commutes with them, and the layers after them absorb it.
     """
     a, off = _vector(a), _vector(off)
-    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh), fresh, pad_ok)
+    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh), fresh, padding)
 
 
 def _plan_tensor(
@@ -119,7 +127,7 @@ def _plan_tensor(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    pad_ok: bool,
+    padding: str,
 ) -> Plan | str:
     if tensor in c.outputs:
         return "the value is a graph output"
@@ -131,11 +139,11 @@ def _plan_tensor(
         rule = _TRANSPARENT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
             why = _transparent_blocker(node, rule, a, off)
-            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, pad_ok)
+            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, padding)
             if not why and any(o and c.consumers.get(o) for o in node.output[1:]):
                 plan = f"consumer {node.op_type} '{node.name}' has a second output in use"
         else:
-            plan = _plan_one(c, node, tensor, a, off, weights, fresh, pad_ok)
+            plan = _plan_one(c, node, tensor, a, off, weights, fresh, padding)
         if isinstance(plan, str):
             return plan
         plans.append(plan)
@@ -166,7 +174,7 @@ def _plan_one(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    pad_ok: bool,
+    padding: str,
 ) -> Plan | str:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
     linear = node.op_type in ("Gemm", "MatMul", "Conv") and node.domain in ("", "ai.onnx")
@@ -233,11 +241,21 @@ def _plan_one(
             return f"consumer {label}: constants do not match its input channels"
         if off.ndim and off.shape[0] != cg * group:
             return f"consumer {label}: constants do not match its input channels"
-        pads = attr_value(node, "pads", [0])
+        pads = list(attr_value(node, "pads", []) or [])
         auto_pad = attr_value(node, "auto_pad", "NOTSET")
         padded = any(pads) or auto_pad not in ("NOTSET", "VALID")
-        if padded and has_shift and not pad_ok:
-            return f"consumer {label} pads with zeros (the shift is not exact at the borders)"
+        explicit = None  # how the padded border stays exact: "pad" or "keep-shift"
+        if padded and has_shift:
+            if padding not in PADDING[:2]:
+                return f"consumer {label} pads with zeros (the shift is not exact at the borders)"
+            if auto_pad not in ("NOTSET", "VALID"):
+                return f"consumer {label} pads with auto_pad={auto_pad} (pads not explicit)"
+            if np.any(a == 0):
+                return f"consumer {label} pads with zeros and the scale has a zero"
+            zero = np.broadcast_to(-off / a, (cg * group,))  # the u' that stands for u = 0
+            explicit = "pad" if padding == "pad" and np.all(zero == zero[0]) else "keep-shift"
+            if explicit == "keep-shift":  # u = a·(u' + off/a): the Conv absorbs a, the Add keeps the shift
+                pre_add, off = -zero, np.zeros(())
         in_channel = (np.arange(out_ch)[:, None] // (out_ch // group)) * cg + np.arange(cg)[None, :]
         expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
         a_w = (np.broadcast_to(a, (cg * group,))[in_channel])[expand]
@@ -245,18 +263,76 @@ def _plan_one(
         w64 = w.astype(np.float64)
         new_w = w64 * a_w
         bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
+        fold_bias = bool(np.any(off != 0))
         b_val = weights.read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and b_val is None and has_shift:
+        if len(node.input) > 2 and node.input[2] and b_val is None and fold_bias:
             return f"consumer {label}: its bias is not a constant"
 
         def conv(edits: Edits) -> None:
             weights.write(edits, node, 1, new_w, w)
-            if has_shift:
+            if fold_bias:
                 base = b_val.astype(np.float64) if b_val is not None else np.zeros(out_ch)
                 weights.write(edits, node, 2, base + bias, b_val if b_val is not None else w)
+            if explicit == "pad":
+                _explicit_pad(edits, c, node, float(zero[0]), pads, w, fresh)
+            elif explicit == "keep-shift":
+                name = fresh(f"{node.name or node.output[0]}_normact_shift")
+                _explicit_input(edits, node, "Add", [name], fresh)
+                edits.add_constant(name, pre_add.reshape((-1,) + (1,) * (w.ndim - 2)).astype(w.dtype), node)
+                _move_last_before(edits, node)
 
         return conv
     raise AssertionError(node.op_type)
+
+
+def _explicit_input(
+    edits: Edits, node: onnx.NodeProto, op: str, extra: list[str], fresh: Callable[[str], str], **attrs: Any
+) -> onnx.NodeProto:
+    """Put ``op(input0, *extra)`` in front of ``node`` and make ``node`` read its result."""
+    out = fresh(f"{node.input[0]}_normact_{op.lower()}")
+    pre = helper.make_node(op, [node.input[0], *extra], [out], name=fresh(f"{node.name or out}_normact_{op}"), **attrs)
+    edits.before.setdefault(id(node), []).append(pre)
+    new = onnx.NodeProto()
+    new.CopyFrom(node)  # after the weight writes, which may have renamed its inputs
+    new.input[0] = out
+    edits.replace[id(node)] = [new]
+    return new
+
+
+def _move_last_before(edits: Edits, node: onnx.NodeProto) -> None:
+    """Keep the inserted op after the constants it reads (function bodies hold them as nodes)."""
+    before = edits.before[id(node)]
+    pre = next(n for n in reversed(before) if n.op_type != "Constant")
+    before.remove(pre)
+    before.append(pre)
+
+
+def _explicit_pad(
+    edits: Edits,
+    c: Container,
+    node: onnx.NodeProto,
+    value: float,
+    pads: list[int],
+    w: np.ndarray,
+    fresh: Callable[[str], str],
+) -> None:
+    """``Pad`` the Conv's input with ``value`` (what a padded zero stood for) and drop the Conv's own pads."""
+    k = w.ndim - 2
+    full = [0, 0, *pads[:k], 0, 0, *pads[k:]]
+    if c.opset < 11:
+        new = _explicit_input(edits, node, "Pad", [], fresh, mode="constant", pads=full, value=value)
+    else:
+        names = [
+            fresh(f"{node.name or node.output[0]}_normact_pads"),
+            fresh(f"{node.name or node.output[0]}_normact_padv"),
+        ]
+        new = _explicit_input(edits, node, "Pad", names, fresh, mode="constant")
+        edits.add_constant(names[0], np.asarray(full, dtype=np.int64), node)
+        edits.add_constant(names[1], np.asarray(value, dtype=w.dtype), node)
+        _move_last_before(edits, node)
+    kept = [a for a in new.attribute if a.name != "pads"]
+    del new.attribute[:]
+    new.attribute.extend(kept)
 
 
 def _renamed_output(node: onnx.NodeProto, name: str) -> onnx.NodeProto:

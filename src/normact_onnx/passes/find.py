@@ -289,5 +289,7 @@ def find_sites(model: onnx.ModelProto, base_dir: str | None = None) -> list[Site
     normalized = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
     sites: list[Site] = []
     for c in containers(model):
+        if c.function is not None and c.function.domain == NORM_DOMAIN:
+            continue  # our own Norm<Act> bodies are the implementation of sites, not sites
         sites.extend(find_in_container(c, base_dir, normalized))
     return sites

@@ -1,0 +1,82 @@
+"""Shared fixtures: the bundled models, onnx's real test models, tiny graph builders, a CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def bundled_models() -> list[Path]:
+    return sorted(MODELS.glob("*.onnx"))
+
+
+def light_models() -> list[Path]:
+    return sorted(LIGHT.glob("*.onnx"))
+
+
+def random_feeds(model_path: str | Path, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching a model's declared inputs (symbolic dims become ``batch``)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in i.shape]
+        if i.type == "tensor(float)":
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        elif i.type == "tensor(int64)":
+            feeds[i.name] = rng.integers(0, 100, shape).astype(np.int64)
+        elif i.type == "tensor(bool)":
+            feeds[i.name] = np.ones(shape, dtype=bool)
+        else:
+            raise AssertionError(f"unhandled input type {i.type}")
+    return feeds
+
+
+def run_model(model: str | Path | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def tiny_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir: int = 8, functions=()):
+    """A model from helper parts with a deliberate IR version (onnx ≥ 1.23 would stamp 14)."""
+    graph = helper.make_graph(list(nodes), "tiny", list(inputs), list(outputs), list(initializers))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], functions=list(functions))
+    m.ir_version = ir
+    return m
+
+
+def fvi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def const(name: str, value) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the installed ``normact-onnx`` entry point as a user would (a real subprocess)."""
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "normact_onnx.cli", *map(str, args)],
+            capture_output=True, text=True, cwd=cwd or tmp_path, timeout=600,
+        )
+
+    return run
