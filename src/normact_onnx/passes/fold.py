@@ -1,0 +1,212 @@
+"""Fold normalized sites back into plain activations (MATH.md §3), in place on a ModelProto.
+
+A site with slope 0 computes ``y = s·f(x) − s·h``. Its consumers are made to
+read ``f`` directly by :func:`.affine.plan_absorb` (a = s, c = −s·h: the same
+machinery ``rewrite --preserve-function`` uses for the inverse), and the site
+itself becomes the catalogue's plain op again (its body with literal
+parameters: ``Relu``, ``LeakyRelu(alpha)``, the Erf chain below opset 20 …).
+Sites whose affine part cannot move exactly stay normalized, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..catalogue import NORM_DOMAIN
+from ..graph import Container, containers, unique_namer
+from ..types import infer_value_types
+from .affine import PADDING, plan_absorb
+from .edits import Edits
+from .find import META_SITES, Site, find_in_container, recorded_sites
+from .forms import LiteralBody
+
+
+@dataclass
+class FoldOutcome:
+    """One normalized site: folded into its consumers, or kept (with why)."""
+
+    site: Site
+    action: str  # "folded" | "kept"
+    reason: str = ""
+    output: str = ""  # the normalized value the consumers read
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.site.summary()
+        d.update(action=self.action, reason=self.reason or None, normalized_output=self.output)
+        d.update({k: _jsonable(v) for k, v in (self.site.normalized or {}).items() if k in ("scale", "shift", "slope")})
+        return d
+
+
+def _jsonable(v: Any) -> Any:
+    return float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+
+
+def normalized_sites(model: onnx.ModelProto, base_dir: str | None) -> list[Site]:
+    """Every normalized site, outside the ``Norm<Act>`` function bodies (those are the definitions)."""
+    by_act_output = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
+    sites: list[Site] = []
+    for c in containers(model):
+        if c.function is not None and c.function.domain == NORM_DOMAIN:
+            continue
+        sites.extend(s for s in find_in_container(c, base_dir, by_act_output) if s.normalized is not None)
+    return sites
+
+
+def _array(record: dict[str, Any], key: str, default: float) -> np.ndarray:
+    return np.asarray(record.get(key, default), dtype=np.float64)
+
+
+def _tail(c: Container, act_output: str, y: str) -> list[onnx.NodeProto] | str:
+    """The subgraph form's affine nodes between the plain activation's output and ``y``."""
+    root = c.producer.get(y)
+    if root is None:
+        return f"normalized output {y!r} is not produced in this graph"
+    nodes: list[onnx.NodeProto] = []
+    stack, seen = [root], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        nodes.append(n)
+        for i in n.input:
+            p = c.producer.get(i)
+            if i and i != act_output and i not in c.initializers:
+                if p is None:
+                    return f"the affine tail reads {i!r}, which is not a constant of the site"
+                stack.append(p)
+    if len(nodes) > 8:
+        return "the affine tail is not the one rewrite writes"
+    ids = {id(n) for n in nodes}
+    for n in nodes:
+        for o in n.output:
+            if o != y and (o in c.outputs or any(id(u) not in ids for u in c.consumers.get(o, ()))):
+                return f"an intermediate value of the affine tail ({o!r}) is used elsewhere"
+    if any(id(u) not in ids for u in c.consumers.get(act_output, ())) or act_output in c.outputs:
+        return "the plain activation's output is used outside the affine tail"
+    return nodes
+
+
+def _plain_nodes(site: Site, elem: int, out: str) -> list[onnx.NodeProto]:
+    """The site's activation in standard ops with literal parameters, writing ``out``."""
+    b = LiteralBody(site.container.opset, f"{site.name}/", elem, site.activation.with_defaults(site.params), False)
+    f = site.activation.body(b, site.input)
+    last = next(n for n in reversed(b.nodes) if f in n.output)
+    last.output[list(last.output).index(f)] = out
+    compute = [n for n in b.nodes if n.op_type != "Constant"]
+    if len(compute) == 1:
+        compute[0].name = site.root.name  # a one-op activation keeps the name the exporter gave it
+    return b.nodes
+
+
+def fold_sites(
+    model: onnx.ModelProto, base_dir: str | None, padding: str = "pad", select: Callable[[Site], bool] | None = None
+) -> list[FoldOutcome]:
+    """Fold every (selected) normalized site whose affine part moves exactly into its consumers."""
+    if padding not in PADDING:
+        raise ValueError(f"padding must be one of {PADDING}")
+    sites = [s for s in normalized_sites(model, base_dir) if select is None or select(s)]
+    if not sites:
+        return []
+    fresh = unique_namer(model)
+    types = infer_value_types(model)
+    edits: dict[int, Edits] = {}
+    outcomes: list[FoldOutcome] = []
+    for s in sites:
+        o = _fold_one(s, base_dir, fresh, padding, types.elem_type(s.input), edits)
+        outcomes.append(o)
+    for e in edits.values():
+        e.commit()
+    if any(o.action == "folded" for o in outcomes):
+        _drop_unused_functions(model)
+        _mark_records(model, [o for o in outcomes if o.action == "folded"])
+    return outcomes
+
+
+def _fold_one(
+    s: Site, base_dir: str | None, fresh: Callable[[str], str], padding: str, elem: int, edits: dict[int, Edits]
+) -> FoldOutcome:
+    rec = s.normalized or {}
+    scale, shift, slope = _array(rec, "scale", 1.0), _array(rec, "shift", 0.0), _array(rec, "slope", 0.0)
+    subgraph = s.root.domain != NORM_DOMAIN
+    y = rec.get("output", s.output) if subgraph else s.output
+    outcome = FoldOutcome(s, "kept", output=y)
+    if np.any(slope != 0):
+        outcome.reason = "slope ≠ 0 (zeta-zero/ratio variant): the linear term needs the pre-activation"
+        return outcome
+    if np.any(scale == 0):
+        outcome.reason = "scale is 0"
+        return outcome
+    if max(scale.ndim, shift.ndim) > 0 and sum(d > 1 for d in np.broadcast_shapes(scale.shape, shift.shape)) > 1:
+        outcome.reason = "constants vary along more than one axis"
+        return outcome
+    c = s.container
+    tail = _tail(c, s.output, y) if subgraph else []
+    if isinstance(tail, str):
+        outcome.reason = tail
+        return outcome
+    plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, padding)
+    if isinstance(plan, str):
+        outcome.reason = plan
+        return outcome
+    e = edits.setdefault(id(c), Edits(c))
+    plan(e)
+    if subgraph:  # the exporter's own op writes the normalized name again; the affine tail goes
+        root = onnx.NodeProto()
+        root.CopyFrom(s.root)
+        root.output[0] = y
+        e.replace[id(s.root)] = [root]
+        e.delete.update(id(n) for n in tail)
+        e.drop_value_info.update([s.output, *(o for n in tail for o in n.output if o != y)])
+    else:
+        e.replace[id(s.root)] = _plain_nodes(s, elem, y)
+    outcome.action = "folded"
+    return outcome
+
+
+def _drop_unused_functions(model: onnx.ModelProto) -> None:
+    """Remove ``Norm<Act>`` functions nothing calls any more, and the domain import once unused."""
+    used: set[tuple[str, str]] = set()
+    for c in containers(model):
+        used.update((n.domain, n.op_type) for n in c.nodes)
+    keep = [f for f in model.functions if f.domain != NORM_DOMAIN or (f.domain, f.name) in used]
+    if len(keep) != len(model.functions):
+        from .edits import _detached
+
+        keep = [_detached(f) for f in keep]
+        del model.functions[:]
+        model.functions.extend(keep)
+    if not any(d == NORM_DOMAIN for d, _ in used):
+        imports = [i for i in model.opset_import if i.domain != NORM_DOMAIN]
+        if len(imports) != len(model.opset_import):
+            imports = [onnx.OperatorSetIdProto(domain=i.domain, version=i.version) for i in imports]
+            del model.opset_import[:]
+            model.opset_import.extend(imports)
+        for f in model.functions:
+            fi = [i for i in f.opset_import if i.domain != NORM_DOMAIN]
+            if len(fi) != len(f.opset_import):
+                fi = [onnx.OperatorSetIdProto(domain=i.domain, version=i.version) for i in fi]
+                del f.opset_import[:]
+                f.opset_import.extend(fi)
+
+
+def _mark_records(model: onnx.ModelProto, folded: list[FoldOutcome]) -> None:
+    """Say in the provenance which sites were folded (a later rewrite must not normalize them again)."""
+    import json
+
+    records = recorded_sites(model)
+    if not records:
+        return
+    done = {(o.site.path, o.output) for o in folded}
+    for r in records:
+        if (r.get("graph"), r.get("output")) in done:
+            r["folded"] = True
+            r.pop("act_output", None)
+    for p in model.metadata_props:
+        if p.key == META_SITES:
+            p.value = json.dumps(records, separators=(",", ":"))
