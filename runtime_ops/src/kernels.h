@@ -15,12 +15,16 @@ namespace normact {
 // y[i] = norm_act(x[i]) for i in [0, n); x and y may be the same buffer.
 using CpuFn = void (*)(const void* x, void* y, size_t n, const Params& p);
 
-// The same loops compiled twice: for the x86-64 baseline (SSE2) and for
-// AVX2+FMA+F16C; ops.cc picks one at kernel creation (see select_cpu_table).
+// The same loops compiled three times: for the baseline ISA (SSE2 on x86-64),
+// AVX2+FMA+F16C and AVX-512; ops.cc picks one at kernel creation (see
+// select_cpu_table).  On non-x86 builds all three are baseline code.
 namespace cpu_generic {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
 }
 namespace cpu_avx2 {
+extern const CpuFn kTable[kNumOps][kNumDTypes];
+}
+namespace cpu_avx512 {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
 }
 

@@ -56,20 +56,30 @@ const ONNXTensorElementDataType kOrtType[kNumDTypes] = {
 
 // ------------------------------------------------------------ CPU dispatch
 const CpuFn (*select_cpu_table())[kNumDTypes] {
-  // NORMACT_CPU_ISA=generic forces the baseline loops (tests run both).
+  // NORMACT_CPU_ISA=generic|avx2 caps the instruction set (the tests run the
+  // baseline loops too); the default is the best the processor supports.
   const char* env = getenv("NORMACT_CPU_ISA");
-  const bool force_generic = env && strcmp(env, "generic") == 0;
+  const bool cap_generic = env && strcmp(env, "generic") == 0;
+  const bool cap_avx2 = env && strcmp(env, "avx2") == 0;
 #if defined(NORMACT_X86)
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c");
-  if (has_avx2 && !force_generic) return cpu_avx2::kTable;
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && !cap_generic && !cap_avx2) return cpu_avx512::kTable;
+  if (has_avx2 && !cap_generic) return cpu_avx2::kTable;
 #else
-  (void)force_generic;
+  (void)cap_generic;
+  (void)cap_avx2;
 #endif
   return cpu_generic::kTable;
 }
 
-const char* cpu_isa_name() { return select_cpu_table() == cpu_generic::kTable ? "generic" : "avx2"; }
+const char* cpu_isa_name() {
+  const auto t = select_cpu_table();
+  return t == cpu_avx512::kTable ? "avx512" : t == cpu_avx2::kTable ? "avx2" : "generic";
+}
 
 // ------------------------------------------------------------ the kernel
 struct NormOp : OrtCustomOp {
