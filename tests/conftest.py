@@ -76,7 +76,10 @@ def cli(tmp_path):
     def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "normact_onnx.cli", *map(str, args)],
-            capture_output=True, text=True, cwd=cwd or tmp_path, timeout=600,
+            capture_output=True,
+            text=True,
+            cwd=cwd or tmp_path,
+            timeout=600,
         )
 
     return run

@@ -38,25 +38,63 @@ def chain(spec, const_style="initializer", opset=17):
     return tiny_model(nodes, [fvi("x", [3, 5])], [fvi("z", [3, 5])], inits, opset=opset)
 
 
-ERF_GELU = [("Div", ["x", f"k={SQRT2}"], "d"), ("Erf", ["d"], "e"), ("Add", ["e", "k=1"], "a"),
-            ("Mul", ["x", "a"], "m"), ("Mul", ["m", "k=0.5"], "y")]
-ERF_GELU_HALF_FIRST = [("Div", ["x", f"k={SQRT2}"], "d"), ("Erf", ["d"], "e"), ("Add", ["k=1", "e"], "a"),
-                       ("Mul", ["k=0.5", "a"], "h"), ("Mul", ["x", "h"], "y")]
-ERF_GELU_MUL_RSQRT2 = [("Mul", [f"k={1 / SQRT2}", "x"], "d"), ("Erf", ["d"], "e"), ("Add", ["e", "k=1"], "a"),
-                       ("Mul", ["x", "k=0.5"], "h"), ("Mul", ["h", "a"], "y")]
+ERF_GELU = [
+    ("Div", ["x", f"k={SQRT2}"], "d"),
+    ("Erf", ["d"], "e"),
+    ("Add", ["e", "k=1"], "a"),
+    ("Mul", ["x", "a"], "m"),
+    ("Mul", ["m", "k=0.5"], "y"),
+]
+ERF_GELU_HALF_FIRST = [
+    ("Div", ["x", f"k={SQRT2}"], "d"),
+    ("Erf", ["d"], "e"),
+    ("Add", ["k=1", "e"], "a"),
+    ("Mul", ["k=0.5", "a"], "h"),
+    ("Mul", ["x", "h"], "y"),
+]
+ERF_GELU_MUL_RSQRT2 = [
+    ("Mul", [f"k={1 / SQRT2}", "x"], "d"),
+    ("Erf", ["d"], "e"),
+    ("Add", ["e", "k=1"], "a"),
+    ("Mul", ["x", "k=0.5"], "h"),
+    ("Mul", ["h", "a"], "y"),
+]
 C = math.sqrt(2 / math.pi)
-TANH_GELU = [("Mul", ["x", "x"], "x2"), ("Mul", ["x", "x2"], "x3"), ("Mul", ["k=0.044715", "x3"], "c"),
-             ("Add", ["x", "c"], "i"), ("Mul", [f"k={C}", "i"], "s"), ("Tanh", ["s"], "t"),
-             ("Add", ["k=1", "t"], "a"), ("Mul", ["x", "a"], "m"), ("Mul", ["k=0.5", "m"], "y")]
-TANH_GELU_POW = [("Pow", ["x", "k=3"], "x3"), ("Mul", ["x3", "k=0.044715"], "c"),
-                 ("Add", ["c", "x"], "i"), ("Mul", ["i", f"k={C}"], "s"), ("Tanh", ["s"], "t"),
-                 ("Add", ["t", "k=1"], "a"), ("Mul", ["a", "x"], "m"), ("Div", ["m", "k=2"], "y")]
+TANH_GELU = [
+    ("Mul", ["x", "x"], "x2"),
+    ("Mul", ["x", "x2"], "x3"),
+    ("Mul", ["k=0.044715", "x3"], "c"),
+    ("Add", ["x", "c"], "i"),
+    ("Mul", [f"k={C}", "i"], "s"),
+    ("Tanh", ["s"], "t"),
+    ("Add", ["k=1", "t"], "a"),
+    ("Mul", ["x", "a"], "m"),
+    ("Mul", ["k=0.5", "m"], "y"),
+]
+TANH_GELU_POW = [
+    ("Pow", ["x", "k=3"], "x3"),
+    ("Mul", ["x3", "k=0.044715"], "c"),
+    ("Add", ["c", "x"], "i"),
+    ("Mul", ["i", f"k={C}"], "s"),
+    ("Tanh", ["s"], "t"),
+    ("Add", ["t", "k=1"], "a"),
+    ("Mul", ["a", "x"], "m"),
+    ("Div", ["m", "k=2"], "y"),
+]
 SILU = [("Sigmoid", ["x"], "s"), ("Mul", ["x", "s"], "y")]
 SILU_SWAPPED = [("Sigmoid", ["x"], "s"), ("Mul", ["s", "x"], "y")]
-HARD_SWISH = [("Add", ["x", "k=3"], "a"), ("Clip", ["a", "k=0", "k=6"], "c"), ("Div", ["c", "k=6"], "d"),
-              ("Mul", ["x", "d"], "y")]
-HARD_SWISH_OUTER_DIV = [("Add", ["x", "k=3"], "a"), ("Clip", ["a", "k=0", "k=6"], "c"), ("Mul", ["x", "c"], "m"),
-                        ("Div", ["m", "k=6"], "y")]
+HARD_SWISH = [
+    ("Add", ["x", "k=3"], "a"),
+    ("Clip", ["a", "k=0", "k=6"], "c"),
+    ("Div", ["c", "k=6"], "d"),
+    ("Mul", ["x", "d"], "y"),
+]
+HARD_SWISH_OUTER_DIV = [
+    ("Add", ["x", "k=3"], "a"),
+    ("Clip", ["a", "k=0", "k=6"], "c"),
+    ("Mul", ["x", "c"], "m"),
+    ("Div", ["m", "k=6"], "y"),
+]
 HARD_SWISH_HSIG = [("HardSigmoid", ["x"], "h", {"alpha": 1 / 6, "beta": 0.5}), ("Mul", ["x", "h"], "y")]
 MISH = [("Softplus", ["x"], "sp"), ("Tanh", ["sp"], "t"), ("Mul", ["x", "t"], "y")]
 RELU6 = [("Clip", ["x", "k=0", "k=6"], "y")]
@@ -106,8 +144,15 @@ def test_decomposed_patterns_are_one_site_and_rewrite_exactly(spec, kind, params
         ([*ERF_GELU[:-1], ("Mul", ["m", "k=0.6"], "y")], "wrong constant"),
         ([("Div", ["x", "k=1.3"], "d"), *ERF_GELU[1:]], "wrong √2"),
         ([("Sigmoid", ["x"], "s"), ("Mul", ["s", "s"], "y")], "not x·σ(x)"),
-        ([("Add", ["x", "k=3"], "a"), ("Clip", ["a", "k=0", "k=5"], "c"), ("Div", ["c", "k=6"], "d"),
-          ("Mul", ["x", "d"], "y")], "Clip(0,5)"),
+        (
+            [
+                ("Add", ["x", "k=3"], "a"),
+                ("Clip", ["a", "k=0", "k=5"], "c"),
+                ("Div", ["c", "k=6"], "d"),
+                ("Mul", ["x", "d"], "y"),
+            ],
+            "Clip(0,5)",
+        ),
     ],
 )
 def test_patterns_with_wrong_numbers_do_not_match(spec, why):
@@ -125,22 +170,34 @@ def test_intermediate_with_another_consumer_breaks_the_pattern():
 
 def test_gelu_op_respects_approximate_and_opset():
     for approx, kind in (("none", "gelu"), ("tanh", "gelu_tanh")):
-        m = tiny_model([helper.make_node("Gelu", ["x"], ["y"], approximate=approx), helper.make_node("Relu", ["y"], ["z"])],
-                       [fvi("x", [4])], [fvi("z", [4])], opset=20, ir=10)
+        m = tiny_model(
+            [helper.make_node("Gelu", ["x"], ["y"], approximate=approx), helper.make_node("Relu", ["y"], ["z"])],
+            [fvi("x", [4])],
+            [fvi("z", [4])],
+            opset=20,
+            ir=10,
+        )
         assert [s.kind for s in find_sites(m)] == [kind, "relu"]
 
 
 def test_gates_and_graph_outputs_are_reported_not_rewritten():
-    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Sigmoid", ["x"], ["g"]),
-             helper.make_node("Mul", ["h", "g"], ["m"]), helper.make_node("Tanh", ["m"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("Sigmoid", ["x"], ["g"]),
+        helper.make_node("Mul", ["h", "g"], ["m"]),
+        helper.make_node("Tanh", ["m"], ["y"]),
+    ]
     model = tiny_model(nodes, [fvi("x", [4])], [fvi("y", [4])])
     sites = {s.kind: s for s in find_sites(model)}
     assert sites["sigmoid"].skip.startswith("multiplicative gate")
     assert sites["tanh"].skip == "its output is a graph output"
     assert sites["relu"].skip is None
     res = rewrite(model, details=True)
-    assert {o.site.kind: o.action for o in res.outcomes} == {"relu": "rewritten", "sigmoid": "skipped",
-                                                            "tanh": "skipped"}
+    assert {o.site.kind: o.action for o in res.outcomes} == {
+        "relu": "rewritten",
+        "sigmoid": "skipped",
+        "tanh": "skipped",
+    }
     res = rewrite(model, all_sites=True, details=True)
     assert all(o.action == "rewritten" for o in res.outcomes)
 

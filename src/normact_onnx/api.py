@@ -53,7 +53,7 @@ def _check_input(m: onnx.ModelProto, path: Path | None) -> None:
     target = str(path) if path is not None and external_locations(m) else m
     try:
         onnx.checker.check_model(target)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         where = path or "model"
         raise NormactError(f"{where}: fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
 

@@ -115,7 +115,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
 
 def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:
-    """Make the model's external data files reachable from ``dest_dir`` (hard link, else copy)."""
+    """Copy the model's external data files next to the output (hard links are refused by onnx's checker)."""
     if src_dir.resolve() == dest_dir.resolve():
         return
     for loc in external_locations(model):
@@ -125,12 +125,9 @@ def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -
                 continue
             raise NormactError(f"{dst} exists with other content; refusing to overwrite another model's data")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)  # streams (sendfile); never holds the data in memory
+        os.replace(tmp, dst)
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:

@@ -79,14 +79,14 @@ def check_sites(
                 raise NormactError(f"verification failed: site {s.name}: input {n!r} is not a constant")
             rename[n] = f"c{i}_{len(inits)}"
             inits[rename[n]] = numpy_helper.from_array(val, rename[n])
-        for node in chain:
+        for k, node in enumerate(chain):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = f"s{i}_{node.name}"
-            for k, n in enumerate(copy.input):
-                copy.input[k] = rename.get(n, n if not n else f"s{i}_{n}")
-            for k, n in enumerate(copy.output):
-                copy.output[k] = rename.get(n, f"s{i}_{n}")
+            copy.name = f"s{i}_{k}_{node.name}"
+            for j, n in enumerate(copy.input):
+                copy.input[j] = rename.get(n, n if not n else f"s{i}_{n}")
+            for j, n in enumerate(copy.output):
+                copy.output[j] = rename.get(n, f"s{i}_{n}")
             nodes.append(copy)
         elem = types.elem_type(s.input)
         dtype = helper.tensor_dtype_to_np_dtype(elem)
