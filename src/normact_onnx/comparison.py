@@ -1,0 +1,515 @@
+"""``compare``: run two models (or one model in two runtimes) on the same inputs and measure the difference.
+
+This is how a user proves that a rewrite or a fold did what it claims: every
+output is compared with error statistics and a pass/fail against ``atol``/``rtol``
+(numpy ``allclose`` semantics, model A is the reference), and with ``sites=True``
+each normalized site reports the mean and variance it actually sees on the data
+(does normalization hold?). Statistics are accumulated batch by batch, so memory
+does not grow with the number of batches (p99 uses a bounded sample).
+
+Runtimes: ONNX Runtime with the kernel library registered when it is built
+(what a deployment runs), or ``onnx.reference`` (model-local functions inlined
+first) as an independent second opinion.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import NormactError
+from .io import load_model
+from .types import infer_value_types
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+Feeds = dict[str, np.ndarray]
+RUNTIMES = ("ort", "reference")
+P99_SAMPLE = 1 << 20  # error values kept per output for the percentile
+
+
+@dataclass
+class _Model:
+    """A model to run: its proto (weights possibly external) and where it came from."""
+
+    proto: onnx.ModelProto
+    path: Path | None
+    label: str
+
+    @classmethod
+    def load(cls, model: ModelLike, label: str) -> _Model:
+        if isinstance(model, onnx.ModelProto):
+            return cls(model, None, label)
+        return cls(load_model(model), Path(model), label)
+
+    @property
+    def base_dir(self) -> str | None:
+        return str(self.path.parent) if self.path else None
+
+    @property
+    def inputs(self) -> list[onnx.ValueInfoProto]:
+        inits = {t.name for t in self.proto.graph.initializer}
+        return [i for i in self.proto.graph.input if i.name not in inits]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.proto.graph.output]
+
+
+class _Runner:
+    """Runs one model in one runtime; ``extra`` values are fetched as additional outputs."""
+
+    def __init__(self, model: _Model, runtime: str, providers: list[str] | None, extra: list[str]) -> None:
+        self.model, self.runtime = model, runtime
+        self.names = model.output_names + [e for e in extra if e not in model.output_names]
+        proto = model.proto
+        if len(self.names) != len(model.output_names):
+            proto = _with_outputs(proto, self.names[len(model.output_names) :])
+        if runtime == "ort":
+            self.run = self._ort(proto, providers)
+        elif runtime == "reference":
+            self.run = self._reference(proto)
+        else:
+            raise NormactError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+    def _ort(self, proto: onnx.ModelProto, providers: list[str] | None) -> Callable[[Feeds], list[np.ndarray]]:
+        from .ort import make_session
+
+        source: Any = proto.SerializeToString()
+        if self.model.path is not None and proto is self.model.proto:
+            source = str(self.model.path)  # external data resolves next to the file
+        elif self.model.path is not None and _has_external(proto):
+            source = _save_beside(proto, self.model.path)
+        try:
+            sess = make_session(source, providers)
+        except NormactError:
+            raise
+        except Exception as e:
+            raise NormactError(f"{self.model.label}: onnxruntime cannot load it: {_first_line(e)}") from None
+        names = self.names
+        return lambda feeds: sess.run(names, feeds)
+
+    def _reference(self, proto: onnx.ModelProto) -> Callable[[Feeds], list[np.ndarray]]:
+        from onnx.external_data_helper import load_external_data_for_model
+        from onnx.inliner import inline_local_functions
+        from onnx.reference import ReferenceEvaluator
+
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        if self.model.base_dir and _has_external(m):
+            load_external_data_for_model(m, self.model.base_dir)
+        try:
+            ref = ReferenceEvaluator(inline_local_functions(m))
+        except Exception as e:
+            raise NormactError(f"{self.model.label}: onnx.reference cannot run it: {_first_line(e)}") from None
+        names = self.names
+        return lambda feeds: [np.asarray(v) for v in ref.run(names, feeds)]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _has_external(m: onnx.ModelProto) -> bool:
+    from .io import external_locations
+
+    return bool(external_locations(m))
+
+
+def _save_beside(proto: onnx.ModelProto, path: Path) -> str:
+    """An instrumented copy with external data must sit next to the data it points at."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".compare.onnx", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(proto.SerializeToString())
+    import atexit
+
+    atexit.register(lambda: os.path.exists(tmp) and os.unlink(tmp))
+    return tmp
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy whose graph also outputs ``names`` (intermediate values of the main graph)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    types = infer_value_types(m)
+    for n in names:
+        m.graph.output.append(helper.make_tensor_value_info(n, types.elem_type(n), None))
+    return m
+
+
+# ---- statistics -----------------------------------------------------------------------------
+
+
+@dataclass
+class _ErrorStats:
+    """Running error statistics of one output (B against the reference A)."""
+
+    atol: float
+    rtol: float
+    count: int = 0
+    max_abs: float = 0.0
+    max_ref: float = 0.0  # largest |A|: the output's scale, for errors relative to it
+    sum_abs: float = 0.0
+    max_rel: float = 0.0
+    sum_rel: float = 0.0
+    dot: float = 0.0
+    norm_a: float = 0.0
+    norm_b: float = 0.0
+    violations: int = 0
+    nan_mismatch: int = 0
+    shape_mismatch: str = ""
+    sample: list[np.ndarray] = field(default_factory=list)
+    sampled: int = 0
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape:
+            self.shape_mismatch = self.shape_mismatch or f"shapes differ: {a.shape} vs {b.shape}"
+            return
+        a64, b64 = _as_float(a), _as_float(b)
+        nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+        self.nan_mismatch += int(np.count_nonzero(nan_a != nan_b))
+        both = nan_a & nan_b
+        err = np.where(both, 0.0, np.abs(a64 - b64))
+        err = np.where(np.isnan(err), np.inf, err)  # NaN on one side only
+        err = np.where(np.isinf(a64) & np.isinf(b64) & (a64 == b64), 0.0, err)
+        rel = err / np.maximum(np.abs(np.nan_to_num(a64)), max(self.atol, 1e-30))
+        self.count += err.size
+        if err.size:
+            self.max_abs = max(self.max_abs, float(err.max()))
+            self.max_rel = max(self.max_rel, float(rel.max()))
+            self.max_ref = max(self.max_ref, float(np.max(np.abs(np.nan_to_num(a64, posinf=0.0, neginf=0.0)))))
+        self.sum_abs += float(err.sum())
+        self.sum_rel += float(rel.sum())
+        self.violations += int(np.count_nonzero(err > self.atol + self.rtol * np.abs(np.nan_to_num(a64))))
+        fa, fb = np.nan_to_num(a64, posinf=0.0, neginf=0.0), np.nan_to_num(b64, posinf=0.0, neginf=0.0)
+        self.dot += float(np.vdot(fa, fb))
+        self.norm_a += float(np.vdot(fa, fa))
+        self.norm_b += float(np.vdot(fb, fb))
+        self._keep(err.ravel())
+
+    def _keep(self, err: np.ndarray) -> None:
+        """A bounded uniform sample of the errors, for the percentile."""
+        self.sampled += err.size
+        self.sample.append(err.astype(np.float32))
+        kept = sum(s.size for s in self.sample)
+        if kept > P99_SAMPLE:
+            allv = np.concatenate(self.sample)
+            self.sample = [self.rng.choice(allv, P99_SAMPLE, replace=False)]
+
+    def result(self, name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+        n = max(self.count, 1)
+        errs = np.concatenate(self.sample) if self.sample else np.zeros(1, np.float32)
+        if self.norm_a == 0 and self.norm_b == 0:
+            cosine = 1.0
+        elif self.norm_a == 0 or self.norm_b == 0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / math.sqrt(self.norm_a * self.norm_b)
+        passed = not self.shape_mismatch and self.violations == 0 and self.nan_mismatch == 0
+        return {
+            "output": name,
+            "shape": list(shape),
+            "max_abs": self.max_abs,
+            "max_ref": self.max_ref,
+            "mean_abs": self.sum_abs / n,
+            "max_rel": self.max_rel,
+            "mean_rel": self.sum_rel / n,
+            "p99_abs": float(np.percentile(errs, 99)),
+            "cosine": cosine,
+            "violations": self.violations,
+            "elements": self.count,
+            "passed": passed,
+            **({"error": self.shape_mismatch} if self.shape_mismatch else {}),
+            **({"nan_mismatch": self.nan_mismatch} if self.nan_mismatch else {}),
+        }
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.number):
+        return x.astype(np.float64)
+    raise NormactError(f"cannot compare outputs of type {x.dtype}")
+
+
+@dataclass
+class _Moments:
+    """Running mean and variance over every element (float64 sums; constant memory)."""
+
+    n: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        x = x[np.isfinite(x)]
+        self.n += x.size
+        self.s1 += float(x.sum())
+        self.s2 += float(np.square(x).sum())
+
+    @property
+    def mean(self) -> float:
+        return self.s1 / self.n if self.n else float("nan")
+
+    @property
+    def var(self) -> float:
+        return max(self.s2 / self.n - self.mean**2, 0.0) if self.n else float("nan")
+
+
+@dataclass
+class _SiteProbe:
+    """One normalized site to measure: its pre-activation and its normalized output."""
+
+    info: dict[str, Any]
+    pre: str
+    post: str
+    pre_stats: _Moments = field(default_factory=_Moments)
+    post_stats: _Moments = field(default_factory=_Moments)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "pre_mean": self.pre_stats.mean,
+            "pre_var": self.pre_stats.var,
+            "mean": self.post_stats.mean,
+            "var": self.post_stats.var,
+        }
+
+
+def _site_probes(model: _Model) -> tuple[list[_SiteProbe], list[dict[str, Any]]]:
+    """Normalized sites of the main graph (measurable as extra outputs), and the ones that are not."""
+    from .passes.fold import normalized_sites
+
+    probes, unreachable = [], []
+    records = {(r.get("graph"), r.get("output")): r for r in _records(model.proto)}
+    for s in normalized_sites(model.proto, model.base_dir):
+        post = (s.normalized or {}).get("output", s.output) if s.root.domain != "ai.normact" else s.output
+        rec = records.get((s.path, post), {})
+        info = {
+            "model": model.label,
+            "site": s.name,
+            "kind": s.kind,
+            "graph": s.path,
+            "method": rec.get("method"),
+            "design_q": rec.get("q"),
+        }
+        if s.container.parent is not None or s.container.function is not None:
+            unreachable.append({**info, "note": "inside a subgraph or function: not measurable as a graph output"})
+        else:
+            probes.append(_SiteProbe(info, s.input, post))
+    return probes, unreachable
+
+
+def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
+    from .passes.find import recorded_sites
+
+    return recorded_sites(m)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def synthetic_feeds(model: _Model, batches: int, batch_size: int, seed: int) -> Iterator[Feeds]:
+    """Gaussian inputs from the model's declared input types (symbolic dims: batch_size, then 8)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(batches):
+        feeds = {}
+        for vi in model.inputs:
+            tt = vi.type.tensor_type
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            shape = [
+                d.dim_value if d.HasField("dim_value") else (batch_size if i == 0 else 8)
+                for i, d in enumerate(tt.shape.dim)
+            ]
+            if np.issubdtype(dtype, np.floating):
+                feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feeds[vi.name] = np.zeros(shape, dtype)
+            else:
+                feeds[vi.name] = rng.integers(0, 2, shape).astype(dtype)
+        yield feeds
+
+
+def _data(data: Any, synthetic: bool, model: _Model, batches: int, batch_size: int, seed: int) -> Iterable[Feeds]:
+    """Feeds from a data source: an iterable of dicts, a CalibrationDataReader, a path, or synthetic."""
+    if data is None:
+        if not synthetic:
+            raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
+        return synthetic_feeds(model, batches, batch_size, seed)
+    if hasattr(data, "get_next"):
+        return iter(data.get_next, None)
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, str | os.PathLike):
+        return _open_data(Path(data), model)
+    return data
+
+
+def _open_data(path: Path, model: _Model) -> Iterable[Feeds]:
+    """File and folder sources are read by the calibration package's readers."""
+    try:
+        from .calibration import readers
+    except ImportError:
+        raise NormactError(f"{path}: reading data files needs normact_onnx.calibration") from None
+    return readers.open_data(str(path), model.proto)
+
+
+# ---- the comparison -------------------------------------------------------------------------
+
+
+@dataclass
+class CompareResult:
+    """Per-output error statistics, per-site measurements, and the verdict."""
+
+    outputs: list[dict[str, Any]]
+    sites: list[dict[str, Any]]
+    passed: bool
+    atol: float
+    rtol: float
+    batches: int
+    runtimes: tuple[str, str]
+    models: tuple[str, str]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "batches": self.batches,
+            "a": {"model": self.models[0], "runtime": self.runtimes[0]},
+            "b": {"model": self.models[1], "runtime": self.runtimes[1]},
+            "outputs": self.outputs,
+            "sites": self.sites,
+        }
+
+    def table(self) -> str:
+        """Human-readable tables (outputs, then sites)."""
+        from .commands.common import table
+
+        rows = [
+            {
+                "output": o["output"],
+                "max_abs": f"{o['max_abs']:.3g}",
+                "mean_abs": f"{o['mean_abs']:.3g}",
+                "max_rel": f"{o['max_rel']:.3g}",
+                "mean_rel": f"{o['mean_rel']:.3g}",
+                "p99_abs": f"{o['p99_abs']:.3g}",
+                "cosine": f"{o['cosine']:.8f}",
+                "result": ("pass" if o["passed"] else "FAIL") + (f" ({o['error']})" if "error" in o else ""),
+            }
+            for o in self.outputs
+        ]
+        cols = ["output", "max_abs", "mean_abs", "max_rel", "mean_rel", "p99_abs", "cosine", "result"]
+        text = table(rows, cols)
+        if self.sites:
+            fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+            srows = [{k: fmt(v) for k, v in s.items()} for s in self.sites]
+            scols = ["model", "site", "kind", "design_q", "pre_mean", "pre_var", "mean", "var", "note"]
+            text += "\n\nnormalized sites (pre = the activation's input; mean/var = the normalized output):\n"
+            text += table(srows, [c for c in scols if any(c in s for s in self.sites)])
+        verdict = "PASS" if self.passed else "FAIL"
+        text += f"\n\n{verdict}: atol={self.atol:g} rtol={self.rtol:g}, {self.batches} batch(es)"
+        return text
+
+
+def compare(
+    model_a: ModelLike,
+    model_b: ModelLike | None = None,
+    data: Any = None,
+    *,
+    synthetic: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    sites: bool = False,
+    reference: bool = False,
+    providers: list[str] | None = None,
+    batches: int = 4,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> CompareResult:
+    """Run A and B on the same inputs and compare every output (A is the reference).
+
+    ``model_b=None`` compares A with itself in the other runtime (needs
+    ``reference=True``). ``reference=True`` runs B (or A's second copy) in
+    ``onnx.reference`` instead of ONNX Runtime. ``data``: an iterable of feed
+    dicts, a ``CalibrationDataReader``, a path the calibration readers accept, or
+    None with ``synthetic=True`` (``batches`` Gaussian batches of ``batch_size``).
+    """
+    if not (atol >= 0 and rtol >= 0):
+        raise NormactError("--atol and --rtol must be non-negative")
+    if model_b is None and not reference:
+        raise NormactError("give a second model, or --reference to compare one model across runtimes")
+    a = _Model.load(model_a, "A")
+    b = _Model.load(model_b if model_b is not None else model_a, "B")
+    runtimes = ("ort", "reference" if reference else "ort")
+    probes: list[_SiteProbe] = []
+    unreachable: list[dict[str, Any]] = []
+    per_model: dict[str, list[_SiteProbe]] = {"A": [], "B": []}
+    if sites:
+        for m in (a, b) if model_b is not None else (a,):
+            p, u = _site_probes(m)
+            per_model[m.label] = p
+            probes += p
+            unreachable += u
+    extra = {lbl: [n for p in per_model[lbl] for n in (p.pre, p.post)] for lbl in per_model}
+    run_a = _Runner(a, runtimes[0], providers, extra["A"])
+    run_b = _Runner(b, runtimes[1], providers, extra["B"])
+    pairs = _pair_outputs(a.output_names, b.output_names)
+    stats = {na: _ErrorStats(atol, rtol) for na, _ in pairs}
+    shapes: dict[str, tuple[int, ...]] = {}
+    n_batches = 0
+    for feeds in _data(data, synthetic, a, batches, batch_size, seed):
+        feeds = _check_feeds(feeds, a)
+        out_a = dict(zip(run_a.names, _run(run_a, feeds)))
+        out_b = dict(zip(run_b.names, _run(run_b, _check_feeds(feeds, b))))
+        for na, nb in pairs:
+            stats[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
+            shapes.setdefault(na, np.shape(out_a[na]))
+        for lbl, outs in (("A", out_a), ("B", out_b)):
+            for p in per_model[lbl]:
+                p.pre_stats.add(outs[p.pre])
+                p.post_stats.add(outs[p.post])
+        n_batches += 1
+    if n_batches == 0:
+        raise NormactError("the data source gave no batches")
+    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", shapes.get(na, ())) for na, nb in pairs]
+    site_rows = [p.result() for p in probes] + unreachable
+    labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
+    return CompareResult(outputs, site_rows, all(o["passed"] for o in outputs), atol, rtol, n_batches, runtimes, labels)
+
+
+def _run(runner: _Runner, feeds: Feeds) -> list[np.ndarray]:
+    try:
+        return runner.run(feeds)
+    except NormactError:
+        raise
+    except Exception as e:
+        raise NormactError(f"model {runner.model.label} failed to run ({runner.runtime}): {_first_line(e)}") from None
+
+
+def _check_feeds(feeds: Feeds, model: _Model) -> Feeds:
+    """The model's own inputs from the feed dict; a missing one is a user error."""
+    names = [i.name for i in model.inputs]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise NormactError(f"model {model.label}: data has no input {', '.join(missing)} (has {', '.join(feeds)})")
+    return {n: np.asarray(feeds[n]) for n in names}
+
+
+def _pair_outputs(a: list[str], b: list[str]) -> list[tuple[str, str]]:
+    """Outputs matched by name, or by position when the two models name them differently."""
+    if set(a) <= set(b):
+        return [(n, n) for n in a]
+    if len(a) == len(b):
+        return list(zip(a, b))
+    raise NormactError(f"the models' outputs do not correspond: A has {', '.join(a)}; B has {', '.join(b)}")

@@ -1,0 +1,131 @@
+"""``fold``: the zero-cost deployment model (MATH.md §3), as a Python API.
+
+Normalized sites go back to their plain activation op and their affine part
+moves into the next layers' weights, so the deployed model is the original op
+set with new numbers. The result verifies itself before it is written: ONNX
+checker, ONNX Runtime load, and the folded model against the unfolded one on
+inputs (synthetic unless given) within ``tolerance`` of each output's scale.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .api import ModelLike, save_verified
+from .errors import NormactError
+from .io import clamp_ir, external_locations, load_model
+from .passes.affine import PADDING
+from .passes.fold import FoldOutcome, fold_sites
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+@dataclass
+class FoldResult:
+    """The folded model, what happened to each normalized site, and the self-check."""
+
+    model: onnx.ModelProto
+    outcomes: list[FoldOutcome]
+    path: Path | None = None
+    check: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def folded(self) -> list[FoldOutcome]:
+        return [o for o in self.outcomes if o.action == "folded"]
+
+    @property
+    def kept(self) -> list[FoldOutcome]:
+        return [o for o in self.outcomes if o.action == "kept"]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path) if self.path else None,
+            "folded": len(self.folded),
+            "kept": len(self.kept),
+            "sites": [o.as_dict() for o in self.outcomes],
+            "check": self.check,
+            "notes": self.notes,
+        }
+
+
+def fold(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    padding: str = "pad",
+    nodes: str | None = None,
+    verify: bool = True,
+    data: Any = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    in_place: bool = False,
+    details: bool = False,
+) -> onnx.ModelProto | FoldResult:
+    """Fold every normalized site (slope 0) whose affine part moves exactly into its consumers.
+
+    ``padding`` decides Conv consumers that pad with zeros: ``"pad"`` (explicit
+    ``Pad`` node, exact), ``"keep-shift"`` (fold the scale, keep one ``Add``), or
+    ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
+    on site names/outputs. Returns the folded ``ModelProto`` (the input is not
+    modified), or the :class:`FoldResult` with ``details=True``.
+    """
+    if padding not in PADDING:
+        raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
+    pattern = _regex(nodes)
+    if isinstance(model, onnx.ModelProto):
+        src, path = model, None
+    else:
+        path = Path(model)
+        src = load_model(path)
+    if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
+        raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
+    m = onnx.ModelProto()
+    m.CopyFrom(src)
+    base_dir = str(path.parent) if path else None
+    select = None if pattern is None else (lambda s: bool(pattern.search(s.name) or pattern.search(s.output)))
+    result = FoldResult(m, fold_sites(m, base_dir, padding, select))
+    if not result.outcomes:
+        result.notes.append("no normalized sites found (nothing to fold)")
+    clamp_ir(m)
+    if verify and result.folded:
+        if external_locations(m):
+            result.notes.append("external weights: the numeric self-check needs the written files; run compare")
+        else:
+            result.check = _self_check(src, m, data, tolerance)
+    if output is not None and result.folded:
+        result.path = Path(output)
+        save_verified(m, result.path, path.parent if path else None, [], verify)
+    return result if details else m
+
+
+def _regex(nodes: str | None) -> re.Pattern[str] | None:
+    if not nodes:
+        return None
+    try:
+        return re.compile(nodes)
+    except re.error as e:
+        raise NormactError(f"--nodes: bad regular expression ({e})") from None
+
+
+def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, data: Any, tolerance: float) -> dict[str, Any]:
+    """Folded vs unfolded on the same inputs: every output within ``tolerance`` of its own scale."""
+    from .comparison import compare
+
+    try:
+        onnx.checker.check_model(after)
+    except Exception as e:
+        raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
+    res = compare(before, after, data, synthetic=data is None, atol=0.0, rtol=0.0)
+    worst = max((o["max_abs"] / max(o["max_ref"], 1e-30) for o in res.outputs), default=0.0)
+    if not worst <= tolerance:
+        raise NormactError(
+            f"verification failed: the folded model differs from the unfolded one by {worst:.3g} "
+            f"of the output scale (tolerance {tolerance:g}); nothing written"
+        )
+    return {"max_rel_to_scale": worst, "batches": res.batches, "outputs": [o["output"] for o in res.outputs]}
