@@ -1,0 +1,61 @@
+"""``normact-onnx compare``: run two models on the same inputs; exit 1 when they differ beyond tolerance."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..comparison import compare
+from .common import print_json
+
+EXIT_MISMATCH = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two models' outputs (and normalized sites' statistics)",
+        description="Run model A and model B on the same inputs and compare every output "
+        "(A is the reference: pass when |A−B| ≤ atol + rtol·|A| everywhere). Exit 1 on failure.",
+    )
+    p.add_argument("model_a", help="reference .onnx model")
+    p.add_argument("model_b", nargs="?", help="model to check (omit with --reference to check A across runtimes)")
+    d = p.add_argument_group("inputs")
+    d.add_argument("--data", help="samples: .npz, a folder of .npy/.npz, or ONNX test_data_set_* folders")
+    d.add_argument("--synthetic", action="store_true", help="Gaussian inputs from the declared input shapes")
+    d.add_argument("--batches", type=int, default=4, help="synthetic batches (default 4)")
+    d.add_argument("--batch-size", type=int, default=2, help="synthetic batch size for symbolic dims (default 2)")
+    d.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument("--sites", action="store_true", help="measure mean/variance at each normalized site (and its input)")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="run B (or A itself when B is omitted) in onnx.reference instead of onnxruntime",
+    )
+    p.add_argument("--cuda", action="store_true", help="run onnxruntime on the CUDA execution provider")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else None
+    result = compare(
+        args.model_a,
+        args.model_b,
+        args.data,
+        synthetic=args.synthetic,
+        atol=args.atol,
+        rtol=args.rtol,
+        sites=args.sites,
+        reference=args.reference,
+        providers=providers,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    if args.json:
+        print_json(result.report())
+    else:
+        print(result.table())
+    return 0 if result.passed else EXIT_MISMATCH

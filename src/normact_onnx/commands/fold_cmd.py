@@ -1,0 +1,79 @@
+"""``normact-onnx fold``: move normalized sites' affine parts into the next layers (zero-cost deployment)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..deploy import DEFAULT_TOLERANCE, fold
+from ..io import atomic_path
+from ..passes.affine import PADDING
+from .common import default_output, print_json, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fold",
+        help="fold normalized sites into neighbouring layers",
+        description="Turn normalized sites back into plain activations, their affine parts moved into the "
+        "consumers' weights (MATH.md §3). Sites that cannot be folded exactly stay, with the reason.",
+    )
+    p.add_argument("model", help="a normalized .onnx model")
+    p.add_argument("-o", "--output", help="output path (default: <model>.folded.onnx beside the input)")
+    p.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    p.add_argument(
+        "--padding",
+        choices=PADDING,
+        default="pad",
+        help="Conv consumers that pad with zeros: pad = explicit Pad with the shifted value (exact, default); "
+        "keep-shift = fold the scale, keep one Add; refuse = leave such sites normalized",
+    )
+    p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
+    p.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and the folded-vs-unfolded check")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"self-check: largest output difference relative to the output's scale (default {DEFAULT_TOLERANCE:g})",
+    )
+    p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dest = args.model if args.in_place else (args.output or default_output(args.model, ".folded.onnx"))
+    result = fold(
+        args.model,
+        dest,
+        padding=args.padding,
+        nodes=args.nodes,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        in_place=args.in_place,
+        details=True,
+    )
+    report = result.report()
+    if args.report:
+        with atomic_path(Path(args.report)) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    if args.json:
+        print_json(report)
+        return 0
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.outcomes:
+        rows = [
+            {"site": o.site.name, "kind": o.site.kind, "graph": o.site.path, "action": o.action, "why": o.reason}
+            for o in result.outcomes
+        ]
+        print(table(rows, ["site", "kind", "graph", "action", "why"]))
+    print(f"\n{len(result.folded)} folded, {len(result.kept)} kept")
+    if result.check:
+        print(f"self-check: folded vs unfolded within {result.check['max_rel_to_scale']:.2g} of the output scale")
+    if result.path is not None:
+        print(f"wrote {result.path}" + ("" if args.no_verify else " (verified)"))
+    else:
+        print("nothing folded; nothing written")
+    return 0
