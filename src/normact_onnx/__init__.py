@@ -3,10 +3,40 @@
 Find activation sites in exported models, rewrite them into statically
 normalized or ANAct-calibrated form (a portable model-local function that ONNX
 Runtime runs as a fused kernel when the library is registered), and deploy.
+
+The public API is imported lazily, so ``import normact_onnx`` stays cheap and
+does not need onnxruntime (the training environment has its own).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# after __version__: the passes import it
-from .comparison import compare as compare
-from .deploy import fold as fold
+_API = {
+    "inspect": "normact_onnx.api",
+    "rewrite": "normact_onnx.api",
+    "RewriteResult": "normact_onnx.api",
+    "fold": "normact_onnx.deploy",
+    "compare": "normact_onnx.comparison",
+    "calibrate": "normact_onnx.calibration",
+    "InferenceSession": "normact_onnx.runtime",
+    "get_library_path": "normact_onnx.runtime",
+    "finetune": "normact_onnx.training",
+    "NormactError": "normact_onnx.errors",
+    "CATALOGUE": "normact_onnx.catalogue",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'normact_onnx' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
