@@ -65,6 +65,7 @@ class RewriteResult:
     path: Path | None = None
     notes: list[str] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
+    misses: list[dict[str, Any]] = field(default_factory=list)  # candidates that did not qualify, and why
 
     @property
     def rewritten(self) -> list[SiteOutcome]:
@@ -207,9 +208,10 @@ def rewrite(
             "q": q,
             **({"ratio": ratio} if ratio is not None else {}),
         }
-    sites = find_sites(m, base_dir)
+    misses: list[dict[str, Any]] = []
+    sites = find_sites(m, base_dir, misses)
     outcomes = select(sites, inc, exc, nodes, all_sites, constants)
-    result = RewriteResult(m, outcomes)
+    result = RewriteResult(m, outcomes, misses=misses)
     if not sites:
         result.notes.append("no activation sites found")
     if dry_run:

@@ -88,6 +88,9 @@ def finish(args: argparse.Namespace, result) -> int:
         print(table(rows, ["site", "kind", "graph", "action", "form", "scale", "shift", "why"]))
         print()
     print(result.table())
+    if args.explain and result.misses:
+        print("\nlooked like activations but did not qualify:")
+        print(table(result.misses, ["name", "op", "graph", "why"]))
     if args.report:
         write_report(result, args.report)
     if args.explain:

@@ -202,7 +202,9 @@ def _skip_reason(site: Site, base_dir: str | None) -> str | None:
     return None
 
 
-def find_in_container(c: Container, base_dir: str | None, normalized_outputs: dict[str, dict]) -> list[Site]:
+def find_in_container(
+    c: Container, base_dir: str | None, normalized_outputs: dict[str, dict], misses: list[dict] | None = None
+) -> list[Site]:
     """All sites of one container, in node order."""
     claimed: set[int] = set()
     sites: list[Site] = []
@@ -262,6 +264,16 @@ def find_in_container(c: Container, base_dir: str | None, normalized_outputs: di
             sites.append(Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}"))
             claimed.add(id(node))
             break
+        else:
+            if reasons and misses is not None:
+                misses.append(
+                    {
+                        "graph": c.path,
+                        "name": node.name or node.output[0],
+                        "op": node.op_type,
+                        "why": "; ".join(reasons),
+                    }
+                )
 
     order = {id(n): i for i, n in enumerate(c.nodes)}
     sites.sort(key=lambda s: order[id(s.root)])
@@ -284,12 +296,16 @@ def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onn
     return out
 
 
-def find_sites(model: onnx.ModelProto, base_dir: str | None = None) -> list[Site]:
-    """Every activation site of the model: main graph, control-flow bodies, model-local functions."""
+def find_sites(model: onnx.ModelProto, base_dir: str | None = None, misses: list[dict] | None = None) -> list[Site]:
+    """Every activation site of the model: main graph, control-flow bodies, model-local functions.
+
+    ``misses`` (when given) collects candidate nodes that looked like activations but did not
+    qualify, with the reason (``rewrite --explain`` shows them).
+    """
     normalized = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
     sites: list[Site] = []
     for c in containers(model):
         if c.function is not None and c.function.domain == NORM_DOMAIN:
             continue  # our own Norm<Act> bodies are the implementation of sites, not sites
-        sites.extend(find_in_container(c, base_dir, normalized))
+        sites.extend(find_in_container(c, base_dir, normalized, misses))
     return sites
