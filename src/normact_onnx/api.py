@@ -152,6 +152,10 @@ def static_constants(
         raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if not q > 0:
         raise NormactError(f"--q must be positive, got {q}")
+    if variant == "ratio" and ratio is None:
+        raise NormactError("--variant ratio needs --ratio r (0 = zeta-zero … q·b²/v = center-scale)")
+    if variant != "ratio" and ratio is not None:
+        raise NormactError(f"--ratio only applies to --variant ratio (got --variant {variant})")
 
     def constants(site: Site) -> Affine | str:
         site_q = (q_per_site or {}).get(site.output, q)
