@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,49 +319,38 @@ def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
 # ---- data -----------------------------------------------------------------------------------
 
 
-def synthetic_feeds(model: _Model, batches: int, batch_size: int, seed: int) -> Iterator[Feeds]:
-    """Gaussian inputs from the model's declared input types (symbolic dims: batch_size, then 8)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(batches):
-        feeds = {}
-        for vi in model.inputs:
-            tt = vi.type.tensor_type
-            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            shape = [
-                d.dim_value if d.HasField("dim_value") else (batch_size if i == 0 else 8)
-                for i, d in enumerate(tt.shape.dim)
+def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
+    """Synthetic sizes for symbolic dims not given: the first is the batch, the others 8."""
+    from .calibration.readers import model_inputs
+
+    out = dict(given)
+    for spec in model_inputs(model.proto):
+        if spec.name in out or spec.shape is None:
+            continue
+        if not all(isinstance(d, int) and d > 0 for d in spec.shape):
+            out[spec.name] = [
+                d if isinstance(d, int) and d > 0 else (batch_size if k == 0 else 8) for k, d in enumerate(spec.shape)
             ]
-            if np.issubdtype(dtype, np.floating):
-                feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype == np.bool_:
-                feeds[vi.name] = np.zeros(shape, dtype)
-            else:
-                feeds[vi.name] = rng.integers(0, 2, shape).astype(dtype)
-        yield feeds
+    return out
 
 
-def _data(data: Any, synthetic: bool, model: _Model, batches: int, batch_size: int, seed: int) -> Iterable[Feeds]:
-    """Feeds from a data source: an iterable of dicts, a CalibrationDataReader, a path, or synthetic."""
-    if data is None:
-        if not synthetic:
-            raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
-        return synthetic_feeds(model, batches, batch_size, seed)
-    if hasattr(data, "get_next"):
-        return iter(data.get_next, None)
-    if isinstance(data, dict):
-        return [data]
-    if isinstance(data, str | os.PathLike):
-        return _open_data(Path(data), model)
-    return data
+def _data(
+    data: Any, synthetic: bool, model: _Model, shapes: Any, batches: int, batch_size: int, seed: int
+) -> Iterator[Feeds]:
+    """Batches from the calibration package's sources, checked against model A's inputs before any run."""
+    from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
 
-
-def _open_data(path: Path, model: _Model) -> Iterable[Feeds]:
-    """File and folder sources are read by the calibration package's readers."""
-    try:
-        from .calibration import readers
-    except ImportError:
-        raise NormactError(f"{path}: reading data files needs normact_onnx.calibration") from None
-    return readers.open_data(str(path), model.proto)
+    if data is None and not synthetic:
+        raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
+    specs = model_inputs(model.proto)
+    if synthetic:
+        shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
+    source = open_source(data, specs, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
+    if source.headers is not None:
+        for where, header in source.headers():
+            check_header(specs, header, where)
+    for where, batch in source.batches():
+        yield conform(specs, batch, where)
 
 
 # ---- the comparison -------------------------------------------------------------------------
@@ -433,6 +422,7 @@ def compare(
     sites: bool = False,
     reference: bool = False,
     providers: list[str] | None = None,
+    shapes: Any = None,
     batches: int = 4,
     batch_size: int = 2,
     seed: int = 0,
@@ -442,8 +432,11 @@ def compare(
     ``model_b=None`` compares A with itself in the other runtime (needs
     ``reference=True``). ``reference=True`` runs B (or A's second copy) in
     ``onnx.reference`` instead of ONNX Runtime. ``data``: an iterable of feed
-    dicts, a ``CalibrationDataReader``, a path the calibration readers accept, or
-    None with ``synthetic=True`` (``batches`` Gaussian batches of ``batch_size``).
+    dicts, a ``CalibrationDataReader``, a path the calibration readers accept
+    (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``), or None with
+    ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
+    ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
+    ``batch_size`` for the first and 8 for the others.
     """
     if not (atol >= 0 and rtol >= 0):
         raise NormactError("--atol and --rtol must be non-negative")
@@ -468,8 +461,7 @@ def compare(
     stats = {na: _ErrorStats(atol, rtol) for na, _ in pairs}
     shapes: dict[str, tuple[int, ...]] = {}
     n_batches = 0
-    for feeds in _data(data, synthetic, a, batches, batch_size, seed):
-        feeds = _check_feeds(feeds, a)
+    for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed):
         out_a = dict(zip(run_a.names, _run(run_a, feeds)))
         out_b = dict(zip(run_b.names, _run(run_b, _check_feeds(feeds, b))))
         for na, nb in pairs:
@@ -498,7 +490,7 @@ def _run(runner: _Runner, feeds: Feeds) -> list[np.ndarray]:
 
 
 def _check_feeds(feeds: Feeds, model: _Model) -> Feeds:
-    """The model's own inputs from the feed dict; a missing one is a user error."""
+    """Model B's inputs from A's feeds (the data was checked against A); a missing one is a user error."""
     names = [i.name for i in model.inputs]
     missing = [n for n in names if n not in feeds]
     if missing:

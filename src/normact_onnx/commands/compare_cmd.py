@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = p.add_argument_group("inputs")
     d.add_argument("--data", help="samples: .npz, a folder of .npy/.npz, or ONNX test_data_set_* folders")
     d.add_argument("--synthetic", action="store_true", help="Gaussian inputs from the declared input shapes")
+    d.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=D1xD2…",
+        help="synthetic input size (default: symbolic dims = batch size, then 8)",
+    )
     d.add_argument("--batches", type=int, default=4, help="synthetic batches (default 4)")
     d.add_argument("--batch-size", type=int, default=2, help="synthetic batch size for symbolic dims (default 2)")
     d.add_argument("--seed", type=int, default=0)
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         sites=args.sites,
         reference=args.reference,
         providers=providers,
+        shapes=args.shape,
         batches=args.batches,
         batch_size=args.batch_size,
         seed=args.seed,
