@@ -1,0 +1,370 @@
+"""Calibration data: every source becomes an iterator of ``{input name: array}`` batches.
+
+Sources: an ``.npz`` (keys = input names), a ``.npy`` (single-input models), a
+folder of ``.npz``/``.npy`` files (one batch each), an ONNX ``test_data_set_*``
+folder of ``input_*.pb`` (or a folder of such folders), any object with ONNX
+Runtime's ``CalibrationDataReader`` interface (``get_next()`` → dict or None), an
+iterable of dicts, or synthetic N(0, 1) inputs.
+
+File sources are checked against the model *before any run* from their headers
+only (npy/npz headers are read without loading the arrays), so a bad 40th file
+fails in a second, not after 39 batches. A mismatch names the input, the
+expected shape and the given one.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import NormactError
+
+Batch = dict[str, np.ndarray]
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: list[Dim] | None  # None: rank unknown
+
+    def describe(self) -> str:
+        return _fmt_shape(self.shape) if self.shape is not None else "any shape"
+
+
+def _fmt_shape(shape: Iterable[Any]) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (inputs that are also initializers are optional and left out)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise NormactError(f"input {vi.name!r} is not a tensor; calibration feeds tensors only")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out.append(InputSpec(vi.name, dtype, shape))
+    return out
+
+
+# ---- checking --------------------------------------------------------------------------------------------------
+
+
+def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...], np.dtype]], where: str) -> None:
+    """Names, dtypes and shapes of one batch against the model's inputs (arrays not needed)."""
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(header) - set(by_name))
+    if unknown:
+        raise NormactError(
+            f"{where}: unknown input {unknown[0]!r}; the model's inputs are {', '.join(map(repr, by_name))}"
+        )
+    sizes: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        if spec.name not in header:
+            raise NormactError(f"{where}: missing input {spec.name!r} (expected {spec.describe()} {spec.dtype})")
+        shape, dtype = header[spec.name]
+        if _kind(dtype) != _kind(spec.dtype):
+            raise NormactError(f"{where}: input {spec.name!r}: expected dtype {spec.dtype}, given {dtype}")
+        if spec.shape is None:
+            continue
+        bad = len(shape) != len(spec.shape) or any(
+            isinstance(want, int) and want > 0 and want != got for want, got in zip(spec.shape, shape)
+        )
+        if bad:
+            raise NormactError(
+                f"{where}: input {spec.name!r}: expected shape {spec.describe()}, given {_fmt_shape(shape)}"
+            )
+        for want, got in zip(spec.shape, shape):
+            if isinstance(want, str) and want:
+                seen = sizes.setdefault(want, (got, spec.name))
+                if seen[0] != got:
+                    raise NormactError(
+                        f"{where}: dimension {want!r} is {seen[0]} in input {seen[1]!r} "
+                        f"but {got} in input {spec.name!r}"
+                    )
+
+
+def _kind(dtype: np.dtype) -> str:
+    """Same kind = castable without surprise: float64 data for a float32 input is fine, floats for int ids are not."""
+    dtype = np.dtype(dtype)
+    return "f" if dtype.kind == "f" else ("i" if dtype.kind in "iu" else dtype.kind)
+
+
+def conform(specs: list[InputSpec], batch: Any, where: str) -> Batch:
+    """Check one loaded batch and cast it to the model's dtypes."""
+    if not isinstance(batch, dict):
+        raise NormactError(f"{where}: a batch must be a dict of input name → array, got {type(batch).__name__}")
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    check_header(specs, {k: (v.shape, v.dtype) for k, v in arrays.items()}, where)
+    return {s.name: np.ascontiguousarray(arrays[s.name], dtype=s.dtype) for s in specs}
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """Batches from one place; ``headers`` (when the source can give them cheaply) allow checking before any run."""
+
+    describe: str
+    batches: Callable[[], Iterator[tuple[str, Batch]]]  # (where, batch)
+    headers: Callable[[], Iterator[tuple[str, dict[str, tuple[tuple[int, ...], np.dtype]]]]] | None = None
+    total: int | None = None
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return arr.shape, arr.dtype
+
+
+def _npz_header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = reader(fh)
+                out[info.filename[: -len(".npy")]] = (shape, dtype)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise NormactError(f"{path}: not a readable .npz ({e})") from None
+    return out
+
+
+def _load_npz(path: Path) -> Batch:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise NormactError(f"{path}: not a readable .npz ({e})") from None
+
+
+def _pb_tensors(folder: Path, specs: list[InputSpec]) -> Batch:
+    files = sorted(
+        folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else 0
+    )
+    if not files:
+        raise NormactError(f"{folder}: no input_*.pb files")
+    out = {}
+    for i, f in enumerate(files):
+        t = onnx.TensorProto()
+        try:
+            t.ParseFromString(f.read_bytes())
+            arr = numpy_helper.to_array(t)
+        except Exception as e:
+            raise NormactError(f"{f}: not a serialized ONNX TensorProto ({type(e).__name__})") from None
+        name = t.name or (specs[i].name if i < len(specs) else f"input_{i}")
+        out[name] = arr
+    return out
+
+
+def _single_input(specs: list[InputSpec], what: str) -> str:
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise NormactError(f"{what} feeds a single-input model; this one has inputs {names}: use .npz with those keys")
+    return specs[0].name
+
+
+def _split(batch: Batch, size: int | None) -> Iterator[Batch]:
+    """Cut a batch along axis 0 into pieces of ``size`` samples (all inputs together)."""
+    if not size:
+        yield batch
+        return
+    n = min((len(v) for v in batch.values() if np.ndim(v)), default=0)
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] if np.ndim(v) else v for k, v in batch.items()}
+
+
+def _split_header(h: dict[str, tuple[tuple[int, ...], np.dtype]], size: int | None) -> dict:
+    if not size:
+        return h
+    return {k: ((min(size, s[0]), *s[1:]) if s else s, d) for k, (s, d) in h.items()}
+
+
+def _file_batch(path: Path, specs: list[InputSpec]) -> Batch:
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    if path.suffix == ".npy":
+        return {_single_input(specs, f"{path}: an .npy file"): np.load(path, allow_pickle=False)}
+    return _pb_tensors(path, specs)
+
+
+def _file_header(path: Path, specs: list[InputSpec]) -> dict:
+    if path.suffix == ".npz":
+        return _npz_header(path)
+    if path.suffix == ".npy":
+        return {_single_input(specs, f"{path}: an .npy file"): _npy_header(path)}
+    return {k: (v.shape, v.dtype) for k, v in _pb_tensors(path, specs).items()}
+
+
+def _files(path: Path) -> list[Path]:
+    """The batches a path stands for: itself, its test_data_set_* folders, or its .npz/.npy files."""
+    if path.is_file():
+        if path.suffix not in (".npz", ".npy"):
+            raise NormactError(f"{path}: unsupported data file (use .npz, .npy or a test_data_set_* folder)")
+        return [path]
+    if not path.is_dir():
+        raise NormactError(f"{path}: no such file or folder")
+    if any(path.glob("input_*.pb")):
+        return [path]
+    sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir())
+    if sets:
+        return sets
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    if not files:
+        raise NormactError(f"{path}: no .npz/.npy files or test_data_set_* folders in it")
+    return files
+
+
+def file_source(path: str | os.PathLike, specs: list[InputSpec], batch_size: int | None = None) -> Source:
+    files = _files(Path(path))
+
+    def batches() -> Iterator[tuple[str, Batch]]:
+        for f in files:
+            for i, b in enumerate(_split(_file_batch(f, specs), batch_size)):
+                yield (f"{f}" + (f" (batch {i})" if batch_size else ""), b)
+
+    def headers() -> Iterator[tuple[str, dict]]:
+        for f in files:
+            yield str(f), _split_header(_file_header(f, specs), batch_size)
+
+    total = None
+    if batch_size:
+        sizes = [min((s[0] for s, _ in _file_header(f, specs).values() if s), default=0) for f in files]
+        total = sum(-(-n // batch_size) for n in sizes)
+    else:
+        total = len(files)
+    return Source(f"{path} ({len(files)} file{'s' * (len(files) != 1)})", batches, headers, total)
+
+
+def reader_source(reader: Any) -> Source:
+    """ONNX Runtime's CalibrationDataReader protocol: ``get_next()`` until it returns None."""
+
+    def batches() -> Iterator[tuple[str, Batch]]:
+        i = 0
+        while True:
+            b = reader.get_next()
+            if b is None:
+                return
+            yield f"{type(reader).__name__} batch {i}", b
+            i += 1
+
+    return Source(f"{type(reader).__name__}.get_next()", batches)
+
+
+def iterable_source(items: Iterable[Any]) -> Source:
+    def batches() -> Iterator[tuple[str, Batch]]:
+        for i, b in enumerate(items):
+            yield f"batch {i}", b
+
+    total = len(items) if hasattr(items, "__len__") else None
+    return Source("batches", batches, total=total)
+
+
+def parse_shapes(items: Iterable[str] | dict[str, Any] | None) -> dict[str, list[int]]:
+    """``["x=1x3x224x224", ...]`` (CLI) or ``{"x": (1, 3, 224, 224)}`` (API) → name → shape."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return {k: [int(d) for d in v] for k, v in items.items()}
+    out = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise NormactError(f"--shape {item!r}: expected NAME=D1xD2x… (e.g. x=1x3x224x224)") from None
+    return out
+
+
+def synthetic_source(specs: list[InputSpec], shapes: dict[str, list[int]], batches: int, seed: int = 0) -> Source:
+    """N(0, 1) floats; integers in {0, 1} (valid token ids, masks and segment ids alike)."""
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise NormactError(f"--shape {unknown[0]}: the model has no such input ({', '.join(s.name for s in specs)})")
+    concrete: dict[str, list[int]] = {}
+    for s in specs:
+        if s.name in shapes:
+            got = shapes[s.name]
+            check_header([s], {s.name: (tuple(got), s.dtype)}, "--shape")
+            concrete[s.name] = got
+        elif s.shape is not None and all(isinstance(d, int) and d > 0 for d in s.shape):
+            concrete[s.name] = list(s.shape)
+        else:
+            example = "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in (s.shape or [1]))
+            raise NormactError(
+                f"input {s.name!r} has shape {s.describe()}: give its size with --shape {s.name}={example}"
+            )
+
+    def gen() -> Iterator[tuple[str, Batch]]:
+        rng = np.random.default_rng(seed)
+        for i in range(batches):
+            b: Batch = {}
+            for s in specs:
+                shape = concrete[s.name]
+                if s.dtype.kind == "f":
+                    b[s.name] = rng.standard_normal(shape).astype(s.dtype)
+                elif s.dtype.kind == "b":
+                    b[s.name] = rng.integers(0, 2, shape).astype(bool)
+                else:
+                    b[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
+            yield f"synthetic batch {i}", b
+
+    desc = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in concrete.items())
+    return Source(f"synthetic N(0,1) {desc}", gen, total=batches)
+
+
+def open_source(
+    data: Any,
+    specs: list[InputSpec],
+    batch_size: int | None = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    batches: int | None = None,
+    seed: int = 0,
+) -> Source:
+    """Whatever the user gave → a :class:`Source`."""
+    if batch_size is not None and batch_size < 1:
+        raise NormactError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if batches is not None and batches < 1:
+        raise NormactError(f"--batches must be ≥ 1, got {batches}")
+    if synthetic:
+        if data is not None:
+            raise NormactError("give either --data or --synthetic, not both")
+        return synthetic_source(specs, parse_shapes(shapes), batches or 10, seed)
+    if data is None:
+        raise NormactError("no calibration data: give --data PATH or --synthetic")
+    if isinstance(data, str | os.PathLike):
+        return file_source(data, specs, batch_size)
+    if hasattr(data, "get_next"):
+        return reader_source(data)
+    if isinstance(data, dict):
+        return iterable_source([data])
+    if isinstance(data, Iterable):
+        return iterable_source(data)
+    raise NormactError(f"unsupported calibration data of type {type(data).__name__}")

@@ -1,0 +1,342 @@
+"""Per-site calibration statistics: exact, mergeable moments plus ANAct's running (EMA) state.
+
+What is kept per site (per channel with ``--per-channel``) is a handful of numbers,
+never activations: the element count n, the mean and the centred sum of squares
+(M2) of the pre-activation x and of f(x), and the mean of f'(x)². Batches and
+shards are combined with Chan, Golub & LeVeque's pairwise update
+
+    n = na + nb,  δ = mb − ma,  mean = ma + δ·nb/n,  M2 = M2a + M2b + δ²·na·nb/n
+
+which is exact in real arithmetic and stable in floating point (no E[x²] − E[x]²
+cancellation), so ``merge-stats a.json b.json`` equals one run over both data
+sets up to float64 rounding. The paper's gated EMA (MATH.md §2) depends on the
+order of the batches and is *not* reproduced by merging: a merged file keeps the
+moments only, and factors from it use ``--aggregate mean``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import NormactError
+from ..io import atomic_path
+
+FORMAT = "normact-onnx/calibration-stats"
+VERSION = 1
+EMA_MOMENTUM = 0.9
+EMA_GATE = (0.8, 1.2)
+
+
+@dataclass
+class Moments:
+    """Count, mean and centred sum of squares of one quantity (arrays: one entry per channel)."""
+
+    n: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> Moments:
+        z = np.zeros(channels)
+        return cls(z.copy(), z.copy(), z.copy())
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.'s pairwise combination; empty sides (n = 0) drop out exactly."""
+        n = self.n + other.n
+        safe = np.where(n > 0, n, 1.0)
+        delta = other.mean - self.mean
+        mean = np.where(n > 0, self.mean + delta * (other.n / safe), 0.0)
+        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / safe)
+        return Moments(n, mean, np.where(n > 0, m2, 0.0))
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance M2/n (what ANAct's var(X) and the design variance q mean)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n > 0, self.m2 / np.where(self.n > 0, self.n, 1.0), np.nan)
+
+    @property
+    def mean_square(self) -> np.ndarray:
+        return self.var + self.mean * self.mean
+
+    def pooled(self) -> Moments:
+        """All channels as one population (a scalar q for static normalization from per-channel stats)."""
+        out = Moments.empty(1)
+        for c in range(self.n.size):
+            out = out.merge(Moments(self.n[c : c + 1], self.mean[c : c + 1], self.m2[c : c + 1]))
+        return out
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"n": self.n.tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Moments:
+        return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("n", "mean", "m2")))
+
+
+def mean_merge(n_a: np.ndarray, a: np.ndarray, n_b: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Count-weighted mean of two means (E f'² needs no centring: it is a mean of squares)."""
+    n = n_a + n_b
+    return np.where(n > 0, a + (b - a) * (n_b / np.where(n > 0, n, 1.0)), 0.0)
+
+
+@dataclass
+class Ema:
+    """The paper's running statistics: first batch sets them, later ones enter only within [0.8, 1.2]×."""
+
+    rho: np.ndarray  # forward gain E f² / var x
+    rho_centered: np.ndarray  # Var f / var x (--centered-rho)
+    drho: np.ndarray  # backward gain E f'²
+    mu: np.ndarray  # E f (blended without the gate)
+    batches: int = 0
+
+    def update(self, rho: np.ndarray, rho_c: np.ndarray, drho: np.ndarray, mu: np.ndarray) -> None:
+        if self.batches == 0:
+            self.rho, self.rho_centered, self.drho, self.mu = rho, rho_c, drho, mu
+        else:
+            self.rho = _gated(self.rho, rho)
+            self.rho_centered = _gated(self.rho_centered, rho_c)
+            self.drho = _gated(self.drho, drho)
+            self.mu = EMA_MOMENTUM * self.mu + (1 - EMA_MOMENTUM) * mu
+        self.batches += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: getattr(self, k).tolist() for k in ("rho", "rho_centered", "drho", "mu")}
+        d["batches"] = self.batches
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Ema:
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("rho", "rho_centered", "drho", "mu")}
+        return cls(**arrays, batches=int(d["batches"]))
+
+
+def _gated(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    lo, hi = EMA_GATE
+    ok = np.isfinite(new) & (new >= lo * old) & (new <= hi * old)
+    blended = EMA_MOMENTUM * old + (1 - EMA_MOMENTUM) * new
+    return np.where(ok, blended, old)
+
+
+@dataclass
+class SiteStats:
+    """Everything measured at one activation site."""
+
+    key: str  # the site's output value name: how a model's site is matched to its statistics
+    name: str
+    kind: str
+    graph: str
+    depth: int  # position among the model's sites (plots against depth)
+    channel_axis: int | None  # None: one scalar per site
+    channel_shape: list[int]  # shape the per-channel constants take to broadcast against x ([] for scalars)
+    x: Moments
+    f: Moments
+    d2: np.ndarray  # mean of f'(x)²
+    ema: Ema | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.n.size)
+
+    def add(self, x: Moments, f: Moments, d2: np.ndarray) -> None:
+        """Fold one batch in: moments exactly, and the gated EMA from this batch's own gains."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var_x = x.var
+            rho, rho_c, mu = f.mean_square / var_x, f.var / var_x, f.mean
+        if np.all(x.n > 0):
+            if self.ema is None:
+                self.ema = Ema(rho, rho_c, d2, mu)
+            self.ema.update(rho, rho_c, d2, mu)
+        if self.x.n.size == 0:  # the first batch fixes the channel count
+            self.x, self.f, self.d2 = Moments.empty(x.n.size), Moments.empty(x.n.size), np.zeros(x.n.size)
+        self.d2 = mean_merge(self.x.n, self.d2, x.n, d2)
+        self.x, self.f = self.x.merge(x), self.f.merge(f)
+
+    def merged(self, other: SiteStats) -> SiteStats:
+        if other.kind != self.kind or other.channels != self.channels:
+            raise NormactError(
+                f"site {self.key!r}: statistics disagree ({self.kind}×{self.channels} vs {other.kind}×{other.channels})"
+            )
+        d2 = mean_merge(self.x.n, self.d2, other.x.n, other.d2)
+        return SiteStats(
+            self.key,
+            self.name,
+            self.kind,
+            self.graph,
+            self.depth,
+            self.channel_axis,
+            self.channel_shape,
+            self.x.merge(other.x),
+            self.f.merge(other.f),
+            d2,
+            None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "graph": self.graph,
+            "depth": self.depth,
+            "channel_axis": self.channel_axis,
+            "channel_shape": self.channel_shape,
+            "x": self.x.as_dict(),
+            "f": self.f.as_dict(),
+            "d2_mean": self.d2.tolist(),
+            "ema": self.ema.as_dict() if self.ema else None,
+        }
+
+    @classmethod
+    def from_dict(cls, key: str, d: dict[str, Any]) -> SiteStats:
+        return cls(
+            key,
+            d["name"],
+            d["kind"],
+            d["graph"],
+            int(d["depth"]),
+            d["channel_axis"],
+            list(d["channel_shape"]),
+            Moments.from_dict(d["x"]),
+            Moments.from_dict(d["f"]),
+            np.asarray(d["d2_mean"], dtype=np.float64),
+            Ema.from_dict(d["ema"]) if d.get("ema") else None,
+        )
+
+
+@dataclass
+class CalibrationStats:
+    """A whole calibration run (or a merge of several): per-site statistics and what produced them."""
+
+    sites: dict[str, SiteStats]
+    per_channel: bool = False
+    batches: int = 0
+    fingerprint: str = ""
+    sources: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # site output -> why it has no statistics
+    merged_from: int = 1
+    settings: dict[str, Any] = field(default_factory=dict)  # factor options the run was asked for
+
+    def ordered(self) -> list[SiteStats]:
+        return sorted(self.sites.values(), key=lambda s: s.depth)
+
+    def q_per_site(self) -> dict[str, float]:
+        """Measured design variance per site (channels pooled): what ``rewrite --method static --stats`` uses."""
+        out = {}
+        for s in self.sites.values():
+            q = float(s.x.pooled().var[0])
+            if np.isfinite(q) and q > 0:
+                out[s.key] = q
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "tool": f"normact-onnx {__version__}",
+            "fingerprint": self.fingerprint,
+            "per_channel": self.per_channel,
+            "batches": self.batches,
+            "merged_from": self.merged_from,
+            "sources": self.sources,
+            "settings": self.settings,
+            "skipped": self.skipped,
+            "sites": {k: s.as_dict() for k, s in self.sites.items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        dest = Path(path)
+        with atomic_path(dest) as tmp:
+            tmp.write_text(json.dumps(self.as_dict(), indent=1))
+        return dest
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "stats") -> CalibrationStats:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise NormactError(f"{origin}: not a normact-onnx calibration statistics file")
+        if int(d.get("version", 0)) > VERSION:
+            raise NormactError(f"{origin}: statistics format version {d['version']} is newer than this tool reads")
+        try:
+            sites = {k: SiteStats.from_dict(k, v) for k, v in d["sites"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise NormactError(f"{origin}: malformed site statistics ({type(e).__name__}: {e})") from None
+        return cls(
+            sites,
+            bool(d.get("per_channel")),
+            int(d.get("batches", 0)),
+            str(d.get("fingerprint", "")),
+            list(d.get("sources", [])),
+            dict(d.get("skipped", {})),
+            int(d.get("merged_from", 1)),
+            dict(d.get("settings", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        p = Path(path)
+        if not p.is_file():
+            raise NormactError(f"{p}: no such statistics file")
+        try:
+            d = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NormactError(f"{p}: not JSON ({e})") from None
+        return cls.from_dict(d, str(p))
+
+
+def fingerprint(sites: list[tuple[str, str]]) -> str:
+    """Identifies a model's set of sites (output, kind), so shards of different models are not merged."""
+    h = hashlib.sha256(json.dumps(sorted(sites)).encode())
+    return h.hexdigest()[:16]
+
+
+def merge(parts: list[CalibrationStats]) -> CalibrationStats:
+    """Exact merge of shards (moments); the EMA state is dropped because it depends on batch order."""
+    if not parts:
+        raise NormactError("merge-stats: nothing to merge")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.fingerprint != first.fingerprint:
+            raise NormactError("merge-stats: the files come from different models (site lists differ)")
+        if p.per_channel != first.per_channel:
+            raise NormactError("merge-stats: cannot merge per-channel with per-site statistics")
+    sites: dict[str, SiteStats] = {}
+    for p in parts:
+        for k, s in p.sites.items():
+            sites[k] = sites[k].merged(s) if k in sites else s.merged(_empty_like(s))
+    skipped = {k: v for p in parts for k, v in p.skipped.items() if k not in sites}
+    settings = dict(first.settings)
+    if settings.get("aggregate") == "ema":
+        settings["aggregate"] = "mean"  # the only aggregate a merge reproduces exactly
+    return CalibrationStats(
+        sites,
+        first.per_channel,
+        sum(p.batches for p in parts),
+        first.fingerprint,
+        [s for p in parts for s in p.sources],
+        skipped,
+        sum(p.merged_from for p in parts),
+        settings,
+    )
+
+
+def _empty_like(s: SiteStats) -> SiteStats:
+    c = s.channels
+    return SiteStats(
+        s.key,
+        s.name,
+        s.kind,
+        s.graph,
+        s.depth,
+        s.channel_axis,
+        s.channel_shape,
+        Moments.empty(c),
+        Moments.empty(c),
+        np.zeros(c),
+    )
