@@ -344,3 +344,23 @@ def calibrate(
         write_html(stats, report, lambda_rule, centered_rho, aggregate)
     result.seconds = time.perf_counter() - start
     return result if details else stats
+
+
+def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | None]:
+    """``rewrite --method static|anact --stats FILE``: (None, None) keeps plain static normalization."""
+    if args.stats is None:
+        if args.method == "anact":
+            raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
+        return None, None
+    stats = CalibrationStats.load(args.stats)
+    constants, info = stats_constants(
+        stats,
+        args.method,
+        lambda_rule=args.lambda_rule,
+        centered_rho=args.centered_rho,
+        aggregate=args.aggregate,
+        variant=args.variant,
+        q=args.q,
+        ratio=args.ratio,
+    )
+    return constants, {**info, "stats": str(args.stats)}

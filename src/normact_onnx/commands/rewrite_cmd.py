@@ -56,6 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fold the inverse into the next layers so outputs are unchanged (prepares fine-tuning)",
     )
+    m.add_argument(
+        "--method",
+        choices=("static", "anact"),
+        default="static",
+        help="static: Gaussian constants (at each site's measured q with --stats); anact: λ, μ from --stats",
+    )
+    m.add_argument("--stats", metavar="STATS.json", help="calibration statistics (normact-onnx calibrate)")
+    from .calibrate_cmd import add_anact_options
+
+    add_anact_options(m, defaults=False)
     add_selection(p)
     add_output(p)
     p.set_defaults(handler=run)
@@ -103,6 +113,9 @@ def finish(args: argparse.Namespace, result) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..calibration.run import constants_for_cli
+
+    constants, method = constants_for_cli(args)
     result = rewrite(
         args.model,
         None if args.explain else output_path(args),
@@ -115,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         all_sites=args.all_sites,
         preserve_function=args.preserve_function,
+        constants=constants,
+        method=method,
         verify=not args.no_verify,
         in_place=args.in_place,
         dry_run=args.explain,

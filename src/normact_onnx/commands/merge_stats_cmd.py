@@ -1,0 +1,27 @@
+"""``normact-onnx merge-stats``: combine calibration statistics of shards (exactly, for --aggregate mean)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..calibration.stats import CalibrationStats, merge
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge-stats",
+        help="merge calibration statistics files",
+        description="Merge statistics of calibration shards: the moments combine exactly (the same as one run "
+        "over all the data); the order-dependent EMA state is dropped, so factors from the result use "
+        "--aggregate mean.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="STATS.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.json")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    merged = merge([CalibrationStats.load(p) for p in args.inputs])
+    merged.save(args.output)
+    print(f"merged {len(args.inputs)} files: {merged.batches} batches, {len(merged.sites)} sites → {args.output}")
+    return 0
