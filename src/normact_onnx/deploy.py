@@ -59,7 +59,7 @@ def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    padding: str = "pad",
+    padding: str = "keep-shift",
     nodes: str | None = None,
     verify: bool = True,
     data: Any = None,
@@ -69,8 +69,10 @@ def fold(
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its consumers.
 
-    ``padding`` decides Conv consumers that pad with zeros: ``"pad"`` (explicit
-    ``Pad`` node, exact), ``"keep-shift"`` (fold the scale, keep one ``Add``), or
+    ``padding`` decides Conv consumers that pad with zeros (all exact):
+    ``"keep-shift"`` (default: the scale folds, the shift stays as one ``Add``),
+    ``"pad"`` (an explicit ``Pad`` with the value a zero stood for, the Conv
+    unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
     on site names/outputs. Returns the folded ``ModelProto`` (the input is not
     modified), or the :class:`FoldResult` with ``details=True``.

@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--padding",
         choices=PADDING,
-        default="pad",
-        help="Conv consumers that pad with zeros: pad = explicit Pad with the shifted value (exact, default); "
-        "keep-shift = fold the scale, keep one Add; refuse = leave such sites normalized",
+        default="keep-shift",
+        help="Conv consumers that pad with zeros: keep-shift = fold the scale, keep the shift as one Add (default); "
+        "pad = explicit Pad with the value a zero stood for (one copy); refuse = leave such sites normalized",
     )
     p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
     p.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and the folded-vs-unfolded check")
