@@ -201,8 +201,11 @@ def rewrite(
         _check_input(src, path)
     if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
         raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
-    m = onnx.ModelProto()
-    m.CopyFrom(src)
+    if path is None:  # never modify the caller's object; a model we loaded ourselves is ours to edit
+        m = onnx.ModelProto()
+        m.CopyFrom(src)
+    else:
+        m = src
     base_dir = str(path.parent) if path else None
     if constants is None:
         constants = static_constants(q, variant, ratio)
