@@ -1,0 +1,179 @@
+"""Whole-model latency: original vs normalized (function inlined / fused kernel) vs folded.
+
+For each model (MobileNet-like CNN and MLP from models/) the variants are
+
+* original  the exported model, stock ONNX Runtime;
+* inlined   ``rewrite`` (function form) without the kernel library: ORT inlines
+            each ``Norm<Act>`` body into standard ops — what a stock runtime runs;
+* kernel    the same normalized model with the kernel library registered (fused
+            ops), when the library is built;
+* folded    ``fold`` of the normalized model (library registered when built, for
+            the sites that could not be folded): the zero-cost deployment.
+
+Timing: one session per variant, same inputs and thread count; warm-up, then
+many rounds in which every variant runs ``--inner`` times in turn (interleaved,
+so clock drift and neighbours hit all alike); per variant the median over rounds
+of the mean time per run. Ratios are against the original.
+
+Target (issue 5): folded / original within 1.00 ± 0.03.
+
+    python benchmarks/bench_latency.py [--rounds 200] [--threads 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # a fresh checkout runs without installing
+
+import onnxruntime as ort  # noqa: E402
+
+from normact_onnx import fold  # noqa: E402
+from normact_onnx.api import rewrite  # noqa: E402
+from normact_onnx.ort import kernel_library  # noqa: E402
+
+MODELS = {  # name: (file, batch)
+    "mobilenet_like": ("mobilenet_like.torchscript.onnx", 8),
+    "mlp": ("mlp_relu.torchscript.onnx", 256),
+}
+TARGET = 0.03
+
+
+def machine() -> str:
+    """CPU model, cores, Python/ORT versions: what the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, onnxruntime {ort.__version__}"
+
+
+def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if library:
+        so.register_custom_ops_library(library)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else batch for d in i.shape]).astype(np.float32)
+        for i in sess.get_inputs()
+    }
+
+
+def bench_model(name: str, rounds: int, inner: int, threads: int, workdir: Path) -> dict[str, Any]:
+    """Median ms per run of every variant of one model, measured interleaved."""
+    file, batch = MODELS[name]
+    src = ROOT / "models" / file
+    normed, folded = workdir / f"{name}.normact.onnx", workdir / f"{name}.folded.onnx"
+    rewrite(src, normed)
+    res = fold(normed, folded, details=True)
+    lib = kernel_library()
+    variants = {"original": _session(src, threads, None), "inlined": _session(normed, threads, None)}
+    if lib:
+        variants["kernel"] = _session(normed, threads, lib)
+    variants["folded"] = _session(folded, threads, lib)
+    feeds = _feeds(variants["original"], batch)
+    for sess in variants.values():  # warm-up
+        for _ in range(max(10, inner * 2)):
+            sess.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
+    for r in range(rounds):
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
+            sess = variants[k]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                sess.run(None, feeds)
+            times[k].append((time.perf_counter() - t0) / inner * 1e3)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "model": name,
+        "file": file,
+        "batch": batch,
+        "ms": ms,
+        "sites_folded": len(res.folded),
+        "sites_kept": len(res.kept),
+        "library": bool(lib),
+    }
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows run_all.py collects: every variant against the original."""
+    rows = []
+    for r in results:
+        base = r["ms"]["original"]
+        for k, v in r["ms"].items():
+            if k == "original":
+                continue
+            row = {
+                "name": f"{r['model']} {k}/original",
+                "ratio": v / base,
+                "baseline": f"original {r['file']} ({base:.3f} ms, batch {r['batch']})",
+                "detail": f"{v:.3f} ms",
+            }
+            if k == "folded":
+                row["target"] = f"1.00 ± {TARGET:.2f}"
+                row["ok"] = abs(v / base - 1.0) <= TARGET
+                row["detail"] += f"; {r['sites_folded']} sites folded, {r['sites_kept']} kept"
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=200, help="interleaved rounds (default 200)")
+    p.add_argument("--inner", type=int, default=5, help="runs per variant per round (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: steadiest)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument("--json", action="store_true", help="one JSON object for benchmarks/run_all.py")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_model(m, args.rounds, args.inner, args.threads, Path(tmp)) for m in args.models.split(",")]
+    rows = ratios(results)
+    out = {
+        "benchmark": "latency",
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "method": f"median of {args.rounds} interleaved rounds × {args.inner} runs, {args.threads} thread(s)",
+        "results": results,
+        "ratios": rows,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['machine']}; {out['method']}")
+        print(f"{'model':<16}{'variant':<10}{'ms':>10}{'ratio':>9}")
+        for r in results:
+            for k, v in r["ms"].items():
+                print(f"{r['model']:<16}{k:<10}{v:>10.3f}{v / r['ms']['original']:>8.3f}x")
+        for row in rows:
+            if "ok" in row:
+                print(f"{row['name']}: {row['ratio']:.3f} (target {row['target']}): {'ok' if row['ok'] else 'MISSED'}")
+    return 0 if all(r.get("ok", True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
