@@ -1,0 +1,99 @@
+"""``normact-onnx finetune``: adaptive (ANAct) or static fine-tuning through ONNX Runtime training.
+
+Needs the ``[train]`` environment (onnxruntime-training cannot share one with
+onnxruntime); elsewhere it says in one line how to get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..methods.static import VARIANTS
+from .common import print_json
+from .rewrite_cmd import add_selection
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune with normalized activations (ONNX Runtime training)",
+        description="Fine-tune a model with adaptive (ANAct) or static normalized activations through ONNX Runtime "
+        "training, then export the inference model in the Norm<Act> form. Needs the [train] environment.",
+    )
+    p.add_argument("model", help="path to an .onnx file (plain or already normalized)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help=".npz with one array per model input and the labels")
+    d.add_argument("--labels", default="y", help="name of the labels array in --data/--val (default y)")
+    d.add_argument("--val", help="validation .npz (same keys), evaluated after each epoch")
+    t = p.add_argument_group("training")
+    t.add_argument("--loss", choices=("cross-entropy", "mse"), default="cross-entropy")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps in total")
+    t.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    t.add_argument("--freeze", metavar="REGEX", help="keep initializers whose name matches frozen")
+    t.add_argument("--output-name", help="model output the loss is computed on (default: the first)")
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=("anact", "static", "none"), default="anact")
+    m.add_argument("--variant", choices=VARIANTS, default="center-scale", help="static variant")
+    m.add_argument("--q", type=float, default=1.0, help="static design variance")
+    m.add_argument("--lambda-rule", choices=("anact", "xavier"), default="anact")
+    m.add_argument("--centered-rho", action="store_true", help="ρ from Var f instead of E f²")
+    add_selection(p)
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", help="inference model (default: <model>.tuned.onnx)")
+    o.add_argument("--workdir", help="artifacts, checkpoints, log.csv, loss.png (default: <output>.train/)")
+    o.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    o.add_argument("--fold", action="store_true", help="fold the normalization into the next layers on export")
+    o.add_argument("--no-verify", action="store_true", help="skip the export's verification")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import finetune, require_training
+
+    require_training()
+    result = finetune(
+        args.model,
+        args.data,
+        labels=args.labels,
+        val=args.val,
+        output=args.output,
+        workdir=args.workdir,
+        resume=args.resume,
+        include=args.include,
+        exclude=args.exclude,
+        nodes=args.nodes,
+        all_sites=args.all_sites,
+        output_name=args.output_name,
+        freeze=args.freeze,
+        fold=args.fold,
+        verify=not args.no_verify,
+        progress=not args.quiet,
+        loss=args.loss,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        method=args.method,
+        variant=args.variant,
+        q=args.q,
+        lambda_rule=args.lambda_rule,
+        centered_rho=args.centered_rho,
+        seed=args.seed,
+        max_steps=args.max_steps,
+    )
+    if args.json:
+        print_json(result.report())
+        return 0
+    for row in result.history:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(f"\nwrote {result.output} (reproduces the training graph to {result.export_max_abs_diff:.2g})")
+    print(f"log, checkpoints and loss curve in {result.workdir}")
+    return 0

@@ -1,0 +1,123 @@
+"""ONNX Runtime training artifacts for a :class:`~.graph.TrainGraph` (needs onnxruntime-training).
+
+``generate_artifacts`` writes the training, eval and optimizer models and the
+initial checkpoint. With onnx ≥ 1.18 it stamps the current IR version (14 with
+onnx 1.23) on the optimizer model, which onnxruntime-training 1.19 refuses to
+load; every artifact is therefore clamped to IR ≤ 10 after generation (the
+graphs use nothing newer, the opsets are the model's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import NormactError
+from . import require_training
+from .graph import MAX_TRAIN_IR, STATS_OUTPUT, TrainGraph
+
+OPTIMIZERS = ("adamw", "sgd")
+LABEL_INPUTS = {"cross-entropy": "labels", "mse": "target"}
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    folder: Path
+
+    @property
+    def training(self) -> Path:
+        return self.folder / "training_model.onnx"
+
+    @property
+    def eval(self) -> Path:
+        return self.folder / "eval_model.onnx"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.folder / "optimizer_model.onnx"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint"
+
+    def exist(self) -> bool:
+        return all(p.exists() for p in (self.training, self.eval, self.optimizer, self.checkpoint))
+
+
+def clamp_artifact_ir(path: Path, max_ir: int = MAX_TRAIN_IR) -> None:
+    """Rewrite ``path`` with IR ≤ ``max_ir`` if it was stamped newer (nothing else changes)."""
+    m = onnx.load(str(path), load_external_data=False)
+    if m.ir_version > max_ir:
+        m.ir_version = max_ir
+        path.write_bytes(m.SerializeToString())
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[list[str]]:
+    """Swallow what native code writes to fd 2 (the gradient builder logs every transformer at INFO).
+
+    The captured text is handed back so a failure can still show it.
+    """
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", weight_decay: float = 0.0) -> Artifacts:
+    """Build the artifacts: loss on ``tg.output``; the output and the site statistics kept as extra outputs."""
+    training = require_training()
+    from onnxruntime.training import artifacts as art
+    from onnxruntime.training import onnxblock
+
+    if optimizer not in OPTIMIZERS:
+        raise NormactError(f"unknown --optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    label = LABEL_INPUTS[loss]
+    if label in tg.data_inputs:
+        raise NormactError(f"the model has an input named {label!r}, which the {loss} loss needs for its labels")
+    if not tg.trainable:
+        raise NormactError("the model has no trainable weights (no float initializers read by a layer)")
+    loss_type = art.LossType.CrossEntropyLoss if loss == "cross-entropy" else art.LossType.MSELoss
+    optim = art.OptimType.SGD if optimizer == "sgd" else onnxblock.optim.AdamW(weight_decay=weight_decay)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = [tg.output] + ([STATS_OUTPUT] if tg.anact_sites else [])
+    trainable = set(tg.trainable)
+    frozen = [t.name for t in tg.model.graph.initializer if t.name not in trainable]
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.WARNING)  # generate_artifacts logs every file at INFO
+    try:
+        with _quiet_native_stderr():
+            art.generate_artifacts(
+                tg.model,
+                requires_grad=tg.trainable,
+                frozen_params=frozen,
+                loss=loss_type,
+                optimizer=optim,
+                artifact_directory=str(folder),
+                loss_input_names=[tg.output],
+                additional_output_names=extra,
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NormactError(f"onnxruntime-training could not build the training graph: {first}") from None
+    finally:
+        logging.getLogger().setLevel(level)
+    out = Artifacts(folder)
+    for p in (out.training, out.eval, out.optimizer):
+        clamp_artifact_ir(p)
+    del training
+    return out

@@ -1,0 +1,140 @@
+"""The inference model after fine-tuning: trained weights, frozen constants, the ``Norm<Act>`` form.
+
+At inference an ANAct site is again ``y = scale·(f(x) − shift)`` with
+``scale = λ + 0.3·tanh α`` and ``shift = μ`` (MATH.md §2), so the export is the
+ordinary rewrite pass with those constants: the same function form, metadata
+and verification as ``rewrite``, loadable in the regular ``[cpu]``/``[gpu]``
+environment. Sites an earlier rewrite had already put in the function form get
+their attributes updated in place. Optionally :func:`normact_onnx.deploy.fold`
+then moves the affine part into the next layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+from onnx import helper, numpy_helper
+
+from ..api import rewrite
+from ..catalogue import NORM_DOMAIN
+from ..methods.static import Affine
+from ..passes.find import META_SITES, Site, find_sites
+from .graph import ALPHA_AMPLITUDE, TrainSite
+
+META_FINETUNE = "normact.finetune"
+
+
+def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> dict[str, Affine]:
+    """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ."""
+    out: dict[str, Affine] = {}
+    for s in sites:
+        if s.method == "anact":
+            scale = float(lam[s.index]) + ALPHA_AMPLITUDE * float(np.tanh(alpha[s.index]))
+            out[s.output] = Affine(scale, float(mu[s.index]), 0.0)
+        elif s.affine is not None:
+            out[s.output] = s.affine
+    return out
+
+
+def _with_weights(model: onnx.ModelProto, base_dir: str | None, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` (user functions inlined, as in training) with trained initializers swapped in."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if base_dir is not None:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(m, base_dir)
+    foreign = [(f.domain, f.name) for f in m.functions if f.domain != NORM_DOMAIN]
+    if foreign:
+        m = onnx.inliner.inline_selected_functions(m, foreign)
+    for t in m.graph.initializer:
+        if t.name in weights:
+            new = numpy_helper.from_array(
+                np.asarray(weights[t.name]).astype(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(t.dims),
+                t.name,
+            )
+            t.CopyFrom(new)
+    return m
+
+
+def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> set[str]:
+    """Set scale/shift/slope on Norm<Act> nodes of earlier rewrites; returns the outputs it handled."""
+    done = set()
+    records = None
+    for site in find_sites(m):
+        if site.normalized is None or site.root.domain != NORM_DOMAIN or site.output not in constants:
+            continue
+        aff = constants[site.output]
+        for a in site.root.attribute:
+            if a.name in ("scale", "shift", "slope"):
+                a.f = float(getattr(aff, a.name))
+        done.add(site.output)
+    if done:
+        for p in m.metadata_props:
+            if p.key == META_SITES:
+                records = json.loads(p.value)
+                for r in records:
+                    if r.get("output") in done:
+                        r.update(method="anact-finetune", **constants[r["output"]].as_dict())
+                p.value = json.dumps(records, separators=(",", ":"))
+    return done
+
+
+def export_model(
+    model: onnx.ModelProto,
+    base_dir: str | None,
+    sites: list[TrainSite],
+    weights: dict[str, np.ndarray],
+    lam: np.ndarray,
+    mu: np.ndarray,
+    alpha: np.ndarray,
+    output: Path,
+    *,
+    provenance: dict[str, Any],
+    fold: bool = False,
+    verify: bool = True,
+) -> onnx.ModelProto:
+    """Write the fine-tuned inference model to ``output`` and return it."""
+    constants = site_constants(sites, lam, mu, alpha)
+    m = _with_weights(model, base_dir, weights)
+    updated = _update_function_sites(m, constants)
+    per_site = [
+        {**s.as_dict(), **(constants[s.output].as_dict() if s.output in constants else {})}
+        | (
+            {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
+            if s.method == "anact"
+            else {}
+        )
+        for s in sites
+    ]
+    m.metadata_props.append(
+        onnx.StringStringEntryProto(key=META_FINETUNE, value=json.dumps({**provenance, "sites": per_site}))
+    )
+
+    def pick(site: Site) -> Affine | str:
+        if site.output in updated:
+            return "already normalized"
+        return constants.get(site.output, "not trained as a normalized site")
+
+    method = {"method": "anact-finetune" if provenance.get("method") == "anact" else provenance.get("method", "")}
+    target = output if not fold else output.with_name(f".{output.name}.unfolded.onnx")
+    out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
+    if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
+        from ..io import atomic_path, clamp_ir, write_model
+
+        clamp_ir(out)
+        with atomic_path(target) as tmp:
+            write_model(out, tmp)
+    if fold:
+        from ..deploy import fold as fold_model
+
+        try:
+            out = fold_model(str(target), output, verify=verify)
+        finally:
+            target.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,350 @@
+"""The trainable base model: every selected site rewritten for ONNX Runtime training.
+
+Only ``onnx`` and the catalogue are needed here (no onnxruntime-training), so
+the graph can be built, inspected and run forward in the regular environment.
+
+An ANAct site (MATH.md §2) becomes, in gradient-safe standard ops::
+
+    f  = catalogue body(x)                                   (literal params)
+    y  = (λ_i + 0.3·tanh(α_i)) · (f − μ_i)
+    s_i = [mean f, mean f², mean f'², mean x, var x]         (batch statistics)
+
+λ and μ are graph inputs (``normact_lambda``, ``normact_mu``, one entry per
+site): the host loop owns the gated running update, so they carry no gradient,
+like batch-norm statistics. α is one trainable initializer (``normact_alpha``,
+one entry per site). The statistics of all sites leave the graph as one small
+output (``normact_stats``, shape ``[sites·5]``), so a training step returns a
+few floats per site and never raw activations.
+
+A static site is the literal normalized form (fixed constants, nothing fed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+from onnx import TensorProto, helper, numpy_helper
+
+from ..api import select, static_constants
+from ..catalogue import CATALOGUE, NORM_DOMAIN
+from ..errors import NormactError
+from ..graph import Container, containers, default_opset
+from ..methods.static import Affine
+from ..moments import gaussian_moments
+from ..passes.edits import Edits
+from ..passes.find import Site, find_sites
+from ..passes.forms import LiteralBody, literal_site
+from ..types import infer_value_types
+
+LAMBDA_INPUT = "normact_lambda"
+MU_INPUT = "normact_mu"
+ALPHA_PARAM = "normact_alpha"
+STATS_OUTPUT = "normact_stats"
+STATS_FIELDS = ("mean_f", "mean_f2", "mean_d2", "mean_x", "var_x")
+ALPHA_AMPLITUDE = 0.3  # y = (λ + 0.3·tanh α)(f − μ): the paper's bounded learnable correction
+MAX_TRAIN_IR = 10  # onnxruntime-training 1.19 reads IR ≤ 10
+MAX_TRAIN_OPSET = 21  # … and opsets ≤ 21
+METHODS = ("anact", "static", "none")
+WEIGHTED_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose", "LayerNormalization", "InstanceNormalization"}
+
+
+@dataclass
+class TrainSite:
+    """One site of the training graph: where it came from and how it is trained."""
+
+    index: int  # position in normact_lambda / normact_mu / normact_alpha / normact_stats (ANAct only)
+    name: str
+    kind: str
+    params: dict[str, Any]
+    output: str  # the site's output value (same name as in the input model)
+    method: str  # "anact" | "static"
+    affine: Affine | None = None  # static constants
+    prior: dict[str, Any] | None = None  # record of an earlier normalization (function form)
+    gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
+    input: str = ""  # the pre-activation value
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"index": self.index, "name": self.name, "kind": self.kind, "output": self.output, "method": self.method}
+        if self.affine is not None:
+            out.update(self.affine.as_dict())
+        return out
+
+
+@dataclass
+class TrainGraph:
+    """The base model for ``generate_artifacts`` and what the host loop needs to drive it."""
+
+    model: onnx.ModelProto
+    sites: list[TrainSite]
+    output: str  # the model output the loss is computed on
+    data_inputs: list[str]
+    trainable: list[str]
+    method: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, why) left as they are
+
+    @property
+    def anact_sites(self) -> list[TrainSite]:
+        return [s for s in self.sites if s.method == "anact"]
+
+    @property
+    def extra_inputs(self) -> list[str]:
+        return [LAMBDA_INPUT, MU_INPUT] if self.anact_sites else []
+
+
+def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) -> tuple[float, float, float]:
+    """ρ, ρ', μ for x ~ N(0, 1) (MATH.md §2 table): the running statistics before the first batch."""
+    act = CATALOGUE[kind]
+    try:
+        m = gaussian_moments(act, 1.0, act.with_defaults(params))
+    except Exception:  # per-channel parameters or no closed form: a neutral start, replaced by batch 1
+        return 1.0, 1.0, 0.0
+    rho = m.v if centered else m.m2
+    return float(rho), float(m.d2), float(m.m1)
+
+
+class _StatsBody(LiteralBody):
+    """A literal builder that can also write int64 constants (axes, shapes, indices)."""
+
+    def ints(self, values: list[int]) -> str:
+        out = self.fresh("ints")
+        t = numpy_helper.from_array(np.asarray(values, dtype=np.int64), out)
+        self.nodes.append(helper.make_node("Constant", [], [out], name=out, value=t))
+        return out
+
+    def mean_all(self, x: str) -> str:
+        """Mean over every element as a [1] tensor (axes moved from attribute to input at opset 18)."""
+        flat = self.op("Reshape", x, self.ints([1, -1]))
+        if self.opset < 18:
+            return self.op("ReduceMean", flat, axes=[1], keepdims=0)
+        return self.op("ReduceMean", flat, self.ints([1]), keepdims=0)
+
+    def to_float(self, x: str) -> str:
+        return x if self.elem_type == TensorProto.FLOAT else self.op("Cast", x, to=TensorProto.FLOAT)
+
+
+def _derivative(b: LiteralBody, site: Site, x: str) -> str:
+    body = getattr(site.activation, "derivative_body", None)
+    if body is None:
+        raise NormactError(f"the catalogue has no ONNX derivative for {site.kind}: ANAct cannot measure ρ' there")
+    return body(b, x)
+
+
+def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector."""
+    act = site.activation
+    b = _StatsBody(opset, f"normact/{index}/", elem, act.with_defaults(site.params), gradient_safe=True)
+    x = site.input
+    f = act.body(b, x)
+    idx = b.ints([index])
+
+    def pick(vector: str) -> str:  # [S] → [1] of this site, cast to the activation's type
+        v = b.op("Gather", vector, idx, axis=0)
+        return v if elem == TensorProto.FLOAT else b.op("Cast", v, to=elem)
+
+    lam, mu, alpha = pick(LAMBDA_INPUT), pick(MU_INPUT), pick(ALPHA_PARAM)
+    scale = b.op("Add", lam, b.op("Mul", b.const(ALPHA_AMPLITUDE), b.op("Tanh", alpha)))
+    b.op("Mul", b.op("Sub", f, mu), scale)
+    b.nodes[-1].output[0] = site.output  # the site keeps its output name: consumers stay untouched
+
+    d = _derivative(b, site, x)
+    mean_x = b.mean_all(x)
+    centred = b.op("Sub", b.op("Reshape", x, b.ints([-1])), mean_x)
+    stats = [
+        b.mean_all(f),
+        b.mean_all(b.op("Mul", f, f)),
+        b.mean_all(b.op("Mul", d, d)),
+        mean_x,
+        b.mean_all(b.op("Mul", centred, centred)),
+    ]
+    vec = b.op("Concat", *[b.to_float(s) for s in stats], axis=0)
+    return b.nodes, vec
+
+
+def _static_nodes(site: Site, affine: Affine, elem: int, opset: int) -> list[onnx.NodeProto]:
+    return literal_site(
+        site.activation, site.input, site.output, affine, site.params, elem, f"{site.name}/normact_", True, opset
+    )
+
+
+def _is_main(site: Site) -> bool:
+    return site.container.parent is None and site.container.function is None
+
+
+def _load_weights(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if base_dir is not None:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(m, base_dir)
+    return m
+
+
+def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
+    """Float initializers that are weights: read by a weighted op, or a non-scalar tensor (biases, scales).
+
+    Scalars read by elementwise ops are constants of the computation (0.5 in a GELU,
+    epsilons), and BatchNormalization's running mean/variance are statistics, not weights.
+    """
+    import re
+
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    inits = {t.name: t for t in model.graph.initializer if t.data_type in floats}
+    stats_inputs = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
+    pattern = re.compile(freeze) if freeze else None
+    out = []
+    used: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            used.setdefault(i, set()).add(n.op_type)
+    for name, t in inits.items():
+        ops = used.get(name, set())
+        if not ops or name in stats_inputs or (pattern and pattern.search(name)):
+            continue
+        if name == ALPHA_PARAM or ops & WEIGHTED_OPS or int(np.prod(t.dims)) > 1:
+            out.append(name)
+    return out
+
+
+def _drop_orphans(model: onnx.ModelProto) -> None:
+    used: set[str] = set()
+    for c in containers(model):
+        used.update(c.consumers)
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        kept = [onnx.TensorProto() for _ in keep]
+        for dst, src in zip(kept, keep):
+            dst.CopyFrom(src)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+
+
+def _check_versions(model: onnx.ModelProto) -> None:
+    opset = default_opset(model.opset_import)
+    if opset > MAX_TRAIN_OPSET:
+        raise NormactError(
+            f"model opset {opset} is newer than onnxruntime-training 1.19 supports (≤ {MAX_TRAIN_OPSET}); "
+            "re-export the model at a lower opset"
+        )
+
+
+def build_train_graph(
+    model: onnx.ModelProto,
+    base_dir: str | None = None,
+    *,
+    method: str = "anact",
+    variant: str = "center-scale",
+    q: float = 1.0,
+    centered_rho: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    output: str | None = None,
+    freeze: str | None = None,
+) -> TrainGraph:
+    """Rewrite the sites of ``model`` for training; the input model is not modified.
+
+    ``method``: ``anact`` (adaptive, MATH.md §2), ``static`` (fixed constants of
+    ``variant`` at ``q``) or ``none`` (train the model as it is). Sites that an
+    earlier ``rewrite``/``calibrate`` normalized in the function form are
+    re-normalized adaptively under ``anact`` and keep their constants otherwise.
+    """
+    from ..api import _kinds
+
+    if method not in METHODS:
+        raise NormactError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_versions(model)
+    m = _load_weights(model, base_dir)
+    foreign = [(f.domain, f.name) for f in m.functions if f.domain != NORM_DOMAIN]
+    if foreign:  # sites inside user functions become main-graph sites
+        m = onnx.inliner.inline_selected_functions(m, foreign)
+    outputs = [o.name for o in m.graph.output]
+    if output is None:
+        output = outputs[0]
+    elif output not in outputs:
+        raise NormactError(f"--output-name {output!r} is not a model output; outputs: {', '.join(outputs)}")
+
+    sites = find_sites(m, base_dir) if method != "none" else []
+    fixed = static_constants(q, variant)
+
+    def constants(site: Site) -> Affine | str:
+        if not _is_main(site):
+            return "inside an If/Loop/Scan body: trained as it is"
+        return fixed(site) if method == "static" else Affine(1.0, 0.0, 0.0)
+
+    outcomes = select(sites, _kinds(include, "--include"), _kinds(exclude, "--exclude"), nodes, all_sites, constants)
+    # function-form sites of earlier rewrites: adaptive under anact, their own constants under static
+    for o in outcomes:
+        rec = o.site.normalized
+        if o.action == "normalized" and _is_main(o.site) and o.site.root.domain == NORM_DOMAIN:
+            o.action = "rewritten"
+            o.affine = Affine(rec["scale"], rec["shift"], rec["slope"]) if method == "static" else Affine(1, 0, 0)
+    types = infer_value_types(m)
+    opset = default_opset(m.opset_import)
+    edits: dict[int, Edits] = {}
+    train_sites: list[TrainSite] = []
+    stats: list[str] = []
+    skipped = [(o.site.name, o.reason) for o in outcomes if o.action == "skipped"]
+    for o in outcomes:
+        if o.action != "rewritten":
+            continue
+        site = o.site
+        c: Container = site.container
+        e = edits.setdefault(id(c), Edits(c))
+        elem = types.elem_type(site.input)
+        prior = site.normalized
+        if method == "anact":
+            index = len(train_sites)
+            new_nodes, vec = _anact_nodes(site, index, elem, opset)
+            stats.append(vec)
+            ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
+            ts.gaussian = gaussian_start(site.kind, site.params, centered_rho)
+            ts.input = site.input
+        else:
+            new_nodes = _static_nodes(site, o.affine, elem, opset)
+            ts = TrainSite(-1, site.name, site.kind, dict(site.params), site.output, "static", o.affine, prior)
+        e.replace[id(site.root)] = new_nodes
+        for n in site.nodes[:-1] + site.const_nodes:
+            e.delete.add(id(n))
+        e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
+        train_sites.append(ts)
+    for e in edits.values():
+        e.commit()
+
+    anact = [s for s in train_sites if s.method == "anact"]
+    if anact:
+        _add_anact_io(m, stats, len(anact))
+    if m.functions:  # Norm<Act> functions of sites left alone, and any the rewrite no longer uses
+        m = onnx.inliner.inline_local_functions(m)
+        del m.functions[:]
+    if not any(n.domain == NORM_DOMAIN for c in containers(m) for n in c.nodes):
+        keep = [o for o in m.opset_import if o.domain != NORM_DOMAIN]
+        del m.opset_import[:]
+        m.opset_import.extend(keep)
+    _drop_orphans(m)
+    m.ir_version = min(m.ir_version, MAX_TRAIN_IR)
+    initializers = {t.name for t in m.graph.initializer}
+    data_inputs = [
+        i.name for i in m.graph.input if i.name not in initializers and i.name not in (LAMBDA_INPUT, MU_INPUT)
+    ]
+    trainable = _trainable(m, freeze)
+    return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped)
+
+
+def _add_anact_io(m: onnx.ModelProto, stats: list[str], n: int) -> None:
+    g = m.graph
+    g.input.extend(
+        [
+            helper.make_tensor_value_info(LAMBDA_INPUT, TensorProto.FLOAT, [n]),
+            helper.make_tensor_value_info(MU_INPUT, TensorProto.FLOAT, [n]),
+        ]
+    )
+    g.initializer.append(numpy_helper.from_array(np.zeros(n, dtype=np.float32), ALPHA_PARAM))
+    g.node.append(helper.make_node("Concat", stats, [STATS_OUTPUT], name="normact/stats", axis=0))
+    g.output.append(helper.make_tensor_value_info(STATS_OUTPUT, TensorProto.FLOAT, [n * len(STATS_FIELDS)]))

@@ -1,0 +1,515 @@
+"""``finetune``: the host loop around ONNX Runtime training (needs the ``[train]`` environment).
+
+One step: feed a batch, the labels and every ANAct site's current λ and μ; the
+training graph returns the loss, the model output and the sites' batch
+statistics; the optimizer updates the weights and α; the host applies the gated
+running update (:mod:`.running`) so the next step gets the new λ and μ.
+
+A work folder holds everything a run needs to resume or be audited: the
+artifacts, ``plan.json`` (sites and settings), checkpoints per epoch (weights,
+α, optimizer state and the running statistics as checkpoint properties),
+``log.csv`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import NormactError
+from ..io import load_model
+from . import require_training
+from .artifacts import Artifacts, generate
+from .data import Dataset, check_labels, input_specs, load_dataset
+from .export import export_model
+from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
+from .running import LAMBDA_RULES, RunningStats
+
+DataLike = str | os.PathLike | Mapping[str, np.ndarray]
+PLAN = "plan.json"
+
+
+@dataclass
+class Settings:
+    """Everything that defines a run (saved in plan.json; a resumed run keeps the graph-defining ones)."""
+
+    loss: str = "cross-entropy"
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    method: str = "anact"
+    variant: str = "center-scale"
+    q: float = 1.0
+    lambda_rule: str = "anact"
+    centered_rho: bool = False
+    seed: int = 0
+    max_steps: int | None = None
+    threads: int = 0  # intra-op threads of the training session (0: ONNX Runtime's default)
+
+
+@dataclass
+class FinetuneResult:
+    output: Path | None
+    workdir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    export_max_abs_diff: float | None = None
+    losses: list[float] = field(default_factory=list)  # every training step
+
+    def report(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output"] = str(self.output) if self.output else None
+        out["workdir"] = str(self.workdir)
+        return out
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, every ~10% otherwise)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.total, self.label, self.enabled = max(total, 1), label, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self._last = -1
+
+    def update(self, done: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
+        tenth = 10 * done // self.total
+        if not self.tty and tenth == self._last and done != self.total:
+            return
+        self._last = tenth
+        width = 24
+        filled = width * done // self.total
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None and math.isfinite(v))
+        line = f"{self.label} [{'=' * filled}{' ' * (width - filled)}] {done}/{self.total} {rate:.1f} it/s  {shown}"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self, **metrics: float) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Trainer:
+    """Owns the ORT training session, the running statistics and the logs of one work folder."""
+
+    def __init__(self, tg: TrainGraph, art: Artifacts, settings: Settings, workdir: Path, checkpoint: Path) -> None:
+        training = require_training()
+        from onnxruntime import SessionOptions
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        self.tg, self.settings, self.workdir = tg, settings, workdir
+        self._CheckpointState = CheckpointState
+        self.state = CheckpointState.load_checkpoint(str(checkpoint))
+        so = SessionOptions()
+        so.log_severity_level = 3  # the training session logs every graph transformer at INFO otherwise
+        if settings.threads:
+            so.intra_op_num_threads = settings.threads
+        self.module = Module(str(art.training), self.state, str(art.eval), device="cpu", session_options=so)
+        self.optimizer = Optimizer(str(art.optimizer), self.module)
+        self.optimizer.set_learning_rate(settings.lr)
+        self.inputs = list(self.module.input_names())
+        self.outputs = list(self.module.output_names())
+        props = self.state.properties
+        if "normact.sites" in props:
+            self.running = RunningStats.from_properties({k: props[k] for k in _property_keys(props)})
+            self.epoch, self.step = int(props["normact.epoch"]), int(props["normact.step"])
+        else:
+            self.running = RunningStats.start([s.gaussian for s in tg.anact_sites])
+            self.epoch = self.step = 0
+        del training
+
+    # -- one batch ------------------------------------------------------------------------------
+    def _feeds(self, x: dict[str, np.ndarray], y: np.ndarray) -> list[np.ndarray]:
+        lam, mu = self.running.feeds(self.settings.lambda_rule)
+        named = {**x, LAMBDA_INPUT: lam, MU_INPUT: mu, "labels": y, "target": y}
+        return [named[n] for n in self.inputs]
+
+    def _named(self, outs: Any) -> dict[str, np.ndarray]:
+        outs = outs if isinstance(outs, list | tuple) else [outs]
+        named = dict(zip(self.outputs, outs))
+        named["loss"] = outs[0]
+        return named
+
+    def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+        self.module.train()
+        out = self._named(self.module(*self._feeds(x, y)))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        if self.tg.anact_sites:
+            self.running.update(out[STATS_OUTPUT], self.settings.centered_rho)
+        self.step += 1
+        return out
+
+    def forward(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+        """Eval-mode outputs with the current λ, μ (the running statistics are not touched)."""
+        self.module.eval()
+        return self._named(self.module(*self._feeds(x, y)))
+
+    def evaluate(self, ds: Dataset) -> tuple[float, float | None]:
+        total, correct, count = 0.0, 0, 0
+        for x, y in ds.batches(self.settings.batch_size, drop_last=False):
+            out = self.forward(x, y)
+            total += float(out["loss"]) * len(y)
+            count += len(y)
+            if self.settings.loss == "cross-entropy":
+                correct += int((out[self.tg.output].argmax(-1) == y).sum())
+        acc = (
+            correct / (count * max(1, int(np.prod(ds.labels.shape[1:]))))
+            if self.settings.loss == "cross-entropy"
+            else None
+        )
+        return total / count, acc
+
+    # -- state ----------------------------------------------------------------------------------
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: np.array(p.data) for name, p in self.state.parameters}
+
+    def save(self, path: Path) -> None:
+        props = {**self.running.to_properties(), "normact.epoch": self.epoch, "normact.step": self.step}
+        for k, v in props.items():
+            self.state.properties[k] = v
+        tmp = path.with_name(path.name + ".tmp")
+        self._CheckpointState.save_checkpoint(self.state, str(tmp), True)
+        os.replace(tmp, path)
+
+
+def _property_keys(props: Any) -> list[str]:
+    n = int(props["normact.sites"])
+    keys = ["normact.sites", "normact.batches"]
+    for i in range(n):
+        keys += [f"normact.{k}.{i}" for k in ("rho", "rho_d", "mu", "accepted")]
+    return keys
+
+
+def _accuracy(out: np.ndarray, y: np.ndarray) -> float:
+    return float((out.argmax(-1) == y).mean())
+
+
+class Log:
+    """log.csv: one row per training step, one per validation; λ and μ of every ANAct site on each row."""
+
+    def __init__(self, path: Path, sites: int, append: bool) -> None:
+        self.path = path
+        self.columns = ["epoch", "step", "split", "loss", "accuracy", "seconds"]
+        self.columns += [f"lambda_{i}" for i in range(sites)] + [f"mu_{i}" for i in range(sites)]
+        fresh = not (append and path.exists())
+        self.fh = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115 (closed by close(); lives across epochs)
+        self.writer = csv.writer(self.fh)
+        if fresh:
+            self.writer.writerow(self.columns)
+
+    def row(self, epoch: int, step: int, split: str, loss: float, acc: float | None, sec: float, lam, mu) -> None:
+        fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
+        self.writer.writerow([epoch, step, split, fmt(loss), fmt(acc), f"{sec:.3f}", *map(fmt, lam), *map(fmt, mu)])
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def plot_log(csv_path: Path, png_path: Path) -> bool:
+    """loss.png from log.csv: training loss per step, validation loss per epoch (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train, val = [], []
+    with open(csv_path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            (train if r["split"] == "train" else val).append((int(r["step"]), float(r["loss"])))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, label="train (step)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation (epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """The model output's shape on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
+    import onnxruntime as ort
+
+    feeds = {k: v[:2] for k, v in sample.items()}
+    n = len(tg.anact_sites)
+    if n:
+        feeds[LAMBDA_INPUT] = np.ones(n, np.float32)
+        feeds[MU_INPUT] = np.zeros(n, np.float32)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(tg.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:
+        (out,) = sess.run([tg.output], feeds)
+    except Exception as e:
+        raise NormactError(f"the model does not run on the given data: {str(e).splitlines()[0]}") from None
+    return tuple(out.shape)
+
+
+def _plan(tg: TrainGraph, settings: Settings, selection: dict[str, Any], model_path: str) -> dict[str, Any]:
+    return {
+        "model": model_path,
+        "settings": asdict(settings),
+        "selection": selection,
+        "output": tg.output,
+        "sites": [{**s.as_dict(), "params": s.params, "gaussian": list(s.gaussian)} for s in tg.sites],
+    }
+
+
+def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
+    from ..methods.static import Affine
+
+    out = []
+    for d in plan["sites"]:
+        aff = Affine(d["scale"], d["shift"], d["slope"]) if "scale" in d else None
+        s = TrainSite(d["index"], d["name"], d["kind"], d["params"], d["output"], d["method"], aff)
+        s.gaussian = tuple(d["gaussian"])
+        out.append(s)
+    return out
+
+
+def finetune(
+    model: str | os.PathLike,
+    data: DataLike,
+    *,
+    labels: str = "y",
+    val: DataLike | None = None,
+    output: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    resume: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    output_name: str | None = None,
+    freeze: str | None = None,
+    fold: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+    **options: Any,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` through ONNX Runtime training and export the inference model.
+
+    ``options`` are :class:`Settings` fields (loss, epochs, batch_size, lr, optimizer,
+    weight_decay, method, variant, q, lambda_rule, centered_rho, seed, max_steps).
+    With ``resume=True`` the run continues from the last checkpoint in ``workdir``
+    (its graph-defining settings win; epochs/lr/max_steps may be changed).
+    """
+    require_training()
+    unknown = set(options) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"finetune() got unexpected option(s) {sorted(unknown)}")
+    settings = Settings(**options)
+    _check_settings(settings)
+    path = Path(model)
+    src = load_model(path)
+    out_path = Path(output) if output is not None else path.with_name(path.name.removesuffix(".onnx") + ".tuned.onnx")
+    if out_path.resolve() == path.resolve():
+        raise NormactError(f"refusing to overwrite the input {path}; choose another -o")
+    work = Path(workdir) if workdir is not None else out_path.with_name(out_path.name.removesuffix(".onnx") + ".train")
+    selection = {"include": include, "exclude": exclude, "nodes": nodes, "all_sites": all_sites, "freeze": freeze}
+
+    base_dir = str(path.parent)
+    tg = None
+    if resume:
+        plan_file = work / PLAN
+        if not plan_file.exists():
+            raise NormactError(f"--resume: {work} has no {PLAN}; nothing to resume")
+        plan = json.loads(plan_file.read_text())
+        keep = {
+            k: plan["settings"][k]
+            for k in (
+                "loss",
+                "method",
+                "variant",
+                "q",
+                "lambda_rule",
+                "centered_rho",
+                "optimizer",
+                "weight_decay",
+                "batch_size",
+                "seed",
+            )
+        }
+        settings = Settings(**{**asdict(settings), **keep})
+        selection = plan["selection"]
+    tg = build_train_graph(
+        src,
+        base_dir,
+        method=settings.method,
+        variant=settings.variant,
+        q=settings.q,
+        centered_rho=settings.centered_rho,
+        output=output_name,
+        **selection,
+    )
+    if resume:
+        tg.sites = _sites_from_plan(plan)
+
+    specs = input_specs(tg.model, tg.data_inputs)
+    train = load_dataset(data, labels, specs, "--data")
+    shape = _output_shape(tg, train.inputs)
+    check_labels(train, settings.loss, tg.output, shape)
+    val_ds = None
+    if val is not None:
+        val_ds = load_dataset(val, labels, specs, "--val")
+        check_labels(val_ds, settings.loss, tg.output, shape)
+
+    art = Artifacts(work / "artifacts")
+    last = work / "checkpoints" / "last"
+    if resume:
+        if not (art.exist() and last.exists()):
+            raise NormactError(f"--resume: {work} has no checkpoint yet")
+        checkpoint = last
+    else:
+        if work.exists() and (work / PLAN).exists():
+            shutil.rmtree(work / "artifacts", ignore_errors=True)
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay)
+        (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
+        checkpoint = art.checkpoint
+    (work / "checkpoints").mkdir(exist_ok=True)
+
+    trainer = Trainer(tg, art, settings, work, checkpoint)
+    result = _run(trainer, train, val_ds, settings, work, progress, resume)
+    trainer.save(last)
+
+    # the last training-graph outputs, to check the export against
+    probe_ds = val_ds or train
+    px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
+    expected = trainer.forward(px, py)[tg.output]
+    params = trainer.parameters()
+    lam, mu = trainer.running.feeds(settings.lambda_rule)
+    alpha = params.get(ALPHA_PARAM, np.zeros(0, np.float32))
+    weights = {k: v for k, v in params.items() if k != ALPHA_PARAM}
+    provenance = {
+        "method": settings.method,
+        "lambda_rule": settings.lambda_rule,
+        "steps": trainer.step,
+        "epochs": trainer.epoch,
+    }
+    export_model(
+        src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
+    )
+    np.savez(work / "export_check.npz", **px, expected=expected)
+    result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
+    result.output = out_path
+    result.sites = [
+        {
+            **s.as_dict(),
+            **(
+                {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
+                if s.method == "anact"
+                else {}
+            ),
+        }
+        for s in tg.sites
+    ]
+    (work / "result.json").write_text(json.dumps(result.report(), indent=2))
+    return result
+
+
+def _check_settings(s: Settings) -> None:
+    from .data import LOSSES
+
+    if s.loss not in LOSSES:
+        raise NormactError(f"unknown --loss {s.loss!r}; choose one of {', '.join(LOSSES)}")
+    if s.lambda_rule not in LAMBDA_RULES:
+        raise NormactError(f"unknown --lambda-rule {s.lambda_rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+    if s.epochs < 1 or s.batch_size < 1:
+        raise NormactError("--epochs and --batch-size must be at least 1")
+    if not s.lr > 0:
+        raise NormactError(f"--lr must be positive, got {s.lr}")
+
+
+def _run(
+    tr: Trainer, train: Dataset, val: Dataset | None, s: Settings, work: Path, progress: bool, resume: bool
+) -> FinetuneResult:
+    result = FinetuneResult(None, work)
+    log = Log(work / "log.csv", len(tr.tg.anact_sites), append=resume)
+    t0 = time.perf_counter()
+    steps_per_epoch = train.steps(s.batch_size)
+    try:
+        while tr.epoch < s.epochs and (s.max_steps is None or tr.step < s.max_steps):
+            rng = np.random.default_rng(s.seed + tr.epoch)  # reproducible order, also after resume
+            bar = Progress(steps_per_epoch, f"epoch {tr.epoch + 1}/{s.epochs}", progress)
+            run_loss, run_acc, seen = 0.0, 0.0, 0
+            for i, (x, y) in enumerate(train.batches(s.batch_size, rng)):
+                if s.max_steps is not None and tr.step >= s.max_steps:
+                    break
+                out = tr.train_step(x, y)
+                loss = float(out["loss"])
+                acc = _accuracy(out[tr.tg.output], y) if s.loss == "cross-entropy" else None
+                result.losses.append(loss)
+                seen += 1
+                run_loss += loss
+                run_acc += acc or 0.0
+                lam, mu = tr.running.feeds(s.lambda_rule)
+                log.row(tr.epoch + 1, tr.step, "train", loss, acc, time.perf_counter() - t0, lam, mu)
+                if not math.isfinite(loss):
+                    raise NormactError(f"the loss became {loss} at step {tr.step}: lower --lr")
+                bar.update(i + 1, loss=run_loss / seen, acc=run_acc / seen if acc is not None else None)
+            bar.close()
+            tr.epoch += 1
+            row = {"epoch": tr.epoch, "step": tr.step, "train_loss": run_loss / max(seen, 1)}
+            if s.loss == "cross-entropy":
+                row["train_accuracy"] = run_acc / max(seen, 1)
+            if val is not None:
+                vloss, vacc = tr.evaluate(val)
+                lam, mu = tr.running.feeds(s.lambda_rule)
+                log.row(tr.epoch, tr.step, "val", vloss, vacc, time.perf_counter() - t0, lam, mu)
+                row.update(val_loss=vloss, val_accuracy=vacc)
+                if progress:
+                    shown = f"val loss {vloss:.4f}" + (f"  val acc {vacc:.4f}" if vacc is not None else "")
+                    print(f"epoch {tr.epoch}: {shown}", file=sys.stderr)
+            result.history.append(row)
+            tr.save(work / "checkpoints" / f"epoch_{tr.epoch}")
+            tr.save(work / "checkpoints" / "last")
+    finally:
+        log.close()
+    plot_log(work / "log.csv", work / "loss.png")
+    return result
+
+
+def _check_export(path: Path, x: dict[str, np.ndarray], output: str, expected: np.ndarray) -> float:
+    """Run the exported model on the probe batch: it must reproduce the training graph's last outputs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    (got,) = sess.run([output], x)
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    tol = 1e-4 * max(1.0, float(np.max(np.abs(expected))))
+    if not diff <= tol:
+        raise NormactError(f"the exported model differs from the training graph by {diff:.3g} (> {tol:.3g})")
+    return diff
+
+
+__all__ = ["FinetuneResult", "Settings", "finetune", "plot_log"]
