@@ -69,6 +69,10 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...], np.dtype]], where: str) -> None:
     """Names, dtypes and shapes of one batch against the model's inputs (arrays not needed)."""
     by_name = {s.name: s for s in specs}
+    for spec in specs:
+        if spec.name not in header:
+            given = f"; given {', '.join(map(repr, header))}" if header else ""
+            raise NormactError(f"{where}: missing input {spec.name!r} ({spec.describe()} {spec.dtype}){given}")
     unknown = sorted(set(header) - set(by_name))
     if unknown:
         raise NormactError(
@@ -76,8 +80,6 @@ def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...]
         )
     sizes: dict[str, tuple[int, str]] = {}
     for spec in specs:
-        if spec.name not in header:
-            raise NormactError(f"{where}: missing input {spec.name!r} (expected {spec.describe()} {spec.dtype})")
         shape, dtype = header[spec.name]
         if _kind(dtype) != _kind(spec.dtype):
             raise NormactError(f"{where}: input {spec.name!r}: expected dtype {spec.dtype}, given {dtype}")

@@ -63,11 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--in-place", action="store_true", help="overwrite the input model")
     o.add_argument("--stats", metavar="FILE.json", help="statistics file (default: <model>.stats.json)")
     o.add_argument("--stats-only", action="store_true", help="write the statistics only (for sharded calibration)")
-    o.add_argument("--report", metavar="FILE.html", help="HTML report with per-site plots against depth")
+    o.add_argument(
+        "--report", dest="html_report", metavar="FILE.html", help="HTML report with per-site plots against depth"
+    )
     o.add_argument("--form", choices=FORMS, default="function", help="how normalized sites are written")
     o.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and per-site numeric checks")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, report=None)  # rewrite's JSON --report (shared ``finish``) is not offered here
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.data,
         output,
         stats_path=stats_path,
-        report=args.report,
+        report=args.html_report,
         batches=args.batches,
         batch_size=args.batch_size,
         synthetic=args.synthetic,
@@ -109,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"not calibrated: {out}: {why}", file=sys.stderr)
     print(f"\n{stats.batches} batches, {len(stats.sites)} sites in {result.seconds:.2f} s")
     print(f"wrote {stats_path}")
-    if args.report:
-        print(f"wrote {args.report}")
+    if args.html_report:
+        print(f"wrote {args.html_report}")
     if result.rewrite is not None:
         print()
         args.explain = False
