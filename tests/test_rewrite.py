@@ -295,3 +295,14 @@ def test_functions_need_ir8_and_opset12_else_standard_ops():
     res = rewrite(light_models()[0], details=True)
     assert {o.form for o in res.rewritten} == {"subgraph"}
     assert "function form needs IR" in res.rewritten[0].reason
+
+
+def test_folded_sites_are_not_normalized_again(tmp_path):
+    from normact_onnx import fold
+
+    rewrite(MODELS / "mlp_relu.torchscript.onnx", tmp_path / "n.onnx")
+    fold(tmp_path / "n.onnx", tmp_path / "f.onnx")
+    sites = inspect(tmp_path / "f.onnx")
+    assert [s["written_as"] for s in sites] == ["op Relu (normalized, folded)"] * 2
+    res = rewrite(tmp_path / "f.onnx", tmp_path / "again.onnx", details=True)
+    assert res.rewritten == [] and not (tmp_path / "again.onnx").exists()

@@ -280,7 +280,7 @@ def find_in_container(
     for s in sites:
         if s.normalized is None and s.output in normalized_outputs:
             s.normalized = normalized_outputs[s.output]
-            s.written_as += " (normalized, subgraph form)"
+            s.written_as += " (normalized, folded)" if s.normalized.get("folded") else " (normalized, subgraph form)"
         if s.normalized is None:
             s.skip = _skip_reason(s, base_dir)
     return sites
@@ -302,7 +302,10 @@ def find_sites(model: onnx.ModelProto, base_dir: str | None = None, misses: list
     ``misses`` (when given) collects candidate nodes that looked like activations but did not
     qualify, with the reason (``rewrite --explain`` shows them).
     """
-    normalized = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
+    records = recorded_sites(model)
+    normalized = {r["act_output"]: r for r in records if r.get("act_output")}
+    # a folded site is a plain activation again, but its normalization lives in the next layers' weights
+    normalized.update({r["output"]: r for r in records if r.get("folded") and r.get("output")})
     sites: list[Site] = []
     for c in containers(model):
         if c.function is not None and c.function.domain == NORM_DOMAIN:
