@@ -128,7 +128,7 @@ def test_decomposed_patterns_are_one_site_and_rewrite_exactly(spec, kind, params
     assert [(s.kind, s.input, s.output) for s in sites] == [(kind, "x", "y"), ("relu", "y", "z")]
     assert sites[0].params == pytest.approx(params)
     out = rewrite(model)
-    assert [n.op_type for n in out.graph.node if n.op_type != "Constant"][0].startswith("Norm")
+    assert next(n.op_type for n in out.graph.node if n.op_type != "Constant").startswith("Norm")
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32) * 3
     # the rewritten site equals the catalogue's reference, through the whole model (Relu after it)
     (z,) = run_model(out, {"x": x})
