@@ -132,7 +132,12 @@ def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Serialize (tensors still external stay external) to ``path``."""
-    if model.ByteSize() >= TWO_GB:
-        raise NormactError("the rewritten model is over 2 GB in one protobuf; store its weights as external data")
+    too_big = "the rewritten model is over 2 GB in one protobuf; store its weights as external data"
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GB
+        raise NormactError(too_big) from None
+    if len(data) >= TWO_GB:
+        raise NormactError(too_big)
     with open(path, "wb") as fh:
-        fh.write(model.SerializeToString())
+        fh.write(data)
