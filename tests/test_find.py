@@ -251,3 +251,24 @@ def test_onnx_light_models_every_relu_found():
         m = onnx.load(str(path), load_external_data=False)
         relus = sum(n.op_type == "Relu" for n in m.graph.node)
         assert len(find_sites(m)) == relus, path.name
+
+
+def test_constants_behind_identity_and_cast_are_constants():
+    """Converters write constants through Identity or Cast (fp16 constants cast up, for instance)."""
+    nodes = [
+        helper.make_node("Identity", ["k_sqrt2"], ["s2"]),
+        helper.make_node("Cast", ["k_half16"], ["half"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Div", ["x", "s2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "k_one"], ["a"]),
+        helper.make_node("Mul", ["x", "a"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["y"]),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    inits = [
+        const("k_sqrt2", SQRT2),
+        const("k_one", 1.0),
+        onnx.numpy_helper.from_array(np.array(0.5, dtype=np.float16), "k_half16"),
+    ]
+    model = tiny_model(nodes, [fvi("x", [3])], [fvi("z", [3])], inits)
+    assert [s.kind for s in find_sites(model)] == ["gelu", "relu"]

@@ -154,6 +154,13 @@ def const_value(c: Container, name: str, base_dir: str | None = None, limit: int
     scope: Container | None = c
     while scope is not None:
         node = scope.producer.get(name)
+        if node is not None and node.op_type in ("Identity", "Cast") and node.domain in ("", "ai.onnx"):
+            # converters often write a constant through Identity or a Cast (tf2onnx, paddle2onnx)
+            value = const_value(scope, node.input[0], base_dir, limit) if node.input else None
+            if value is None or node.op_type == "Identity":
+                return value
+            to = attr_value(node, "to")
+            return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to)) if to else None
         if node is not None:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for a in node.attribute:
