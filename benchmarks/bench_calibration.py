@@ -1,0 +1,182 @@
+"""Calibration cost against named baselines.
+
+1. Wall time of ``normact_onnx.calibration.collect`` (instrumented model, statistics
+   reduced in-graph, merged per batch) against plain ONNX Runtime inference of the
+   original model over the same batches (default session options, ORT_ENABLE_ALL).
+   Both include session creation. Target: ratio ≤ 1.5.
+2. Peak resident memory of calibration over 100 batches against 10 batches, each
+   measured in a fresh subprocess (batches are generated on the fly by a
+   CalibrationDataReader, so the data itself is not held). Target: within 10 %.
+3. ``onnxruntime.quantization``'s MinMax calibrator (``create_calibrator`` +
+   ``collect_data``) on the same model and batches: both times side by side.
+
+    PYTHONPATH=src python benchmarks/bench_calibration.py [--models cnn,mobilenet,minilm] [--batches 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def model_and_batch(name: str, workdir: Path) -> tuple[Path, dict]:
+    """A model file and a description of one batch: {input: (shape, dtype, kind)}."""
+    if name == "cnn":
+        return MODELS / "cnn_relu.torchscript.onnx", {"x": ((64, 1, 28, 28), "float32")}
+    if name == "mobilenet":
+        return MODELS / "mobilenet_like.torchscript.onnx", {"x": ((32, 3, 32, 32), "float32")}
+    if name == "transformer":
+        return MODELS / "transformer_gelu.torchscript.onnx", {"x": ((32, 64, 32), "float32")}
+    if name == "minilm":
+        sys.path.insert(0, str(MODELS))
+        from minilm import export_minilm
+
+        path = workdir / "minilm.onnx"
+        if not path.exists():
+            export_minilm(path, exporter="torchscript")
+        return path, {"sentences": ((16, 64), "int64")}
+    raise SystemExit(f"unknown model {name}")
+
+
+class Reader:
+    """CalibrationDataReader protocol; batches generated on the fly from a seed (nothing accumulates)."""
+
+    def __init__(self, spec: dict, n: int, seed: int = 0) -> None:
+        self.spec, self.n, self.i, self.rng = spec, n, 0, np.random.default_rng(seed)
+        self._sentences = None
+        if "sentences" in spec:
+            sys.path.insert(0, str(MODELS))
+            from minilm import minilm_inputs
+
+            shape = spec["sentences"][0]
+            self._sentences = minilm_inputs(shape[0], shape[1])
+
+    def get_next(self) -> dict | None:
+        if self.i >= self.n:
+            return None
+        self.i += 1
+        if self._sentences is not None:
+            return {k: v.copy() for k, v in self._sentences.items()}
+        return {k: self.rng.standard_normal(shape).astype(dtype) for k, (shape, dtype) in self.spec.items()}
+
+    def rewind(self) -> None:
+        self.i, self.rng = 0, np.random.default_rng(0)
+
+
+def plain_inference(path: Path, reader: Reader) -> float:
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    while (b := reader.get_next()) is not None:
+        sess.run(None, b)
+    return time.perf_counter() - start
+
+
+def normact_calibration(path: Path, reader: Reader) -> float:
+    from normact_onnx.calibration import collect
+
+    start = time.perf_counter()
+    collect(path, reader)
+    return time.perf_counter() - start
+
+
+def minmax_calibration(path: Path, reader: Reader, workdir: Path) -> float:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    start = time.perf_counter()
+    cal = create_calibrator(
+        str(path), augmented_model_path=str(workdir / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
+    )
+    cal.collect_data(reader)
+    cal.compute_data()
+    return time.perf_counter() - start
+
+
+def best_of(fn, repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+CHILD = """
+import json, resource, sys
+sys.path.insert(0, {bench!r})
+from bench_calibration import Reader, model_and_batch
+from pathlib import Path
+from normact_onnx.calibration import collect
+path, spec = model_and_batch({name!r}, Path({workdir!r}))
+collect(path, Reader(spec, {n}))
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def peak_rss_mib(name: str, n: int, workdir: Path) -> float:
+    """Peak RSS (MiB) of a fresh interpreter that calibrates over ``n`` batches."""
+    code = CHILD.format(bench=str(Path(__file__).parent), name=name, workdir=str(workdir), n=n)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="cnn,mobilenet,transformer,minilm")
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {platform.system()}")
+    print(f"date: {datetime.date.today()}, python {platform.python_version()}, onnxruntime {ort.__version__}")
+    print(f"batches per run: {args.batches}, best of {args.repeats}\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for name in args.models.split(","):
+            path, spec = model_and_batch(name, workdir)
+            reader = Reader(spec, args.batches)
+
+            def timed(fn, *extra):
+                def once():
+                    reader.rewind()
+                    return fn(path, reader, *extra)
+
+                return best_of(once, args.repeats)
+
+            plain = timed(plain_inference)
+            calib = timed(normact_calibration)
+            minmax = timed(minmax_calibration, workdir)
+            rss10, rss100 = peak_rss_mib(name, 10, workdir), peak_rss_mib(name, 100, workdir)
+            batch = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, (s, _) in spec.items())
+            rows.append((name, batch, plain, calib, minmax, rss10, rss100))
+    head = (
+        f"{'model':<12}{'batch':<24}{'plain ORT s':>12}{'normact s':>11}{'ratio':>7}"
+        f"{'MinMax s':>10}{'vs MinMax':>10}{'RSS10 MiB':>11}{'RSS100 MiB':>12}{'growth':>8}"
+    )
+    print(head)
+    for name, batch, plain, calib, minmax, r10, r100 in rows:
+        print(
+            f"{name:<12}{batch:<24}{plain:>12.3f}{calib:>11.3f}{calib / plain:>7.2f}"
+            f"{minmax:>10.3f}{calib / minmax:>10.2f}{r10:>11.1f}{r100:>12.1f}{(r100 / r10 - 1) * 100:>7.1f}%"
+        )
+    print("\nratio = normact calibration / plain onnxruntime inference (ORT_ENABLE_ALL) over the same batches;")
+    print("vs MinMax = normact calibration / onnxruntime.quantization MinMax calibrator (collect + compute);")
+    print("growth = peak RSS with 100 batches relative to 10 batches (fresh subprocess each).")
+
+
+if __name__ == "__main__":
+    main()
