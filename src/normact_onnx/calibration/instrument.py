@@ -5,7 +5,7 @@ For every site the copy computes, next to the activation it already has,
     Size(x),  mean(x),  Σ(x − mean x)²,  mean(f),  Σ(f − mean f)²,  Σ f'(x)²
 
 (f'(x) from the catalogue's ``derivative_body``), reduced over the whole tensor or
-over every axis but the channel axis. Only these small tensors leave ONNX
+over every axis but the channel axis (keepdims=1; the numpy side flattens them). Only these small tensors leave ONNX
 Runtime, so memory does not depend on the activations' size or on the number of
 batches. Per-batch centring keeps the variance free of cancellation.
 
@@ -114,7 +114,11 @@ def instrument(model: onnx.ModelProto, base_dir: str | None, per_channel: bool =
             skipped[site.output] = "per-channel statistics need the pre-activation's rank (shape inference gave none)"
             continue
         local = _site_statistics(site, types.elem_type(site.input), rank, axis, fresh, cache)
-        outs = hoister.hoist(site.container, local, channels if isinstance(channels, int) else 1)
+        if rank is None:
+            keep_shape = [1]
+        else:
+            keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
+        outs = hoister.hoist(site.container, local, keep_shape)
         channel_shape = [] if axis is None else [-1] + [1] * (rank - 1 - axis)
         probes.append(Probe(site, depth, outs, axis, channel_shape))
     return Instrumented(m, probes, skipped, sites)
@@ -167,15 +171,13 @@ def _site_statistics(
     params = site.activation.with_defaults(site.params)
     b = LiteralBody(c.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, params, False)
     axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
-    flat = _int64(b, [-1])
 
     def as_float(name: str) -> str:
         return name if elem == TensorProto.FLOAT else b.op("Cast", name, to=TensorProto.FLOAT)
 
     def centred(v: str) -> tuple[str, str]:
         mean = _reduce(b, "ReduceMean", v, axes)
-        ss = _reduce(b, "ReduceSumSquare", b.op("Sub", v, mean), axes)
-        return b.op("Reshape", mean, flat), b.op("Reshape", ss, flat)
+        return mean, _reduce(b, "ReduceSumSquare", b.op("Sub", v, mean), axes)
 
     key = (id(c), site.input, axis)
     x = as_float(site.input)
@@ -187,7 +189,7 @@ def _site_statistics(
         cache[key] = dict(out)
     out["f_mean"], out["f_ss"] = centred(as_float(site.output))
     d = site.activation.derivative_body(b, x)
-    out["d_ss"] = b.op("Reshape", _reduce(b, "ReduceSumSquare", d, axes), flat)
+    out["d_ss"] = _reduce(b, "ReduceSumSquare", d, axes)
     c.nodes.extend(b.nodes)
     return out
 
@@ -199,18 +201,18 @@ class _Hoister:
         self.model, self.fresh = model, fresh
         self.done: dict[str, str] = {}  # local value -> main-graph output (sites sharing x share its statistics)
 
-    def hoist(self, c: Container, values: dict[str, str], channels: int) -> dict[str, str]:
+    def hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
         new = {stat: name for stat, name in values.items() if name not in self.done}
         if new:
-            out = self._hoist(c, new, channels)
+            out = self._hoist(c, new, keep_shape)
             self.done.update({new[stat]: out[stat] for stat in new})
         return {stat: self.done[name] for stat, name in values.items()}
 
-    def _hoist(self, c: Container, values: dict[str, str], channels: int) -> dict[str, str]:
+    def _hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
         while c.parent is not None:
             owner = c.owner
             if owner.op_type == "If":
-                values = self._through_if(c, owner, values, channels)
+                values = self._through_if(c, owner, values, keep_shape)
             else:
                 values = self._through_loop(c, owner, values)
             c = c.parent
@@ -231,7 +233,9 @@ class _Hoister:
                     a.ints.extend([0] * len(values))
         return out
 
-    def _through_if(self, c: Container, owner: onnx.NodeProto, values: dict[str, str], channels: int) -> dict[str, str]:
+    def _through_if(
+        self, c: Container, owner: onnx.NodeProto, values: dict[str, str], keep_shape: list[int]
+    ) -> dict[str, str]:
         """Both branches must return the same outputs: the other one returns empty records (n = 0)."""
         branch = c.path.rsplit(".", 1)[-1]  # graph.containers names a body <owner>.<attribute>
         other_name = "else_branch" if branch == "then_branch" else "then_branch"
@@ -240,7 +244,7 @@ class _Hoister:
         for stat, name in values.items():
             is_size = stat == "size"
             empty = self.fresh(f"{name}__empty")
-            value = np.zeros((), np.int64) if is_size else np.zeros(channels, np.float32)
+            value = np.zeros((), np.int64) if is_size else np.zeros(keep_shape, np.float32)
             other.node.append(
                 helper.make_node("Constant", [], [empty], name=empty, value=numpy_helper.from_array(value, empty))
             )

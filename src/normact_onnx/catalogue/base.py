@@ -72,6 +72,8 @@ class Activation:
     patterns: tuple[DecomposedForm, ...] = ()
     kinks: Callable[[Params], tuple[float, ...]] = lambda p: ()
     homogeneous: bool = False  # f(c·x) = c·f(x) for c > 0: moments scale analytically with q
+    # f(x) = clip(x, lo, hi) (±inf: no bound), so s·(f(x) − h) = clip(s·x − s·h, …) for s > 0: fold backward
+    clip_bounds: Callable[[Params], tuple[float, float]] | None = None
     closed_moments: Callable[[float, Params], tuple[float, float, float, float] | None] | None = None
     gate_like: bool = False  # bounded output, often a multiplicative gate (SE blocks, LSTM/GRU gates)
     summary: str = ""
@@ -117,9 +119,15 @@ def softplus(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
 
 
-def step(b: Body, x: str) -> str:
-    """1 where x > 0, else 0, in any float type: Sign(Relu(x)) needs no Cast or Where."""
-    return b.op("Sign", b.op("Relu", x))
+def step(b: Body, x: str, at: str | None = None, compare: str = "Greater") -> str:
+    """1 where x > at (``compare="Less"``: x < at), else 0, in x's float type.
+
+    Greater + Cast is several times faster in ONNX Runtime than Sign or Where
+    (calibration evaluates it on every activation tensor of every batch).
+    """
+    mask = b.op(compare, x, at if at is not None else b.const(0.0))
+    elem = getattr(b, "elem_type", None)
+    return b.op("Cast", mask, to=elem) if elem is not None else b.op("CastLike", mask, x)
 
 
 def one_minus_square(b: Body, t: str) -> str:

@@ -100,10 +100,10 @@ def _silu_derivative_body(b: Body, x: str) -> str:
 
 
 def _hard_swish_derivative_body(b: Body, x: str) -> str:
-    """0 | (2x + 3)/6 | 1 on x < −3 | [−3, 3] | x > 3 (masks from steps: no Where, no Cast)."""
-    inside = b.op("Mul", step(b, b.op("Add", x, b.const(3.0))), step(b, b.op("Sub", b.const(3.0), x)))
+    """0 | (2x + 3)/6 | 1 on x < −3 | [−3, 3] | x > 3, as 1[x > −3]·g − 1[x > 3]·(g − 1) with g = x/3 + 1/2."""
     ramp = b.op("Add", b.op("Mul", x, b.const(1 / 3.0)), b.const(0.5))
-    return b.op("Add", b.op("Mul", inside, ramp), step(b, b.op("Sub", x, b.const(3.0))))
+    low = b.op("Mul", step(b, x, b.const(-3.0)), ramp)
+    return b.op("Sub", low, b.op("Mul", step(b, x, b.const(3.0)), b.op("Sub", ramp, b.const(1.0))))
 
 
 def _mish_derivative_body(b: Body, x: str) -> str:

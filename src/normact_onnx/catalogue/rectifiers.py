@@ -50,8 +50,7 @@ def _leaky_derivative_body(b: Body, x: str) -> str:
 
 def _clip_derivative_body(b: Body, x: str) -> str:
     """1 strictly inside (min, max), else 0."""
-    above = step(b, b.op("Sub", x, b.param("min")))
-    return b.op("Mul", above, step(b, b.op("Sub", b.param("max"), x)))
+    return b.op("Mul", step(b, x, b.param("min")), step(b, x, b.param("max"), "Less"))
 
 
 def _read_prelu(view: Any) -> dict[str, Any] | str:
@@ -85,6 +84,10 @@ def _read_clip(view: Any) -> dict[str, Any] | str:
     return {"min": lo, "max": hi}
 
 
+def _clip_bounds(p: Any) -> tuple[float, float]:
+    return (p["min"] if p["min"] > -FLT_MAX else -math.inf, p["max"] if p["max"] < FLT_MAX else math.inf)
+
+
 def _clip_kinks(p: Any) -> tuple[float, ...]:
     return tuple(v for v in (p["min"], p["max"]) if abs(v) < FLT_MAX)
 
@@ -99,6 +102,7 @@ RELU = Activation(
     patterns=(DecomposedForm("Max(x, 0)", node("Max", X, C(0.0), comm=True)),),
     kinks=lambda p: (0.0,),
     homogeneous=True,
+    clip_bounds=lambda p: (0.0, math.inf),
     closed_moments=lambda q, p: _leaky_moments(q, 0.0),
     summary="max(x, 0)",
     derivative_body=step,
@@ -162,6 +166,7 @@ CLIP = Activation(
         ),
     ),
     kinks=_clip_kinks,
+    clip_bounds=_clip_bounds,
     summary="min(max(x, min), max): ReLU6 is Clip(0, 6)",
     derivative_body=_clip_derivative_body,
 )

@@ -34,7 +34,7 @@ def _sigmoid_derivative_body(b: Body, x: str) -> str:
 def _hard_sigmoid_derivative_body(b: Body, x: str) -> str:
     """alpha strictly inside the linear part (0 < alpha·x + beta < 1), else 0."""
     lin = b.op("Add", b.op("Mul", x, b.param("alpha")), b.param("beta"))
-    inside = b.op("Mul", step(b, lin), step(b, b.op("Sub", b.const(1.0), lin)))
+    inside = b.op("Mul", step(b, lin), step(b, lin, b.const(1.0), "Less"))
     return b.op("Mul", b.param("alpha"), inside)
 
 
