@@ -108,8 +108,13 @@ def minmax_calibration(path: Path, reader: Reader, workdir: Path) -> float:
     return time.perf_counter() - start
 
 
-def best_of(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
+def timed(fn, path: Path, reader: Reader, repeats: int, *extra) -> float:
+    """Best of ``repeats`` runs over the same batches (the reader is rewound to its seed each time)."""
+    best = float("inf")
+    for _ in range(repeats):
+        reader.rewind()
+        best = min(best, fn(path, reader, *extra))
+    return best
 
 
 CHILD = """
@@ -149,17 +154,9 @@ def main() -> None:
         for name in args.models.split(","):
             path, spec = model_and_batch(name, workdir)
             reader = Reader(spec, args.batches)
-
-            def timed(fn, *extra):
-                def once():
-                    reader.rewind()
-                    return fn(path, reader, *extra)
-
-                return best_of(once, args.repeats)
-
-            plain = timed(plain_inference)
-            calib = timed(normact_calibration)
-            minmax = timed(minmax_calibration, workdir)
+            plain = timed(plain_inference, path, reader, args.repeats)
+            calib = timed(normact_calibration, path, reader, args.repeats)
+            minmax = timed(minmax_calibration, path, reader, args.repeats, workdir)
             rss10, rss100 = peak_rss_mib(name, 10, workdir), peak_rss_mib(name, 100, workdir)
             batch = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, (s, _) in spec.items())
             rows.append((name, batch, plain, calib, minmax, rss10, rss100))
