@@ -11,11 +11,15 @@ from onnx import helper, numpy_helper
 
 from normact_onnx.calibration import CalibrationStats, calibrate, merge
 from normact_onnx.calibration.stats import Moments
+from normact_onnx.catalogue import CATALOGUE
+from normact_onnx.errors import NormactError
 from normact_onnx.methods.anact import site_factors
 from normact_onnx.methods.static import static_affine
 from normact_onnx.passes.find import find_sites
 
 from .conftest import MODELS, fvi, run_model, tiny_model
+
+CATALOGUE_RELU = CATALOGUE["relu"]
 
 # MATH.md §2, X ~ N(0, 1): μ, λ (anact rule), λ (xavier rule)
 ORACLE = {
@@ -340,3 +344,22 @@ def test_minilm_calibrates_with_sentences(tmp_path):
     assert len(res.rewrite.rewritten) == 6
     (emb,) = run_model(out, batches[0])
     assert emb.shape == (8, 32, 384) and np.all(np.isfinite(emb))
+
+
+def test_python_rewrite_with_method_and_stats(tmp_path):
+    """normact_onnx.rewrite(model, method="anact", stats=stats) — objects or a stats file."""
+    import normact_onnx as na
+
+    model = single_site("relu")
+    stats = calibrate(model, gaussian_batches(5), stats_path=tmp_path / "s.json")
+    f = site_factors(only_site(stats), "anact", False, "ema")
+    for given in (stats, tmp_path / "s.json"):
+        out = na.rewrite(model, method="anact", stats=given)
+        (node,) = [n for n in out.graph.node if n.op_type == "NormRelu"]
+        assert {a.name: a.f for a in node.attribute}["scale"] == pytest.approx(f.lam[0], rel=1e-6)
+    static = na.rewrite(model, method="static", stats=stats)
+    (node,) = [n for n in static.graph.node if n.op_type == "NormRelu"]
+    want = static_affine(CATALOGUE_RELU, q=float(only_site(stats).x.pooled().var[0]))
+    assert {a.name: a.f for a in node.attribute}["scale"] == pytest.approx(want.scale, rel=1e-5)
+    with pytest.raises(NormactError, match="needs calibration statistics"):
+        na.rewrite(model, method="anact")

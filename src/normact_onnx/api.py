@@ -181,7 +181,8 @@ def rewrite(
     all_sites: bool = False,
     preserve_function: bool = False,
     constants: Constants | None = None,
-    method: dict[str, Any] | None = None,
+    method: str | dict[str, Any] | None = None,
+    stats: Any = None,
     verify: bool = True,
     in_place: bool = False,
     dry_run: bool = False,
@@ -189,9 +190,16 @@ def rewrite(
 ) -> onnx.ModelProto | RewriteResult:
     """Normalize the activations of ``model``; write to ``output`` when given.
 
+    ``method`` is ``"static"`` (default; with ``stats``, each site at its measured q) or
+    ``"anact"`` (λ and μ from ``stats``: a :class:`~normact_onnx.calibration.CalibrationStats`
+    or the path of a stats JSON written by ``calibrate``). Callers with their own
+    ``constants(site)`` pass the provenance to stamp as a dict in ``method``.
+
     Returns the rewritten ``ModelProto`` (or the full :class:`RewriteResult` with
     ``details=True``). The input model object is not modified.
     """
+    if isinstance(method, str) or stats is not None:
+        constants, method = _method_constants(method or "static", stats, variant, q, ratio)
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
@@ -231,6 +239,20 @@ def rewrite(
     elif verify and result.rewritten:
         result.verification = verify_in_memory(m, outcomes, base_dir)
     return result if details else m
+
+
+def _method_constants(method: str, stats: Any, variant: str, q: float, ratio: float | None) -> tuple[Any, Any]:
+    """(constants, provenance) for a named method; ``None`` constants mean plain static."""
+    if stats is None:
+        if method == "static":
+            return None, None
+        raise NormactError(f"method {method!r} needs calibration statistics (stats=…; see normact-onnx calibrate)")
+    from .calibration.run import stats_constants
+    from .calibration.stats import CalibrationStats
+
+    if not isinstance(stats, CalibrationStats):
+        stats = CalibrationStats.load(stats)
+    return stats_constants(stats, method, variant=variant, q=q, ratio=ratio)
 
 
 def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:
