@@ -76,19 +76,44 @@ def test_original_ops_come_back():
     ]
 
 
-def test_site_feeding_a_residual_add_stays_with_its_reason(tmp_path):
+def test_site_feeding_a_residual_add_folds(tmp_path):
+    """resblock's stem ReLU feeds a padded Conv and the residual Add: it folds into the stem Conv (backward)."""
     normed = rewrite(MODELS / "resblock.torchscript.onnx")
     res = fold(normed, details=True)
-    kept = {o.site.name: o.reason for o in res.kept}
-    assert list(kept) == ["/Relu"] and "Add" in kept["/Relu"]
-    assert len(res.folded) == 2
-    assert [n.name for n in _norm_nodes(res.model)] == ["/Relu"]
-    assert any(f.name == "NormRelu" for f in res.model.functions)  # still called: kept
+    assert not res.kept, [o.reason for o in res.kept]
+    into = {o.site.name: o.into for o in res.folded}
+    assert into["/Relu"] == "producer"
+    assert not _norm_nodes(res.model) and not any(f.domain == NORM_DOMAIN for f in res.model.functions)
+    ops = [n.op_type for n in res.model.graph.node]
+    src = [n.op_type for n in onnx.load(MODELS / "resblock.torchscript.onnx").graph.node]
+    assert len(ops) == len(src)  # nothing inserted: the sites are Relu/Clip again
     assert_reproduces(normed, res.model, random_feeds(MODELS / "resblock.torchscript.onnx"))
 
 
-def _conv_model(pads: list[int], group: int = 1, per_channel: bool = False) -> onnx.ModelProto:
-    """Conv → ReLU (or per-channel PRelu) → Conv(pads, group) → output."""
+def test_mobilenet_folds_every_site_but_the_gated_one():
+    """Residual Add (through the other branch's Conv), padded depthwise Convs, and layers that absorb one
+    site on their input side and another on their output side: only the HardSwish that feeds the SE gate's
+    Mul stays."""
+    path = MODELS / "mobilenet_like.torchscript.onnx"
+    normed = rewrite(path)
+    res = fold(normed, details=True)
+    kept = {o.site.name: o.reason for o in res.kept}
+    assert list(kept) == ["/block2/dw/dw.1/HardSwish"] and "Mul" in kept["/block2/dw/dw.1/HardSwish"]
+    into = {o.site.name: o.into for o in res.folded}
+    assert into["/stem/stem.1/HardSwish"] == "consumers"  # through the residual Add
+    assert into["/block1/expand/expand.1/Clip"] == "producer"  # ReLU6 in front of a padded depthwise Conv
+    assert res.check["max_rel_to_scale"] < TOL
+    assert_reproduces(normed, res.model, random_feeds(path))
+
+
+def _conv_model(
+    pads: list[int], group: int = 1, per_channel: bool = False, act: str = "Relu", shared: bool = False
+) -> onnx.ModelProto:
+    """Conv → ``act`` (or per-channel PRelu) → Conv(pads, group) → output.
+
+    ReLU folds backward (into conv1); LeakyRelu (shift ≠ 0, not a clip) only forward, into conv2.
+    ``shared``: a second Conv reads conv1's weight from the input (output ``z``).
+    """
     rng = np.random.default_rng(0)
     c = 4
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1])]
@@ -96,23 +121,38 @@ def _conv_model(pads: list[int], group: int = 1, per_channel: bool = False) -> o
     if per_channel:
         nodes.append(helper.make_node("PRelu", ["h", "alpha"], ["a"], name="act"))
         inits.append(const("alpha", np.array([0.05, 0.1, 0.2, 0.3]).reshape(c, 1, 1)))
+    elif act == "LeakyRelu":
+        nodes.append(helper.make_node("LeakyRelu", ["h"], ["a"], name="act", alpha=0.1))
+    elif act == "Relu6":
+        inits += [const("lo", 0.0), const("hi", 6.0)]
+        nodes.append(helper.make_node("Clip", ["h", "lo", "hi"], ["a"], name="act"))
     else:
-        nodes.append(helper.make_node("Relu", ["h"], ["a"], name="act"))
+        nodes.append(helper.make_node(act, ["h"], ["a"], name="act"))
+    outputs = [fvi("y", ["n", "c", "h", "w"])]
+    if shared:
+        nodes.append(helper.make_node("Conv", ["x", "w1"], ["z"], name="other", pads=[1, 1, 1, 1]))
+        outputs.append(fvi("z", [1, c, 12, 12]))
     nodes.append(
         helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", pads=pads, group=group, dilations=[2, 2])
     )
     inits += [const("w2", rng.standard_normal((6, c // group, 3, 3)) * 0.3), const("b2", rng.standard_normal(6) * 0.1)]
-    return tiny_model(nodes, [fvi("x", [1, 3, 12, 12])], [fvi("y", ["n", "c", "h", "w"])], inits)
+    return tiny_model(nodes, [fvi("x", [1, 3, 12, 12])], outputs, inits)
 
 
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("padding, inserted", [("pad", "Pad"), ("keep-shift", "Add")])
+@pytest.mark.parametrize("padding, inserted", [("pad", "Pad"), ("keep-shift", "Conv")])
 def test_conv_with_padding_is_exact(padding, inserted, group):
-    normed = rewrite(_conv_model([1, 2, 1, 0], group))
+    normed = rewrite(_conv_model([1, 2, 1, 0], group, act="LeakyRelu"))
     res = fold(normed, padding=padding, details=True)
-    assert len(res.folded) == 1
+    assert len(res.folded) == 1 and res.folded[0].into == "consumers"
     ops = [n.op_type for n in res.model.graph.node]
-    assert inserted in ops and not _norm_nodes(res.model)
+    assert ops == ["Conv", "LeakyRelu", inserted, "Conv"] and not _norm_nodes(res.model)
+    if padding == "keep-shift":  # the shift as a depthwise 1×1 Conv with weight 1: x·1 + b is exact
+        shift = res.model.graph.node[2]
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in shift.attribute} == {
+            "group": 4,
+            "kernel_shape": [1, 1],
+        }
     conv2 = next(n for n in res.model.graph.node if n.name == "conv2")
     pads = [list(a.ints) for a in conv2.attribute if a.name == "pads"]
     assert pads == ([] if padding == "pad" else [[1, 2, 1, 0]])
@@ -120,8 +160,58 @@ def test_conv_with_padding_is_exact(padding, inserted, group):
 
 
 def test_conv_with_padding_can_be_refused():
-    res = fold(rewrite(_conv_model([1, 1, 1, 1])), padding="refuse", details=True)
+    res = fold(rewrite(_conv_model([1, 1, 1, 1], act="LeakyRelu")), padding="refuse", details=True)
     assert not res.folded and "pads with zeros" in res.kept[0].reason
+
+
+@pytest.mark.parametrize("act, plain", [("Relu", "Clip"), ("Relu6", "Clip")])
+def test_clip_site_folds_into_its_producer_whatever_the_padding(act, plain):
+    """s·(clip(x, lo, hi) − h) = clip(s·x − s·h, s·lo − s·h, s·hi − s·h): conv1 takes s and −s·h."""
+    normed = rewrite(_conv_model([1, 1, 1, 1], act=act))
+    rec = recorded_sites(normed)[0]
+    for padding in ("refuse", "keep-shift"):
+        res = fold(normed, padding=padding, details=True)
+        assert [o.into for o in res.folded] == ["producer"]
+        nodes = list(res.model.graph.node)
+        assert [n.op_type for n in nodes] == ["Conv", plain, "Conv"]
+        conv2 = next(n for n in nodes if n.name == "conv2")
+        assert [list(a.ints) for a in conv2.attribute if a.name == "pads"] == [[1, 1, 1, 1]]
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+        s, h = rec["scale"], rec["shift"]
+        lo = float(inits[nodes[1].input[1]])
+        assert lo == pytest.approx(-s * h, rel=1e-6)
+        if act == "Relu6":
+            assert float(inits[nodes[1].input[2]]) == pytest.approx(s * (6.0 - h), rel=1e-6)
+        else:
+            assert len(nodes[1].input) == 2  # no upper bound
+        src = {t.name: onnx.numpy_helper.to_array(t) for t in normed.graph.initializer}
+        np.testing.assert_allclose(inits["w1"], s * src["w1"], rtol=1e-6)
+        np.testing.assert_allclose(inits["b1"], s * src["b1"] - s * h, rtol=1e-6, atol=1e-7)
+        assert_reproduces(normed, res.model, {"x": np.zeros((1, 3, 12, 12), np.float32)})
+
+
+def test_shared_producer_weight_is_copied():
+    normed = rewrite(_conv_model([1, 1, 1, 1], shared=True))
+    res = fold(normed, details=True)
+    assert [o.into for o in res.folded] == ["producer"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    src = {t.name: onnx.numpy_helper.to_array(t) for t in normed.graph.initializer}
+    np.testing.assert_array_equal(inits["w1"], src["w1"])
+    conv1, other = (next(n for n in res.model.graph.node if n.name == k) for k in ("conv1", "other"))
+    assert other.input[1] == "w1" and conv1.input[1] != "w1"
+    assert_reproduces(normed, res.model, {"x": np.zeros((1, 3, 12, 12), np.float32)})
+
+
+def test_producer_with_another_reader_blocks_backward_folding():
+    model = _conv_model([1, 1, 1, 1])
+    model.graph.output.append(fvi("h", [1, 4, 12, 12]))  # conv1's output is read by more than the ReLU
+    normed = rewrite(model)
+    res = fold(normed, padding="refuse", details=True)
+    assert not res.folded
+    assert "pads with zeros" in res.kept[0].reason and "backward: the layer output it reads" in res.kept[0].reason
+    res = fold(normed, details=True)  # keep-shift: forward, one op inserted
+    assert [o.into for o in res.folded] == ["consumers"]
+    assert_reproduces(normed, res.model, {"x": np.zeros((1, 3, 12, 12), np.float32)})
 
 
 def test_conv_without_padding_needs_nothing_inserted():
@@ -137,14 +227,14 @@ def test_per_channel_constants_fold_into_a_padded_conv():
     res = fold(normed, padding="pad", details=True)
     assert len(res.folded) == 1
     ops = [n.op_type for n in res.model.graph.node]
-    assert "PRelu" in ops and "Add" in ops  # Pad takes one value; per-channel shifts stay as one Add
+    assert ops == ["Conv", "PRelu", "Conv", "Conv"]  # Pad takes one value; per-channel shifts stay (1×1 Conv)
     assert_reproduces(normed, res.model, {"x": np.zeros((1, 3, 12, 12), np.float32)})
 
 
-def _gemm_model(shared: bool, out_is_site: bool = False, matmul: bool = False) -> onnx.ModelProto:
+def _gemm_model(shared: bool, out_is_site: bool = False, matmul: bool = False, act: str = "Relu") -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1)]
-    nodes.append(helper.make_node("Relu", ["h"], ["a"], name="act"))
+    nodes.append(helper.make_node(act, ["h"], ["a"], name="act"))
     inits = [const("w1", rng.standard_normal((8, 8)) * 0.4), const("b1", rng.standard_normal(8) * 0.1)]
     inits.append(const("ws", rng.standard_normal((8, 8)) * 0.4))
     outputs = [fvi("y", ["n", "c", "h", "w"])]
@@ -173,17 +263,64 @@ def test_shared_weight_is_copied_not_corrupted():
 
 
 def test_matmul_without_bias_gets_one():
-    normed = rewrite(_gemm_model(shared=False, matmul=True))
+    normed = rewrite(_gemm_model(shared=False, matmul=True, act="Elu"))
     m = fold(normed)
-    assert [n.op_type for n in m.graph.node] == ["Gemm", "Relu", "MatMul", "Add"]
+    assert [n.op_type for n in m.graph.node] == ["Gemm", "Elu", "MatMul", "Add"]
     assert_reproduces(normed, m, {"x": np.zeros((3, 8), np.float32)})
 
 
-def test_site_that_is_a_graph_output_stays():
+def test_relu_before_a_matmul_without_bias_folds_backward():
+    normed = rewrite(_gemm_model(shared=False, matmul=True))
+    res = fold(normed, details=True)
+    assert [o.into for o in res.folded] == ["producer"]
+    assert [n.op_type for n in res.model.graph.node] == ["Gemm", "Clip", "MatMul"]  # no Add inserted
+    assert_reproduces(normed, res.model, {"x": np.zeros((3, 8), np.float32)})
+
+
+def test_site_that_is_a_graph_output():
+    """A clip site keeps its output's value when it folds backward; any other site stays."""
     normed = rewrite(_gemm_model(shared=False, out_is_site=True), all_sites=True)
+    res = fold(normed, details=True)
+    assert [o.into for o in res.folded] == ["producer"]
+    assert_reproduces(normed, res.model, {"x": np.zeros((3, 8), np.float32)})
+    normed = rewrite(_gemm_model(shared=False, out_is_site=True, act="Elu"), all_sites=True)
     res = fold(normed, details=True)
     assert not res.folded and res.kept[0].reason == "the value is a graph output"
     assert res.path is None
+
+
+def _residual_model(act: str, other_reads_elsewhere: bool = False) -> onnx.ModelProto:
+    """x → conv0 → act → a; a → conv1 (1×1) → b; Add(a, b) → conv2 (3×3, padded) → y."""
+    rng = np.random.default_rng(3)
+    c = 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node(act, ["h"], ["a"], name="act"),
+        helper.make_node("Conv", ["a", "w1", "b1"], ["b"], name="conv1"),
+        helper.make_node("Add", ["a", "b"], ["z"], name="residual"),
+        helper.make_node("Conv", ["z", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        const("w0", rng.standard_normal((c, 3, 3, 3)) * 0.3),
+        const("b0", rng.standard_normal(c) * 0.1),
+        const("w1", rng.standard_normal((c, c, 1, 1)) * 0.3),
+        const("b1", rng.standard_normal(c) * 0.1),
+        const("w2", rng.standard_normal((5, c, 3, 3)) * 0.3),
+        const("b2", rng.standard_normal(5) * 0.1),
+    ]
+    outputs = [fvi("y", [1, 5, 10, 10])] + ([fvi("b", [1, c, 10, 10])] if other_reads_elsewhere else [])
+    return tiny_model(nodes, [fvi("x", [1, 3, 10, 10])], outputs, inits, opset=17)
+
+
+def test_non_clip_site_folds_through_a_residual_add():
+    """(s·f − s·h) + b = s·(f + (b − s·h)/s): conv1 takes 1/s and −h, conv2 takes s; nothing inserted."""
+    normed = rewrite(_residual_model("Elu"))
+    res = fold(normed, details=True)
+    assert [o.into for o in res.folded] == ["consumers"], [o.reason for o in res.kept]
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Elu", "Conv", "Add", "Conv"]
+    assert_reproduces(normed, res.model, {"x": np.zeros((1, 3, 10, 10), np.float32)})
+    res = fold(rewrite(_residual_model("Elu", other_reads_elsewhere=True)), details=True)
+    assert not res.folded and "Add" in res.kept[0].reason and "also used elsewhere" in res.kept[0].reason
 
 
 def test_slope_variants_stay_normalized():
@@ -203,9 +340,10 @@ def test_cli_fold_writes_and_reports(cli, tmp_path):
     r = cli("fold", "m.normact.onnx", "--report", "rep.json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.normact.folded.onnx").exists()
-    assert "2 folded, 1 kept" in r.stdout and "(verified)" in r.stdout
+    assert "3 folded, 0 kept" in r.stdout and "(verified)" in r.stdout
     rep = json.loads((tmp_path / "rep.json").read_text())
-    assert [s["action"] for s in rep["sites"]] == ["kept", "folded", "folded"]
+    assert [s["action"] for s in rep["sites"]] == ["folded", "folded", "folded"]
+    assert rep["sites"][0]["folded_into"] == "producer"
     r = cli("fold", "m.normact.onnx", "-o", "m.normact.onnx")
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
     r = cli("fold", "missing.onnx")

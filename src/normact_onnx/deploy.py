@@ -67,10 +67,16 @@ def fold(
     in_place: bool = False,
     details: bool = False,
 ) -> onnx.ModelProto | FoldResult:
-    """Fold every normalized site (slope 0) whose affine part moves exactly into its consumers.
+    """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
+
+    Into the consumers (forward), or, for sites whose activation is a clip of
+    its input (ReLU, Clip/ReLU6), into the layer that produces the input
+    (backward) when the consumers cannot take it for free (see
+    :mod:`normact_onnx.passes.fold`).
 
     ``padding`` decides Conv consumers that pad with zeros (all exact):
-    ``"keep-shift"`` (default: the scale folds, the shift stays as one ``Add``),
+    ``"keep-shift"`` (default: the scale folds, the shift stays as one
+    depthwise 1×1 ``Conv`` with weight 1 in front of it),
     ``"pad"`` (an explicit ``Pad`` with the value a zero stood for, the Conv
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression

@@ -14,10 +14,23 @@ zeros of ``u``, which are not zeros of ``u'`` once there is an offset; the
 ``padding`` strategy says what to do there (MATH.md §3): ``"refuse"``, ``"pad"``
 (an explicit ``Pad`` of ``u'`` with the value that stands for u = 0, then the
 Conv without padding: exact, one copy), or ``"keep-shift"`` (fold only the
-scale; an explicit ``Add`` of off/a in front of that Conv: exact, one
-elementwise op). ``"pad"`` falls back to ``"keep-shift"`` when that value
+scale; the shift off/a added in front of that Conv by a depthwise 1×1 ``Conv``
+with weight 1: exact, one elementwise op). ``"free"`` (:data:`FREE`, internal):
+insert no op at all, refuse instead. ``"pad"`` falls back to ``"keep-shift"`` when that value
 differs per channel (Pad takes one scalar). Shared weights are copied, never
 changed in place for the other users.
+
+The producer side (:func:`plan_produce`) is the mirror image: make the layer
+that computes ``t`` compute ``a·t + c`` instead (Conv, Gemm, MatMul (+ Add) with
+constant weights: output channels scaled, bias ``a·b + c``). ``fold`` uses it
+for sites whose activation is a clip of its input (MATH.md §3, backward) and,
+with ``residual=True``, to carry an affine map through a residual ``Add``:
+(a·u' + c) + v = a·(u' + (v + c)/a) when the layer producing ``v`` feeds only
+that ``Add`` and absorbs (1/a, c/a); the ``Add``'s consumers then absorb ``a``.
+
+Edits compose: every weight is read through the pending ``Edits`` (what earlier
+plans already wrote), and new values are computed when a plan is applied, so a
+layer can absorb one site on its input side and another on its output side.
 """
 
 from __future__ import annotations
@@ -29,11 +42,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import Container, attr_value, const_value
+from ..graph import Container, attr_value, const_value, constant_node_value
 from .edits import Edits
 
 Plan = Callable[[Edits], None]
 PADDING = ("pad", "keep-shift", "refuse")
+FREE = "free"  # plan_absorb's padding for "insert no op at all": refuse padded Convs and a MatMul without its Add
 
 
 def _vector(v: Any) -> np.ndarray:
@@ -42,17 +56,32 @@ def _vector(v: Any) -> np.ndarray:
 
 
 class _Weights:
-    """Reads a consumer's constant input and writes its replacement (copied when shared)."""
+    """Reads a layer's constant input (seeing pending edits) and writes its replacement (copied when shared)."""
 
-    def __init__(self, c: Container, base_dir: str | None, fresh: Callable[[str], str]) -> None:
-        self.c, self.base_dir, self.fresh = c, base_dir, fresh
+    def __init__(
+        self, c: Container, base_dir: str | None, fresh: Callable[[str], str], edits: Edits | None = None
+    ) -> None:
+        self.c, self.base_dir, self.fresh, self.edits = c, base_dir, fresh, edits
 
-    def read(self, name: str) -> np.ndarray | None:
-        return const_value(self.c, name, self.base_dir, limit=None) if name else None
+    def read(self, name: str, edits: Edits | None = None) -> np.ndarray | None:
+        if not name:
+            return None
+        pending = _pending(edits or self.edits, name)
+        if pending is not None:
+            return pending
+        return const_value(self.c, name, self.base_dir, limit=None)
 
     def write(self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray) -> None:
         value = value.astype(like.dtype if like is not None else np.float32)
         old = node.input[index] if index < len(node.input) else ""
+        if old and old not in self.c.initializers and old not in self.c.producer:  # a constant an earlier plan made
+            if old in edits.initializers:
+                edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
+                return
+            made = _pending_node(edits, old)
+            if made is not None:
+                made.CopyFrom(_constant_node(made.name, old, value))
+                return
         producer = self.c.producer.get(old)
         users = self.c.consumers.get(old, [])
         exclusive = old and len(users) == 1 and old not in self.c.outputs and old not in self.c.inputs
@@ -60,17 +89,48 @@ class _Weights:
             edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
             return
         if exclusive and producer is not None and producer.op_type == "Constant":
-            edits.replace[id(producer)] = [
-                helper.make_node(
-                    "Constant", [], [old], name=producer.name, value=onnx.numpy_helper.from_array(value, old)
-                )
-            ]
+            made = _pending_node(edits, old)
+            if made is not None:
+                made.CopyFrom(_constant_node(producer.name, old, value))
+            else:
+                edits.replace[id(producer)] = [_constant_node(producer.name, old, value)]
             return
         new = self.fresh(f"{old or node.name or node.op_type}_normact")
         edits.add_constant(new, value, node)
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = new
+        _set_input(edits, node, index, new)
+
+
+def _constant_node(name: str, output: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [output], name=name, value=onnx.numpy_helper.from_array(value, output))
+
+
+def _pending_node(edits: Edits | None, name: str) -> onnx.NodeProto | None:
+    """The ``Constant`` node an earlier plan wrote for ``name`` (function bodies), if any."""
+    if edits is None:
+        return None
+    for group in (*edits.before.values(), *edits.replace.values(), *edits.after.values()):
+        for n in group:
+            if n.op_type == "Constant" and name in n.output:
+                return n
+    return None
+
+
+def _pending(edits: Edits | None, name: str) -> np.ndarray | None:
+    """The value an earlier plan already wrote for ``name`` (not yet committed), if any."""
+    if edits is None:
+        return None
+    if name in edits.initializers:
+        return onnx.numpy_helper.to_array(edits.initializers[name])
+    made = _pending_node(edits, name)
+    return constant_node_value(made) if made is not None else None
+
+
+def _set_input(edits: Edits, node: onnx.NodeProto, index: int, name: str) -> None:
+    """Point ``node``'s input at ``name``, and its pending copy (an earlier plan's replacement) too."""
+    for n in (node, *(r for r in edits.replace.get(id(node), ()) if r is not node and r.op_type == node.op_type)):
+        while len(n.input) <= index:
+            n.input.append("")
+        n.input[index] = name
 
 
 def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +170,40 @@ def plan_absorb(
     base_dir: str | None,
     fresh: Callable[[str], str],
     padding: str = "refuse",
+    *,
+    edits: Edits | None = None,
+    residual: bool = False,
 ) -> Plan | str:
     """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not.
 
     Pooling and reshaping ops in between are looked through: the affine map
-    commutes with them, and the layers after them absorb it.
+    commutes with them, and the layers after them absorb it. ``edits``: the
+    pending edits the plan will be applied to (so weights earlier plans changed
+    are read as changed). ``residual``: carry the map through an ``Add`` whose
+    other operand's layer can absorb (1/a, off/a) (see the module docstring).
     """
     a, off = _vector(a), _vector(off)
-    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh), fresh, padding)
+    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh, edits), fresh, padding, residual)
+
+
+def plan_produce(
+    c: Container,
+    tensor: str,
+    a: Any,
+    off: Any,
+    base_dir: str | None,
+    fresh: Callable[[str], str],
+    *,
+    edits: Edits | None = None,
+) -> Plan | str:
+    """A plan that makes the layer computing ``tensor`` compute ``a·tensor + off`` instead, or why not.
+
+    The caller makes sure nothing else reads ``tensor`` (every reader sees the new value).
+    Per-channel constants run along a Conv's output channels (axis 1); for Gemm, MatMul
+    and a bias ``Add`` they must be scalars.
+    """
+    a, off = _vector(a), _vector(off)
+    return _plan_producer(c, tensor, a, off, _Weights(c, base_dir, fresh, edits))
 
 
 def _plan_tensor(
@@ -128,6 +214,7 @@ def _plan_tensor(
     weights: _Weights,
     fresh: Callable[[str], str],
     padding: str,
+    residual: bool = False,
 ) -> Plan | str:
     if tensor in c.outputs:
         return "the value is a graph output"
@@ -139,9 +226,17 @@ def _plan_tensor(
         rule = _TRANSPARENT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
             why = _transparent_blocker(node, rule, a, off)
-            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, padding)
+            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, padding, residual)
             if not why and any(o and c.consumers.get(o) for o in node.output[1:]):
                 plan = f"consumer {node.op_type} '{node.name}' has a second output in use"
+        elif (
+            residual
+            and node.op_type == "Add"
+            and node.domain in ("", "ai.onnx")
+            and len(node.input) == 2
+            and list(node.input).count(tensor) == 1
+        ):
+            plan = _plan_through_add(c, node, tensor, a, off, weights, fresh, padding)
         else:
             plan = _plan_one(c, node, tensor, a, off, weights, fresh, padding)
         if isinstance(plan, str):
@@ -153,6 +248,142 @@ def _plan_tensor(
             p(edits)
 
     return apply
+
+
+def _plan_through_add(
+    c: Container,
+    node: onnx.NodeProto,
+    tensor: str,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: str,
+) -> Plan | str:
+    """(a·u' + off) + v = a·(u' + v') with v' = (v + off)/a: v's layer (or constant) takes (1/a, off/a)."""
+    label = f"consumer Add '{node.name or node.output[0]}'"
+    idx = 1 if node.input[0] == tensor else 0
+    other = node.input[idx]
+    if np.any(a == 0):
+        return f"{label}: the scale has a zero"
+    k = weights.read(other)
+    if k is not None:
+        if a.ndim or off.ndim:
+            return f"{label} adds a constant, and per-channel constants do not line up with it"
+
+        def constant(edits: Edits) -> None:
+            v = weights.read(node.input[idx], edits)
+            weights.write(edits, node, idx, (v.astype(np.float64) + off) / a, v)
+
+        back: Plan | str = constant
+    elif other in c.outputs or len(c.consumers.get(other, [])) != 1:
+        back = "its other operand is also used elsewhere"
+    else:
+        back = _plan_producer(c, other, 1.0 / a, off / a, weights)
+    if isinstance(back, str):
+        return f"{label} is not linear in this value, and the other branch cannot absorb 1/scale: {back}"
+    fwd = _plan_tensor(c, node.output[0], a, np.zeros(()), weights, fresh, padding, True)
+    if isinstance(fwd, str):
+        return f"after {label}: {fwd}"
+
+    def apply(edits: Edits) -> None:
+        back(edits)
+        fwd(edits)
+
+    return apply
+
+
+def _plan_producer(c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | str:
+    """Make the layer writing ``tensor`` write ``a·tensor + off`` (output channels scaled, bias a·b + off)."""
+    node = c.producer.get(tensor)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return "it is not computed by a standard layer of this graph"
+    label = f"producer {node.op_type} '{node.name or tensor}'"
+    if node.op_type not in ("Conv", "Gemm", "MatMul", "Add") or node.output[0] != tensor:
+        return f"{label} is not a Conv, Gemm, MatMul or bias Add"
+    per_channel = bool(a.ndim or off.ndim)
+    has_off = bool(np.any(off != 0))
+    if node.op_type != "Add":
+        if len(node.input) < 2 or node.input[0] == node.input[1]:
+            return f"{label} has no constant weight"
+        w = weights.read(node.input[1])
+        if w is None:
+            return f"{label} has no constant weight"
+    if node.op_type == "Conv":
+        if w.ndim < 3:
+            return f"{label}: unexpected weight rank"
+        o = w.shape[0]
+        if any(v.ndim and v.shape[0] != o for v in (a, off)):
+            return f"{label}: constants do not match its output channels"
+        if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None:
+            return f"{label}: its bias is not a constant"
+
+        def conv(edits: Edits) -> None:
+            w = weights.read(node.input[1], edits)
+            expand = (slice(None),) + (None,) * (w.ndim - 1)
+            weights.write(edits, node, 1, w.astype(np.float64) * np.broadcast_to(a, (o,))[expand], w)
+            b = weights.read(node.input[2], edits) if len(node.input) > 2 else None
+            if b is not None or has_off:
+                base = b.astype(np.float64) if b is not None else np.zeros(o)
+                weights.write(edits, node, 2, a * base + off, b if b is not None else w)
+
+        return conv
+    if per_channel and node.op_type != "Gemm":
+        return f"{label}: per-channel constants only fold into a Conv's or Gemm's output"
+    if node.op_type == "Gemm":
+        if w.ndim != 2:
+            return f"{label}: weight is not a 2-D matrix"
+        n_axis = 0 if attr_value(node, "transB", 0) else 1
+        beta = float(attr_value(node, "beta", 1.0))
+        if any(v.ndim and v.shape[0] != w.shape[n_axis] for v in (a, off)):
+            return f"{label}: constants do not match its output features"
+        if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None:
+            return f"{label}: its bias is not a constant"
+        if has_off and beta == 0:
+            return f"{label} has beta = 0 (no bias to take the shift)"
+
+        def gemm(edits: Edits) -> None:
+            w = weights.read(node.input[1], edits)
+            shape = [1, 1]
+            shape[n_axis] = -1
+            weights.write(edits, node, 1, w.astype(np.float64) * (a.reshape(shape) if a.ndim else a), w)
+            cv = weights.read(node.input[2], edits) if len(node.input) > 2 else None
+            if cv is not None or has_off:
+                base = cv.astype(np.float64) if cv is not None else np.zeros(())
+                weights.write(edits, node, 2, a * base + off / beta, cv if cv is not None else w)
+
+        return gemm
+    if node.op_type == "MatMul":
+        if w.ndim != 2:
+            return f"{label}: weight is not a 2-D matrix"
+        if has_off:
+            return f"{label} has no bias to take the shift"
+
+        def matmul(edits: Edits) -> None:
+            w = weights.read(node.input[1], edits)
+            weights.write(edits, node, 1, w.astype(np.float64) * a, w)
+
+        return matmul
+    # Add: a bias added to a layer's output, a·(v + k) + off = (a·v) + (a·k + off)
+    if len(node.input) != 2:
+        return f"{label} is not a bias Add"
+    known = [weights.read(i) is not None for i in node.input]
+    if known.count(True) != 1:
+        return f"{label} does not add a constant to a layer's output"
+    k_idx = known.index(True)
+    inner = node.input[1 - k_idx]
+    if inner in c.outputs or len(c.consumers.get(inner, [])) != 1:
+        return f"{label}: the layer output it adds to is used elsewhere"
+    sub = _plan_producer(c, inner, a, np.zeros(()), weights)
+    if isinstance(sub, str):
+        return sub
+
+    def add(edits: Edits) -> None:
+        sub(edits)
+        k = weights.read(node.input[k_idx], edits)
+        weights.write(edits, node, k_idx, a * k.astype(np.float64) + off, k)
+
+    return add
 
 
 def _transparent_blocker(node: onnx.NodeProto, rule: str, a: np.ndarray, off: np.ndarray) -> str | None:
@@ -191,15 +422,16 @@ def _plan_one(
         if a.ndim and a.shape[0] != w.shape[k_axis]:
             return f"consumer {label}: constants do not match the weight's input dimension"
         alpha, beta = float(attr_value(node, "alpha", 1.0)), float(attr_value(node, "beta", 1.0))
-        new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
         has_c = len(node.input) > 2 and bool(node.input[2])
-        c_val = weights.read(node.input[2]) if has_c else None
-        if has_shift and ((has_c and c_val is None) or beta == 0):
+        if has_shift and ((has_c and weights.read(node.input[2]) is None) or beta == 0):
             return f"consumer {label}: its bias is not a constant"
 
         def gemm(edits: Edits) -> None:
+            w = weights.read(node.input[1], edits)
+            new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
             weights.write(edits, node, 1, new_w, w)
             if has_shift:
+                c_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
                 base = c_val.astype(np.float64) if c_val is not None else 0.0
                 weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else w)
 
@@ -209,17 +441,22 @@ def _plan_one(
             return f"consumer {label}: weight is not a 2-D matrix"
         if a.ndim and a.shape[0] != w.shape[0]:
             return f"consumer {label}: constants do not match the weight's input dimension"
-        new_w, bias = _absorb_matmul_like(w, a, off, 0)
         out = node.output[0]
         users = c.consumers.get(out, [])
         add = users[0] if len(users) == 1 and users[0].op_type == "Add" and out not in c.outputs else None
         add_idx = (1 if add.input[0] == out else 0) if add is not None else None
-        add_val = weights.read(add.input[add_idx]) if add is not None else None
+        if padding == FREE and has_shift:
+            k = weights.read(add.input[add_idx]) if add is not None else None
+            if k is None or np.broadcast_shapes(k.shape, (w.shape[1],)) != k.shape:
+                return f"consumer {label} has no bias Add to take the shift (one would be inserted)"
 
         def matmul(edits: Edits) -> None:
+            w = weights.read(node.input[1], edits)
+            new_w, bias = _absorb_matmul_like(w, a, off, 0)
             weights.write(edits, node, 1, new_w, w)
             if not has_shift:
                 return
+            add_val = weights.read(add.input[add_idx], edits) if add is not None else None
             if add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
                 weights.write(edits, add, add_idx, add_val.astype(np.float64) + bias, add_val)
                 return
@@ -260,26 +497,23 @@ def _plan_one(
         expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
         a_w = (np.broadcast_to(a, (cg * group,))[in_channel])[expand]
         c_w = (np.broadcast_to(off, (cg * group,))[in_channel])[expand]
-        w64 = w.astype(np.float64)
-        new_w = w64 * a_w
-        bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
         fold_bias = bool(np.any(off != 0))
-        b_val = weights.read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and b_val is None and fold_bias:
+        if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None and fold_bias:
             return f"consumer {label}: its bias is not a constant"
 
         def conv(edits: Edits) -> None:
-            weights.write(edits, node, 1, new_w, w)
+            w = weights.read(node.input[1], edits)
+            w64 = w.astype(np.float64)
+            weights.write(edits, node, 1, w64 * a_w, w)
             if fold_bias:
+                b_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
                 base = b_val.astype(np.float64) if b_val is not None else np.zeros(out_ch)
+                bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
                 weights.write(edits, node, 2, base + bias, b_val if b_val is not None else w)
             if explicit == "pad":
                 _explicit_pad(edits, c, node, float(zero[0]), pads, w, fresh)
             elif explicit == "keep-shift":
-                name = fresh(f"{node.name or node.output[0]}_normact_shift")
-                _explicit_input(edits, node, "Add", [name], fresh)
-                edits.add_constant(name, pre_add.reshape((-1,) + (1,) * (w.ndim - 2)).astype(w.dtype), node)
-                _move_last_before(edits, node)
+                _explicit_shift(edits, node, pre_add, w, fresh)
 
         return conv
     raise AssertionError(node.op_type)
@@ -297,6 +531,24 @@ def _explicit_input(
     new.input[0] = out
     edits.replace[id(node)] = [new]
     return new
+
+
+def _explicit_shift(
+    edits: Edits, node: onnx.NodeProto, shift: np.ndarray, w: np.ndarray, fresh: Callable[[str], str]
+) -> None:
+    """``u' + shift`` (per channel) in front of ``node``, written as a depthwise 1×1 ``Conv`` (weight 1, bias shift).
+
+    Exact (x·1 + b is the Add), and on ONNX Runtime CPU it stays in the blocked
+    convolution layout, where a broadcast ``Add`` costs two layout reorders.
+    """
+    channels = w.shape[1] * int(attr_value(node, "group", 1))
+    k = w.ndim - 2
+    base = node.name or node.output[0]
+    names = [fresh(f"{base}_normact_shift_w"), fresh(f"{base}_normact_shift")]
+    _explicit_input(edits, node, "Conv", names, fresh, group=channels, kernel_shape=[1] * k)
+    edits.add_constant(names[0], np.ones((channels, 1) + (1,) * k, dtype=w.dtype), node)
+    edits.add_constant(names[1], np.broadcast_to(shift, (channels,)).astype(w.dtype), node)
+    _move_last_before(edits, node)
 
 
 def _move_last_before(edits: Edits, node: onnx.NodeProto) -> None:

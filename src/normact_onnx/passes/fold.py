@@ -1,10 +1,25 @@
 """Fold normalized sites back into plain activations (MATH.md §3), in place on a ModelProto.
 
-A site with slope 0 computes ``y = s·f(x) − s·h``. Its consumers are made to
-read ``f`` directly by :func:`.affine.plan_absorb` (a = s, c = −s·h: the same
-machinery ``rewrite --preserve-function`` uses for the inverse), and the site
-itself becomes the catalogue's plain op again (its body with literal
-parameters: ``Relu``, ``LeakyRelu(alpha)``, the Erf chain below opset 20 …).
+A site with slope 0 computes ``y = s·f(x) − s·h``. Two exact ways to make it free:
+
+- forward, into the consumers: they read ``f`` directly by
+  :func:`.affine.plan_absorb` (a = s, c = −s·h: the machinery ``rewrite
+  --preserve-function`` uses for the inverse, here also through a residual
+  ``Add`` whose other branch absorbs 1/s), and the site becomes the catalogue's
+  plain op again (``Relu``, ``LeakyRelu(alpha)``, the Erf chain below opset 20 …).
+- backward, into the layer that computes ``x`` (whatever the consumers are:
+  gating ``Mul``, padded Conv, graph output): when the catalogue says
+  f(x) = clip(x, lo, hi) (``clip_bounds``: ReLU, Clip/ReLU6) and s > 0,
+  y = clip(s·x − s·h, s·lo − s·h, s·hi − s·h), so the producer (Conv, Gemm,
+  MatMul (+Add), its output read by the site only) takes W ← s·W, b ← s·b − s·h
+  (:func:`.affine.plan_produce`) and the site becomes a plain ``Clip`` with the
+  new bounds; for a positively homogeneous f with h = 0 (LeakyRelu, PRelu, Abs)
+  the producer takes s and the site is f.
+
+Order: forward when it inserts no op (the exporter's op comes back, e.g. a
+``Relu`` that ONNX Runtime fuses into the Gemm before it, which it does not do
+for ``Clip``), else backward, else forward with one op inserted in front of a
+padded Conv (``padding``) or a bias ``Add`` after a MatMul.
 Sites whose affine part cannot move exactly stay normalized, with the reason.
 """
 
@@ -16,11 +31,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
-from ..graph import Container, containers, unique_namer
+from ..graph import Container, const_value, containers, unique_namer
 from ..types import infer_value_types
-from .affine import PADDING, plan_absorb
+from .affine import FREE, PADDING, plan_absorb, plan_produce
 from .edits import Edits
 from .find import META_SITES, Site, find_in_container, recorded_sites
 from .forms import LiteralBody
@@ -34,10 +50,13 @@ class FoldOutcome:
     action: str  # "folded" | "kept"
     reason: str = ""
     output: str = ""  # the normalized value the consumers read
+    into: str = ""  # folded: "producer" (backward) or "consumers" (forward)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
         d.update(action=self.action, reason=self.reason or None, normalized_output=self.output)
+        if self.into:
+            d["folded_into"] = self.into
         d.update({k: _jsonable(v) for k, v in (self.site.normalized or {}).items() if k in ("scale", "shift", "slope")})
         return d
 
@@ -150,11 +169,25 @@ def _fold_one(
     if isinstance(tail, str):
         outcome.reason = tail
         return outcome
-    plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, padding)
-    if isinstance(plan, str):
-        outcome.reason = plan
-        return outcome
     e = edits.setdefault(id(c), Edits(c))
+    # 1. forward when nothing is inserted (the site stays the exporter's op, e.g. Relu that ORT fuses into Gemm);
+    # 2. backward into the producing layer (free whatever the consumers are); 3. forward with one op inserted
+    plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, FREE, edits=e, residual=True)
+    if isinstance(plan, str):
+        backward = _plan_backward(s, scale, shift, y, base_dir, fresh, elem, e)
+        if backward is not None and not isinstance(backward, str):
+            plan, nodes, drop = backward
+            plan(e)
+            e.replace[id(s.root)] = nodes
+            e.delete.update(id(n) for n in (*drop, *tail))
+            if subgraph:
+                e.drop_value_info.update([s.output, *(o for n in (*drop, *tail) for o in n.output if o != y)])
+            outcome.action, outcome.into = "folded", "producer"
+            return outcome
+        plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, padding, edits=e, residual=True)
+        if isinstance(plan, str):
+            outcome.reason = plan if backward is None else f"{plan}; backward: {backward}"
+            return outcome
     plan(e)
     if subgraph:  # the exporter's own op writes the normalized name again; the affine tail goes
         root = onnx.NodeProto()
@@ -165,8 +198,85 @@ def _fold_one(
         e.drop_value_info.update([s.output, *(o for n in tail for o in n.output if o != y)])
     else:
         e.replace[id(s.root)] = _plain_nodes(s, elem, y)
-    outcome.action = "folded"
+    outcome.action, outcome.into = "folded", "consumers"
     return outcome
+
+
+def _plan_backward(
+    s: Site,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    y: str,
+    base_dir: str | None,
+    fresh: Callable[[str], str],
+    elem: int,
+    e: Edits,
+) -> tuple[Callable[[Edits], None], list[onnx.NodeProto], list[onnx.NodeProto]] | str | None:
+    """Fold into the layer computing the site's input, or why not.
+
+    Returns the plan, the nodes that replace the site's root (writing ``y``) and
+    the site's other nodes, which go.
+
+    None: the activation is neither a clip of its input nor (with shift 0) homogeneous.
+    """
+    act = s.activation
+    params = act.with_defaults(s.params)
+    bounds = act.clip_bounds(params) if act.clip_bounds is not None else None
+    homogeneous = act.homogeneous and not np.any(shift != 0)
+    if bounds is None and not homogeneous:
+        return None
+    if np.any(scale <= 0):
+        return "the scale is not positive"
+    c = s.container
+    ids = {id(n) for n in s.nodes}
+    if s.input in c.outputs or any(id(u) not in ids for u in c.consumers.get(s.input, ())):
+        return "the layer output it reads is also used elsewhere"
+    if scale.size > 1 or shift.size > 1:  # per-channel: along a Conv's output channels (axis 1 of NCHW…)
+        layer = c.producer.get(s.input)
+        w = const_value(c, layer.input[1], base_dir, limit=None) if layer is not None and len(layer.input) > 1 else None
+        if layer is None or layer.op_type != "Conv" or w is None or w.ndim < 3:
+            return "per-channel constants fold backward only into a Conv"
+        spatial = (1,) * (w.ndim - 2)
+        if any(
+            v.size > 1 and v.shape not in ((w.shape[0], *spatial), (1, w.shape[0], *spatial)) for v in (scale, shift)
+        ):
+            return "per-channel constants are not laid out along the Conv's output channels"
+    dtype = helper.tensor_dtype_to_np_dtype(elem) if elem else np.dtype(np.float32)
+    if homogeneous:  # s·f(x) = f(s·x): the producer takes the scale, the site is plain f
+        plan = plan_produce(c, s.input, scale, 0.0, base_dir, fresh, edits=e)
+        if isinstance(plan, str):
+            return plan
+        if s.root.domain == NORM_DOMAIN:
+            return plan, _plain_nodes(s, elem, y), []
+        root = onnx.NodeProto()
+        root.CopyFrom(s.root)
+        root.output[0] = y
+        return plan, [root], []
+    lo, hi = (scale * (b - shift) if np.isfinite(b) else np.asarray(b, np.float64) for b in bounds)
+    if not all(np.all(v == np.ravel(v)[0]) for v in (lo, hi)):
+        return "per-channel constants give per-channel bounds (Clip takes scalars)"
+    lo, hi = float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
+    if c.opset < 6:
+        return f"opset {c.opset} has no Clip with these bounds"
+    plan = plan_produce(c, s.input, scale, -scale * shift, base_dir, fresh, edits=e)
+    if isinstance(plan, str):
+        return plan
+    name = s.root.name or None
+    drop = [*s.nodes[:-1], *s.const_nodes]  # the site is one new node now
+    if lo == 0.0 and hi == np.inf:
+        return plan, [helper.make_node("Relu", [s.input], [y], name=name)], drop
+    if c.opset < 11:
+        big = float(np.finfo(np.float32).max)
+        attrs = {"min": max(lo, -big), "max": min(hi, big)}
+        return plan, [helper.make_node("Clip", [s.input], [y], name=name, **attrs)], drop
+    inputs = [s.input, "", ""]
+    for i, (v, tag) in enumerate(((lo, "min"), (hi, "max")), start=1):
+        if np.isfinite(v):
+            inputs[i] = fresh(f"{y}_normact_{tag}")
+            e.add_constant(inputs[i], np.asarray(v, dtype=dtype), s.root)
+    while inputs[-1] == "":
+        inputs.pop()
+    return plan, [helper.make_node("Clip", inputs, [y], name=name)], drop
 
 
 def _drop_unused_functions(model: onnx.ModelProto) -> None:
