@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--padding",
         choices=PADDING,
         default="keep-shift",
-        help="Conv consumers that pad with zeros: keep-shift = fold the scale, keep the shift as one per-channel bias op, a 1×1 depthwise Conv (default); "
+        help="Conv consumers that pad with zeros: keep-shift = fold the scale, keep the shift as one "
+        "1×1 depthwise Conv (default); "
         "pad = explicit Pad with the value a zero stood for (one copy); refuse = leave such sites normalized",
     )
     p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
