@@ -20,20 +20,22 @@ import onnx
 from .catalogue import CATALOGUE
 from .errors import NormactError
 from .graph import default_opset
-from .io import atomic_path, carry_external_data, clamp_ir, external_locations, load_model, write_model
+from .io import (
+    ModelLike,
+    atomic_path,
+    carry_external_data,
+    clamp_ir,
+    external_locations,
+    load_model_like,
+    model_folder,
+    refuse_overwrite,
+    write_model,
+)
 from .methods.static import VARIANTS, Affine, static_affine
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
 
 MIN_OPSET = 7
-ModelLike = str | os.PathLike | onnx.ModelProto
-
-
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
-    if isinstance(model, onnx.ModelProto):
-        return model, None
-    path = Path(model)
-    return load_model(path), path
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
@@ -44,8 +46,8 @@ def _check_opset(model: onnx.ModelProto) -> None:
 
 def inspect(model: ModelLike) -> list[dict[str, Any]]:
     """Every activation site: name, kind, how it was written, graph path, normalized or not, skip reason."""
-    m, path = _load(model)
-    return [s.summary() for s in find_sites(m, str(path.parent) if path else None)]
+    m, path = load_model_like(model)
+    return [s.summary() for s in find_sites(m, model_folder(path))]
 
 
 def _check_input(m: onnx.ModelProto, path: Path | None) -> None:
@@ -203,18 +205,17 @@ def rewrite(
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
-    src, path = _load(model)
+    src, path = load_model_like(model)
     _check_opset(src)
     if verify:
         _check_input(src, path)
-    if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
-        raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
+    refuse_overwrite(output, path, in_place)
     if path is None:  # never modify the caller's object; a model we loaded ourselves is ours to edit
         m = onnx.ModelProto()
         m.CopyFrom(src)
     else:
         m = src
-    base_dir = str(path.parent) if path else None
+    base_dir = model_folder(path)
     if constants is None:
         constants = static_constants(q, variant, ratio)
         method = {

@@ -26,10 +26,9 @@ import onnx
 from onnx import helper
 
 from .errors import NormactError
-from .io import load_model
+from .io import ModelLike, load_model_like, model_folder
 from .types import infer_value_types
 
-ModelLike = str | os.PathLike | onnx.ModelProto
 Feeds = dict[str, np.ndarray]
 RUNTIMES = ("ort", "reference")
 P99_SAMPLE = 1 << 20  # error values kept per output for the percentile
@@ -45,13 +44,11 @@ class _Model:
 
     @classmethod
     def load(cls, model: ModelLike, label: str) -> _Model:
-        if isinstance(model, onnx.ModelProto):
-            return cls(model, None, label)
-        return cls(load_model(model), Path(model), label)
+        return cls(*load_model_like(model), label)
 
     @property
     def base_dir(self) -> str | None:
-        return str(self.path.parent) if self.path else None
+        return model_folder(self.path)
 
     @property
     def inputs(self) -> list[onnx.ValueInfoProto]:

@@ -17,9 +17,9 @@ from typing import Any
 
 import onnx
 
-from .api import ModelLike, save_verified
+from .api import save_verified
 from .errors import NormactError
-from .io import clamp_ir, external_locations, load_model
+from .io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder, refuse_overwrite
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 
@@ -86,16 +86,11 @@ def fold(
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = _regex(nodes)
-    if isinstance(model, onnx.ModelProto):
-        src, path = model, None
-    else:
-        path = Path(model)
-        src = load_model(path)
-    if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
-        raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
+    src, path = load_model_like(model)
+    refuse_overwrite(output, path, in_place)
     m = onnx.ModelProto()
     m.CopyFrom(src)
-    base_dir = str(path.parent) if path else None
+    base_dir = model_folder(path)
     select = None if pattern is None else (lambda s: bool(pattern.search(s.name) or pattern.search(s.output)))
     result = FoldResult(m, fold_sites(m, base_dir, padding, select))
     if not result.outcomes:

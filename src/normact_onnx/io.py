@@ -27,6 +27,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from .errors import NormactError
 
 TWO_GB = 2**31
+ModelLike = str | os.PathLike | onnx.ModelProto
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -44,6 +45,25 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise NormactError(f"{p}: not an ONNX model (no graph; truncated or another file type?)")
     check_external_paths(model, p.parent)
     return model
+
+
+def load_model_like(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+    """A ``ModelProto`` as given (no path), or the file parsed by :func:`load_model` with its path."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    path = Path(model)
+    return load_model(path), path
+
+
+def model_folder(path: Path | None) -> str | None:
+    """The folder external data is read from: the model file's, or None for an in-memory model."""
+    return str(path.parent) if path is not None else None
+
+
+def refuse_overwrite(output: str | os.PathLike | None, path: Path | None, in_place: bool) -> None:
+    """Writing onto the model that was read needs ``in_place``."""
+    if output is not None and path is not None and Path(output).resolve() == path.resolve() and not in_place:
+        raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:

@@ -14,14 +14,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import onnx
 
 from ..errors import NormactError
-from ..io import clamp_ir, external_locations, load_model
+from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
 from ..methods.static import Affine
 from ..passes.find import Site
@@ -29,7 +28,6 @@ from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
 from .stats import CalibrationStats, SiteStats, fingerprint
 
-ModelLike = str | os.PathLike | onnx.ModelProto
 Constants = Callable[[Site], Affine | str]
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
 
@@ -105,12 +103,6 @@ class CalibrationResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
-    if isinstance(model, onnx.ModelProto):
-        return model, None
-    return load_model(model), Path(model)
-
-
 def collect(
     model: ModelLike,
     data: Any = None,
@@ -125,8 +117,8 @@ def collect(
     progress: bool = False,
 ) -> CalibrationStats:
     """Run the batches through the instrumented model and return the merged per-site statistics."""
-    src, path = _load(model)
-    base_dir = str(path.parent) if path else None
+    src, path = load_model_like(model)
+    base_dir = model_folder(path)
     specs = model_inputs(src)
     source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed)
     if source.headers is not None:  # files: every batch checked before the first run
