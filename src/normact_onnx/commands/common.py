@@ -1,11 +1,105 @@
-"""Helpers the subcommands share: output paths, tables, JSON."""
+"""Helpers the subcommands share: argument groups, output paths, tables, JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..methods.anact import AGGREGATES, LAMBDA_RULES
+from ..passes.normalize import FORMS
+
+Arguments = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_selection(p: argparse.ArgumentParser) -> None:
+    """Site-selection flags shared by every command that rewrites."""
+    g = p.add_argument_group("which sites")
+    g.add_argument("--include", help="comma-separated kinds to rewrite (e.g. relu,gelu)")
+    g.add_argument("--exclude", help="comma-separated kinds to leave alone")
+    g.add_argument("--nodes", metavar="REGEX", help="only sites whose node or output name matches")
+    g.add_argument(
+        "--all-sites",
+        action="store_true",
+        help="also rewrite graph outputs and multiplicative gates (skipped by default)",
+    )
+
+
+def add_data_source(
+    p: argparse.ArgumentParser,
+    title: str,
+    *,
+    batches_help: str,
+    batch_size_help: str,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    shape_default: str = "",
+) -> argparse._ArgumentGroup:
+    """Where sample inputs come from (calibrate, compare): --data or --synthetic, and how many batches."""
+    d = p.add_argument_group(title)
+    d.add_argument("--data", help=".npz (keys = input names), .npy, a folder of them, or ONNX test_data_set_* folders")
+    d.add_argument("--synthetic", action="store_true", help="N(0,1) inputs (integers in {0,1}) instead of data")
+    d.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=D1xD2…",
+        help=f"shape of a synthetic input with symbolic dimensions (repeatable), e.g. x=1x3x224x224{shape_default}",
+    )
+    d.add_argument("--batches", type=int, default=batches, help=batches_help)
+    d.add_argument("--batch-size", type=int, default=batch_size, help=batch_size_help)
+    d.add_argument("--seed", type=int, default=0, help="seed of --synthetic data")
+    return d
+
+
+def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = True) -> None:
+    """The factor options of ``calibrate``, ``finetune`` and ``rewrite --method anact`` (None there: the file's)."""
+    g.add_argument(
+        "--lambda-rule",
+        choices=LAMBDA_RULES,
+        default="anact" if defaults else None,
+        help="λ = √((ρ+ρ')/(2ρρ')) (anact, default) or √(2/(ρ+ρ')) (xavier)",
+    )
+    g.add_argument(
+        "--centered-rho",
+        action="store_true",
+        default=False if defaults else None,
+        help="forward gain from Var f instead of E f²",
+    )
+    if aggregate:
+        g.add_argument(
+            "--aggregate",
+            choices=AGGREGATES,
+            default="ema" if defaults else None,
+            help="ema: the paper's gated running update (order-dependent; default); "
+            "mean: exact moments over all batches (what merge-stats reproduces)",
+        )
+
+
+def add_output_path(g: Arguments, what: str = "output path", suffix: str = ".normact.onnx") -> None:
+    """-o/--output and --in-place of the commands that write a model next to the input."""
+    g.add_argument("-o", "--output", help=f"{what} (default: <model>{suffix} beside the input)")
+    g.add_argument("--in-place", action="store_true", help="overwrite the input model")
+
+
+def output_path(args: argparse.Namespace, suffix: str = ".normact.onnx") -> str | Path:
+    """Where ``add_output_path``'s flags say the model goes."""
+    return args.model if args.in_place else (args.output or default_output(args.model, suffix))
+
+
+def add_form(g: Arguments) -> None:
+    g.add_argument(
+        "--form",
+        choices=FORMS,
+        default="function",
+        help="function: Norm<Act> ops with model-local function bodies (default); "
+        "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
+    )
+
+
+def add_no_verify(g: Arguments, checks: str = "checker, ORT load and per-site numeric checks") -> None:
+    g.add_argument("--no-verify", action="store_true", help=f"skip {checks}")
 
 
 def default_output(src: str, suffix: str = ".normact.onnx") -> Path:

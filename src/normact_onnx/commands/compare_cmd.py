@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import print_json
+from .common import add_data_source, print_json
 
 EXIT_MISMATCH = 1
 
@@ -19,18 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model_a", help="reference .onnx model")
     p.add_argument("model_b", nargs="?", help="model to check (omit with --reference to check A across runtimes)")
-    d = p.add_argument_group("inputs")
-    d.add_argument("--data", help="samples: .npz, a folder of .npy/.npz, or ONNX test_data_set_* folders")
-    d.add_argument("--synthetic", action="store_true", help="Gaussian inputs from the declared input shapes")
-    d.add_argument(
-        "--shape",
-        action="append",
-        metavar="NAME=D1xD2…",
-        help="synthetic input size (default: symbolic dims = batch size, then 8)",
+    add_data_source(
+        p,
+        "inputs",
+        batches=4,
+        batch_size=2,
+        batches_help="synthetic batches (default 4)",
+        batch_size_help="synthetic batch size for symbolic dims (default 2)",
+        shape_default=" (default: symbolic dims = batch size, then 8)",
     )
-    d.add_argument("--batches", type=int, default=4, help="synthetic batches (default 4)")
-    d.add_argument("--batch-size", type=int, default=2, help="synthetic batch size for symbolic dims (default 2)")
-    d.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     p.add_argument("--sites", action="store_true", help="measure mean/variance at each normalized site (and its input)")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..methods.static import VARIANTS
-from .common import print_json
-from .rewrite_cmd import add_selection
+from .common import add_anact_options, add_selection, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--method", choices=("anact", "static", "none"), default="anact")
     m.add_argument("--variant", choices=VARIANTS, default="center-scale", help="static variant")
     m.add_argument("--q", type=float, default=1.0, help="static design variance")
-    m.add_argument("--lambda-rule", choices=("anact", "xavier"), default="anact")
-    m.add_argument("--centered-rho", action="store_true", help="ρ from Var f instead of E f²")
+    add_anact_options(m, aggregate=False)
     add_selection(p)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", help="inference model (default: <model>.tuned.onnx)")

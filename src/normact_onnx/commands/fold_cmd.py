@@ -9,7 +9,7 @@ from pathlib import Path
 from ..deploy import DEFAULT_TOLERANCE, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
-from .common import default_output, print_json, table
+from .common import add_no_verify, add_output_path, output_path, print_json, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consumers' weights (MATH.md §3). Sites that cannot be folded exactly stay, with the reason.",
     )
     p.add_argument("model", help="a normalized .onnx model")
-    p.add_argument("-o", "--output", help="output path (default: <model>.folded.onnx beside the input)")
-    p.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    add_output_path(p, suffix=".folded.onnx")
     p.add_argument(
         "--padding",
         choices=PADDING,
@@ -31,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pad = explicit Pad with the value a zero stood for (one copy); refuse = leave such sites normalized",
     )
     p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
-    p.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and the folded-vs-unfolded check")
+    add_no_verify(p, "checker, ORT load and the folded-vs-unfolded check")
     p.add_argument(
         "--tolerance",
         type=float,
@@ -44,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dest = args.model if args.in_place else (args.output or default_output(args.model, ".folded.onnx"))
+    dest = output_path(args, ".folded.onnx")
     result = fold(
         args.model,
         dest,

@@ -7,36 +7,15 @@ import sys
 
 from ..api import rewrite, write_report
 from ..methods.static import VARIANTS
-from ..passes.normalize import FORMS
-from .common import default_output, table
-
-
-def add_selection(p: argparse.ArgumentParser) -> None:
-    """Site-selection flags shared by every command that rewrites."""
-    g = p.add_argument_group("which sites")
-    g.add_argument("--include", help="comma-separated kinds to rewrite (e.g. relu,gelu)")
-    g.add_argument("--exclude", help="comma-separated kinds to leave alone")
-    g.add_argument("--nodes", metavar="REGEX", help="only sites whose node or output name matches")
-    g.add_argument(
-        "--all-sites",
-        action="store_true",
-        help="also rewrite graph outputs and multiplicative gates (skipped by default)",
-    )
+from .common import add_anact_options, add_form, add_no_verify, add_output_path, add_selection, output_path, table
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("-o", "--output", help="output path (default: <model>.normact.onnx beside the input)")
-    g.add_argument("--in-place", action="store_true", help="overwrite the input model")
-    g.add_argument(
-        "--form",
-        choices=FORMS,
-        default="function",
-        help="function: Norm<Act> ops with model-local function bodies (default); "
-        "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
-    )
+    add_output_path(g)
+    add_form(g)
     g.add_argument("--report", metavar="FILE.json", help="write every site's constants and decisions as JSON")
-    g.add_argument("--no-verify", action="store_true", help="skip checker, ORT load and per-site numeric checks")
+    add_no_verify(g)
     g.add_argument("--explain", action="store_true", help="dry run: say what would change and why, write nothing")
 
 
@@ -63,16 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="static: Gaussian constants (at each site's measured q with --stats); anact: λ, μ from --stats",
     )
     m.add_argument("--stats", metavar="STATS.json", help="calibration statistics (normact-onnx calibrate)")
-    from .calibrate_cmd import add_anact_options
-
     add_anact_options(m, defaults=False)
     add_selection(p)
     add_output(p)
     p.set_defaults(handler=run)
-
-
-def output_path(args: argparse.Namespace):
-    return args.model if args.in_place else (args.output or default_output(args.model))
 
 
 def finish(args: argparse.Namespace, result) -> int:
