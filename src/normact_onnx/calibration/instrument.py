@@ -5,9 +5,10 @@ For every site the copy computes, next to the activation it already has,
     Size(x),  mean(x),  Σ(x − mean x)²,  mean(f),  Σ(f − mean f)²,  Σ f'(x)²
 
 (f'(x) from the catalogue's ``derivative_body``), reduced over the whole tensor or
-over every axis but the channel axis (keepdims=1; the numpy side flattens them). Only these small tensors leave ONNX
-Runtime, so memory does not depend on the activations' size or on the number of
-batches. Per-batch centring keeps the variance free of cancellation.
+over every axis but the channel axis (keepdims=1; the numpy side flattens them),
+written by :class:`.stats_body.StatsBody` (shared with training). Only these small
+tensors leave ONNX Runtime, so memory does not depend on the activations' size or
+on the number of batches. Per-batch centring keeps the variance free of cancellation.
 
 Sites in If branches and Loop/Scan bodies are hoisted: each statistic becomes an
 extra output of the body and of its If/Loop/Scan node (a Loop/Scan stacks one
@@ -28,12 +29,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
-from ..passes.forms import LiteralBody
 from ..types import infer_value_types
 from .stats import Moments
+from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
-REDUCE_AXES_AS_INPUT = 18  # ReduceMean/ReduceSumSquare take axes as an input from opset 18
 CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool"}
 NOT_FLOAT = "pre-activation is not a floating-point tensor"
 HOISTABLE = ("If", "Loop", "Scan")
@@ -142,22 +142,6 @@ def _not_calibratable(site: Site, types: Any) -> str | None:
     return None
 
 
-def _reduce(b: LiteralBody, op: str, x: str, axes: list[int] | None) -> str:
-    """A reduction over ``axes`` (all when None), keepdims=1, in the form this opset wants."""
-    if axes is None:
-        return b.op(op, x, keepdims=1)
-    if b.opset >= REDUCE_AXES_AS_INPUT or (op == "ReduceSum" and b.opset >= 13):
-        return b.op(op, x, _int64(b, axes), keepdims=1)
-    return b.op(op, x, axes=axes, keepdims=1)
-
-
-def _int64(b: LiteralBody, values: list[int]) -> str:
-    out = b.fresh("ints")
-    t = numpy_helper.from_array(np.asarray(values, dtype=np.int64), out)
-    b.nodes.append(helper.make_node("Constant", [], [out], name=out, value=t))
-    return out
-
-
 def _site_statistics(
     site: Site,
     elem: int,
@@ -169,27 +153,23 @@ def _site_statistics(
     """Append the reduction nodes for one site to its container; return statistic -> local value name."""
     c = site.container
     params = site.activation.with_defaults(site.params)
-    b = LiteralBody(c.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, params, False)
+    b = StatsBody(c.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, params, False)
     axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
 
-    def as_float(name: str) -> str:
-        return name if elem == TensorProto.FLOAT else b.op("Cast", name, to=TensorProto.FLOAT)
-
     def centred(v: str) -> tuple[str, str]:
-        mean = _reduce(b, "ReduceMean", v, axes)
-        return mean, _reduce(b, "ReduceSumSquare", b.op("Sub", v, mean), axes)
+        mean = b.reduce("ReduceMean", v, axes)
+        return mean, b.reduce("ReduceSumSquare", b.op("Sub", v, mean), axes)
 
     key = (id(c), site.input, axis)
-    x = as_float(site.input)
+    x = b.to_float(site.input, elem)
     if key in cache:
         out = dict(cache[key])
     else:
         out = {"size": b.op("Size", site.input)}
         out["x_mean"], out["x_ss"] = centred(x)
         cache[key] = dict(out)
-    out["f_mean"], out["f_ss"] = centred(as_float(site.output))
-    d = site.activation.derivative_body(b, x)
-    out["d_ss"] = _reduce(b, "ReduceSumSquare", d, axes)
+    out["f_mean"], out["f_ss"] = centred(b.to_float(site.output, elem))
+    out["d_ss"] = b.reduce("ReduceSumSquare", b.derivative(site, x), axes)
     c.nodes.extend(b.nodes)
     return out
 

@@ -30,6 +30,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from ..api import select, static_constants
+from ..calibration.stats_body import StatsBody
 from ..catalogue import CATALOGUE, NORM_DOMAIN
 from ..errors import NormactError
 from ..graph import Container, containers, default_opset
@@ -37,7 +38,7 @@ from ..methods.static import Affine
 from ..moments import gaussian_moments
 from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
-from ..passes.forms import LiteralBody, literal_site
+from ..passes.forms import literal_site
 from ..types import infer_value_types
 
 LAMBDA_INPUT = "normact_lambda"
@@ -106,37 +107,14 @@ def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) ->
     return float(rho), float(m.d2), float(m.m1)
 
 
-class _StatsBody(LiteralBody):
-    """A literal builder that can also write int64 constants (axes, shapes, indices)."""
-
-    def ints(self, values: list[int]) -> str:
-        out = self.fresh("ints")
-        t = numpy_helper.from_array(np.asarray(values, dtype=np.int64), out)
-        self.nodes.append(helper.make_node("Constant", [], [out], name=out, value=t))
-        return out
-
-    def mean_all(self, x: str) -> str:
-        """Mean over every element as a [1] tensor (axes moved from attribute to input at opset 18)."""
-        flat = self.op("Reshape", x, self.ints([1, -1]))
-        if self.opset < 18:
-            return self.op("ReduceMean", flat, axes=[1], keepdims=0)
-        return self.op("ReduceMean", flat, self.ints([1]), keepdims=0)
-
-    def to_float(self, x: str) -> str:
-        return x if self.elem_type == TensorProto.FLOAT else self.op("Cast", x, to=TensorProto.FLOAT)
-
-
-def _derivative(b: LiteralBody, site: Site, x: str) -> str:
-    body = getattr(site.activation, "derivative_body", None)
-    if body is None:
-        raise NormactError(f"the catalogue has no ONNX derivative for {site.kind}: ANAct cannot measure ρ' there")
-    return body(b, x)
-
-
 def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector."""
+    """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector.
+
+    The statistics use calibration's :class:`StatsBody`, but as whole-batch means for the host's running
+    update rather than calibration's mergeable centred sums (see :mod:`normact_onnx.calibration.stats_body`).
+    """
     act = site.activation
-    b = _StatsBody(opset, f"normact/{index}/", elem, act.with_defaults(site.params), gradient_safe=True)
+    b = StatsBody(opset, f"normact/{index}/", elem, act.with_defaults(site.params), gradient_safe=True)
     x = site.input
     f = act.body(b, x)
     idx = b.ints([index])
@@ -150,7 +128,7 @@ def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[on
     b.op("Mul", b.op("Sub", f, mu), scale)
     b.nodes[-1].output[0] = site.output  # the site keeps its output name: consumers stay untouched
 
-    d = _derivative(b, site, x)
+    d = b.derivative(site, x)
     mean_x = b.mean_all(x)
     centred = b.op("Sub", b.op("Reshape", x, b.ints([-1])), mean_x)
     stats = [
