@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+
 
 @dataclass
 class ValueTypes:

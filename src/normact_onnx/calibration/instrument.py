@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
-from ..types import infer_value_types
+from ..types import FLOAT_TYPES, infer_value_types
 from .stats import Moments
 from .stats_body import StatsBody
 
@@ -137,7 +137,7 @@ def _not_calibratable(site: Site, types: Any) -> str | None:
             return f"inside a {scope.owner.op_type} body (only If, Loop and Scan bodies can return statistics)"
         scope = scope.parent
     elem = types.elem_type(site.input)
-    if elem not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+    if elem not in FLOAT_TYPES:
         return NOT_FLOAT
     return None
 

@@ -39,7 +39,7 @@ from ..moments import gaussian_moments
 from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
-from ..types import infer_value_types
+from ..types import FLOAT_TYPES, infer_value_types
 
 LAMBDA_INPUT = "normact_lambda"
 MU_INPUT = "normact_mu"
@@ -152,13 +152,17 @@ def _is_main(site: Site) -> bool:
     return site.container.parent is None and site.container.function is None
 
 
-def _load_weights(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelProto:
+def trainable_copy(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelProto:
+    """A copy with external weights read in and user functions inlined (their sites become main-graph sites)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     if base_dir is not None:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(m, base_dir)
+    foreign = [(f.domain, f.name) for f in m.functions if f.domain != NORM_DOMAIN]
+    if foreign:
+        m = onnx.inliner.inline_selected_functions(m, foreign)
     return m
 
 
@@ -170,8 +174,7 @@ def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
     """
     import re
 
-    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-    inits = {t.name: t for t in model.graph.initializer if t.data_type in floats}
+    inits = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
     stats_inputs = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
     pattern = re.compile(freeze) if freeze else None
     out = []
@@ -238,10 +241,7 @@ def build_train_graph(
     if method not in METHODS:
         raise NormactError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     _check_versions(model)
-    m = _load_weights(model, base_dir)
-    foreign = [(f.domain, f.name) for f in m.functions if f.domain != NORM_DOMAIN]
-    if foreign:  # sites inside user functions become main-graph sites
-        m = onnx.inliner.inline_selected_functions(m, foreign)
+    m = trainable_copy(model, base_dir)
     outputs = [o.name for o in m.graph.output]
     if output is None:
         output = outputs[0]
