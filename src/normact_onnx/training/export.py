@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx.inliner
 from onnx import helper, numpy_helper
 
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
 from ..methods.static import Affine
 from ..passes.find import META_SITES, Site, find_sites
-from .graph import ALPHA_AMPLITUDE, TrainSite
+from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
 
 META_FINETUNE = "normact.finetune"
 
@@ -43,15 +42,7 @@ def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alph
 
 def _with_weights(model: onnx.ModelProto, base_dir: str | None, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` (user functions inlined, as in training) with trained initializers swapped in."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    if base_dir is not None:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(m, base_dir)
-    foreign = [(f.domain, f.name) for f in m.functions if f.domain != NORM_DOMAIN]
-    if foreign:
-        m = onnx.inliner.inline_selected_functions(m, foreign)
+    m = trainable_copy(model, base_dir)
     for t in m.graph.initializer:
         if t.name in weights:
             new = numpy_helper.from_array(
