@@ -29,12 +29,13 @@ import numpy as np
 
 from ..errors import NormactError
 from ..io import load_model
+from ..methods.anact import LAMBDA_RULES
 from . import require_training
 from .artifacts import Artifacts, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
-from .running import LAMBDA_RULES, RunningStats
+from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
 PLAN = "plan.json"

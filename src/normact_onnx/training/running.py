@@ -24,22 +24,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..methods.anact import lambda_of
 from .graph import STATS_FIELDS
 
 MOMENTUM = 0.9
 GATE = (0.8, 1.2)
-LAMBDA_RULES = ("anact", "xavier")
 VAR_EPS = 1e-12
 
 
 def lambda_from(rho: np.ndarray, rho_d: np.ndarray, rule: str = "anact") -> np.ndarray:
     """λ from the forward and backward gains: anact √((ρ+ρ')/(2ρρ')), xavier √(2/(ρ+ρ'))."""
-    rho, rho_d = np.asarray(rho, np.float64), np.asarray(rho_d, np.float64)
-    if rule == "anact":
-        return np.sqrt((rho + rho_d) / (2.0 * rho * rho_d))
-    if rule == "xavier":
-        return np.sqrt(2.0 / (rho + rho_d))
-    raise ValueError(f"unknown lambda rule {rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+    return lambda_of(np.asarray(rho, np.float64), np.asarray(rho_d, np.float64), rule)
 
 
 def batch_values(stats: np.ndarray, centered: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
