@@ -33,17 +33,20 @@ def kernel_library(cuda: bool = False) -> str | None:
 
 
 def make_session(
-    model: Any, providers: list[str] | None = None, optimize: bool = True, threads: int = 0, **config: str
+    model: Any, providers: list[str] | None = None, optimize: bool | str = True, threads: int = 0, **config: str
 ) -> Any:
     """An ORT session on ``model`` (path or bytes) with the kernel library registered when available.
 
-    ``optimize=False`` turns off graph rewrites that could fuse or erase sites
-    (calibration needs every site's statistics to stay where it was put).
+    ``optimize=False`` (or ``"none"``) turns off graph rewrites that could fuse or erase sites;
+    ``optimize="basic"`` keeps constant folding only (calibration: every site's
+    statistics stay where they were put).
     """
     ort = require_onnxruntime()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # warnings about the user's own model are not ours to print
-    if not optimize:
+    if optimize == "basic":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    elif optimize in (False, "none"):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads

@@ -72,23 +72,14 @@ def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers:
     External data stays where it is: ORT is told the model's folder instead of the
     copy being written next to it.
     """
-    from ..ort import kernel_library, require_onnxruntime
+    from ..ort import make_session, require_onnxruntime
 
-    ort = require_onnxruntime()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    }[OPTIMIZATION]
+    require_onnxruntime()
+    config = {}
     if external_locations(model) and base_dir:
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
-    providers = providers or ["CPUExecutionProvider"]
-    lib = kernel_library(cuda="CUDAExecutionProvider" in providers)
-    if lib:
-        so.register_custom_ops_library(lib)
+        config["session.model_external_initializers_file_folder_path"] = base_dir
     try:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, **config)
     except Exception as e:
         raise NormactError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from None
 
