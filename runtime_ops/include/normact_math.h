@@ -10,11 +10,11 @@
 //    of calling libm.  The code is straight-line arithmetic plus selects, so
 //    GCC/Clang auto-vectorize the CPU loops (libm calls would block
 //    vectorization without -ffast-math, and -ffast-math would break NaN/Inf
-//    semantics), and the GPU gets the same results as the CPU.  exp, tanh and
-//    Phi use our own minimax fits (runtime_ops/tools/fit_approx.py), sized for
+//    semantics), and the GPU gets the same results as the CPU.  exp, log, tanh
+//    and Phi use our own minimax fits (runtime_ops/tools/fit_approx.py), sized for
 //    a max relative error of a few 1e-7 -- measured over every float of the
-//    range by runtime_ops/tools/measure_error.cc, and quoted at each function;
-//    log is Cephes' logf.  The tests check the kernels against numpy in float64.
+//    range by runtime_ops/tools/measure_error.cc, and quoted at each function.
+//    The tests check the kernels against numpy in float64.
 //  * NaN must propagate: never use fmaxf/fminf for ReLU-like kinks
 //    (fmaxf(NaN, 0) == 0).  Comparisons are written so that a NaN input falls
 //    through to a branch that carries it (`x < 0 ? 0 : x`).
@@ -233,29 +233,33 @@ NA_HD float na_expm1(float x) {
   return is_nan(x) ? x : r;
 }
 
-// Natural log for finite w > 0 (Cephes logf).  Callers guarantee the domain.
+// Natural log for normal finite w > 0 (callers guarantee the domain; the only
+// one, na_log1p_pos, passes w in [1, 2]).  w = m * 2^e with m in [sqrt(.5),
+// sqrt(2)), x = m - 1 exact (Sterbenz), then
+//   log(1 + x) = x - x^2/2 + x^3 P(x),   P of degree 6 (fit, 3.5e-8),
+// plus e*ln2 in the Cody-Waite split (e*NA_LN2_HI exact).  Keeping x and
+// -x^2/2 outside P keeps relative accuracy for w near 1.  Max rel error
+// 1.02e-7 (measured over every float in [FLT_MIN, FLT_MAX], with and without
+// FMA).  Not handled (outside the domain): subnormals, 0, negatives, Inf, NaN.
 NA_HD float na_log(float w) {
   const uint32_t u = as_uint(w);
-  int32_t e = (int32_t)(u >> 23) - 126;                  // w = m * 2^e, m in [0.5, 1)
-  float m = as_float((u & 0x007fffffu) | 0x3f000000u);
-  const bool small = m < 0.70710678f;                    // move m to [sqrt(.5), sqrt(2))
+  int32_t e = (int32_t)(u >> 23) - 126;  // w = m * 2^e, m in [0.5, 1)
+  const float m = as_float((u & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.70710678f;    // move m to [sqrt(.5), sqrt(2))
   e = small ? e - 1 : e;
   const float x = (small ? m + m : m) - 1.0f;
   const float fe = (float)e;
   const float z = x * x;
-  float y = 7.0376836292e-2f;
-  y = y * x - 1.1514610310e-1f;
-  y = y * x + 1.1676998740e-1f;
-  y = y * x - 1.2420140846e-1f;
-  y = y * x + 1.4249322787e-1f;
-  y = y * x - 1.6668057665e-1f;
-  y = y * x + 2.0000714765e-1f;
-  y = y * x - 2.4999993993e-1f;
-  y = y * x + 3.3333331174e-1f;
-  y = y * x * z;
-  y = y + fe * -2.12194440e-4f;
+  float p = 0.08700438f;
+  p = p * x - 0.14267486f;
+  p = p * x + 0.14914767f;
+  p = p * x - 0.16577585f;
+  p = p * x + 0.19963063f;
+  p = p * x - 0.25001338f;
+  p = p * x + 0.3333391f;
+  float y = (p * x) * z + fe * NA_LN2_LO;
   y = y - 0.5f * z;
-  return (x + y) + fe * 0.693359375f;
+  return (x + y) + fe * NA_LN2_HI;
 }
 
 // log(1 + u) for u >= 0 (Goldberg's trick keeps relative accuracy for tiny u).
@@ -371,6 +375,7 @@ struct Tanh {
 };
 struct Softplus {
   // max(x, 0) + log1p(exp(-|x|)): never overflows, exact tail for x << 0.
+  // Max rel error 3.6e-7 on [-87.3, 40] (measured).
   static NA_HD float f(float x, float, float) {
     const float r = (x < 0.0f ? 0.0f : x) + na_log1p_pos(na_exp(-na_abs(x)));
     return is_nan(x) ? x : r;

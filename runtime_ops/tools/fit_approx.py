@@ -22,6 +22,12 @@ Fits:
   t' = 2⁻⁸·t (so the coefficients are printed scaled by 2^(8j), exactly: the
   float evaluation rounds identically) -- the 2⁻⁸ carried by t' lets exp's
   2^(n-1+8) scale stay a normal float down to Φ(−13.4) ≈ 3e-41.
+* log:  log(1+x) ≈ x − x²/2 + x³·P(x) on √½ − 1 ≤ x ≤ √2 − 1 (the mantissa
+  m = 1 + x after moving it into [√½, √2)), relative error.  The target
+  (log(1+x) − x + x²/2)/x³ is computed in mpmath: in float64 it would cancel
+  near x = 0.  The relative-error weights are scaled by LOG_WEIGHT_SCALE so the
+  bound the LP minimizes is O(1e-2), far above HiGHS' feasibility tolerance
+  (1e-7, absolute), which would otherwise swamp an error of a few 1e-8.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ EXP_DEGREE = 5
 ERFC_K = 0.5
 ERFC_DEGREE = 8
 ERFC_ZMAX = 9.6
+LOG_DEGREE = 6  # deg P; 5 gives 2.6e-7 before any float32 rounding
+LOG_WEIGHT_SCALE = 1e6
 
 
 def minimax_linear(basis: np.ndarray, target: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, float]:
@@ -123,6 +131,24 @@ def fit_erfc() -> tuple[np.ndarray, float]:
     return c, err
 
 
+def fit_log() -> tuple[np.ndarray, float]:
+    lo, hi = math.sqrt(0.5) - 1, math.sqrt(2) - 1
+    x = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.linspace(0, np.pi, 4001))  # Chebyshev nodes
+    x = x[np.abs(x) > 1e-9]
+    mx = [mpmath.mpf(v) for v in x]
+    lg = np.array([float(mpmath.log1p(v)) for v in mx])
+    g = np.array([float((mpmath.log1p(v) - v + v**2 / 2) / v**3) for v in mx])
+    basis = np.stack([x**j for j in range(LOG_DEGREE + 1)], axis=1)
+    # relative error |x³(g − P)| / |log(1+x)|
+    c, _ = minimax_linear(basis, g, LOG_WEIGHT_SCALE * np.abs(x**3 / lg))
+    c = f32(c)
+    xd = np.linspace(lo, hi, 100001)
+    xd = xd[np.abs(xd) > 1e-9]
+    ld = np.array([float(mpmath.log1p(v)) for v in xd])
+    err = np.max(np.abs((xd - xd * xd / 2 + xd**3 * np.polyval(c[::-1], xd)) / ld - 1))
+    return c, err
+
+
 def main() -> None:
     c, err = fit_exp()
     print(f"// exp: 2e^r ≈ 2 + 2r + r²(c2 + c3 r + ...), |r| ≤ 0.35, max rel err {err:.2e} (float64 eval)")
@@ -139,6 +165,9 @@ def main() -> None:
     )
     print("  E:", ", ".join(fmt(v) for v in c))
     print("  E(2^8 t') coefficients c_j·2^(8j):", ", ".join(fmt(v * 2.0 ** (8 * j)) for j, v in enumerate(c)))
+    c, err = fit_log()
+    print(f"// log: log(1+x) ≈ x − x²/2 + x³·P(x), √½−1 ≤ x ≤ √2−1, degree {LOG_DEGREE}, max rel err {err:.2e}")
+    print("  P:", ", ".join(fmt(v) for v in c))
 
 
 if __name__ == "__main__":
