@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,mobilenet,transformer,minilm")
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="also print one JSON line of ratios (for run_all.py)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -173,6 +174,31 @@ def main() -> None:
     print("\nratio = normact calibration / plain onnxruntime inference (ORT_ENABLE_ALL) over the same batches;")
     print("vs MinMax = normact calibration / onnxruntime.quantization MinMax calibrator (collect + compute);")
     print("growth = peak RSS with 100 batches relative to 10 batches (fresh subprocess each).")
+    if args.json:
+        ratios = []
+        for name, _batch, plain, calib, minmax, r10, r100 in rows:
+            ratios += [
+                {
+                    "name": f"calibrate {name}",
+                    "ratio": calib / plain,
+                    "target": "≤ 1.5",
+                    "ok": calib / plain <= 1.5,
+                    "baseline": f"plain ORT inference, same {args.batches} batches ({plain:.3f} s)",
+                },
+                {
+                    "name": f"calibrate {name} vs MinMax",
+                    "ratio": calib / minmax,
+                    "baseline": f"onnxruntime.quantization MinMax calibrator ({minmax:.3f} s)",
+                },
+                {
+                    "name": f"calibrate {name} RSS 100 vs 10 batches",
+                    "ratio": r100 / r10,
+                    "target": "≤ 1.10",
+                    "ok": r100 / r10 <= 1.10,
+                    "baseline": f"10 batches ({r10:.0f} MiB)",
+                },
+            ]
+        print(json.dumps({"benchmark": "calibration", "ratios": ratios}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Uses the installed package's library, or NORMACT_LIBRARY_DIR (a CMake build).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -164,10 +165,11 @@ def print_row(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=31)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both (default 1: stable timings)")
     p.add_argument("--sizes", default=None, help="comma list of 1M,16M,64M (default 1M,16M; --cuda: 64M)")
     p.add_argument("--kinds", default=",".join(ACTS))
     p.add_argument("--cuda", action="store_true", help="time on the CUDA execution provider")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of ratios (for run_all.py)")
     a = p.parse_args(argv)
     if a.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         print("CUDAExecutionProvider not available in this onnxruntime", file=sys.stderr)
@@ -180,7 +182,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worst kernel/builtin: {worst:.2f}x (target <= 1.15x)")
     if speed:
         print(f"smallest inlined/kernel speedup: {min(speed):.2f}x (target >= 2x at 16M)")
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "benchmark": "kernels",
+                    "method": f"median of {a.reps} interleaved reps, {a.threads} thread(s)",
+                    "ratios": json_ratios(rows),
+                }
+            )
+        )
     return 0
+
+
+def json_ratios(rows: list[dict]) -> list[dict]:
+    """run_all.py's contract: one entry per ratio, with its baseline and target."""
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "name": f"{r['kind']} {r['size']} kernel/builtin",
+                "ratio": r["kernel/builtin"],
+                "baseline": "ORT built-in op (SiLU: Sigmoid+Mul)",
+                "target": "≤ 1.15",
+                "ok": r["kernel/builtin"] <= 1.15,
+                "detail": f"{r['kernel_GBps']:.1f} GB/s",
+            }
+        )
+        if "inlined/kernel" in r:
+            out.append(
+                {
+                    "name": f"{r['kind']} {r['size']} inlined/kernel",
+                    "ratio": r["inlined/kernel"],
+                    "baseline": "kernel (speedup of the fused op over the inlined body)",
+                    "target": "≥ 2" if r["size"] == "16M" else "",
+                    "ok": r["inlined/kernel"] >= 2,
+                }
+            )
+    return out
 
 
 if __name__ == "__main__":
