@@ -40,8 +40,20 @@ def test_rewrite_writes_default_output_and_report(cli, tmp_path):
 def test_rewrite_options_from_the_issue(cli, tmp_path):
     model = _copy(tmp_path, "transformer_gelu.torchscript.onnx")
     out = tmp_path / "out.onnx"
-    proc = cli("rewrite", model, "-o", out, "--variant", "zeta-zero", "--q", "2", "--include", "relu,gelu",
-               "--form", "subgraph")
+    proc = cli(
+        "rewrite",
+        model,
+        "-o",
+        out,
+        "--variant",
+        "zeta-zero",
+        "--q",
+        "2",
+        "--include",
+        "relu,gelu",
+        "--form",
+        "subgraph",
+    )
     assert proc.returncode == 0, proc.stderr
     m = onnx.load(str(out))
     assert not any(n.domain == "ai.normact" for n in m.graph.node)
