@@ -15,17 +15,47 @@ namespace normact {
 // y[i] = norm_act(x[i]) for i in [0, n); x and y may be the same buffer.
 using CpuFn = void (*)(const void* x, void* y, size_t n, const Params& p);
 
+// ---- statistics (the NormStats ops, calibration's per-site reductions)
+// The tensor is viewed as [outer, channels, inner]; element i belongs to
+// channel (i / inner) % channels (whole-tensor statistics: channels = 1).
+struct StatsShape {
+  size_t channels, inner;
+};
+
+// Count, mean and centred sum of squares of x and of f, and the sum of f'(x)^2,
+// of one channel, in double; combined with Chan, Golub & LeVeque's update.
+struct Moments6 {
+  double n, mx, m2x, mf, m2f, d2;
+};
+
+// Adds elements [begin, end) of x (and of f, the activation's output, when f is
+// not null; else f is computed from x) to acc[channels].  `scratch` holds
+// kStatsScratch doubles.  When channels * inner <= kStatsRowMax and inner <
+// kStatsShortInner (channel-last, or small feature maps), [begin, end) must be
+// whole rows of channels * inner elements.
+using CpuStatsFn = void (*)(const void* x, const void* f, size_t begin, size_t end, const StatsShape& s,
+                            const Params& p, Moments6* acc, double* scratch);
+constexpr size_t kStatsRowMax = 8192;
+constexpr size_t kStatsShortInner = 64;
+constexpr size_t kStatsScratch = 7 * kStatsRowMax;
+inline bool stats_row_mode(const StatsShape& s) {
+  return s.inner < kStatsShortInner && s.channels * s.inner <= kStatsRowMax;
+}
+
 // The same loops compiled three times: for the baseline ISA (SSE2 on x86-64),
 // AVX2+FMA+F16C and AVX-512; ops.cc picks one at kernel creation (see
 // select_cpu_table).  On non-x86 builds all three are baseline code.
 namespace cpu_generic {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
+extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
 }
 namespace cpu_avx2 {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
+extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
 }
 namespace cpu_avx512 {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
+extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
 }
 
 // Launches the kernel on `stream` (a cudaStream_t) and returns nullptr, or a
