@@ -19,6 +19,19 @@ from normact_onnx.passes.find import find_sites
 
 from .conftest import MODELS, fvi, run_model, tiny_model
 
+
+@pytest.fixture(autouse=True, params=["fused", "standard"])
+def stats_path(request, monkeypatch):
+    """Every test here runs on both statistics paths: the library's fused ops and the standard-op subgraph."""
+    from normact_onnx.calibration.instrument import fused_stats_suffix
+
+    if request.param == "standard":
+        monkeypatch.setenv("NORMACT_FUSED_STATS", "0")
+    elif fused_stats_suffix() is None:
+        pytest.skip("kernel library with statistics ops not available")
+    return request.param
+
+
 CATALOGUE_RELU = CATALOGUE["relu"]
 
 # MATH.md §2, X ~ N(0, 1): μ, λ (anact rule), λ (xavier rule)

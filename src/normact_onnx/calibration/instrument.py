@@ -5,10 +5,20 @@ For every site the copy computes, next to the activation it already has,
     Size(x),  mean(x),  Σ(x − mean x)²,  mean(f),  Σ(f − mean f)²,  Σ f'(x)²
 
 (f'(x) from the catalogue's ``derivative_body``), reduced over the whole tensor or
-over every axis but the channel axis (keepdims=1; the numpy side flattens them),
-written by :class:`.stats_body.StatsBody` (shared with training). Only these small
-tensors leave ONNX Runtime, so memory does not depend on the activations' size or
-on the number of batches. Per-batch centring keeps the variance free of cancellation.
+over every axis but the channel axis (keepdims=1; the numpy side flattens them).
+Two interchangeable ways to compute them, with the same outputs and meaning:
+
+* fused (when the kernel library is registered): one ``ai.normact::<Op>Stats``
+  node per site reads x and f once and returns all six (count as int64, the rest
+  float64 from double accumulators); f' from the library's ``df`` in
+  ``normact_math.h``. Sites whose parameters are tensors (per-channel PRelu)
+  or whose type the library lacks (double) use the standard ops.
+* standard ops, written by :class:`.stats_body.StatsBody` (shared with training):
+  about six float32 passes over each tensor; runs on any ONNX runtime.
+
+``NORMACT_FUSED_STATS=0`` forces the standard ops. Only these small tensors leave
+ONNX Runtime, so memory does not depend on the activations' size or on the number
+of batches. Per-batch centring keeps the variance free of cancellation.
 
 Sites in If branches and Loop/Scan bodies are hoisted: each statistic becomes an
 extra output of the body and of its If/Loop/Scan node (a Loop/Scan stacks one
@@ -19,6 +29,7 @@ reported as not calibratable.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
 from ..types import FLOAT_TYPES, infer_value_types
@@ -37,6 +49,25 @@ STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
 CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool"}
 NOT_FLOAT = "pre-activation is not a floating-point tensor"
 HOISTABLE = ("If", "Loop", "Scan")
+FUSED_ENV = "NORMACT_FUSED_STATS"  # "0": standard ops even when the library has the statistics ops
+FUSED_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def fused_stats_suffix() -> str | None:
+    """The library's statistics-op suffix (``NormRelu`` + suffix) when calibration can use them, else None."""
+    if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    from ..ort import kernel_library
+
+    lib = kernel_library()
+    if lib is None:
+        return None
+    from ..runtime.library import _info
+
+    try:
+        return _info(lib).get("stats_suffix") or None
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 @dataclass
@@ -48,6 +79,7 @@ class Probe:
     outputs: dict[str, str]  # statistic -> main-graph output name
     channel_axis: int | None
     channel_shape: list[int]
+    fused: bool = False  # statistics from one ai.normact <Op>Stats node
 
     def read(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments, np.ndarray]:
         """One run's records (several when a Loop stacked them), merged into this batch's moments."""
@@ -74,6 +106,7 @@ class Instrumented:
     probes: list[Probe]
     skipped: dict[str, str]  # site output -> reason it has no statistics
     sites: list[Site]
+    fused: bool = False  # whether the library's statistics ops were used (for some or all sites)
 
     @property
     def output_names(self) -> list[str]:
@@ -90,8 +123,18 @@ def channel_axis_for(site: Site, rank: int | None) -> int | None:
     return rank - 1
 
 
-def instrument(model: onnx.ModelProto, base_dir: str | None, per_channel: bool = False) -> Instrumented:
-    """A copy of ``model`` with statistics outputs for every calibratable site (the input is not modified)."""
+def instrument(
+    model: onnx.ModelProto, base_dir: str | None, per_channel: bool = False, fused: bool | None = None
+) -> Instrumented:
+    """A copy of ``model`` with statistics outputs for every calibratable site (the input is not modified).
+
+    ``fused``: use the kernel library's statistics ops (None: when the library has them and
+    ``NORMACT_FUSED_STATS`` is not 0; False: standard ops only); the copy then needs the
+    library registered to run.
+    """
+    suffix = fused_stats_suffix() if fused is None or fused else None
+    if fused and suffix is None:
+        raise ValueError("fused statistics need the kernel library with statistics ops")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     sites = find_sites(m, base_dir)
@@ -113,15 +156,51 @@ def instrument(model: onnx.ModelProto, base_dir: str | None, per_channel: bool =
         if per_channel and axis is None:
             skipped[site.output] = "per-channel statistics need the pre-activation's rank (shape inference gave none)"
             continue
-        local = _site_statistics(site, types.elem_type(site.input), rank, axis, fresh, cache)
+        elem = types.elem_type(site.input)
+        use_fused = suffix is not None and _fusable(site, elem)
+        if use_fused:
+            local = _fused_statistics(site, axis, suffix, fresh)
+        else:
+            local = _site_statistics(site, elem, rank, axis, fresh, cache)
         if rank is None:
             keep_shape = [1]
         else:
             keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
-        outs = hoister.hoist(site.container, local, keep_shape)
+        outs = hoister.hoist(site.container, local, keep_shape, TensorProto.DOUBLE if use_fused else TensorProto.FLOAT)
         channel_shape = [] if axis is None else [-1] + [1] * (rank - 1 - axis)
-        probes.append(Probe(site, depth, outs, axis, channel_shape))
-    return Instrumented(m, probes, skipped, sites)
+        probes.append(Probe(site, depth, outs, axis, channel_shape, use_fused))
+    any_fused = any(p.fused for p in probes)
+    if any_fused and not any(o.domain == NORM_DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
+    return Instrumented(m, probes, skipped, sites, any_fused)
+
+
+def _fusable(site: Site, elem: int) -> bool:
+    """Whether the library's statistics op computes this site: a float type it has, scalar parameters."""
+    if elem not in FUSED_TYPES:
+        return False
+    params = site.activation.with_defaults(site.params)
+    return all(np.ndim(v) == 0 for v in params.values())
+
+
+def _fused_statistics(site: Site, axis: int | None, suffix: str, fresh: Callable[[str], str]) -> dict[str, str]:
+    """One ``<Op>Stats`` node reading x and f (the site's own output): statistic -> local value name."""
+    name = fresh(f"{site.name}/normact_stats")
+    outs = {stat: fresh(f"{name}/{stat}") for stat in STAT_NAMES}
+    params = site.activation.with_defaults(site.params)
+    attrs: dict[str, Any] = {k: float(v) for k, v in params.items()}
+    if axis is not None:
+        attrs["axis"] = axis
+    node = helper.make_node(
+        site.activation.op_name + suffix,
+        [site.input, site.output],
+        [outs[stat] for stat in STAT_NAMES],
+        name=name,
+        domain=NORM_DOMAIN,
+        **attrs,
+    )
+    site.container.nodes.append(node)
+    return outs
 
 
 def _not_calibratable(site: Site, types: Any) -> str | None:
@@ -179,11 +258,16 @@ class _Hoister:
 
     def __init__(self, model: onnx.ModelProto, fresh: Callable[[str], str]) -> None:
         self.model, self.fresh = model, fresh
+        self.elem = TensorProto.FLOAT
         self.done: dict[str, str] = {}  # local value -> main-graph output (sites sharing x share its statistics)
 
-    def hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
+    def hoist(
+        self, c: Container, values: dict[str, str], keep_shape: list[int], elem: int = TensorProto.FLOAT
+    ) -> dict[str, str]:
+        """``elem``: the element type of the statistics other than size (int64)."""
         new = {stat: name for stat, name in values.items() if name not in self.done}
         if new:
+            self.elem = elem
             out = self._hoist(c, new, keep_shape)
             self.done.update({new[stat]: out[stat] for stat in new})
         return {stat: self.done[name] for stat, name in values.items()}
@@ -197,14 +281,14 @@ class _Hoister:
                 values = self._through_loop(c, owner, values)
             c = c.parent
         for stat, name in values.items():
-            self.model.graph.output.append(_value_info(name, stat == "size"))
+            self.model.graph.output.append(_value_info(name, stat == "size", self.elem))
         return dict(values)
 
     def _through_loop(self, c: Container, owner: onnx.NodeProto, values: dict[str, str]) -> dict[str, str]:
         """New scan outputs: the body appends them last, the node stacks them per iteration."""
         out = {}
         for stat, name in values.items():
-            c.graph.output.append(_value_info(name, stat == "size"))
+            c.graph.output.append(_value_info(name, stat == "size", self.elem))
             out[stat] = self.fresh(f"{name}__iters")
             owner.output.append(out[stat])
         if owner.op_type == "Scan":
@@ -224,16 +308,17 @@ class _Hoister:
         for stat, name in values.items():
             is_size = stat == "size"
             empty = self.fresh(f"{name}__empty")
-            value = np.zeros((), np.int64) if is_size else np.zeros(keep_shape, np.float32)
+            dtype = helper.tensor_dtype_to_np_dtype(self.elem)
+            value = np.zeros((), np.int64) if is_size else np.zeros(keep_shape, dtype)
             other.node.append(
                 helper.make_node("Constant", [], [empty], name=empty, value=numpy_helper.from_array(value, empty))
             )
-            c.graph.output.append(_value_info(name, is_size))
-            other.output.append(_value_info(empty, is_size))
+            c.graph.output.append(_value_info(name, is_size, self.elem))
+            other.output.append(_value_info(empty, is_size, self.elem))
             out[stat] = self.fresh(f"{name}__if")
             owner.output.append(out[stat])
         return out
 
 
-def _value_info(name: str, is_size: bool) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else TensorProto.FLOAT, None)
+def _value_info(name: str, is_size: bool, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else elem, None)
