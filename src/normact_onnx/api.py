@@ -204,6 +204,14 @@ def rewrite(
         constants, method = _method_constants(method or "static", stats, variant, q, ratio)
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
+    if form == "custom-op" and verify and not dry_run:
+        from .ort import kernel_library
+
+        if kernel_library() is None:
+            raise NormactError(
+                "--form custom-op needs the kernel library to run (and to verify), and it was not built; "
+                "install the package with its kernels, or pass --no-verify"
+            )
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
     src, path = load_model_like(model)
     _check_opset(src)
