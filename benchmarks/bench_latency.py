@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # a fresh checkout runs without installing
 
 import onnxruntime as ort  # noqa: E402
+from machine import machine  # noqa: E402 - benchmarks/ is on sys.path when a script runs
 
 from normact_onnx import fold  # noqa: E402
 from normact_onnx.api import rewrite  # noqa: E402
@@ -54,19 +53,6 @@ MODELS = {  # name: (file, batch)
 MINILM = {"batch": 8, "seq": 64, "max_rounds": 15}
 TARGET = 0.03
 KERNEL_TARGET = 1.10  # issue 3: whole model in kernel form at most 1.10× the original
-
-
-def machine() -> str:
-    """CPU model, cores, Python/ORT versions: what the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, onnxruntime {ort.__version__}"
 
 
 def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,13 +22,10 @@ import time
 from pathlib import Path
 
 import onnx
+from machine import machine
 from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def time_it(fn, repeat: int) -> list[float]:
