@@ -12,7 +12,7 @@ numbers as the detail.)
 Its exit code is informational (a missed target may exit 1); a script that
 prints no such object is listed as failed with the last line of its stderr.
 
-    python benchmarks/run_all.py [--only latency,kernels] [--timeout 900] [--json] [-- extra args]
+    python benchmarks/run_all.py [--only latency,kernels] [--timeout 900] [--json]
 """
 
 from __future__ import annotations
