@@ -480,15 +480,29 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL x_required_f_optional(const Or
 std::mutex g_mutex;
 std::vector<OrtCustomOpDomain*> g_domains;  // see RegisterCustomOps
 
+// The OrtCustomOp fields every op of the library sets the same way (single-tensor inputs and
+// outputs, opset version 1, default memory); each op kind then fills in its own callbacks.
+void init_common(OrtCustomOp& o, uint32_t version) {
+  memset(&o, 0, sizeof(OrtCustomOp));
+  // The struct layout is this header's (API 21); `version` tells the
+  // runtime which trailing fields it may read, capped at its own API.
+  o.version = version;
+  o.GetOutputCharacteristic = required;
+  o.GetInputMemoryType = mem_default;
+  o.GetVariadicInputMinArity = arity_one;
+  o.GetVariadicInputHomogeneity = homogeneous;
+  o.GetVariadicOutputMinArity = arity_one;
+  o.GetVariadicOutputHomogeneity = homogeneous;
+  o.GetStartVersion = version_one;
+  o.GetEndVersion = version_one;
+}
+
 void init_ops(uint32_t version) {
   for (int ep = 0; ep < kNumEps; ++ep)
     for (int i = 0; i < kNumOps; ++i)
       for (int t = 0; t < kNumDTypes; ++t) {
         NormOp& o = g_ops[ep][i][t];
-        memset(static_cast<OrtCustomOp*>(&o), 0, sizeof(OrtCustomOp));
-        // The struct layout is this header's (API 21); `version` tells the
-        // runtime which trailing fields it may read, capped at its own API.
-        o.version = version;
+        init_common(o, version);
         o.GetName = get_name;
         o.GetExecutionProviderType = get_ep;
         o.GetInputType = get_type;
@@ -497,20 +511,12 @@ void init_ops(uint32_t version) {
         o.GetOutputTypeCount = one;
         o.KernelDestroy = destroy_kernel;
         o.GetInputCharacteristic = required;
-        o.GetOutputCharacteristic = required;
-        o.GetInputMemoryType = mem_default;
-        o.GetVariadicInputMinArity = arity_one;
-        o.GetVariadicInputHomogeneity = homogeneous;
-        o.GetVariadicOutputMinArity = arity_one;
-        o.GetVariadicOutputHomogeneity = homogeneous;
         o.CreateKernelV2 = create_kernel;
         o.KernelComputeV2 = compute;
         // No InferOutputShapeFn: ONNX Runtime's shape-inference context cannot
         // tell a scalar input from one of unknown rank, so copying the input
         // shape would declare unknown-rank outputs as scalars.  The schema's
         // type constraint still gives the output its element type.
-        o.GetStartVersion = version_one;
-        o.GetEndVersion = version_one;
         o.GetMayInplace = may_inplace;  // read by runtimes >= 1.18 only
         o.ReleaseMayInplace = release_index_pair;
         o.op = i;
@@ -521,8 +527,7 @@ void init_ops(uint32_t version) {
     g_stats_names[i] = stats_name(i);
     for (int t = 0; t < kNumDTypes; ++t) {
       StatsOp& o = g_stats_ops[i][t];
-      memset(static_cast<OrtCustomOp*>(&o), 0, sizeof(OrtCustomOp));
-      o.version = version;
+      init_common(o, version);
       o.GetName = get_stats_name;
       o.GetExecutionProviderType = cpu_ep;
       o.GetInputType = get_stats_input_type;
@@ -531,16 +536,8 @@ void init_ops(uint32_t version) {
       o.GetOutputTypeCount = stats_outputs;
       o.KernelDestroy = destroy_stats_kernel;
       o.GetInputCharacteristic = x_required_f_optional;
-      o.GetOutputCharacteristic = required;
-      o.GetInputMemoryType = mem_default;
-      o.GetVariadicInputMinArity = arity_one;
-      o.GetVariadicInputHomogeneity = homogeneous;
-      o.GetVariadicOutputMinArity = arity_one;
-      o.GetVariadicOutputHomogeneity = homogeneous;
       o.CreateKernelV2 = create_stats_kernel;
       o.KernelComputeV2 = compute_stats;
-      o.GetStartVersion = version_one;
-      o.GetEndVersion = version_one;
       o.op = i;
       o.dtype = t;
     }
