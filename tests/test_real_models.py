@@ -199,13 +199,16 @@ def test_sample_batches_follow_each_models_preprocessing():
     assert tok["input_ids"].shape == (2, 16) and np.all(tok["input_ids"][:, 0] == 101)
 
 
-def _site_counts(path) -> dict[str, dict[str, int]]:
+def _site_counts(path) -> tuple[dict[str, dict[str, int]], int]:
+    """Sites per role and kind, and how many sit in subgraphs (If/Loop/Scan bodies, functions)."""
     roles: dict[str, Counter] = {}
+    nested = 0
     for s in inspect(path):
         skip = s["skipped"]
         role = "hidden" if skip is None else "output" if "graph output" in skip else "gate" if "gate" in skip else skip
         roles.setdefault(role, Counter())[s["kind"]] += 1
-    return {r: dict(c) for r, c in roles.items()}
+        nested += s["graph"] != "main"
+    return {r: dict(c) for r, c in roles.items()}, nested
 
 
 @pytest.mark.parametrize("item", rm.params())
@@ -214,7 +217,7 @@ def test_real_model_sites_match_the_manifest(item):
     behaviour on a real model: update the manifest deliberately, with the reason)."""
     e, path = item
     path = rm.require_path(e, path)
-    assert _site_counts(path) == e["sites"]
+    assert _site_counts(path) == (e["sites"], e["sites_in_subgraphs"])
 
 
 @pytest.mark.parametrize("item", rm.params(marks_by_id={**_known("rewrite_finite"), **_known("rewrite_sites")}))
