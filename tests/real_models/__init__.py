@@ -92,10 +92,11 @@ def params(ids: list[str] | None = None, marks_by_id: dict[str, Any] | None = No
         p = model_path(e)
         extra = (marks_by_id or {}).get(e["id"], [])
         marks = list(extra) if isinstance(extra, (list, tuple)) else [extra]
-        if p is None and not required():
-            marks = [pytest.mark.skip(reason=f"real model {e['id']} not in {cache_dir()}: {FETCH_HINT}")]
-        # required and missing: the case runs and fails in require_path (never an expected failure)
-        out.append(pytest.param((e, p), id=e["id"], marks=[] if p is None else marks))
+        if p is None:
+            # required (CI): no marks, the case runs and fails in require_path, never as an expected failure
+            missing = f"real model {e['id']} not in {cache_dir()}: {FETCH_HINT}"
+            marks = [] if required() else [pytest.mark.skip(reason=missing)]
+        out.append(pytest.param((e, p), id=e["id"], marks=marks))
     return out
 
 
