@@ -245,3 +245,14 @@ def test_real_model_default_rewrite_is_valid_and_runs(item, tmp_path):
             finite = np.isfinite(w)
             assert finite.any(), f"{e['id']}: the original gives no finite output on its sample batches"
             assert np.all(np.isfinite(g[finite])), f"{e['id']}: non-finite outputs where the original's are finite"
+
+
+def test_write_batches_gives_the_clis_data_folder(tmp_path):
+    """One .npz per batch, keys = input names (also names with '/'), arrays equal to sample_batches'."""
+    want = rm.sample_batches("resnet50_ir3", 2, 1, seed=3)
+    paths = rm.write_batches("resnet50_ir3", tmp_path / "data", 2, 1, seed=3)
+    assert [p.name for p in paths] == ["batch_000.npz", "batch_001.npz"]
+    for p, w in zip(paths, want):
+        with np.load(p) as z:
+            assert set(z.files) == set(w) == {"gpu_0/data_0"}
+            assert all(np.array_equal(z[k], w[k]) for k in w)

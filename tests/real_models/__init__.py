@@ -10,7 +10,8 @@ Helpers for tests and benchmarks:
 * :func:`available` — (entry, path) pairs present in the cache; :func:`params` — the same as ``pytest.param``s that
   skip (or, with ``NORMACT_REQUIRE_REAL_MODELS=1``, fail) when a model is missing.
 * :func:`sample_batches` — ``n_batches`` feed dicts built from real data by the model's own preprocessing, so
-  statistics measured on them are the statistics the model sees in use.
+  statistics measured on them are the statistics the model sees in use; :func:`write_batches` — the same as a folder
+  of ``.npz`` files for the CLI's ``--data``.
 """
 
 from __future__ import annotations
@@ -275,3 +276,19 @@ def sample_batches(
         else:
             raise ValueError(f"{e['id']}: unknown feed kind {kind!r}")
     return batches
+
+
+def write_batches(
+    e: dict[str, Any] | str, folder: str | os.PathLike, n_batches: int, batch_size: int, seed: int = 0
+) -> list[Path]:
+    """:func:`sample_batches` as a folder of ``batch_NNN.npz`` (keys = input names), the form the CLI's ``--data``
+    reads (one batch per file), for tests that drive ``calibrate``/``compare``/``fold`` as a user would."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, feeds in enumerate(sample_batches(e, n_batches, batch_size, seed)):
+        path = out / f"batch_{i:03d}.npz"
+        np.savez(path, **feeds)
+        paths.append(path)
+    return paths
+
