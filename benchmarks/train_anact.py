@@ -1,4 +1,4 @@
-"""ANAct reproduction (arXiv 2208.13315; MATH.md §2) through ``normact-onnx finetune`` (ONNX Runtime training).
+"""ANAct reproduction (arXiv 2208.13315; docs/math.md §2) through ``normact-onnx finetune`` (ONNX Runtime training).
 
 A small CNN on Fashion-MNIST, trained from scratch with the same budget:
 Swish vs ANAct-Swish and ReLU vs ANAct-ReLU, several seeds, test accuracy

@@ -1,4 +1,4 @@
-"""Depth reproduction (static-normalization paper, arXiv 1905.01369; MATH.md §1): how deep does a plain MLP train?
+"""Depth reproduction (static-normalization paper, arXiv 1905.01369; docs/math.md §1): how deep does a plain MLP train?
 
 Plain MLPs, no normalization layers, no residual connections, width 256, on
 MNIST: ReLU vs static-normalized ReLU (center-scale, zeta-zero) vs ANAct ReLU,

@@ -76,7 +76,7 @@ VERIFY_DIMS = {"N": 3, "S": 7}
 class Site:
     """An activation site the model contains, for tests and humans.
 
-    ``role`` follows DESIGN.md: ``hidden`` sites feed further layers (rewritten
+    ``role`` follows docs/architecture.md §4: ``hidden`` sites feed further layers (rewritten
     by default); ``output`` sites are graph outputs and ``gate`` sites multiply
     another branch (found and reported, rewritten only on request).
     """

@@ -1,4 +1,4 @@
-"""ANAct calibration: Gaussian recovery (MATH.md §2), exact shard merging, real models end to end, data sources."""
+"""ANAct calibration: Gaussian recovery (docs/math.md §2.6), exact shard merging, real models, data sources."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def stats_path(request, monkeypatch):
 
 CATALOGUE_RELU = CATALOGUE["relu"]
 
-# MATH.md §2, X ~ N(0, 1): μ, λ (anact rule), λ (xavier rule)
+# docs/math.md §2.6, X ~ N(0, 1): μ, λ (anact rule), λ (xavier rule)
 ORACLE = {
     "relu": (0.398942, 1.414214, 1.414214),
     "tanh": (0.0, 1.531254, 1.526142),

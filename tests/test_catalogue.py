@@ -1,4 +1,4 @@
-"""The catalogue's numbers: Gaussian moments and static constants against MATH.md, Monte Carlo and ORT."""
+"""The catalogue's numbers: Gaussian moments and static constants against docs/math.md, Monte Carlo and ORT."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from normact_onnx.passes.forms import literal_site
 
 from .conftest import fvi, run_model, tiny_model
 
-# MATH.md §1 oracle table: kind, params, m1, m2, v, b, d2, center-scale scale, zeta-zero scale
+# docs/math.md §1.7 oracle table: kind, params, m1, m2, v, b, d2, center-scale scale, zeta-zero scale
 ORACLE = [
     ("relu", {}, 0.398942, 0.500000, 0.340845, 0.500000, 0.500000, 1.712859, 3.317793),
     ("leaky_relu", {"alpha": 0.01}, 0.394953, 0.500050, 0.344062, 0.505000, 0.500050, 1.704832, 3.351307),
@@ -66,7 +66,7 @@ def test_every_variant_normalizes_a_gaussian_monte_carlo(kind):
 
 
 def test_leaky_relu_zeta_zero_equals_shifted_abs_for_every_alpha():
-    """MATH.md: zeta-zero of any LeakyReLU(a<1) is (|x| − √(2q/π)) / √(q(1 − 2/π))."""
+    """docs/math.md §1.3: zeta-zero of any LeakyReLU(a<1) is (|x| − √(2q/π)) / √(q(1 − 2/π))."""
     q = 1.7
     x = np.linspace(-4, 4, 101)
     want = (np.abs(x) - math.sqrt(2 * q / math.pi)) / math.sqrt(q * (1 - 2 / math.pi))

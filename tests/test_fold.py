@@ -1,4 +1,4 @@
-"""fold: normalized sites back to plain activations, the affine part moved into the consumers (MATH.md §3).
+"""fold: normalized sites back to plain activations, the affine part moved into the consumers (docs/math.md §3).
 
 Every test runs real ONNX Runtime sessions: the folded model must reproduce the
 unfolded one within 1e-5 of each output's scale, on Gaussian and on "real"

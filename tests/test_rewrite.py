@@ -1,4 +1,4 @@
-"""DESIGN.md's rules for rewriting, each with a test: preservation, versions, provenance, files on disk."""
+"""docs/architecture.md §8: the rewrite rules, each with a test: preservation, versions, provenance, files on disk."""
 
 from __future__ import annotations
 

@@ -176,7 +176,7 @@ def test_running_rule_gates_and_blends() -> None:
 
 
 def test_reference_converges_to_gaussian_values() -> None:
-    """Fed N(0,1) batches, the reference's running λ, μ approach MATH.md §2's table."""
+    """Fed N(0,1) batches, the reference's running λ, μ approach docs/math.md §2.6's table."""
     torch.manual_seed(0)
     for kind, lam, mu in (("relu", 1.414214, 0.398942), ("silu", 1.650141, 0.206621), ("tanh", 1.531254, 0.0)):
         a = ANAct(kind, start=(1.0, 1.0, 0.0))

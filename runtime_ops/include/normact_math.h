@@ -337,7 +337,7 @@ NA_HD float na_phi_lower(float x) {
 // Each functor: f(x, a, b) with the activation's own attributes a, b (see the
 // op table in normact_ops.h for which attribute is which), and its derivative
 // df(x, a, b) as the catalogue's `derivative`/`derivative_body` define it
-// (MATH.md §2's f'): at a kink the one-sided value the ONNX body gives (strict
+// (docs/math.md §2.1's f'): at a kink the one-sided value the ONNX body gives (strict
 // comparisons, e.g. relu'(0) = 0), and the limits at +-inf rather than NaN.
 // df feeds the calibration statistics op (sum of f'(x)^2), not the Norm kernels.
 namespace act {

@@ -149,7 +149,7 @@ def static_constants(
     ratio: float | None = None,
     q_per_site: dict[str, float] | None = None,
 ) -> Constants:
-    """Static normalization (MATH.md §1) at design variance q, or at each site's measured q."""
+    """Static normalization (docs/math.md §1) at design variance q, or at each site's measured q."""
     if variant not in VARIANTS:
         raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if not q > 0:

@@ -1,4 +1,4 @@
-"""``fold``: the zero-cost deployment model (MATH.md §3), as a Python API.
+"""``fold``: the zero-cost deployment model (docs/math.md §3), as a Python API.
 
 Normalized sites go back to their plain activation op and their affine part
 moves into the next layers' weights, so the deployed model is the original op

@@ -1,4 +1,4 @@
-"""Gaussian moments of an activation (MATH.md §1), by closed form or piecewise quadrature.
+"""Gaussian moments of an activation (docs/math.md §1.6), by closed form or piecewise quadrature.
 
 For ``x ~ N(0, q)``: ``m1 = E f``, ``m2 = E f²``, ``v = m2 − m1²``, ``b = E f'``,
 ``d2 = E f'²``. Gauss–Hermite is exact for smooth f but only ~1e-3 for kinked f,

@@ -146,7 +146,7 @@ td:nth-child(2),td:nth-child(3),td:nth-child(4){{text-align:left}}
 <h1>{html.escape(title)}</h1>
 <p>{stats.batches} batches from {html.escape("; ".join(stats.sources))}; {len(stats.sites)} sites
 {"per channel" if stats.per_channel else "per site"}; {html.escape(settings)}.
-ANAct (MATH.md §2) wants both gains near 1 after normalization; λ is the compromise between them
+ANAct (docs/math.md §2.2) wants both gains near 1 after normalization; λ is the compromise between them
 (Var f ≤ E f'², so no single scale makes both exactly 1). "After" is λ·(f − μ) at the same inputs.</p>
 <div class="charts">{"".join(charts)}</div>
 <h2>Sites</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{"".join(trs)}</table>

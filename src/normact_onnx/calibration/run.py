@@ -274,7 +274,7 @@ def calibrate(
     in_place: bool = False,
     details: bool = False,
 ) -> CalibrationStats | CalibrationResult:
-    """ANAct calibration (MATH.md §2) of ``model`` on ``data``.
+    """ANAct calibration (docs/math.md §2) of ``model`` on ``data``.
 
     ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
     object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an

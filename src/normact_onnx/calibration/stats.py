@@ -9,7 +9,7 @@ shards are combined with Chan, Golub & LeVeque's pairwise update
 
 which is exact in real arithmetic and stable in floating point (no E[x²] − E[x]²
 cancellation), so ``merge-stats a.json b.json`` equals one run over both data
-sets up to float64 rounding. The paper's gated EMA (MATH.md §2) depends on the
+sets up to float64 rounding. The paper's gated EMA (docs/math.md §2.4) depends on the
 order of the batches and is *not* reproduced by merging: a merged file keeps the
 moments only, and factors from it use ``--aggregate mean``.
 """

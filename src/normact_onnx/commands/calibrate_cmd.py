@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibrate",
         help="ANAct factors from sample data",
         description="Measure each activation site on sample batches (statistics reduced inside the graph) and "
-        "write the ANAct-calibrated model (MATH.md §2), a mergeable statistics JSON and optionally a report.",
+        "write the ANAct-calibrated model (docs/math.md §2), a mergeable statistics JSON and optionally a report.",
     )
     p.add_argument("model", help="path to an .onnx file")
     add_data_source(

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fold",
         help="fold normalized sites into neighbouring layers",
         description="Turn normalized sites back into plain activations, their affine parts moved into the "
-        "consumers' weights (MATH.md §3). Sites that cannot be folded exactly stay, with the reason.",
+        "consumers' weights (docs/math.md §3). Sites that cannot be folded exactly stay, with the reason.",
     )
     p.add_argument("model", help="a normalized .onnx model")
     add_output_path(p, suffix=".folded.onnx")

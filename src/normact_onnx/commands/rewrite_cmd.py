@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rewrite",
         help="normalize activations (static method)",
-        description="Rewrite activation sites into normalized form (MATH.md §1).",
+        description="Rewrite activation sites into normalized form (docs/math.md §1).",
     )
     p.add_argument("model", help="path to an .onnx file")
     m = p.add_argument_group("method")

@@ -1,4 +1,4 @@
-"""ANAct: adaptive normalization from measured statistics (Yuan et al., arXiv 2208.13315; MATH.md §2).
+"""ANAct: adaptive normalization from measured statistics (Yuan et al., arXiv 2208.13315; docs/math.md §2).
 
 From a site's statistics:
 

@@ -1,4 +1,4 @@
-"""Static activation normalization (Richemond & Guo, arXiv 1905.01369; MATH.md §1).
+"""Static activation normalization (Richemond & Guo, arXiv 1905.01369; docs/math.md §1).
 
 A fixed transform computed once from Gaussian integrals at the design variance q:
 no data needed. Every variant is ``y = scale·(f(x) − shift − slope·x)``.

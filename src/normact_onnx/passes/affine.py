@@ -1,4 +1,4 @@
-"""Move an affine map of a value into the layers that consume it (MATH.md §3).
+"""Move an affine map of a value into the layers that consume it (docs/math.md §3.1).
 
 Given consumers that read ``u`` and a new value ``u'`` with ``u = a·u' + c``
 (``a``, ``c`` scalars or per-channel vectors), rewrite every consumer so that
@@ -11,7 +11,7 @@ reading ``u'`` computes exactly what reading ``u`` did. Both directions use it:
 
 Exact for Gemm, MatMul (+Add) and Conv. A Conv that pads with zeros sees
 zeros of ``u``, which are not zeros of ``u'`` once there is an offset; the
-``padding`` strategy says what to do there (MATH.md §3): ``"refuse"``, ``"pad"``
+``padding`` strategy says what to do there (docs/math.md §3.3): ``"refuse"``, ``"pad"``
 (an explicit ``Pad`` of ``u'`` with the value that stands for u = 0, then the
 Conv without padding: exact, one copy), or ``"keep-shift"`` (fold only the
 scale; the shift off/a added in front of that Conv by a depthwise 1×1 ``Conv``
@@ -23,7 +23,7 @@ changed in place for the other users.
 The producer side (:func:`plan_produce`) is the mirror image: make the layer
 that computes ``t`` compute ``a·t + c`` instead (Conv, Gemm, MatMul (+ Add) with
 constant weights: output channels scaled, bias ``a·b + c``). ``fold`` uses it
-for sites whose activation is a clip of its input (MATH.md §3, backward) and,
+for sites whose activation is a clip of its input (docs/math.md §3.4, backward) and,
 with ``residual=True``, to carry an affine map through a residual ``Add``:
 (a·u' + c) + v = a·(u' + (v + c)/a) when the layer producing ``v`` feeds only
 that ``Add`` and absorbs (1/a, c/a); the ``Add``'s consumers then absorb ``a``.

@@ -1,4 +1,4 @@
-"""Fold normalized sites back into plain activations (MATH.md §3), in place on a ModelProto.
+"""Fold normalized sites back into plain activations (docs/math.md §3), in place on a ModelProto.
 
 A site with slope 0 computes ``y = s·f(x) − s·h``. Two exact ways to make it free:
 

@@ -1,7 +1,7 @@
 """The inference model after fine-tuning: trained weights, frozen constants, the ``Norm<Act>`` form.
 
 At inference an ANAct site is again ``y = scale·(f(x) − shift)`` with
-``scale = λ + 0.3·tanh α`` and ``shift = μ`` (MATH.md §2), so the export is the
+``scale = λ + 0.3·tanh α`` and ``shift = μ`` (docs/math.md §2.3), so the export is the
 ordinary rewrite pass with those constants: the same function form, metadata
 and verification as ``rewrite``, loadable in the regular ``[cpu]``/``[gpu]``
 environment. Sites an earlier rewrite had already put in the function form get

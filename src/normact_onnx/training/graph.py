@@ -3,7 +3,7 @@
 Only ``onnx`` and the catalogue are needed here (no onnxruntime-training), so
 the graph can be built, inspected and run forward in the regular environment.
 
-An ANAct site (MATH.md §2) becomes, in gradient-safe standard ops::
+An ANAct site (docs/math.md §2.3) becomes, in gradient-safe standard ops::
 
     f  = catalogue body(x)                                   (literal params)
     y  = (λ_i + 0.3·tanh(α_i)) · (f − μ_i)
@@ -97,7 +97,7 @@ class TrainGraph:
 
 
 def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) -> tuple[float, float, float]:
-    """ρ, ρ', μ for x ~ N(0, 1) (MATH.md §2 table): the running statistics before the first batch."""
+    """ρ, ρ', μ for x ~ N(0, 1) (docs/math.md §2.6 table): the running statistics before the first batch."""
     act = CATALOGUE[kind]
     try:
         m = gaussian_moments(act, 1.0, act.with_defaults(params))
@@ -231,7 +231,7 @@ def build_train_graph(
 ) -> TrainGraph:
     """Rewrite the sites of ``model`` for training; the input model is not modified.
 
-    ``method``: ``anact`` (adaptive, MATH.md §2), ``static`` (fixed constants of
+    ``method``: ``anact`` (adaptive, docs/math.md §2), ``static`` (fixed constants of
     ``variant`` at ``q``) or ``none`` (train the model as it is). Sites that an
     earlier ``rewrite``/``calibrate`` normalized in the function form are
     re-normalized adaptively under ``anact`` and keep their constants otherwise.

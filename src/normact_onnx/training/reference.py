@@ -1,4 +1,4 @@
-"""A PyTorch reference of ANAct (MATH.md §2) with the same update timing as the ONNX Runtime loop.
+"""A PyTorch reference of ANAct (docs/math.md §2.4) with the same update timing as the ONNX Runtime loop.
 
 Written independently of the ONNX path on purpose: f is a torch function and
 f' comes from autograd, not from the catalogue's ONNX derivative body, so a

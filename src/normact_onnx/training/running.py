@@ -1,4 +1,4 @@
-"""ANAct's running statistics and the gated update rule (MATH.md §2), in numpy, for the host loop.
+"""ANAct's running statistics and the gated update rule (docs/math.md §2.4), in numpy, for the host loop.
 
 Per site the training graph returns ``[mean f, mean f², mean f'², mean x, var x]``
 for the batch. From those:
