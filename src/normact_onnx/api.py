@@ -107,6 +107,40 @@ def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
 Constants = Callable[[Site], Affine | str]
 
 
+SiteFilter = Callable[[Site], str | None]
+
+
+def site_filter(
+    include: set[str] | None, exclude: set[str] | None, nodes: str | None, all_sites: bool
+) -> SiteFilter:
+    """Why a site is left alone by the selection flags (None: it is to be normalized).
+
+    One rule for every command: rewrite applies it, and calibration normalizes exactly
+    these sites in situ, so the statistics describe the network the rewrite will write.
+    """
+    pattern = None
+    if nodes:
+        try:
+            pattern = re.compile(nodes)
+        except re.error as e:
+            raise NormactError(f"--nodes: bad regular expression ({e})") from None
+
+    def why(s: Site) -> str | None:
+        if s.normalized is not None:
+            return "already normalized"
+        if include is not None and s.kind not in include:
+            return f"kind {s.kind} not in --include"
+        if exclude is not None and s.kind in exclude:
+            return f"kind {s.kind} in --exclude"
+        if pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
+            return "name does not match --nodes"
+        if s.skip and not all_sites:
+            return f"{s.skip} (use --all-sites to include)"
+        return None
+
+    return why
+
+
 def select(
     sites: list[Site],
     include: set[str] | None,
@@ -116,24 +150,14 @@ def select(
     constants: Constants,
 ) -> list[SiteOutcome]:
     """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
-    pattern = None
-    if nodes:
-        try:
-            pattern = re.compile(nodes)
-        except re.error as e:
-            raise NormactError(f"--nodes: bad regular expression ({e})") from None
+    why = site_filter(include, exclude, nodes, all_sites)
     out = []
     for s in sites:
+        reason = why(s)
         if s.normalized is not None:
-            out.append(SiteOutcome(s, "normalized", "already normalized"))
-        elif include is not None and s.kind not in include:
-            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} not in --include"))
-        elif exclude is not None and s.kind in exclude:
-            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} in --exclude"))
-        elif pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
-            out.append(SiteOutcome(s, "skipped", "name does not match --nodes"))
-        elif s.skip and not all_sites:
-            out.append(SiteOutcome(s, "skipped", f"{s.skip} (use --all-sites to include)"))
+            out.append(SiteOutcome(s, "normalized", reason or "already normalized"))
+        elif reason:
+            out.append(SiteOutcome(s, "skipped", reason))
         else:
             aff = constants(s)
             if isinstance(aff, str):
