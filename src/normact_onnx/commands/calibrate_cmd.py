@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..methods.static import VARIANTS
 from .common import (
     add_anact_options,
     add_data_source,
@@ -15,7 +16,6 @@ from .common import (
     default_output,
     output_path,
 )
-from ..methods.static import VARIANTS
 from .rewrite_cmd import finish
 
 
