@@ -168,7 +168,8 @@ def test_bundled_models_hold_their_property(tmp_path, name, shape, method):
     and hold the [0.5, 2] target wherever the method itself does.
     """
     out = tmp_path / "out.onnx"
-    stats = calibrate(MODELS / name, synthetic=True, shapes=shape, batches=4, output=out, aggregate="mean", method=method)
+    opts = {"aggregate": "mean", "method": method}
+    stats = calibrate(MODELS / name, synthetic=True, shapes=shape, batches=4, output=out, **opts)
     rows = measure_sites(out, synthetic=True, shapes=shape, batches=4)
     held, measured = _held(rows)
     assert measured > 0
