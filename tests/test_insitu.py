@@ -233,3 +233,28 @@ def test_compare_sites_reports_property_target_and_misses(deep, tmp_path, cli):
     assert len(rows) == 24 and all(s["holds"] and s["target"].startswith("[0.5, 2]") for s in rows)
     r = cli("compare", deep / "deep.onnx", bad, "--data", deep / "data.npz", "--sites")
     assert "MISSED" in r.stdout and "measured sites hold their property" in r.stdout
+
+
+def test_report_shows_the_property_measured_in_the_written_model(deep, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.html"
+    calibrate(deep / "deep.onnx", deep / "data.npz", out, batch_size=128, report=report, method="static")
+    text = report.read_text()
+    assert "24 of 24 sites hold their property" in text and "measured in the written model" in text
+    bad = tmp_path / "bad.html"
+    calibrate(deep / "deep.onnx", deep / "data.npz", out, batch_size=128, report=bad, method="static", in_situ=False)
+    assert "MISSED" in bad.read_text()
+
+
+def test_rewrite_says_when_a_model_looks_pretrained(tmp_path, cli):
+    model = tmp_path / "m.onnx"
+    onnx.save(deep_mlp(depth=6, gain=(2.5, 3.0)), model)  # weights far from any initialization's scale
+    r = cli("rewrite", model, "-o", tmp_path / "o.onnx")
+    assert r.returncode == 0 and "looks pretrained" in r.stderr and "calibrate" in r.stderr
+    onnx.save(deep_mlp(depth=20, gain=(0.9, 1.1)), model)  # many sites
+    r = cli("rewrite", model, "-o", tmp_path / "o.onnx")
+    assert "looks pretrained (20 sites)" in r.stderr
+    for name in ("mlp_relu.torchscript.onnx", "cnn_relu.dynamo.onnx", "mobilenet_like.torchscript.onnx"):
+        r = cli("rewrite", MODELS / name, "-o", tmp_path / "f.onnx")  # freshly initialized: no note
+        assert r.returncode == 0 and "looks pretrained" not in r.stderr
+    r = cli("rewrite", model, "-o", tmp_path / "p.onnx", "--preserve-function")
+    assert "looks pretrained" not in r.stderr

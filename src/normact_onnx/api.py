@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .catalogue import CATALOGUE
@@ -248,6 +249,7 @@ def rewrite(
     else:
         m = src
     base_dir = model_folder(path)
+    method_was_plain_static = constants is None
     if constants is None:
         constants = static_constants(q, variant, ratio)
         method = {
@@ -262,6 +264,14 @@ def rewrite(
     result = RewriteResult(m, outcomes, misses=misses)
     if not sites:
         result.notes.append("no activation sites found")
+    elif method_was_plain_static and not preserve_function:
+        why = looks_pretrained(m, [o.site for o in outcomes if o.action == "rewritten"], base_dir)
+        if why:
+            result.notes.append(
+                f"this model looks pretrained ({why}): its sites' real pre-activation variance is unknown, so "
+                f"constants at the design variance q={q:g} will not normalize them; calibrate it on sample data "
+                "(normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
+            )
     if dry_run:
         return result if details else m
     apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
@@ -272,6 +282,49 @@ def rewrite(
     elif verify and result.rewritten:
         result.verification = verify_in_memory(m, outcomes, base_dir)
     return result if details else m
+
+
+FRESH_INIT = (0.2, 2.5)  # var(W)·fan_in of common initializations: 1/3 (torch default), 1 (LeCun), 2 (He)
+MANY_SITES = 16
+_LINEAR = {"Conv": 1, "ConvTranspose": 0, "Gemm": None, "MatMul": 0}  # op -> the weight's input-feature axis
+
+
+def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None) -> str | None:
+    """Why a model looks trained rather than freshly initialized (None: it does not).
+
+    Static constants assume each site sees N(0, q): true at a fresh initialization, not
+    in a trained network, whose weights have drifted from the initialization's scale.
+    Weights are read only when small and stored inline (at most 32 layers).
+    """
+    from .graph import SMALL_CONST, const_value, containers
+
+    if len(sites) >= MANY_SITES:
+        return f"{len(sites)} sites"
+    main = containers(m)[0]
+    ratios: list[float] = []
+    for node in main.nodes:
+        if node.op_type not in _LINEAR or len(node.input) < 2 or len(ratios) >= 32:
+            continue
+        w = const_value(main, node.input[1], base_dir, limit=SMALL_CONST * 256)
+        if w is None or w.ndim < 2 or w.size < 16 or not np.issubdtype(w.dtype, np.floating):
+            continue
+        axis = _LINEAR[node.op_type]
+        if axis is None:  # Gemm: transB says which axis holds the inputs
+            from .graph import attr_value
+
+            axis = 1 if attr_value(node, "transB", 0) else 0
+        fan_in = w.shape[axis] * int(np.prod(w.shape[2:])) if w.ndim > 2 else w.shape[axis]
+        ratios.append(float(np.var(w.astype(np.float64)) * fan_in))
+    if len(ratios) < 2:
+        return None
+    lo, hi = FRESH_INIT
+    outside = [r for r in ratios if not lo <= r <= hi]
+    if len(outside) * 3 > len(ratios):
+        return (
+            f"{len(outside)} of {len(ratios)} layers have weights off a fresh initialization's scale "
+            f"(var(W)·fan_in {min(ratios):.2g} … {max(ratios):.2g}, expected {lo:g} … {hi:g})"
+        )
+    return None
 
 
 def _method_constants(method: str, stats: Any, variant: str, q: float, ratio: float | None) -> tuple[Any, Any]:

@@ -363,7 +363,14 @@ def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int)
 
 
 def _data(
-    data: Any, synthetic: bool, model: _Model, shapes: Any, batches: int, batch_size: int, seed: int
+    data: Any,
+    synthetic: bool,
+    model: _Model,
+    shapes: Any,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    split: int | None = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
     from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
@@ -373,7 +380,7 @@ def _data(
     specs = model_inputs(model.proto)
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    source = open_source(data, specs, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
+    source = open_source(data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
     if source.headers is not None:
         for where, header in source.headers():
             check_header(specs, header, where)
@@ -526,6 +533,7 @@ def measure_sites(
     batches: int = 4,
     batch_size: int = 2,
     seed: int = 0,
+    split: int | None = None,
     providers: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Each normalized site's property measured in ``model`` as written, on ``data``.
@@ -533,13 +541,14 @@ def measure_sites(
     One row per site: the pre-activation's mean and variance, the normalized output's
     mean and variance, the property its method promises (static: E y² near 1 and E y
     near 0; ANAct: the forward gain E y²/Var x), the target, and whether it holds.
-    Sites inside subgraphs or functions are listed as not measurable.
+    Sites inside subgraphs or functions are listed as not measurable. ``split``: cut
+    files into batches of this many samples (as ``calibrate --batch-size`` does).
     """
     m = _Model.load(model, "model")
     probes, unreachable = _site_probes(m)
     runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
-    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed):
+    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
             p.pre_stats.add(outs[p.pre])

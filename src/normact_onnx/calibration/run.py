@@ -417,9 +417,27 @@ def calibrate(
     if report is not None:
         from .report import write_html
 
-        write_html(stats, report, lambda_rule, centered_rho, aggregate)
+        measured = None
+        if result.rewrite is not None and result.rewrite.path is not None and _rereadable(data, synthetic):
+            from ..comparison import measure_sites
+
+            measured = measure_sites(
+                result.rewrite.path,
+                data,
+                synthetic=synthetic,
+                shapes=shapes,
+                batches=batches or 10,
+                seed=seed,
+                split=batch_size,
+            )
+        write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
     result.seconds = time.perf_counter() - start
     return result if details else stats
+
+
+def _rereadable(data: Any, synthetic: bool) -> bool:
+    """Whether the data can be read a second time (the report measures the written model on it)."""
+    return synthetic or isinstance(data, str | os.PathLike | list | tuple | dict)
 
 
 def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | None]:
