@@ -113,10 +113,10 @@ def collect(
 ) -> CalibrationStats:
     """Run the batches through the instrumented model and return the merged per-site statistics.
 
-    ``normalize``: calibrate in situ (:mod:`.insitu`): the sites ``selected`` accepts (all
-    when None) are normalized with each batch's statistics on their way through the copy,
-    so every site is measured with the sites before it already normalized. None: measure
-    the original network as it is.
+    ``normalize``: calibrate in situ (:mod:`.insitu`): the sites ``selected`` accepts
+    (when None: those a default rewrite normalizes) are normalized with each batch's
+    statistics on their way through the copy, so every site is measured with the sites
+    before it already normalized. None: measure the original network as it is.
     """
     src, path = load_model_like(model)
     base_dir = model_folder(path)
@@ -127,6 +127,11 @@ def collect(
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where)
+    if normalize is not None and selected is None:  # the sites a default rewrite normalizes
+        from ..api import site_filter
+
+        default = site_filter(None, None, None, False)
+        selected = lambda site: default(site) is None  # noqa: E731
     inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected)
     if not inst.probes:
         if not inst.sites:
