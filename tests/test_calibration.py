@@ -217,24 +217,33 @@ def test_sites_in_control_flow_are_hoisted(tmp_path, name):
             assert s.x.n[0] == 3 * 3 * 16 * 16  # three batches × three iterations, stacked per iteration
 
 
-def test_rewrite_static_at_measured_q(tmp_path, cli):
+def test_rewrite_static_from_measured_moments(tmp_path, cli):
+    """On Gaussian data at q = 9 the measured-moment constants approach the Gaussian ones at q = 9."""
     model = tmp_path / "m.onnx"
     onnx.save(single_site("gelu", 64), model)
     data = tmp_path / "d.npz"
     np.savez(data, x=(np.random.default_rng(0).standard_normal((4096, 64)) * 3).astype(np.float32))
-    r = cli("calibrate", model, "--data", data, "--stats-only", "--stats", tmp_path / "s.json")
+    r = cli("calibrate", model, "--data", data, "--method", "static", "--stats-only", "--stats", tmp_path / "s.json")
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "m.normact.onnx").exists()
     r = cli("rewrite", model, "--method", "static", "--stats", tmp_path / "s.json", "--report", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
     (site,) = json.loads((tmp_path / "r.json").read_text())["sites"]
-    q = CalibrationStats.load(tmp_path / "s.json").q_per_site()[site["output"]]
+    stats = CalibrationStats.load(tmp_path / "s.json")
+    q = stats.q_per_site()[site["output"]]
     assert q == pytest.approx(9.0, rel=0.02)
     from normact_onnx.catalogue import CATALOGUE
 
-    assert site["scale"] == pytest.approx(static_affine(CATALOGUE["gelu"], {}, q).scale, rel=1e-9)
+    s = stats.sites[site["output"]]
+    assert site["scale"] == pytest.approx(1 / np.sqrt(s.f.var[0]), rel=1e-9)  # exactly the measured moments
+    assert site["shift"] == pytest.approx(s.f.mean[0], rel=1e-9)
+    gauss = static_affine(CATALOGUE["gelu"], {}, q)
+    assert site["scale"] == pytest.approx(gauss.scale, rel=0.03)
+    assert site["shift"] == pytest.approx(gauss.shift, rel=0.03)
+    # statistics measured in situ for one method are refused for the other, with the command to run
     r = cli("rewrite", model, "--method", "anact", "--stats", tmp_path / "s.json", "-o", tmp_path / "a.onnx")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 2 and "calibrate --method anact" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a.onnx").exists()
 
 
 # ---- data sources -----------------------------------------------------------------------------------------------
@@ -267,7 +276,7 @@ def test_calibration_data_reader_and_test_data_sets_and_npy_folder(tmp_path):
 
 def test_npz_split_into_batches_and_batch_limit(tmp_path):
     path = tmp_path / "d.npz"
-    np.savez(path, x=np.ones((100, 16), np.float32))
+    np.savez(path, x=np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32))
     stats = calibrate(single_site("relu", 16), path, batch_size=30)
     assert stats.batches == 4 and only_site(stats).x.n[0] == 100 * 16
     assert calibrate(single_site("relu", 16), path, batch_size=30, batches=2).batches == 2
@@ -370,9 +379,14 @@ def test_python_rewrite_with_method_and_stats(tmp_path):
         out = na.rewrite(model, method="anact", stats=given)
         (node,) = [n for n in out.graph.node if n.op_type == "NormRelu"]
         assert {a.name: a.f for a in node.attribute}["scale"] == pytest.approx(f.lam[0], rel=1e-6)
-    static = na.rewrite(model, method="static", stats=stats)
+    with pytest.raises(NormactError, match="calibrate --method static"):
+        na.rewrite(model, method="static", stats=stats)  # measured in situ for anact
+    measured = calibrate(model, gaussian_batches(5), method="static")
+    static = na.rewrite(model, method="static", stats=measured)
     (node,) = [n for n in static.graph.node if n.op_type == "NormRelu"]
-    want = static_affine(CATALOGUE_RELU, q=float(only_site(stats).x.pooled().var[0]))
-    assert {a.name: a.f for a in node.attribute}["scale"] == pytest.approx(want.scale, rel=1e-5)
+    site = only_site(measured)
+    attrs = {a.name: a.f for a in node.attribute}
+    assert attrs["scale"] == pytest.approx(1 / np.sqrt(site.f.var[0]), rel=1e-5)
+    assert attrs["shift"] == pytest.approx(site.f.mean[0], rel=1e-5)
     with pytest.raises(NormactError, match="needs calibration statistics"):
         na.rewrite(model, method="anact")

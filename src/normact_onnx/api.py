@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .catalogue import CATALOGUE
@@ -107,6 +108,40 @@ def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
 Constants = Callable[[Site], Affine | str]
 
 
+SiteFilter = Callable[[Site], str | None]
+
+
+def site_filter(
+    include: set[str] | None, exclude: set[str] | None, nodes: str | None, all_sites: bool
+) -> SiteFilter:
+    """Why a site is left alone by the selection flags (None: it is to be normalized).
+
+    One rule for every command: rewrite applies it, and calibration normalizes exactly
+    these sites in situ, so the statistics describe the network the rewrite will write.
+    """
+    pattern = None
+    if nodes:
+        try:
+            pattern = re.compile(nodes)
+        except re.error as e:
+            raise NormactError(f"--nodes: bad regular expression ({e})") from None
+
+    def why(s: Site) -> str | None:
+        if s.normalized is not None:
+            return "already normalized"
+        if include is not None and s.kind not in include:
+            return f"kind {s.kind} not in --include"
+        if exclude is not None and s.kind in exclude:
+            return f"kind {s.kind} in --exclude"
+        if pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
+            return "name does not match --nodes"
+        if s.skip and not all_sites:
+            return f"{s.skip} (use --all-sites to include)"
+        return None
+
+    return why
+
+
 def select(
     sites: list[Site],
     include: set[str] | None,
@@ -116,24 +151,14 @@ def select(
     constants: Constants,
 ) -> list[SiteOutcome]:
     """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
-    pattern = None
-    if nodes:
-        try:
-            pattern = re.compile(nodes)
-        except re.error as e:
-            raise NormactError(f"--nodes: bad regular expression ({e})") from None
+    why = site_filter(include, exclude, nodes, all_sites)
     out = []
     for s in sites:
+        reason = why(s)
         if s.normalized is not None:
-            out.append(SiteOutcome(s, "normalized", "already normalized"))
-        elif include is not None and s.kind not in include:
-            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} not in --include"))
-        elif exclude is not None and s.kind in exclude:
-            out.append(SiteOutcome(s, "skipped", f"kind {s.kind} in --exclude"))
-        elif pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
-            out.append(SiteOutcome(s, "skipped", "name does not match --nodes"))
-        elif s.skip and not all_sites:
-            out.append(SiteOutcome(s, "skipped", f"{s.skip} (use --all-sites to include)"))
+            out.append(SiteOutcome(s, "normalized", reason or "already normalized"))
+        elif reason:
+            out.append(SiteOutcome(s, "skipped", reason))
         else:
             aff = constants(s)
             if isinstance(aff, str):
@@ -224,6 +249,7 @@ def rewrite(
     else:
         m = src
     base_dir = model_folder(path)
+    method_was_plain_static = constants is None
     if constants is None:
         constants = static_constants(q, variant, ratio)
         method = {
@@ -238,6 +264,14 @@ def rewrite(
     result = RewriteResult(m, outcomes, misses=misses)
     if not sites:
         result.notes.append("no activation sites found")
+    elif method_was_plain_static and not preserve_function:
+        why = looks_pretrained(m, [o.site for o in outcomes if o.action == "rewritten"], base_dir)
+        if why:
+            result.notes.append(
+                f"this model looks pretrained ({why}): its sites' real pre-activation variance is unknown, so "
+                f"constants at the design variance q={q:g} will not normalize them; calibrate it on sample data "
+                "(normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
+            )
     if dry_run:
         return result if details else m
     apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
@@ -248,6 +282,49 @@ def rewrite(
     elif verify and result.rewritten:
         result.verification = verify_in_memory(m, outcomes, base_dir)
     return result if details else m
+
+
+FRESH_INIT = (0.2, 2.5)  # var(W)·fan_in of common initializations: 1/3 (torch default), 1 (LeCun), 2 (He)
+MANY_SITES = 16
+_LINEAR = {"Conv": 1, "ConvTranspose": 0, "Gemm": None, "MatMul": 0}  # op -> the weight's input-feature axis
+
+
+def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None) -> str | None:
+    """Why a model looks trained rather than freshly initialized (None: it does not).
+
+    Static constants assume each site sees N(0, q): true at a fresh initialization, not
+    in a trained network, whose weights have drifted from the initialization's scale.
+    Weights are read only when small and stored inline (at most 32 layers).
+    """
+    from .graph import SMALL_CONST, const_value, containers
+
+    if len(sites) >= MANY_SITES:
+        return f"{len(sites)} sites"
+    main = containers(m)[0]
+    ratios: list[float] = []
+    for node in main.nodes:
+        if node.op_type not in _LINEAR or len(node.input) < 2 or len(ratios) >= 32:
+            continue
+        w = const_value(main, node.input[1], base_dir, limit=SMALL_CONST * 256)
+        if w is None or w.ndim < 2 or w.size < 16 or not np.issubdtype(w.dtype, np.floating):
+            continue
+        axis = _LINEAR[node.op_type]
+        if axis is None:  # Gemm: transB says which axis holds the inputs
+            from .graph import attr_value
+
+            axis = 1 if attr_value(node, "transB", 0) else 0
+        fan_in = w.shape[axis] * int(np.prod(w.shape[2:])) if w.ndim > 2 else w.shape[axis]
+        ratios.append(float(np.var(w.astype(np.float64)) * fan_in))
+    if len(ratios) < 2:
+        return None
+    lo, hi = FRESH_INIT
+    outside = [r for r in ratios if not lo <= r <= hi]
+    if len(outside) * 3 > len(ratios):
+        return (
+            f"{len(outside)} of {len(ratios)} layers have weights off a fresh initialization's scale "
+            f"(var(W)·fan_in {min(ratios):.2g} … {max(ratios):.2g}, expected {lo:g} … {hi:g})"
+        )
+    return None
 
 
 def _method_constants(method: str, stats: Any, variant: str, q: float, ratio: float | None) -> tuple[Any, Any]:

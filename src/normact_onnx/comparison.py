@@ -239,28 +239,58 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     raise NormactError(f"cannot compare outputs of type {x.dtype}")
 
 
-@dataclass
 class _Moments:
-    """Running mean and variance over every element (float64 sums; constant memory)."""
+    """Count, mean and centred sum of squares over every finite element, merged batch by batch (Chan)."""
 
-    n: int = 0
-    s1: float = 0.0
-    s2: float = 0.0
+    def __init__(self) -> None:
+        from .calibration.stats import Moments
+
+        self.m = Moments.empty(1)
 
     def add(self, x: np.ndarray) -> None:
+        from .calibration.stats import Moments
+
         x = np.asarray(x, dtype=np.float64)
         x = x[np.isfinite(x)]
-        self.n += x.size
-        self.s1 += float(x.sum())
-        self.s2 += float(np.square(x).sum())
+        if x.size:
+            mean = float(x.mean())
+            part = Moments(np.array([float(x.size)]), np.array([mean]), np.array([float(np.square(x - mean).sum())]))
+            self.m = self.m.merge(part)
+
+    @property
+    def n(self) -> int:
+        return int(self.m.n[0])
 
     @property
     def mean(self) -> float:
-        return self.s1 / self.n if self.n else float("nan")
+        return float(self.m.mean[0]) if self.n else float("nan")
 
     @property
     def var(self) -> float:
-        return max(self.s2 / self.n - self.mean**2, 0.0) if self.n else float("nan")
+        return float(self.m.var[0]) if self.n else float("nan")
+
+
+# What each method promises at a normalized site, measured in the model as written (on the user's data).
+# static: E y ≈ 0 and E y² ≈ 1; ANAct: the forward gain E y² / Var x near 1 (λ is a compromise with the
+# backward gain, so a factor of two either way is what "holds" means).
+GAIN_RANGE = (0.5, 2.0)
+MEAN_LIMIT = 0.25
+
+
+def site_property(method: str | None, pre: _Moments, post: _Moments) -> dict[str, Any]:
+    """The site's measured property next to its target, and whether it holds."""
+    second = post.var + post.mean**2 if post.n else float("nan")
+    lo, hi = GAIN_RANGE
+    if method == "anact":
+        gain = second / pre.var if pre.n and pre.var > 0 else float("nan")
+        return {"property": "E y²/Var x", "value": gain, "target": f"[{lo:g}, {hi:g}]", "holds": bool(lo <= gain <= hi)}
+    holds = bool(lo <= second <= hi and abs(post.mean) <= MEAN_LIMIT)
+    return {
+        "property": "E y² (|E y|)",
+        "value": second,
+        "target": f"[{lo:g}, {hi:g}] (≤ {MEAN_LIMIT:g})",
+        "holds": holds,
+    }
 
 
 @dataclass
@@ -280,6 +310,7 @@ class _SiteProbe:
             "pre_var": self.pre_stats.var,
             "mean": self.post_stats.mean,
             "var": self.post_stats.var,
+            **site_property(self.info.get("method"), self.pre_stats, self.post_stats),
         }
 
 
@@ -332,7 +363,14 @@ def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int)
 
 
 def _data(
-    data: Any, synthetic: bool, model: _Model, shapes: Any, batches: int, batch_size: int, seed: int
+    data: Any,
+    synthetic: bool,
+    model: _Model,
+    shapes: Any,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    split: int | None = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
     from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
@@ -342,7 +380,7 @@ def _data(
     specs = model_inputs(model.proto)
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    source = open_source(data, specs, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
+    source = open_source(data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
     if source.headers is not None:
         for where, header in source.headers():
             check_header(specs, header, where)
@@ -400,9 +438,18 @@ class CompareResult:
         if self.sites:
             fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
             srows = [{k: fmt(v) for k, v in s.items()} for s in self.sites]
-            scols = ["model", "site", "kind", "design_q", "pre_mean", "pre_var", "mean", "var", "note"]
+            for row, site in zip(srows, self.sites):
+                if "holds" in site:
+                    row["holds"] = "yes" if site["holds"] else "MISSED"
+            scols = ["model", "site", "kind", "method", "pre_mean", "pre_var", "mean", "var", "property", "value"]
+            scols += ["target", "holds", "note"]
+            missed = sum(1 for site in self.sites if site.get("holds") is False)
             text += "\n\nnormalized sites (pre = the activation's input; mean/var = the normalized output):\n"
             text += table(srows, [c for c in scols if any(c in s for s in self.sites)])
+            measured = sum(1 for site in self.sites if "holds" in site)
+            text += f"\n{measured - missed} of {measured} measured sites hold their property"
+            if missed:
+                text += f"; {missed} MISSED (calibrate on representative data, in situ, to fix)"
         verdict = "PASS" if self.passed else "FAIL"
         text += f"\n\n{verdict}: atol={self.atol:g} rtol={self.rtol:g}, {self.batches} batch(es)"
         return text
@@ -475,6 +522,41 @@ def compare(
     site_rows = [p.result() for p in probes] + unreachable
     labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
     return CompareResult(outputs, site_rows, all(o["passed"] for o in outputs), atol, rtol, n_batches, runtimes, labels)
+
+
+def measure_sites(
+    model: ModelLike,
+    data: Any = None,
+    *,
+    synthetic: bool = False,
+    shapes: Any = None,
+    batches: int = 4,
+    batch_size: int = 2,
+    seed: int = 0,
+    split: int | None = None,
+    providers: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Each normalized site's property measured in ``model`` as written, on ``data``.
+
+    One row per site: the pre-activation's mean and variance, the normalized output's
+    mean and variance, the property its method promises (static: E y² near 1 and E y
+    near 0; ANAct: the forward gain E y²/Var x), the target, and whether it holds.
+    Sites inside subgraphs or functions are listed as not measurable. ``split``: cut
+    files into batches of this many samples (as ``calibrate --batch-size`` does).
+    """
+    m = _Model.load(model, "model")
+    probes, unreachable = _site_probes(m)
+    runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
+    n_batches = 0
+    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split):
+        outs = dict(zip(runner.names, _run(runner, feeds)))
+        for p in probes:
+            p.pre_stats.add(outs[p.pre])
+            p.post_stats.add(outs[p.post])
+        n_batches += 1
+    if n_batches == 0:
+        raise NormactError("the data source gave no batches")
+    return [p.result() for p in probes] + unreachable
 
 
 def _run(runner: _Runner, feeds: Feeds) -> list[np.ndarray]:

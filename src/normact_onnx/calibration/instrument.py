@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,12 @@ from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
 from ..types import FLOAT_TYPES, infer_value_types
-from .stats import Moments
+from .insitu import Normalizer, batch_normalized
+from .stats import Moments, merge_cross
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
+CROSS = "xf_ss"  # Σ (x − mean x)(f − mean f): only when the static variants with a linear term need it
 CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool"}
 NOT_FLOAT = "pre-activation is not a floating-point tensor"
 HOISTABLE = ("If", "Loop", "Scan")
@@ -81,23 +83,30 @@ class Probe:
     channel_shape: list[int]
     fused: bool = False  # statistics from one ai.normact <Op>Stats node
 
-    def read(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments, np.ndarray]:
-        """One run's records (several when a Loop stacked them), merged into this batch's moments."""
+    def read(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments, np.ndarray, np.ndarray | None]:
+        """One run's records (several when a Loop stacked them), merged into this batch's moments.
+
+        Returns the moments of x and f, the mean of f'², and the x·f co-moment (None when not measured).
+        """
         size = np.asarray(values[self.outputs["size"]], dtype=np.float64).reshape(-1)
-        arrays = {k: np.asarray(values[self.outputs[k]], dtype=np.float64) for k in STAT_NAMES[1:]}
+        names = [k for k in (*STAT_NAMES[1:], CROSS) if k in self.outputs]
+        arrays = {k: np.asarray(values[self.outputs[k]], dtype=np.float64) for k in names}
         x, f = Moments.empty(0), Moments.empty(0)
-        d2_sum = None
+        d2_sum = xf = None
         for i in np.flatnonzero(size > 0):  # n = 0: an If branch that did not run, or an empty tensor
             rec = {k: v.reshape(size.size, -1)[i] for k, v in arrays.items()}
             n = np.full(rec["x_mean"].shape, size[i] / rec["x_mean"].size)
             xi, fi = Moments(n, rec["x_mean"], rec["x_ss"]), Moments(n, rec["f_mean"], rec["f_ss"])
             if x.n.size == 0:
                 x, f, d2_sum = Moments.empty(n.size), Moments.empty(n.size), np.zeros(n.size)
+                xf = np.zeros(n.size) if CROSS in rec else None
+            if xf is not None:
+                xf = merge_cross(x, f, xf, xi, fi, rec[CROSS])
             x, f = x.merge(xi), f.merge(fi)
             d2_sum = d2_sum + rec["d_ss"]
         if d2_sum is None:
-            return x, f, np.zeros(0)
-        return x, f, d2_sum / np.where(x.n > 0, x.n, 1.0)
+            return x, f, np.zeros(0), None
+        return x, f, d2_sum / np.where(x.n > 0, x.n, 1.0), xf
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Instrumented:
     skipped: dict[str, str]  # site output -> reason it has no statistics
     sites: list[Site]
     fused: bool = False  # whether the library's statistics ops were used (for some or all sites)
+    in_situ: list[str] = field(default_factory=list)  # sites normalized with batch statistics in the copy
 
     @property
     def output_names(self) -> list[str]:
@@ -124,13 +134,20 @@ def channel_axis_for(site: Site, rank: int | None) -> int | None:
 
 
 def instrument(
-    model: onnx.ModelProto, base_dir: str | None, per_channel: bool = False, fused: bool | None = None
+    model: onnx.ModelProto,
+    base_dir: str | None,
+    per_channel: bool = False,
+    fused: bool | None = None,
+    normalize: Normalizer | None = None,
+    selected: Callable[[Site], bool] | None = None,
 ) -> Instrumented:
     """A copy of ``model`` with statistics outputs for every calibratable site (the input is not modified).
 
     ``fused``: use the kernel library's statistics ops (None: when the library has them and
     ``NORMACT_FUSED_STATS`` is not 0; False: standard ops only); the copy then needs the
-    library registered to run.
+    library registered to run. ``normalize``: in-situ calibration (:mod:`.insitu`): the sites
+    ``selected`` accepts (all calibratable ones when None) pass this batch's
+    normalized value on to the rest of the network instead of the raw activation.
     """
     suffix = fused_stats_suffix() if fused is None or fused else None
     if fused and suffix is None:
@@ -143,7 +160,10 @@ def instrument(
     hoister = _Hoister(m, fresh)
     probes: list[Probe] = []
     skipped: dict[str, str] = {}
+    in_situ: list[str] = []
+    inserts: dict[int, tuple[Container, dict[int, list[onnx.NodeProto]]]] = {}
     cache: dict[tuple[int, str, int | None], dict[str, str]] = {}  # (container, x, axis): x statistics already built
+    cross = normalize is not None and normalize.needs_cross
     for depth, site in enumerate(sites):
         why = _not_calibratable(site, types)
         if why:
@@ -157,22 +177,62 @@ def instrument(
             skipped[site.output] = "per-channel statistics need the pre-activation's rank (shape inference gave none)"
             continue
         elem = types.elem_type(site.input)
+        normalized_here = normalize is not None and (selected is None or selected(site))
+        f = site.output
+        if normalized_here:  # the raw activation gets a new name; its old name becomes the normalized value
+            f = fresh(f"{site.output}__normact_raw")
+            site.root.output[0] = f
+            in_situ.append(site.output)
         use_fused = suffix is not None and _fusable(site, elem)
+        b = StatsBody(site.container.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, {}, False)
         if use_fused:
-            local = _fused_statistics(site, axis, suffix, fresh)
+            local = _fused_statistics(site, f, axis, suffix, fresh, b)
         else:
-            local = _site_statistics(site, elem, rank, axis, fresh, cache)
+            local = _site_statistics(site, f, elem, rank, axis, fresh, cache, b)
+        axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
+        stat_elem = TensorProto.DOUBLE if use_fused else TensorProto.FLOAT
+        if cross:
+            local[CROSS] = _cross_statistic(b, site.input, f, elem, local, stat_elem, axes)
+            if stat_elem != TensorProto.FLOAT:  # one element type for every hoisted statistic
+                local[CROSS] = b.op("Cast", local[CROSS], to=stat_elem)
+        if normalized_here:
+            batch_normalized(b, local, site.input, f, site.output, elem, normalize, stat_elem)
+        c = site.container
+        inserts.setdefault(id(c), (c, {}))[1].setdefault(id(site.root), []).extend(b.nodes)
         if rank is None:
             keep_shape = [1]
         else:
             keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
-        outs = hoister.hoist(site.container, local, keep_shape, TensorProto.DOUBLE if use_fused else TensorProto.FLOAT)
+        outs = hoister.hoist(c, local, keep_shape, stat_elem)
         channel_shape = [] if axis is None else [-1] + [1] * (rank - 1 - axis)
         probes.append(Probe(site, depth, outs, axis, channel_shape, use_fused))
+    # the new nodes go right after each site (the normalized value feeds the layers after it);
+    # innermost bodies first, so an outer node copied later carries its edited body with it
+    for c, after in sorted(inserts.values(), key=lambda ca: -_depth(ca[0])):
+        _insert_after(c, after)
     any_fused = any(p.fused for p in probes)
     if any_fused and not any(o.domain == NORM_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
-    return Instrumented(m, probes, skipped, sites, any_fused)
+    return Instrumented(m, probes, skipped, sites, any_fused, in_situ)
+
+
+def _depth(c: Container) -> int:
+    d = 0
+    while c.parent is not None:
+        c, d = c.parent, d + 1
+    return d
+
+
+def _insert_after(c: Container, after: dict[int, list[onnx.NodeProto]]) -> None:
+    """Rebuild the container's node list once, with ``after[id(node)]`` following each node."""
+    rebuilt: list[onnx.NodeProto] = []
+    for node in c.nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        rebuilt.append(copy)
+        rebuilt.extend(after.get(id(node), ()))
+    del c.nodes[:]
+    c.nodes.extend(rebuilt)
 
 
 def _fusable(site: Site, elem: int) -> bool:
@@ -183,8 +243,10 @@ def _fusable(site: Site, elem: int) -> bool:
     return all(np.ndim(v) == 0 for v in params.values())
 
 
-def _fused_statistics(site: Site, axis: int | None, suffix: str, fresh: Callable[[str], str]) -> dict[str, str]:
-    """One ``<Op>Stats`` node reading x and f (the site's own output): statistic -> local value name."""
+def _fused_statistics(
+    site: Site, f: str, axis: int | None, suffix: str, fresh: Callable[[str], str], b: StatsBody
+) -> dict[str, str]:
+    """One ``<Op>Stats`` node reading x and f (the site's raw output): statistic -> local value name."""
     name = fresh(f"{site.name}/normact_stats")
     outs = {stat: fresh(f"{name}/{stat}") for stat in STAT_NAMES}
     params = site.activation.with_defaults(site.params)
@@ -193,14 +255,27 @@ def _fused_statistics(site: Site, axis: int | None, suffix: str, fresh: Callable
         attrs["axis"] = axis
     node = helper.make_node(
         site.activation.op_name + suffix,
-        [site.input, site.output],
+        [site.input, f],
         [outs[stat] for stat in STAT_NAMES],
         name=name,
         domain=NORM_DOMAIN,
         **attrs,
     )
-    site.container.nodes.append(node)
+    b.nodes.append(node)
     return outs
+
+
+def _cross_statistic(
+    b: StatsBody, x: str, f: str, elem: int, local: dict[str, str], stat_elem: int, axes: list[int] | None
+) -> str:
+    """Σ (x − mean x)(f − mean f), keepdims like the other statistics, as float32."""
+
+    def centred(v: str, mean: str) -> str:
+        mean = mean if stat_elem == TensorProto.FLOAT else b.op("Cast", mean, to=TensorProto.FLOAT)
+        return b.op("Sub", b.to_float(v, elem), mean)
+
+    product = b.op("Mul", centred(x, local["x_mean"]), centred(f, local["f_mean"]))
+    return b.reduce("ReduceSum", product, axes)
 
 
 def _not_calibratable(site: Site, types: Any) -> str | None:
@@ -223,16 +298,17 @@ def _not_calibratable(site: Site, types: Any) -> str | None:
 
 def _site_statistics(
     site: Site,
+    f: str,
     elem: int,
     rank: int | None,
     axis: int | None,
     fresh: Callable[[str], str],
     cache: dict[tuple[int, str, int | None], dict[str, str]],
+    b: StatsBody,
 ) -> dict[str, str]:
-    """Append the reduction nodes for one site to its container; return statistic -> local value name."""
+    """Reduction nodes for one site, appended to ``b``; returns statistic -> local value name."""
     c = site.container
-    params = site.activation.with_defaults(site.params)
-    b = StatsBody(c.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, params, False)
+    b.params = site.activation.with_defaults(site.params)
     axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
 
     def centred(v: str) -> tuple[str, str]:
@@ -247,9 +323,8 @@ def _site_statistics(
         out = {"size": b.op("Size", site.input)}
         out["x_mean"], out["x_ss"] = centred(x)
         cache[key] = dict(out)
-    out["f_mean"], out["f_ss"] = centred(b.to_float(site.output, elem))
+    out["f_mean"], out["f_ss"] = centred(b.to_float(f, elem))
     out["d_ss"] = b.reduce("ReduceSumSquare", b.derivative(site, x), axes)
-    c.nodes.extend(b.nodes)
     return out
 
 

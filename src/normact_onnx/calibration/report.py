@@ -1,9 +1,10 @@
 """What a person reads after calibration: a terminal table and an HTML page of plots against depth.
 
 The plots are hand-written SVG (no plotting dependency): per site, in depth
-order, the forward gain ρ and backward gain ρ' before normalization and at the
-same inputs after it (λ²·Var f / var x and λ²·E f'², the quantities ANAct wants
-near 1), λ, μ and the measured design variance q.
+order, the forward gain ρ before normalization and *measured in the written
+model* after it (each site's property, run on the calibration data with every
+site normalized, as deployed), the backward gain ρ' before and λ²·E f'² after,
+λ, μ and the measured design variance q.
 """
 
 from __future__ import annotations
@@ -113,28 +114,46 @@ def line_chart(
 
 
 def render_html(
-    stats: CalibrationStats, rows: list[tuple[SiteStats, Factors | str]], title: str = "ANAct calibration"
+    stats: CalibrationStats,
+    rows: list[tuple[SiteStats, Factors | str]],
+    title: str = "ANAct calibration",
+    measured: list[dict] | None = None,
 ) -> str:
+    """``measured``: per-site rows of :func:`normact_onnx.comparison.measure_sites` on the written model."""
     ok = [(s, f) for s, f in rows if not isinstance(f, str)]
     labels = [f"{s.depth}: {s.name} ({s.kind})" for s, _ in ok]
     col = lambda attr: [_scalar(getattr(f, attr)) for _, f in ok]  # noqa: E731
+    after = {r["site"]: r for r in measured or () if "value" in r}
+    forward = {"before": col("rho")}
+    if after:
+        forward["after: measured in the written model"] = [after.get(s.name, {}).get("value", math.nan) for s, _ in ok]
+        prop = next(iter(after.values()))["property"]
     charts = [
-        line_chart("Forward gain ρ = E f² / var x", labels, {"before": col("rho"), "after λ·(f−μ)": col("rho_after")}),
+        line_chart("Forward gain ρ = E f² / var x", labels, forward),
         line_chart("Backward gain ρ' = E f'²", labels, {"before": col("drho"), "after λ·(f−μ)": col("drho_after")}),
         line_chart("λ (scale)", labels, {"λ": col("lam")}),
         line_chart("μ (shift) = E f", labels, {"μ": col("mu")}),
         line_chart("Measured q = var x (log scale)", labels, {"q": col("q")}, log=True),
     ]
-    head = ["#", "site", "kind", "graph", "n", "q", "μ", "ρ", "ρ'", "λ", "ρ after", "ρ' after", "note"]
+    head = ["#", "site", "kind", "graph", "n", "q", "μ", "ρ", "ρ'", "λ", "ρ' after", "measured after", "holds", "note"]
     trs = []
     for s, f in rows:
         cells = [str(s.depth), s.name, s.kind, s.graph, f"{int(s.x.n.sum()):,}"]
+        m = after.get(s.name)
         if isinstance(f, str):
-            cells += [""] * 7 + [f]
+            cells += [""] * 8 + [f]
         else:
-            cells += [f"{_scalar(getattr(f, a)):.5g}" for a in ("q", "mu", "rho", "drho", "lam", "rho_after")]
-            cells += [f"{_scalar(f.drho_after):.5g}", f"{f.lam.size} channels" if f.lam.size > 1 else ""]
+            cells += [f"{_scalar(getattr(f, a)):.5g}" for a in ("q", "mu", "rho", "drho", "lam", "drho_after")]
+            cells += [f"{m['value']:.5g} ({m['property']})" if m else "not measured", _holds(m)]
+            cells += [f"{f.lam.size} channels" if f.lam.size > 1 else ""]
         trs.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    held = sum(1 for r in after.values() if r["holds"])
+    summary = (
+        f"<p>Measured in the written model on the calibration data: {held} of {len(after)} sites hold "
+        f"their property ({html.escape(prop)}, target {html.escape(next(iter(after.values()))['target'])}).</p>"
+        if after
+        else "<p>The written model was not measured (no model written, or data that cannot be read twice).</p>"
+    )
     skipped = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in stats.skipped.items())
     settings = ", ".join(f"{k}={v}" for k, v in stats.settings.items())
     return f"""<!DOCTYPE html>
@@ -147,7 +166,9 @@ td:nth-child(2),td:nth-child(3),td:nth-child(4){{text-align:left}}
 <p>{stats.batches} batches from {html.escape("; ".join(stats.sources))}; {len(stats.sites)} sites
 {"per channel" if stats.per_channel else "per site"}; {html.escape(settings)}.
 ANAct (docs/math.md §2.2) wants both gains near 1 after normalization; λ is the compromise between them
-(Var f ≤ E f'², so no single scale makes both exactly 1). "After" is λ·(f − μ) at the same inputs.</p>
+(Var f ≤ E f'², so no single scale makes both exactly 1). "Measured after" is each site's property in the
+written model, run on the same data (every site normalized, as deployed); ρ' after is λ²·E f'².</p>
+{summary}
 <div class="charts">{"".join(charts)}</div>
 <h2>Sites</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{"".join(trs)}</table>
 {f"<h2>Not calibrated</h2><ul>{skipped}</ul>" if skipped else ""}
@@ -155,8 +176,19 @@ ANAct (docs/math.md §2.2) wants both gains near 1 after normalization; λ is th
 """
 
 
+def _holds(row: dict | None) -> str:
+    if row is None:
+        return ""
+    return "yes" if row["holds"] else "MISSED"
+
+
 def write_html(
-    stats: CalibrationStats, path: str | os.PathLike, lambda_rule: str, centered_rho: bool, aggregate: str
+    stats: CalibrationStats,
+    path: str | os.PathLike,
+    lambda_rule: str,
+    centered_rho: bool,
+    aggregate: str,
+    measured: list[dict] | None = None,
 ) -> Path:
     from .run import factors_table
 
@@ -167,5 +199,5 @@ def write_html(
         raise NormactError(f"--report {dest}: write an .html file (plots are inline SVG)")
     rows = factors_table(stats, lambda_rule, centered_rho, aggregate)
     with atomic_path(dest) as tmp:
-        tmp.write_text(render_html(stats, rows), encoding="utf-8")
+        tmp.write_text(render_html(stats, rows, measured=measured), encoding="utf-8")
     return dest

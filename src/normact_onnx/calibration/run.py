@@ -22,13 +22,15 @@ import onnx
 from ..errors import NormactError
 from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
-from ..methods.static import Affine
+from ..methods.static import Affine, measured_affine
 from ..passes.find import Site
+from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
 from .stats import CalibrationStats, SiteStats, fingerprint
 
 Constants = Callable[[Site], Affine | str]
+Selected = Callable[[Site], bool]
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
 
 
@@ -106,8 +108,16 @@ def collect(
     per_channel: bool = False,
     providers: list[str] | None = None,
     progress: bool = False,
+    normalize: Normalizer | None = None,
+    selected: Callable[[Site], bool] | None = None,
 ) -> CalibrationStats:
-    """Run the batches through the instrumented model and return the merged per-site statistics."""
+    """Run the batches through the instrumented model and return the merged per-site statistics.
+
+    ``normalize``: calibrate in situ (:mod:`.insitu`): the sites ``selected`` accepts
+    (when None: those a default rewrite normalizes) are normalized with each batch's
+    statistics on their way through the copy, so every site is measured with the sites
+    before it already normalized. None: measure the original network as it is.
+    """
     src, path = load_model_like(model)
     base_dir = model_folder(path)
     specs = model_inputs(src)
@@ -117,7 +127,12 @@ def collect(
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where)
-    inst = instrument(src, base_dir, per_channel)
+    if normalize is not None and selected is None:  # the sites a default rewrite normalizes
+        from ..api import site_filter
+
+        default = site_filter(None, None, None, False)
+        selected = lambda site: default(site) is None  # noqa: E731
+    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected)
     if not inst.probes:
         if not inst.sites:
             raise NormactError("no activation sites found: nothing to calibrate")
@@ -140,9 +155,10 @@ def collect(
             except Exception as e:
                 raise NormactError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from None
             for probe in inst.probes:
-                x, f, d2 = probe.read(values)
+                x, f, d2, xf = probe.read(values)
                 if x.n.size:
-                    stats.sites[probe.site.output].add(x, f, d2)
+                    _check_finite(probe.site, where, x, f, d2, xf)
+                    stats.sites[probe.site.output].add(x, f, d2, xf)
             n += 1
             bar.step()
     finally:
@@ -151,7 +167,33 @@ def collect(
         raise NormactError(f"{source.describe}: no batches")
     stats.batches = n
     stats.sources = [source.describe]
+    stats.settings["in_situ"] = normalize is not None
+    if normalize is not None:
+        stats.settings.update(normalize.as_dict())
+        stats.settings["normalized_in_situ"] = inst.in_situ
+    _check_defined(stats)
     return stats
+
+
+def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np.ndarray | None) -> None:
+    """A batch whose statistics are not finite poisons every later merge: refuse it by name."""
+    parts = [x.mean, x.m2, f.mean, f.m2, d2] + ([xf] if xf is not None else [])
+    if not all(np.all(np.isfinite(p)) for p in parts):
+        what = "its input" if not (np.all(np.isfinite(x.mean)) and np.all(np.isfinite(x.m2))) else "its output"
+        raise NormactError(
+            f"{where}: site {site.name} ({site.kind}): {what} holds NaN or Inf on this batch "
+            "(check the data, or the model overflows on it)"
+        )
+
+
+def _check_defined(stats: CalibrationStats) -> None:
+    """A site whose pre-activation never varies has no defined statistics: refuse (one line, exit 2)."""
+    for s in stats.ordered():
+        if s.x.n.size and np.all(s.x.n > 0) and not np.any(s.x.var > 0):
+            raise NormactError(
+                f"site {s.name} ({s.kind}): its pre-activation is constant on all {stats.batches} batches "
+                "(zero variance): its statistics are undefined; calibrate on varied data or exclude it (--nodes)"
+            )
 
 
 def _empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
@@ -195,6 +237,31 @@ def _site_stats(stats: CalibrationStats, site: Site) -> SiteStats | str:
     return s
 
 
+def static_stats_constants(
+    stats: CalibrationStats, variant: str = "center-scale", ratio: float | None = None
+) -> Constants:
+    """Static constants from each site's measured moments (see :func:`..methods.static.measured_affine`)."""
+
+    def constants(site: Site) -> Affine | str:
+        s = _site_stats(stats, site)
+        if isinstance(s, str):
+            return s
+        got = measured_affine(s.f.mean, s.f.var, s.x.mean, s.x.var, s.cov, variant, ratio)
+        if isinstance(got, str):
+            return got
+        return _shaped(s, *got)
+
+    return constants
+
+
+def _shaped(s: SiteStats, scale: np.ndarray, shift: np.ndarray, slope: np.ndarray) -> Affine:
+    """Per-site floats, or per-channel arrays shaped to broadcast against the pre-activation."""
+    if s.channel_axis is None:
+        return Affine(float(scale[0]), float(shift[0]), float(slope[0]))
+    shape = [scale.size if d == -1 else d for d in s.channel_shape]
+    return Affine(scale.reshape(shape), shift.reshape(shape), slope.reshape(shape))
+
+
 def stats_constants(
     stats: CalibrationStats,
     method: str = "anact",
@@ -202,28 +269,38 @@ def stats_constants(
     lambda_rule: str | None = None,
     centered_rho: bool | None = None,
     aggregate: str | None = None,
-    variant: str = "center-scale",
+    variant: str | None = None,
     q: float = 1.0,
     ratio: float | None = None,
 ) -> tuple[Constants, dict[str, Any]]:
-    """Constants and provenance for ``rewrite`` from statistics: ANAct, or static at each site's measured q.
+    """Constants and provenance for ``rewrite`` from statistics: ANAct, or static from each site's measured moments.
 
     Options left as None take what the calibration run was asked for (stored in the file).
+    Statistics measured in situ describe the network as normalized by one method: using
+    them for another is refused (the constants would not hold in the written model).
     """
     settings = stats.settings
-    if method == "static":
-        from ..api import static_constants
-
-        base = static_constants(q, variant, ratio, q_per_site=stats.q_per_site())
-
-        def static(site: Site) -> Affine | str:
-            s = _site_stats(stats, site)
-            return s if isinstance(s, str) else base(site)
-
-        info = {"method": "static", "variant": variant, "q": "measured", **({"ratio": ratio} if ratio else {})}
-        return static, info
-    if method != "anact":
+    if method not in ("static", "anact"):
         raise NormactError(f"unknown method {method!r}; choose static or anact")
+    if settings.get("in_situ"):
+        measured = settings.get("method", "anact")
+        if method != measured:
+            raise NormactError(
+                f"these statistics were measured in situ with {measured} sites upstream; {method} constants from "
+                f"them would not hold in the written model: run normact-onnx calibrate --method {method}"
+            )
+        if method == "static" and variant is not None and variant != settings.get("variant", "center-scale"):
+            raise NormactError(
+                f"these statistics were measured in situ with --variant {settings.get('variant')}; for {variant} "
+                f"run normact-onnx calibrate --method static --variant {variant}"
+            )
+    if method == "static":
+        variant = variant or settings.get("variant", "center-scale")
+        ratio = ratio if ratio is not None else settings.get("ratio")
+        info = {"method": "static", "variant": variant, "q": "measured", "in_situ": bool(settings.get("in_situ"))}
+        if variant == "ratio":
+            info["ratio"] = ratio
+        return static_stats_constants(stats, variant, ratio), info
     rule = lambda_rule or settings.get("lambda_rule", "anact")
     centered = bool(settings.get("centered_rho", False)) if centered_rho is None else centered_rho
     agg = aggregate or settings.get("aggregate", "ema")
@@ -236,6 +313,7 @@ def stats_constants(
         "aggregate": agg,
         "per_channel": stats.per_channel,
         "batches": stats.batches,
+        "in_situ": bool(settings.get("in_situ")),
     }
     return anact_constants(stats, rule, centered, agg), info
 
@@ -263,6 +341,10 @@ def calibrate(
     lambda_rule: str = "anact",
     centered_rho: bool = False,
     aggregate: str = "ema",
+    method: str = "anact",
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    in_situ: bool = True,
     providers: list[str] | None = None,
     progress: bool = False,
     include: Any = None,
@@ -274,7 +356,13 @@ def calibrate(
     in_place: bool = False,
     details: bool = False,
 ) -> CalibrationStats | CalibrationResult:
-    """ANAct calibration (docs/math.md §2) of ``model`` on ``data``.
+    """ANAct (or static) calibration (docs/math.md §2) of ``model`` on ``data``.
+
+    ``in_situ`` (default): every site the written model will normalize (the selection
+    flags decide which) is normalized with each batch's statistics on its way through,
+    so each site is measured where it sits, in the network as it will be written
+    (:mod:`.insitu`). ``method``: ``"anact"`` (λ, μ) or ``"static"`` (``variant`` from
+    each site's measured moments); the statistics file records which.
 
     ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
     object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an
@@ -286,6 +374,10 @@ def calibrate(
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
+    normalizer = Normalizer(method, lambda_rule, centered_rho, variant, ratio)  # checks the options
+    from ..api import _kinds, site_filter
+
+    why = site_filter(_kinds(include, "--include"), _kinds(exclude, "--exclude"), nodes, all_sites)
     start = time.perf_counter()
     stats = collect(
         model,
@@ -298,13 +390,19 @@ def calibrate(
         per_channel=per_channel,
         providers=providers,
         progress=progress,
+        normalize=normalizer if in_situ else None,
+        selected=lambda site: why(site) is None,
     )
-    stats.settings = {"lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
+    stats.settings.update(
+        {"method": method, "lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
+    )
+    if method == "static":
+        stats.settings.update({"variant": variant, **({"ratio": ratio} if variant == "ratio" else {})})
     result = CalibrationResult(stats)
     if output is not None:
         from ..api import rewrite
 
-        constants, info = stats_constants(stats, "anact")
+        constants, info = stats_constants(stats, method)
         result.rewrite = rewrite(
             model,
             output,
@@ -324,9 +422,27 @@ def calibrate(
     if report is not None:
         from .report import write_html
 
-        write_html(stats, report, lambda_rule, centered_rho, aggregate)
+        measured = None
+        if result.rewrite is not None and result.rewrite.path is not None and _rereadable(data, synthetic):
+            from ..comparison import measure_sites
+
+            measured = measure_sites(
+                result.rewrite.path,
+                data,
+                synthetic=synthetic,
+                shapes=shapes,
+                batches=batches or 10,
+                seed=seed,
+                split=batch_size,
+            )
+        write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
     result.seconds = time.perf_counter() - start
     return result if details else stats
+
+
+def _rereadable(data: Any, synthetic: bool) -> bool:
+    """Whether the data can be read a second time (the report measures the written model on it)."""
+    return synthetic or isinstance(data, str | os.PathLike | list | tuple | dict)
 
 
 def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | None]:
@@ -336,6 +452,12 @@ def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | Non
             raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
         return None, None
     stats = CalibrationStats.load(args.stats)
+    if args.method == "static" and not stats.settings.get("in_situ"):
+        print(
+            "note: these statistics were measured on the original network, not in situ: in a deep network the "
+            "written sites drift from their targets (calibrate again with --method static)",
+            file=sys.stderr,
+        )
     constants, info = stats_constants(
         stats,
         args.method,

@@ -82,6 +82,13 @@ class Moments:
         return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("n", "mean", "m2")))
 
 
+def merge_cross(xa: Moments, fa: Moments, ca: np.ndarray, xb: Moments, fb: Moments, cb: np.ndarray) -> np.ndarray:
+    """Chan's update for the co-moment C = Σ (x − mean x)(f − mean f) of two parts: C_a + C_b + δx·δf·n_a·n_b/n."""
+    n = xa.n + xb.n
+    safe = np.where(n > 0, n, 1.0)
+    return ca + cb + (xb.mean - xa.mean) * (fb.mean - fa.mean) * (xa.n * xb.n / safe)
+
+
 def mean_merge(n_a: np.ndarray, a: np.ndarray, n_b: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Count-weighted mean of two means (E f'² needs no centring: it is a mean of squares)."""
     n = n_a + n_b
@@ -141,12 +148,20 @@ class SiteStats:
     f: Moments
     d2: np.ndarray  # mean of f'(x)²
     ema: Ema | None = None
+    xf: np.ndarray | None = None  # co-moment Σ (x − mean x)(f − mean f), when measured (static variants with a slope)
 
     @property
     def channels(self) -> int:
         return int(self.x.n.size)
 
-    def add(self, x: Moments, f: Moments, d2: np.ndarray) -> None:
+    @property
+    def cov(self) -> np.ndarray | None:
+        """Cov(x, f) = co-moment / n, or None when not measured."""
+        if self.xf is None:
+            return None
+        return self.xf / np.where(self.x.n > 0, self.x.n, 1.0)
+
+    def add(self, x: Moments, f: Moments, d2: np.ndarray, xf: np.ndarray | None = None) -> None:
         """Fold one batch in: moments exactly, and the gated EMA from this batch's own gains."""
         with np.errstate(invalid="ignore", divide="ignore"):
             var_x = x.var
@@ -157,7 +172,10 @@ class SiteStats:
             self.ema.update(rho, rho_c, d2, mu)
         if self.x.n.size == 0:  # the first batch fixes the channel count
             self.x, self.f, self.d2 = Moments.empty(x.n.size), Moments.empty(x.n.size), np.zeros(x.n.size)
+            self.xf = None if xf is None else np.zeros(x.n.size)
         self.d2 = mean_merge(self.x.n, self.d2, x.n, d2)
+        if self.xf is not None and xf is not None:
+            self.xf = merge_cross(self.x, self.f, self.xf, x, f, xf)
         self.x, self.f = self.x.merge(x), self.f.merge(f)
 
     def merged(self, other: SiteStats) -> SiteStats:
@@ -166,6 +184,9 @@ class SiteStats:
                 f"site {self.key!r}: statistics disagree ({self.kind}×{self.channels} vs {other.kind}×{other.channels})"
             )
         d2 = mean_merge(self.x.n, self.d2, other.x.n, other.d2)
+        xf = None
+        if self.xf is not None and other.xf is not None:
+            xf = merge_cross(self.x, self.f, self.xf, other.x, other.f, other.xf)
         return SiteStats(
             self.key,
             self.name,
@@ -178,6 +199,7 @@ class SiteStats:
             self.f.merge(other.f),
             d2,
             None,
+            xf,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -192,6 +214,7 @@ class SiteStats:
             "f": self.f.as_dict(),
             "d2_mean": self.d2.tolist(),
             "ema": self.ema.as_dict() if self.ema else None,
+            **({"xf_c2": self.xf.tolist()} if self.xf is not None else {}),
         }
 
     @classmethod
@@ -208,6 +231,7 @@ class SiteStats:
             Moments.from_dict(d["f"]),
             np.asarray(d["d2_mean"], dtype=np.float64),
             Ema.from_dict(d["ema"]) if d.get("ema") else None,
+            np.asarray(d["xf_c2"], dtype=np.float64) if d.get("xf_c2") is not None else None,
         )
 
 
@@ -339,4 +363,6 @@ def _empty_like(s: SiteStats) -> SiteStats:
         Moments.empty(c),
         Moments.empty(c),
         np.zeros(c),
+        None,
+        None if s.xf is None else np.zeros(c),
     )

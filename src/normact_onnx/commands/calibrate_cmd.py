@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..methods.static import VARIANTS
 from .common import (
     add_anact_options,
     add_data_source,
@@ -32,9 +33,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         batches_help="use at most this many batches (default: all; synthetic: 10)",
         batch_size_help="split each file along axis 0 into batches of this many samples",
     )
-    m = p.add_argument_group("ANAct")
+    m = p.add_argument_group("method")
+    m.add_argument(
+        "--method",
+        choices=("anact", "static"),
+        default="anact",
+        help="anact: λ, μ per site (default); static: --variant from each site's measured moments",
+    )
+    m.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="center-scale",
+        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (also remove the linear part)",
+    )
+    m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
     add_anact_options(m)
     m.add_argument("--per-channel", action="store_true", help="one λ, μ per channel (axis inferred per site)")
+    m.add_argument(
+        "--no-in-situ",
+        dest="in_situ",
+        action="store_false",
+        help="measure the original network instead of normalizing each selected site with its batch's statistics "
+        "on the way (in situ, the default, is what keeps deep networks normalized in the written model)",
+    )
     add_selection(p)
     o = p.add_argument_group("output")
     add_output_path(o, "calibrated model")
@@ -72,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         lambda_rule=args.lambda_rule,
         centered_rho=args.centered_rho,
         aggregate=args.aggregate,
+        method=args.method,
+        variant=args.variant,
+        ratio=args.ratio,
+        in_situ=args.in_situ,
         progress=not args.no_progress and sys.stderr.isatty(),
         include=args.include,
         exclude=args.exclude,

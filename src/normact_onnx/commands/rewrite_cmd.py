@@ -27,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="path to an .onnx file")
     m = p.add_argument_group("method")
-    m.add_argument("--variant", choices=VARIANTS, default="center-scale")
+    m.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        help="center-scale (default; with --stats: what calibrate measured): E f̃ = 0, E f̃² = 1; "
+        "zeta-zero: also remove the linear part (E f̃' = 0); ratio: between the two (--ratio)",
+    )
     m.add_argument("--q", type=float, default=1.0, help="design variance of the pre-activation (default 1)")
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
     m.add_argument(
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     result = rewrite(
         args.model,
         None if args.explain else output_path(args),
-        variant=args.variant,
+        variant=args.variant or "center-scale",
         q=args.q,
         ratio=args.ratio,
         form=args.form,

@@ -88,3 +88,44 @@ def static_affine(
     shape = values.shape
     stack = lambda attr: np.array([getattr(p, attr) for p in parts]).reshape(shape)  # noqa: E731
     return Affine(stack("scale"), stack("shift"), stack("slope"))
+
+
+def measured_affine(
+    f_mean: np.ndarray,
+    f_var: np.ndarray,
+    x_mean: np.ndarray,
+    x_var: np.ndarray,
+    cov: np.ndarray | None,
+    variant: str = "center-scale",
+    ratio: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """Static normalization from a site's *measured* moments (docs/math.md §4.3), per channel, or why not.
+
+    Real pre-activations are neither centred nor Gaussian, so the constants come from
+    the data itself: center-scale uses the measured mean and variance of f; the variants
+    with a linear term use the regression slope Cov(x, f)/Var x (under a Gaussian this is
+    E f′, by Stein's lemma), so that on the calibration data E f̃ = 0 and E f̃² = 1 hold
+    exactly, and f̃ is uncorrelated with x for zeta-zero. A ratio above a channel's
+    r_max = q·b²/v gives center-scale there (where the family ends).
+    Returns (scale, shift, slope) arrays.
+    """
+    if variant not in VARIANTS:
+        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    m1, v, mx, q = (np.asarray(a, dtype=np.float64) for a in (f_mean, f_var, x_mean, x_var))
+    if variant == "center-scale":
+        if not np.all(v > 0):
+            return "the activation's output is constant on the calibration data (Var f = 0)"
+        return 1.0 / np.sqrt(v), m1, np.zeros_like(m1)
+    if cov is None:
+        return f"these statistics hold no x·f co-moment: calibrate with --method static --variant {variant}"
+    if not np.all(q > 0):
+        return "the pre-activation is constant on the calibration data (var x = 0)"
+    b = np.asarray(cov, dtype=np.float64) / q
+    linear = b * b * q
+    resid = v - linear
+    if not np.all(resid > 1e-12 * np.maximum(v, 1e-300)):
+        return "the activation is affine on the calibration data; zeta-zero/ratio variants are undefined"
+    r = np.zeros_like(v) if variant == "zeta-zero" else np.minimum(float(ratio or 0.0), linear / v)
+    keep = 1.0 - r
+    slope = b - np.sign(b) * np.sqrt(r * resid / (keep * q))
+    return np.sqrt(keep / resid), m1 - slope * mx, slope

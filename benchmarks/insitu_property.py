@@ -1,0 +1,105 @@
+"""Does normalization hold inside real networks? In-situ calibration against the original-network baseline.
+
+For each model of the real-model set (tests/real_models) and both methods, calibrate on the model's
+sample batches twice — measuring the original network (``--no-in-situ``, what the tool did before)
+and in situ (the default) — write the model, run the written model on the same batches and count the
+normalized sites that hold their property (static: E y² in [0.5, 2] and |E y| ≤ 0.25; ANAct: the
+forward gain E y²/Var x in [0.5, 2]). Sites the method cannot hold by itself are counted apart: an
+ANAct site whose *calibrated* gain λ²·Var f/var x is already below 0.5 (λ is a compromise with the
+backward gain) misses whatever the calibration does.
+
+    python benchmarks/insitu_property.py [--models id,id] [--batches 8] [--batch-size 2] [--json out.json]
+
+Needs the real-model cache (python scripts/fetch_real_models.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import real_models as rm  # noqa: E402
+
+
+def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_size: int | None) -> dict:
+    from normact_onnx.calibration import calibrate
+    from normact_onnx.comparison import measure_sites
+    from normact_onnx.methods.anact import site_factors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.onnx"
+        start = time.perf_counter()
+        stats = calibrate(path, data, out, method=method, in_situ=in_situ, aggregate="mean", verify=False)
+        seconds = time.perf_counter() - start
+        rows = [r for r in measure_sites(out, data) if "holds" in r]
+    limited = set()
+    if method == "anact":
+        for s in stats.sites.values():
+            f = site_factors(s, aggregate="mean")
+            if not isinstance(f, str) and float(np.max(f.rho_after)) < 0.5:
+                limited.add(s.name)
+    held = sum(r["holds"] for r in rows)
+    values = np.array([r["value"] for r in rows], dtype=np.float64)
+    return {
+        "measured": len(rows),
+        "held": held,
+        "method_limited": sum(1 for r in rows if not r["holds"] and r["site"] in limited),
+        "median": float(np.nanmedian(values)) if values.size else float("nan"),
+        "max": float(np.nanmax(values)) if values.size else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated ids (default: every cached model with hidden sites)")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    wanted = set(args.models.split(",")) if args.models else None
+    rows = []
+    for entry, path in rm.available():
+        if wanted is not None and entry["id"] not in wanted:
+            continue
+        if wanted is None and (entry.get("known_failures") or not entry["sites"].get("hidden")):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            rm.write_batches(entry, tmp, args.batches, args.batch_size)
+            for method in ("static", "anact"):
+                for in_situ in (False, True):
+                    try:
+                        r = _run(path, entry, method, in_situ, Path(tmp), None)
+                    except Exception as e:  # a model the tool cannot calibrate is a row, not a crash
+                        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                    r.update(model=entry["id"], family=entry["family"], method=method, in_situ=in_situ)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    print()
+    print(f"{'model':<22}{'family':<17}{'method':<8}{'measured as':<13}{'held':>10}{'median':>10}{'max':>10}")
+    for r in rows:
+        how = "in situ" if r["in_situ"] else "original"
+        if "error" in r:
+            print(f"{r['model']:<22}{r['family']:<17}{r['method']:<8}{how:<13}  {r['error']}")
+            continue
+        held = f"{r['held']}/{r['measured']}"
+        if r["method_limited"]:
+            held += f" ({r['method_limited']}m)"
+        print(
+            f"{r['model']:<22}{r['family']:<17}{r['method']:<8}{how:<13}{held:>10}{r['median']:>10.3g}{r['max']:>10.3g}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
