@@ -97,9 +97,9 @@ class Probe:
             rec = {k: v.reshape(size.size, -1)[i] for k, v in arrays.items()}
             n = np.full(rec["x_mean"].shape, size[i] / rec["x_mean"].size)
             xi, fi = Moments(n, rec["x_mean"], rec["x_ss"]), Moments(n, rec["f_mean"], rec["f_ss"])
-            if x.n.size == 0:
-                x, f, d2_sum = Moments.empty(n.size), Moments.empty(n.size), np.zeros(n.size)
-                xf = np.zeros(n.size) if CROSS in rec else None
+            if x.n.size == 0:  # the first record (usually the only one) needs no merge
+                x, f, d2_sum, xf = xi, fi, rec["d_ss"], rec.get(CROSS)
+                continue
             if xf is not None:
                 xf = merge_cross(x, f, xf, xi, fi, rec[CROSS])
             x, f = x.merge(xi), f.merge(fi)
