@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from .catalogue import CATALOGUE
+from .catalogue import known_kinds, resolve
 from .errors import NormactError
 from .graph import default_opset
 from .io import (
@@ -97,11 +97,11 @@ def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
         return None
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
-    out = {n.strip().replace("-", "_").lower() for n in names}
-    unknown = sorted(out - set(CATALOGUE))
+    resolved = {n.strip(): resolve(n) for n in names}
+    unknown = sorted(n for n, kind in resolved.items() if kind is None)
     if unknown:
-        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}")
-    return out
+        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {known_kinds()}")
+    return {kind for kind in resolved.values() if kind is not None}
 
 
 Constants = Callable[[Site], Affine | str]

@@ -23,7 +23,8 @@ from .io import ModelLike, clamp_ir, external_locations, load_model_like, model_
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 
-DEFAULT_TOLERANCE = 1e-5
+DEFAULT_TOLERANCE = 1e-5  # float32 outputs
+TOLERANCE_EPS = 8  # lower-precision outputs: this many rounding steps (machine epsilons) of their type
 
 
 @dataclass
@@ -63,7 +64,7 @@ def fold(
     nodes: str | None = None,
     verify: bool = True,
     data: Any = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     in_place: bool = False,
     details: bool = False,
 ) -> onnx.ModelProto | FoldResult:
@@ -80,8 +81,9 @@ def fold(
     ``"pad"`` (an explicit ``Pad`` with the value a zero stood for, the Conv
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
-    on site names/outputs. Returns the folded ``ModelProto`` (the input is not
-    modified), or the :class:`FoldResult` with ``details=True``.
+    on site names/outputs. ``tolerance`` of the self-check: None follows the outputs'
+    element type (:func:`default_tolerance`). Returns the folded ``ModelProto`` (the input
+    is not modified), or the :class:`FoldResult` with ``details=True``.
     """
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
@@ -100,11 +102,29 @@ def fold(
         if external_locations(m):
             result.notes.append("external weights: the numeric self-check needs the written files; run compare")
         else:
-            result.check = _self_check(src, m, data, tolerance)
+            result.check = _self_check(src, m, data, default_tolerance(m) if tolerance is None else tolerance)
     if output is not None and result.folded:
         result.path = Path(output)
         save_verified(m, result.path, path.parent if path else None, [], verify)
     return result if details else m
+
+
+def default_tolerance(model: onnx.ModelProto) -> float:
+    """The self-check's tolerance for this model's outputs: 1e-5 for float32, looser for float16/bfloat16.
+
+    Folding rounds the new weights to the model's own type, so a float16 model cannot agree with
+    its unfolded self to better than a few float16 rounding steps (about 1e-3 each).
+    """
+    from onnx import helper
+
+    from .catalogue.patterns import rounding
+
+    tol = DEFAULT_TOLERANCE
+    for o in model.graph.output:
+        elem = o.type.tensor_type.elem_type
+        if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            tol = max(tol, TOLERANCE_EPS * rounding(helper.tensor_dtype_to_np_dtype(elem)))
+    return tol
 
 
 def _regex(nodes: str | None) -> re.Pattern[str] | None:

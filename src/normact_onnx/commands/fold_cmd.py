@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..deploy import DEFAULT_TOLERANCE, fold
+from ..deploy import DEFAULT_TOLERANCE, TOLERANCE_EPS, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
 from .common import add_no_verify, add_output_path, output_path, print_json, table
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
-        help=f"self-check: largest output difference relative to the output's scale (default {DEFAULT_TOLERANCE:g})",
+        help="self-check: largest output difference relative to the output's scale (default: "
+        f"{DEFAULT_TOLERANCE:g} for float32 outputs, {TOLERANCE_EPS} rounding steps of float16/bfloat16 ones)",
     )
     p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
