@@ -28,7 +28,8 @@ def check_model_file(path: Path) -> None:
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
 
 
-def ort_load(path: Path) -> None:
+def ort_load(path: Path, shown: Path | None = None) -> None:
+    """ONNX Runtime loads the file at ``path`` (a temporary name; errors name ``shown``, the destination)."""
     from .ort import make_session
 
     try:
@@ -36,9 +37,8 @@ def ort_load(path: Path) -> None:
     except NormactError:
         raise
     except Exception as e:
-        raise NormactError(
-            f"verification failed: onnxruntime cannot load the result: {str(e).splitlines()[0]}"
-        ) from None
+        why = str(e).splitlines()[0].replace(str(path), str(shown or path))
+        raise NormactError(f"verification failed: onnxruntime cannot load the result: {why}") from None
 
 
 def _probe_shape(shape: list | None, const_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..deploy import DEFAULT_TOLERANCE, TOLERANCE_EPS, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
-from .common import add_no_verify, add_output_path, output_path, print_json, table
+from .common import add_no_verify, add_output_path, add_quiet, output_path, print_json, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_quiet(p)
     p.set_defaults(handler=run)
 
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         in_place=args.in_place,
         details=True,
+        progress=not args.quiet,
     )
     report = result.report()
     if args.report:

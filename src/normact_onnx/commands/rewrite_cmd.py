@@ -7,7 +7,16 @@ import sys
 
 from ..api import rewrite, write_report
 from ..methods.static import VARIANTS
-from .common import add_anact_options, add_form, add_no_verify, add_output_path, add_selection, output_path, table
+from .common import (
+    add_anact_options,
+    add_form,
+    add_no_verify,
+    add_output_path,
+    add_quiet,
+    add_selection,
+    output_path,
+    table,
+)
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
@@ -17,6 +26,7 @@ def add_output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", metavar="FILE.json", help="write every site's constants and decisions as JSON")
     add_no_verify(g)
     g.add_argument("--explain", action="store_true", help="dry run: say what would change and why, write nothing")
+    add_quiet(g)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="path to an .onnx file")
     m = p.add_argument_group("method")
-    m.add_argument("--variant", choices=VARIANTS, default="center-scale")
+    m.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="center-scale",
+        help="center-scale: zero mean, unit variance (default); zeta-zero: also zero mean slope; "
+        "ratio: slope between the two (--ratio)",
+    )
     m.add_argument("--q", type=float, default=1.0, help="design variance of the pre-activation (default 1)")
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
     m.add_argument(
@@ -107,5 +123,6 @@ def run(args: argparse.Namespace) -> int:
         in_place=args.in_place,
         dry_run=args.explain,
         details=True,
+        progress=not args.quiet,
     )
     return finish(args, result)
