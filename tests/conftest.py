@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 def bundled_models() -> list[Path]:
-    return sorted(MODELS.glob("*.onnx"))
+    """The models the repository ships, as models/manifest.json lists them (not whatever else lies in models/)."""
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    return sorted(MODELS / entry["file"] for entry in manifest["models"])
 
 
 def light_models() -> list[Path]:

@@ -38,6 +38,6 @@ def bar(total: int | None, desc: str, enabled: bool = True, unit: str = "it", **
 
 def stage(b: tqdm, name: str) -> None:
     """Mark the start of the next stage on a stage bar (``bar(n_stages, …, unit="stage")``)."""
-    if b.n or b.postfix:
+    if getattr(b, "postfix", None):  # the previous stage is done (a disabled bar keeps no postfix)
         b.update()
     b.set_postfix_str(name, refresh=True)
