@@ -64,7 +64,8 @@ def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> 
     try:
         onnx.checker.check_model(target)
     except Exception as e:
-        raise NormactError(f"{where}: fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+        why = " ".join(str(e).split())  # the checker's message spans lines; the reason is in all of them
+        raise NormactError(f"{where}: fails the ONNX checker: {why[:300]}") from None
     if runtime:
         from .ort import unknown_ops
 
