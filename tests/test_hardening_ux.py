@@ -260,6 +260,7 @@ def test_every_option_has_a_help_string(name):
     options = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
     missing = [a.option_strings or [a.dest] for a in options if not a.help]
     assert missing == [], f"{name}: {missing}"
+    assert "--help" in p.format_help()  # every help string formats (a stray % would raise here)
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

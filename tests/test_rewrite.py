@@ -280,7 +280,7 @@ def test_failed_verification_writes_nothing(tmp_path):
     model = tiny_model(nodes, [fvi("x", [4])], [fvi("y", [4])])
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     onnx.save(model, str(tmp_path / "m.onnx"))
-    with pytest.raises(NormactError, match="the input model uses op com.example::Frobnicate, which onnxruntime"):
+    with pytest.raises(NormactError, match=r"the input model uses op com\.example::Frobnicate, which onnxruntime"):
         rewrite(tmp_path / "m.onnx", tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     rewrite(tmp_path / "m.onnx", tmp_path / "out.onnx", verify=False)
