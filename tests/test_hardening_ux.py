@@ -168,6 +168,18 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     assert err == ""
 
 
+def test_a_reader_gone_before_a_short_output_is_flushed_is_quiet_too():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normact_onnx", "inspect", str(MODELS / "mobilenet_like.torchscript.onnx")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # `| true`: the reader exits before reading anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 def _with_terminal_stderr(args: list[str], cwd: Path) -> tuple[int, str]:
     """Run the CLI with stderr on a pseudo-terminal (stdout a pipe); its exit code and what the terminal got."""
     master, slave = pty.openpty()

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader gone before the last buffered lines: handled here, not at exit
+        return code
     except NormactError as e:
         print(f"normact-onnx: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
