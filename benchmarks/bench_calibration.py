@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from package import child_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -167,7 +168,7 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 def peak_rss_mib(name: str, n: int, workdir: Path) -> float:
     """Peak RSS (MiB) of a fresh interpreter that calibrates over ``n`` batches."""
     code = CHILD.format(bench=str(Path(__file__).parent), name=name, workdir=str(workdir), n=n)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
 

@@ -33,16 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+from machine import machine  # benchmarks/ is on sys.path when a script runs
+from package import ensure_package
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # a fresh checkout runs without installing
-
-import onnxruntime as ort  # noqa: E402
-from machine import machine  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+PACKAGE = ensure_package()  # the installed package and its kernel library (src/ only as a fallback)
 
 from normact_onnx import fold  # noqa: E402
 from normact_onnx.api import rewrite  # noqa: E402
-from normact_onnx.ort import kernel_library  # noqa: E402
+from normact_onnx.errors import NormactError  # noqa: E402
+from normact_onnx.runtime.library import get_library_path  # noqa: E402
 
 MODELS = {  # name: (file, batch)
     "mobilenet_like": ("mobilenet_like.torchscript.onnx", 8),
@@ -92,7 +93,12 @@ def bench_model(
     normed, folded = workdir / f"{name}.normact.onnx", workdir / f"{name}.folded.onnx"
     rewrite(src, normed)
     res = fold(normed, folded, padding=padding, details=True)
-    lib = kernel_library()
+    try:
+        lib: str | None = get_library_path()
+        skipped = {}
+    except NormactError as e:  # said, not silently dropped: the kernel row is missing for a reason
+        lib, skipped = None, {"kernel": str(e)}
+        print(f"{name}: kernel variant skipped: {e}", file=sys.stderr)
     variants = {"original": _session(src, threads, None), "inlined": _session(normed, threads, None)}
     if lib:
         variants["kernel"] = _session(normed, threads, lib)
@@ -120,7 +126,8 @@ def bench_model(
         "sites_kept": len(res.kept),
         "padding": padding,
         "kept": {o.site.name: o.reason for o in res.kept},
-        "library": bool(lib),
+        "library": lib,
+        "skipped": skipped,
     }
 
 
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = ratios(results)
     out = {
         "benchmark": "latency",
+        "package": PACKAGE,
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
         "method": f"median of {args.rounds} interleaved rounds × {args.inner} runs, {args.threads} thread(s)",
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             for n, why in r["kept"].items():
                 print(f"{r['model']}: kept {n}: {why}")
+            for k, why in r["skipped"].items():
+                print(f"{r['model']}: {k} skipped: {why}")
     return 0 if all(r.get("ok", True) for r in rows) else 1
 
 

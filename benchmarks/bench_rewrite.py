@@ -5,8 +5,12 @@
    Also the full rewrite with verification, for reference.
 2. A synthetic ~3 GB model with external data (a sparse file: no disk used): peak resident memory
    of ``normact-onnx rewrite`` in a fresh process, with and without verification.
+3. Many sites: a 4,000-layer MatMul→SiLU (``x·Sigmoid(x)``) chain, ``rewrite`` without and with
+   verification against ``onnx.load`` + ``onnx.save`` of the same file, and the same at 1,000
+   layers: the 4,000/1,000 time ratio is 4 when matching is linear in the number of sites (16 if
+   quadratic).
 
-Usage: python benchmarks/bench_rewrite.py [--repeat 5] [--skip-minilm] [--json]
+Usage: python benchmarks/bench_rewrite.py [--repeat 5] [--skip-minilm] [--skip-big] [--json]
 """
 
 from __future__ import annotations
@@ -104,6 +108,83 @@ def make_big_model(folder: Path, total_gb: float = 3.0, layers: int = 12) -> Pat
     return folder / "big.onnx"
 
 
+def make_silu_chain(path: Path, layers: int, width: int = 16) -> Path:
+    """``layers`` × (MatMul with its own weight → x·Sigmoid(x)): as many decomposed SiLU sites."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / width**0.5).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"], name=f"fc{i}"),
+            helper.make_node("Sigmoid", [f"h{i}"], [f"s{i}"], name=f"sig{i}"),
+            helper.make_node("Mul", [f"h{i}", f"s{i}"], [f"a{i}"], name=f"silu{i}"),
+        ]
+        x = f"a{i}"
+    nodes.append(helper.make_node("MatMul", [x, "W0"], ["y"], name="head"))
+    graph = helper.make_graph(
+        nodes,
+        "silu_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def bench_sites(repeat: int, work: Path, layers: tuple[int, ...] = (1000, 4000)) -> list[dict]:
+    """rewrite of many-site models against onnx.load + onnx.save, interleaved, median of ``repeat``."""
+    from normact_onnx.api import rewrite
+
+    medians: dict[int, dict[str, float]] = {}
+    for n in layers:
+        src = make_silu_chain(work / f"silu{n}.onnx", n)
+
+        def baseline(src: Path = src) -> None:
+            onnx.save(onnx.load(str(src)), str(work / "copy.onnx"))
+
+        def ours(src: Path = src) -> None:
+            rewrite(src, work / "sites.onnx", verify=False)
+
+        def ours_verified(src: Path = src) -> None:
+            rewrite(src, work / "sites.v.onnx", verify=True)
+
+        baseline(), ours()  # warm-up
+        b, r, v = [], [], []
+        for _ in range(repeat):
+            b += time_it(baseline, 1)
+            r += time_it(ours, 1)
+            v += time_it(ours_verified, 1)
+        medians[n] = {"base": statistics.median(b), "ours": statistics.median(r), "verified": statistics.median(v)}
+    big, small = max(layers), min(layers)
+    m = medians[big]
+    return [
+        {
+            "name": f"rewrite {big:,} SiLU sites (no verify)",
+            "baseline": "onnx.load + onnx.save",
+            "baseline_s": round(m["base"], 3),
+            "rewrite_s": round(m["ours"], 3),
+            "rewrite_verified_s": round(m["verified"], 3),
+            "ratio": round(m["ours"] / m["base"], 2),
+            "ratio_verified": round(m["verified"] / m["base"], 2),
+        },
+        {
+            "name": f"rewrite time {big:,} / {small:,} SiLU sites (no verify)",
+            "baseline": f"the same at {small:,} sites",
+            "ratio": round(m["ours"] / medians[small]["ours"], 2),
+            "verified_ratio": round(m["verified"] / medians[small]["verified"], 2),
+            "target": f"≈ {big / small:.0f} (linear; {(big / small) ** 2:.0f} if quadratic)",
+            "ok": m["ours"] / medians[small]["ours"] < 1.5 * big / small,
+        },
+    ]
+
+
 def peak_rss_mb(args: list[str]) -> tuple[float, float]:
     """Peak RSS (MB) and wall time of one fresh ``normact-onnx`` process.
 
@@ -150,6 +231,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-big", action="store_true", help="skip the 3 GB external-data model")
+    ap.add_argument("--skip-sites", action="store_true", help="skip the 4,000-site model")
     ap.add_argument("--json", action="store_true", help="print one JSON object (for run_all.py)")
     args = ap.parse_args()
     rows = []
@@ -157,7 +240,10 @@ def main() -> int:
         work = Path(tmp)
         if not args.skip_minilm:
             rows.append(bench_minilm(args.repeat, work))
-        rows += bench_big(work)
+        if not args.skip_sites:
+            rows += bench_sites(args.repeat, work)
+        if not args.skip_big:
+            rows += bench_big(work)
     result = {"benchmark": "rewrite", "machine": machine(), "date": datetime.date.today().isoformat(), "rows": rows}
     if args.json:
         print(json.dumps(result))

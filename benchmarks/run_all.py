@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine
+from package import child_pythonpath
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,7 +59,7 @@ def _last_json(stdout: str) -> dict[str, Any] | None:
 def run_one(path: Path, timeout: float) -> dict[str, Any]:
     """Run one script with --json; its result, or why there is none."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = child_pythonpath()  # the installed package first; src/ only as a fallback
     if "NORMACT_LIBRARY_DIR" not in env and (ROOT / "build" / "ops").is_dir():
         env["NORMACT_LIBRARY_DIR"] = str(ROOT / "build" / "ops")  # a local CMake build, when there is one
     t0 = time.perf_counter()

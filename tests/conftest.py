@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 def bundled_models() -> list[Path]:
-    return sorted(MODELS.glob("*.onnx"))
+    """The models the repository ships, as models/manifest.json lists them (not whatever else lies in models/)."""
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    return sorted(MODELS / entry["file"] for entry in manifest["models"])
 
 
 def light_models() -> list[Path]:
@@ -83,3 +86,37 @@ def cli(tmp_path):
         )
 
     return run
+
+
+def to_low_precision(model: onnx.ModelProto, elem: int = TensorProto.FLOAT16) -> onnx.ModelProto:
+    """The model with every float32 tensor (weights, constants, inputs, outputs, casts) in ``elem``.
+
+    What converters' float16 passes do to an exported model, written out here so the tests need no
+    converter package: constants are rounded to the low-precision type (√2 becomes 1.4140625).
+    """
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+
+    def convert(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np_type), t.name))
+
+    def graph(g: onnx.GraphProto) -> None:
+        for t in g.initializer:
+            convert(t)
+        for v in (*g.input, *g.output):
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+                v.type.tensor_type.elem_type = elem
+        del g.value_info[:]
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    convert(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                elif a.name == "to" and n.op_type == "Cast" and a.i == TensorProto.FLOAT:
+                    a.i = elem
+
+    graph(m.graph)
+    return m

@@ -139,3 +139,33 @@ def test_per_channel_prelu_gives_per_channel_constants():
         one = static_affine(CATALOGUE["leaky_relu"], {"alpha": float(s)})
         assert a.scale.ravel()[i] == pytest.approx(one.scale)
         assert a.shift.ravel()[i] == pytest.approx(one.shift)
+
+
+def test_constant_tolerance_follows_the_constants_dtype():
+    """√2 stored as float16 (1.4140625) is 1.1e-4 from √2 — beyond 1e-4, within float16's own rounding."""
+    from onnx import helper, numpy_helper
+
+    from normact_onnx.catalogue.patterns import C
+
+    assert C(2**0.5).read(np.array(2**0.5, dtype=np.float16)) == pytest.approx(1.4140625)
+    assert C(2**0.5).read(np.array(1.4140625, dtype=np.float32)) is None  # float32 constants stay strict
+    assert C(2**0.5).read(np.array(1.45, dtype=np.float16)) is None
+    bf16 = numpy_helper.to_array(helper.make_tensor("c", TensorProto.BFLOAT16, [], [2**0.5]))
+    assert C(2**0.5).read(bf16) == pytest.approx(1.4140625)
+    assert C(3.0).read(np.array([3, 3], dtype=np.int64)) == 3.0
+    assert C(3.0).read(np.array([3.0, 2.0], dtype=np.float16)) is None  # not one value
+
+
+def test_kind_aliases_are_defined_once_and_resolve_for_every_flag():
+    from normact_onnx.api import _kinds
+    from normact_onnx.catalogue import ALIASES, get, resolve
+    from normact_onnx.errors import NormactError
+
+    assert set(ALIASES.values()) <= set(CATALOGUE)
+    assert not set(ALIASES) & set(CATALOGUE)
+    assert resolve("Swish") == "silu" and resolve("relu6") == "clip" and resolve("hard-swish") == "hard_swish"
+    assert resolve("HardSwish") == "hard_swish" and resolve("GELU") == "gelu" and resolve("swishy") is None
+    assert get("swish") is CATALOGUE["silu"]
+    assert _kinds("swish, relu6,hardswish", "--include") == {"silu", "clip", "hard_swish"}
+    with pytest.raises(NormactError, match=r"--exclude: unknown activation kind\(s\) nope; known: relu, .*swish=silu"):
+        _kinds(["nope"], "--exclude")

@@ -272,3 +272,24 @@ def test_constants_behind_identity_and_cast_are_constants():
     ]
     model = tiny_model(nodes, [fvi("x", [3])], [fvi("z", [3])], inits)
     assert [s.kind for s in find_sites(model)] == ["gelu", "relu"]
+
+
+LOW_PRECISION_MODELS = [
+    "transformer_gelu.torchscript.onnx",  # Erf chain: x/√2, √2 stored as 1.4140625
+    "transformer_gelu.dynamo.onnx",
+    "transformer_gelu_tanh.torchscript.onnx",  # tanh chain: 0.044715 and √(2/π) rounded
+    "silu_net.torchscript.onnx",
+    "hardswish_net.torchscript.onnx",  # Add→Clip→Div→Mul spellings
+    "mobilenet_like.torchscript.onnx",
+]
+
+
+@pytest.mark.parametrize("elem", [onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("file", LOW_PRECISION_MODELS)
+def test_low_precision_conversions_find_the_same_sites(file, elem):
+    from .conftest import MODELS, to_low_precision
+
+    m = onnx.load(str(MODELS / file))
+    want = [(s.kind, s.written_as, s.output) for s in find_sites(m)]
+    got = [(s.kind, s.written_as, s.output) for s in find_sites(to_low_precision(m, elem))]
+    assert got == want

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .catalogue import CATALOGUE
+from .catalogue import known_kinds, resolve
 from .errors import NormactError
 from .graph import default_opset
 from .io import (
@@ -35,6 +35,8 @@ from .io import (
 from .methods.static import VARIANTS, Affine, static_affine
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
+from .progress import bar as progress_bar
+from .progress import stage
 
 MIN_OPSET = 7
 
@@ -48,17 +50,32 @@ def _check_opset(model: onnx.ModelProto) -> None:
 def inspect(model: ModelLike) -> list[dict[str, Any]]:
     """Every activation site: name, kind, how it was written, graph path, normalized or not, skip reason."""
     m, path = load_model_like(model)
+    check_input(m, path, runtime=False)
     return [s.summary() for s in find_sites(m, model_folder(path))]
 
 
-def _check_input(m: onnx.ModelProto, path: Path | None) -> None:
-    """A model that already fails the checker is the user's problem to hear about first, not ours."""
+def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> None:
+    """A model that already fails the checker is the user's problem to hear about first, not ours.
+
+    With ``runtime``, also ops onnxruntime does not know (a custom op without its library): the
+    verification of the result would fail on them, and the input, not the result, is the cause.
+    """
+    where = path or "model"
     target = str(path) if path is not None and external_locations(m) else m
     try:
         onnx.checker.check_model(target)
     except Exception as e:
-        where = path or "model"
-        raise NormactError(f"{where}: fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+        why = " ".join(str(e).split())  # the checker's message spans lines; the reason is in all of them
+        raise NormactError(f"{where}: fails the ONNX checker: {why[:300]}") from None
+    if runtime:
+        from .ort import unknown_ops
+
+        ops = unknown_ops(m)
+        if ops:
+            raise NormactError(
+                f"{where}: the input model uses op {', '.join(ops)}, which onnxruntime does not know "
+                "(a custom op?), so the result cannot be verified; pass --no-verify to skip verification"
+            )
 
 
 @dataclass
@@ -98,11 +115,11 @@ def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
         return None
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
-    out = {n.strip().replace("-", "_").lower() for n in names}
-    unknown = sorted(out - set(CATALOGUE))
+    resolved = {n.strip(): resolve(n) for n in names}
+    unknown = sorted(n for n, kind in resolved.items() if kind is None)
     if unknown:
-        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}")
-    return out
+        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {known_kinds()}")
+    return {kind for kind in resolved.values() if kind is not None}
 
 
 Constants = Callable[[Site], Affine | str]
@@ -214,6 +231,7 @@ def rewrite(
     in_place: bool = False,
     dry_run: bool = False,
     details: bool = False,
+    progress: bool = False,
 ) -> onnx.ModelProto | RewriteResult:
     """Normalize the activations of ``model``; write to ``output`` when given.
 
@@ -223,7 +241,8 @@ def rewrite(
     ``constants(site)`` pass the provenance to stamp as a dict in ``method``.
 
     Returns the rewritten ``ModelProto`` (or the full :class:`RewriteResult` with
-    ``details=True``). The input model object is not modified.
+    ``details=True``). The input model object is not modified. ``progress``: the stages on
+    stderr when it is a terminal.
     """
     if isinstance(method, str) or stats is not None:
         constants, method = _method_constants(method or "static", stats, variant, q, ratio)
@@ -238,18 +257,7 @@ def rewrite(
                 "install the package with its kernels, or pass --no-verify"
             )
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
-    src, path = load_model_like(model)
-    _check_opset(src)
-    if verify:
-        _check_input(src, path)
-    refuse_overwrite(output, path, in_place)
-    if path is None:  # never modify the caller's object; a model we loaded ourselves is ours to edit
-        m = onnx.ModelProto()
-        m.CopyFrom(src)
-    else:
-        m = src
-    base_dir = model_folder(path)
-    method_was_plain_static = constants is None
+    design_q = q if constants is None and not preserve_function else None  # plain static: is q plausible?
     if constants is None:
         constants = static_constants(q, variant, ratio)
         method = {
@@ -258,24 +266,82 @@ def rewrite(
             "q": q,
             **({"ratio": ratio} if ratio is not None else {}),
         }
+    with progress_bar(5 if verify else 4, "rewrite", progress, unit="stage") as bar:
+        stage(bar, "loading")
+        return _rewrite(
+            model,
+            output,
+            bar,
+            Plan([], method or {}, form, preserve_function),
+            inc=inc,
+            exc=exc,
+            nodes=nodes,
+            all_sites=all_sites,
+            constants=constants,
+            verify=verify,
+            in_place=in_place,
+            dry_run=dry_run,
+            details=details,
+            design_q=design_q,
+        )
+
+
+def _rewrite(
+    model: ModelLike,
+    output: str | os.PathLike | None,
+    bar: Any,
+    plan: Plan,
+    *,
+    inc: set[str] | None,
+    exc: set[str] | None,
+    nodes: str | None,
+    all_sites: bool,
+    constants: Constants,
+    verify: bool,
+    in_place: bool,
+    dry_run: bool,
+    details: bool,
+    design_q: float | None = None,
+) -> onnx.ModelProto | RewriteResult:
+    """:func:`rewrite` after its arguments were checked, reporting its stages on ``bar``.
+
+    ``plan`` carries the method, form and preserve-function choice; its outcomes are filled here.
+    ``design_q``: plain static constants at this q (say so when the model looks pretrained).
+    """
+    src, path = load_model_like(model)
+    _check_opset(src)
+    if verify:
+        stage(bar, "checking the input")
+        check_input(src, path)
+    refuse_overwrite(output, path, in_place)
+    if path is None:  # never modify the caller's object; a model we loaded ourselves is ours to edit
+        m = onnx.ModelProto()
+        m.CopyFrom(src)
+    else:
+        m = src
+    base_dir = model_folder(path)
     misses: list[dict[str, Any]] = []
+    stage(bar, "finding sites")
     sites = find_sites(m, base_dir, misses)
     outcomes = select(sites, inc, exc, nodes, all_sites, constants)
     result = RewriteResult(m, outcomes, misses=misses)
     if not sites:
         result.notes.append("no activation sites found")
-    elif method_was_plain_static and not preserve_function:
+    elif design_q is not None:
         why = looks_pretrained(m, [o.site for o in outcomes if o.action == "rewritten"], base_dir)
         if why:
             result.notes.append(
                 f"this model looks pretrained ({why}): its sites' real pre-activation variance is unknown, so "
-                f"constants at the design variance q={q:g} will not normalize them; calibrate it on sample data "
+                f"constants at the design variance q={design_q:g} will not normalize them; calibrate it on sample data "
                 "(normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
             )
     if dry_run:
         return result if details else m
-    apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
+    stage(bar, "rewriting")
+    plan.outcomes = outcomes
+    apply_plan(m, plan, base_dir)
     clamp_ir(m)
+    stage(bar, "writing and verifying" if verify else "writing")
     if output is not None and result.rewritten:
         result.path = Path(output)
         result.verification = save_verified(m, result.path, path.parent if path else None, outcomes, verify)
@@ -371,7 +437,7 @@ def save_verified(
             report: list[dict[str, Any]] = []
             if verify:
                 check_model_file(tmp)
-                ort_load(tmp)
+                ort_load(tmp, dest)
                 report = check_sites(m, outcomes, str(src_dir) if src_dir else None)
     except BaseException:
         for p in created:

@@ -15,6 +15,7 @@ from .commands import COMMANDS
 from .errors import NormactError
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader gone before the last buffered lines: handled here, not at exit
+        return code
     except NormactError as e:
         print(f"normact-onnx: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("normact-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _broken_pipe()
     except Exception as e:
         print(
             f"normact-onnx: internal error: {type(e).__name__}: {e} (set NORMACT_DEBUG=1 for details)", file=sys.stderr
@@ -50,6 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NORMACT_DEBUG"):
             raise
         return 1
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (``normact-onnx inspect m.onnx | head``): stop quietly.
+
+    Python would report the pipe again when it flushes stdout at exit, so stdout is pointed
+    at /dev/null first; the exit code is the shell's for a process ended by SIGPIPE.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from onnx import helper
 
 from .errors import NormactError
 from .io import ModelLike, load_model_like, model_folder
+from .progress import bar as progress_bar
 from .types import infer_value_types
 
 Feeds = dict[str, np.ndarray]
@@ -470,6 +471,7 @@ def compare(
     batches: int = 4,
     batch_size: int = 2,
     seed: int = 0,
+    progress: bool = False,
 ) -> CompareResult:
     """Run A and B on the same inputs and compare every output (A is the reference).
 
@@ -480,7 +482,8 @@ def compare(
     (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``), or None with
     ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
     ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
-    ``batch_size`` for the first and 8 for the others.
+    ``batch_size`` for the first and 8 for the others. ``progress``: a bar on stderr when it is a
+    terminal.
     """
     if not (atol >= 0 and rtol >= 0):
         raise NormactError("--atol and --rtol must be non-negative")
@@ -499,6 +502,8 @@ def compare(
             probes += p
             unreachable += u
     extra = {lbl: [n for p in per_model[lbl] for n in (p.pre, p.post)] for lbl in per_model}
+    bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
+    bar.set_postfix_str("loading the models")
     run_a = _Runner(a, runtimes[0], providers, extra["A"])
     run_b = _Runner(b, runtimes[1], providers, extra["B"])
     pairs = _pair_outputs(a.output_names, b.output_names)
@@ -516,6 +521,9 @@ def compare(
                 p.pre_stats.add(outs[p.pre])
                 p.post_stats.add(outs[p.post])
         n_batches += 1
+        bar.set_postfix_str("")
+        bar.update()
+    bar.close()
     if n_batches == 0:
         raise NormactError("the data source gave no batches")
     outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", shapes.get(na, ())) for na, nb in pairs]

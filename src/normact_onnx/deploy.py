@@ -17,13 +17,16 @@ from typing import Any
 
 import onnx
 
-from .api import save_verified
+from .api import check_input, save_verified
 from .errors import NormactError
 from .io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder, refuse_overwrite
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
+from .progress import bar as progress_bar
+from .progress import stage
 
-DEFAULT_TOLERANCE = 1e-5
+DEFAULT_TOLERANCE = 1e-5  # float32 outputs
+TOLERANCE_EPS = 8  # lower-precision outputs: this many rounding steps (machine epsilons) of their type
 
 
 @dataclass
@@ -63,9 +66,10 @@ def fold(
     nodes: str | None = None,
     verify: bool = True,
     data: Any = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     in_place: bool = False,
     details: bool = False,
+    progress: bool = False,
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
 
@@ -80,18 +84,41 @@ def fold(
     ``"pad"`` (an explicit ``Pad`` with the value a zero stood for, the Conv
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
-    on site names/outputs. Returns the folded ``ModelProto`` (the input is not
-    modified), or the :class:`FoldResult` with ``details=True``.
+    on site names/outputs. ``tolerance`` of the self-check: None follows the outputs'
+    element type (:func:`default_tolerance`). Returns the folded ``ModelProto`` (the input
+    is not modified), or the :class:`FoldResult` with ``details=True``. ``progress``: the
+    stages on stderr when it is a terminal.
     """
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = _regex(nodes)
+    with progress_bar(4, "fold", progress, unit="stage") as bar:
+        stage(bar, "loading")
+        result = _fold(model, output, bar, padding, pattern, verify, data, tolerance, in_place)
+    return result if details else result.model
+
+
+def _fold(
+    model: ModelLike,
+    output: str | os.PathLike | None,
+    bar: Any,
+    padding: str,
+    pattern: re.Pattern[str] | None,
+    verify: bool,
+    data: Any,
+    tolerance: float | None,
+    in_place: bool,
+) -> FoldResult:
+    """:func:`fold` after its arguments were checked, reporting its stages on ``bar``."""
     src, path = load_model_like(model)
+    if verify:
+        check_input(src, path)
     refuse_overwrite(output, path, in_place)
     m = onnx.ModelProto()
     m.CopyFrom(src)
     base_dir = model_folder(path)
     select = None if pattern is None else (lambda s: bool(pattern.search(s.name) or pattern.search(s.output)))
+    stage(bar, "folding")
     result = FoldResult(m, fold_sites(m, base_dir, padding, select))
     if not result.outcomes:
         result.notes.append("no normalized sites found (nothing to fold)")
@@ -100,11 +127,31 @@ def fold(
         if external_locations(m):
             result.notes.append("external weights: the numeric self-check needs the written files; run compare")
         else:
-            result.check = _self_check(src, m, data, tolerance)
+            stage(bar, "checking against the unfolded model")
+            result.check = _self_check(src, m, data, default_tolerance(m) if tolerance is None else tolerance)
     if output is not None and result.folded:
+        stage(bar, "writing and verifying" if verify else "writing")
         result.path = Path(output)
         save_verified(m, result.path, path.parent if path else None, [], verify)
-    return result if details else m
+    return result
+
+
+def default_tolerance(model: onnx.ModelProto) -> float:
+    """The self-check's tolerance for this model's outputs: 1e-5 for float32, looser for float16/bfloat16.
+
+    Folding rounds the new weights to the model's own type, so a float16 model cannot agree with
+    its unfolded self to better than a few float16 rounding steps (about 1e-3 each).
+    """
+    from onnx import helper
+
+    from .catalogue.patterns import rounding
+
+    tol = DEFAULT_TOLERANCE
+    for o in model.graph.output:
+        elem = o.type.tensor_type.elem_type
+        if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            tol = max(tol, TOLERANCE_EPS * rounding(helper.tensor_dtype_to_np_dtype(elem)))
+    return tol
 
 
 def _regex(nodes: str | None) -> re.Pattern[str] | None:

@@ -7,9 +7,12 @@ without the library, the model-local function bodies run instead.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from .errors import NormactError
+
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def require_onnxruntime() -> Any:
@@ -57,3 +60,38 @@ def make_session(
     if lib:
         so.register_custom_ops_library(lib)
     return ort.InferenceSession(model, sess_options=so, providers=providers)
+
+
+@lru_cache(maxsize=1)
+def _known_ops() -> frozenset[tuple[str, str]] | None:
+    """(domain, op) of every operator schema the installed onnxruntime registers; None if it cannot say."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        schemas = state.get_all_operator_schema()
+    except Exception:  # an onnxruntime build without schema introspection: no pre-check
+        return None
+    return frozenset(("" if s.domain in STANDARD_DOMAINS else s.domain, s.name) for s in schemas)
+
+
+def unknown_ops(model: Any) -> list[str]:
+    """``domain::op`` of the model's nodes that onnxruntime cannot run: no schema, no model-local function.
+
+    Ops of the ``ai.normact`` domain count as known when the kernel library is built.
+    """
+    from .catalogue import NORM_DOMAIN
+    from .graph import containers
+
+    known = _known_ops()
+    if known is None:
+        return []
+    local = {(f.domain, f.name) for f in model.functions}
+    library = kernel_library() is not None
+    out: dict[str, None] = {}
+    for c in containers(model):
+        for n in c.nodes:
+            domain = "" if n.domain in STANDARD_DOMAINS else n.domain
+            if (domain, n.op_type) in known or (n.domain, n.op_type) in local or (library and domain == NORM_DOMAIN):
+                continue
+            out[f"{n.domain or 'ai.onnx'}::{n.op_type}"] = None
+    return list(out)

@@ -28,7 +28,8 @@ def check_model_file(path: Path) -> None:
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
 
 
-def ort_load(path: Path) -> None:
+def ort_load(path: Path, shown: Path | None = None) -> None:
+    """ONNX Runtime loads the file at ``path`` (a temporary name; errors name ``shown``, the destination)."""
     from .ort import make_session
 
     try:
@@ -36,9 +37,8 @@ def ort_load(path: Path) -> None:
     except NormactError:
         raise
     except Exception as e:
-        raise NormactError(
-            f"verification failed: onnxruntime cannot load the result: {str(e).splitlines()[0]}"
-        ) from None
+        why = str(e).splitlines()[0].replace(str(path), str(shown or path))
+        raise NormactError(f"verification failed: onnxruntime cannot load the result: {why}") from None
 
 
 def _probe_shape(shape: list | None, const_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -61,6 +61,7 @@ def check_sites(
     rng = np.random.default_rng(seed)
     types = infer_value_types(model)
     by_path = {c.path: c for c in containers(model)}
+    positions: dict[str, tuple[list[onnx.NodeProto], dict[int, int]]] = {}  # per container, built once
     nodes: list[onnx.NodeProto] = []
     inits: dict[str, onnx.TensorProto] = {}
     inputs, outputs, feeds, refs = [], [], {}, []
@@ -68,7 +69,10 @@ def check_sites(
         s = o.site
         c = by_path[s.path]
         producer = c.producer[s.output]
-        chain = _chain(c, s.input, producer)
+        if s.path not in positions:
+            held = list(c.nodes)  # keeps the wrappers alive, so their ids stay valid
+            positions[s.path] = (held, {id(n): k for k, n in enumerate(held)})
+        chain = _chain(c, s.input, producer, positions[s.path][1])
         consts = sorted(
             {n for node in chain for n in node.input if n and n != s.input and not any(n in m.output for m in chain)}
         )
@@ -119,8 +123,8 @@ def check_sites(
     return report
 
 
-def _chain(c: Any, x: str, root: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """The nodes between ``x`` and ``root`` (inclusive), in order: the rewritten site."""
+def _chain(c: Any, x: str, root: onnx.NodeProto, order: dict[int, int]) -> list[onnx.NodeProto]:
+    """The nodes between ``x`` and ``root`` (inclusive), in ``order`` (node positions): the rewritten site."""
     wanted: list[onnx.NodeProto] = []
     stack = [root]
     seen: set[int] = set()
@@ -134,5 +138,4 @@ def _chain(c: Any, x: str, root: onnx.NodeProto) -> list[onnx.NodeProto]:
             p = c.producer.get(i)
             if i and i != x and p is not None:
                 stack.append(p)
-    order = {id(n): k for k, n in enumerate(c.nodes)}
     return sorted(wanted, key=lambda n: order[id(n)])

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
 from ..methods.static import Affine, measured_affine
 from ..passes.find import Site
+from ..progress import bar as progress_bar
 from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
@@ -32,40 +33,6 @@ from .stats import CalibrationStats, SiteStats, fingerprint
 Constants = Callable[[Site], Affine | str]
 Selected = Callable[[Site], bool]
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
-
-
-class Progress:
-    """A one-line progress bar on a terminal (stderr); silent when not asked for or not a terminal."""
-
-    def __init__(self, total: int | None, enabled: bool, stream: TextIO | None = None, label: str = "calibrating"):
-        self.total, self.stream, self.label = total, stream or sys.stderr, label
-        self.enabled = enabled
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or self.done == self.total):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-9)
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            eta = (self.total - self.done) / rate if rate else 0.0
-            text = f"\r{self.label} [{bar:<30}] {self.done}/{self.total} batches  {rate:.1f}/s  eta {eta:.0f}s"
-        else:
-            text = f"\r{self.label}: {self.done} batches  {rate:.1f}/s"
-        self.stream.write(text)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None) -> Any:
@@ -143,7 +110,7 @@ def collect(
     stats = _empty_stats(inst, per_channel)
     names = inst.output_names
     total = min(source.total, batches) if source.total and batches else (batches or source.total)
-    bar = Progress(total, progress)
+    bar = progress_bar(total, "calibrating", progress, unit="batch")
     n = 0
     try:
         for where, raw in source.batches():
@@ -162,7 +129,7 @@ def collect(
                         _check_finite(probe.site, where, x, f, d2, xf)
                     stats.sites[probe.site.output].add(x, f, d2, xf)
             n += 1
-            bar.step()
+            bar.update()
     finally:
         bar.close()
     if n == 0:

@@ -10,6 +10,9 @@ declare them, so adding a spelling of an activation is one line, not a new match
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,42 @@ class C:
     value: float | None = None
     capture: str | None = None
     rtol: float = 1e-4
+
+    def read(self, value: np.ndarray | None) -> float | None:
+        """The constant's scalar value when it fits this leaf, else None.
+
+        The tolerance is ``rtol`` or the rounding of the constant's own element type, whichever
+        is larger: √2 stored as float16 is 1.4140625, 1.1e-4 away from √2, and still means √2.
+        """
+        if value is None or value.size == 0 or not is_numeric(value.dtype):
+            return None
+        first = float(value.flat[0])
+        if not np.all(value == value.flat[0]):
+            return None
+        rtol = max(self.rtol, rounding(value.dtype))
+        if self.value is not None and not np.isclose(first, self.value, rtol=rtol, atol=rtol * 1e-3):
+            return None
+        return first
+
+
+# the spacing of 1.0 in float types numpy does not describe (ml_dtypes types, as onnx returns them)
+_EPS_BY_NAME = {"bfloat16": 2.0**-7, "float8_e4m3fn": 2.0**-3, "float8_e4m3fnuz": 2.0**-3, "float8_e5m2": 2.0**-2}
+
+
+def is_numeric(dtype: Any) -> bool:
+    """Numbers: numpy's own numeric types and the low-precision floats onnx reads as ml_dtypes."""
+    dtype = np.dtype(dtype)
+    return bool(np.issubdtype(dtype, np.number)) or dtype.name in _EPS_BY_NAME
+
+
+def rounding(dtype: Any) -> float:
+    """Relative rounding step (machine epsilon) of a float element type; 0 for integers."""
+    dtype = np.dtype(dtype)
+    if dtype.name in _EPS_BY_NAME:
+        return _EPS_BY_NAME[dtype.name]
+    if np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return 0.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from .common import (
     add_form,
     add_no_verify,
     add_output_path,
+    add_quiet,
     add_selection,
     default_output,
     output_path,
@@ -66,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_form(o)
     add_no_verify(o)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_quiet(o, "--no-progress")
     p.set_defaults(handler=run, report=None)  # rewrite's JSON --report (shared ``finish``) is not offered here
 
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         variant=args.variant,
         ratio=args.ratio,
         in_situ=args.in_situ,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.quiet,
         include=args.include,
         exclude=args.exclude,
         nodes=args.nodes,

@@ -98,6 +98,11 @@ def add_form(g: Arguments) -> None:
     )
 
 
+def add_quiet(g: Arguments, *aliases: str) -> None:
+    """``--quiet``: no progress bar (bars only appear when stderr is a terminal anyway)."""
+    g.add_argument("--quiet", *aliases, dest="quiet", action="store_true", help="no progress bar on stderr")
+
+
 def add_no_verify(g: Arguments, checks: str = "checker, ORT load and per-site numeric checks") -> None:
     g.add_argument("--no-verify", action="store_true", help=f"skip {checks}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import add_data_source, print_json
+from .common import add_data_source, add_quiet, print_json
 
 EXIT_MISMATCH = 1
 
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cuda", action="store_true", help="run onnxruntime on the CUDA execution provider")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_quiet(p)
     p.set_defaults(handler=run)
 
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         batches=args.batches,
         batch_size=args.batch_size,
         seed=args.seed,
+        progress=not args.quiet,
     )
     if args.json:
         print_json(result.report())

@@ -25,18 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--labels", default="y", help="name of the labels array in --data/--val (default y)")
     d.add_argument("--val", help="validation .npz (same keys), evaluated after each epoch")
     t = p.add_argument_group("training")
-    t.add_argument("--loss", choices=("cross-entropy", "mse"), default="cross-entropy")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument(
+        "--loss",
+        choices=("cross-entropy", "mse"),
+        default="cross-entropy",
+        help="cross-entropy on class labels (default) or mean squared error on targets",
+    )
+    t.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1)")
+    t.add_argument("--batch-size", type=int, default=64, help="samples per training step (default 64)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw (default) or sgd")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps in total")
     t.add_argument("--seed", type=int, default=0, help="shuffling seed")
     t.add_argument("--freeze", metavar="REGEX", help="keep initializers whose name matches frozen")
     t.add_argument("--output-name", help="model output the loss is computed on (default: the first)")
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=("anact", "static", "none"), default="anact")
+    m.add_argument(
+        "--method",
+        choices=("anact", "static", "none"),
+        default="anact",
+        help="anact: adaptive factors from batch statistics (default); static: fixed Gaussian constants; "
+        "none: train the model as it is, without normalization",
+    )
     m.add_argument("--variant", choices=VARIANTS, default="center-scale", help="static variant")
     m.add_argument("--q", type=float, default=1.0, help="static design variance")
     add_anact_options(m, aggregate=False)

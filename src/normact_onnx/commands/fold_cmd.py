@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..deploy import DEFAULT_TOLERANCE, fold
+from ..deploy import DEFAULT_TOLERANCE, TOLERANCE_EPS, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
-from .common import add_no_verify, add_output_path, output_path, print_json, table
+from .common import add_no_verify, add_output_path, add_quiet, output_path, print_json, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,11 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
-        help=f"self-check: largest output difference relative to the output's scale (default {DEFAULT_TOLERANCE:g})",
+        help="self-check: largest output difference relative to the output's scale (default: "
+        f"{DEFAULT_TOLERANCE:g} for float32 outputs, {TOLERANCE_EPS} rounding steps of float16/bfloat16 ones)",
     )
     p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_quiet(p)
     p.set_defaults(handler=run)
 
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         in_place=args.in_place,
         details=True,
+        progress=not args.quiet,
     )
     report = result.report()
     if args.report:

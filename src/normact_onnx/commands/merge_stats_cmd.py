@@ -15,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "over all the data); the order-dependent EMA state is dropped, so factors from the result use "
         "--aggregate mean.",
     )
-    p.add_argument("inputs", nargs="+", metavar="STATS.json")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.json")
+    p.add_argument("inputs", nargs="+", metavar="STATS.json", help="statistics files written by calibrate")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="the merged statistics file")
     p.set_defaults(handler=run)
 
 

@@ -7,7 +7,16 @@ import sys
 
 from ..api import rewrite, write_report
 from ..methods.static import VARIANTS
-from .common import add_anact_options, add_form, add_no_verify, add_output_path, add_selection, output_path, table
+from .common import (
+    add_anact_options,
+    add_form,
+    add_no_verify,
+    add_output_path,
+    add_quiet,
+    add_selection,
+    output_path,
+    table,
+)
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
@@ -17,6 +26,7 @@ def add_output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", metavar="FILE.json", help="write every site's constants and decisions as JSON")
     add_no_verify(g)
     g.add_argument("--explain", action="store_true", help="dry run: say what would change and why, write nothing")
+    add_quiet(g)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--variant",
         choices=VARIANTS,
-        help="center-scale (default; with --stats: what calibrate measured): E f̃ = 0, E f̃² = 1; "
-        "zeta-zero: also remove the linear part (E f̃' = 0); ratio: between the two (--ratio)",
+        help="center-scale: zero mean, unit variance (default; with --stats: the variant calibrate measured); "
+        "zeta-zero: also zero mean slope; ratio: slope between the two (--ratio)",
     )
     m.add_argument("--q", type=float, default=1.0, help="design variance of the pre-activation (default 1)")
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
@@ -112,5 +122,6 @@ def run(args: argparse.Namespace) -> int:
         in_place=args.in_place,
         dry_run=args.explain,
         details=True,
+        progress=not args.quiet,
     )
     return finish(args, result)

@@ -105,13 +105,8 @@ class _Matcher:
             if env.x is None or env.x == name:
                 yield _Env(name, env.nodes, env.params, env.consts)
         elif isinstance(p, C):
-            value = const_value(self.c, name, self.base_dir)
-            if value is None or value.size == 0 or not np.issubdtype(value.dtype, np.number):
-                return
-            first = float(value.flat[0])
-            if not np.all(value == value.flat[0]):
-                return
-            if p.value is not None and not np.isclose(first, p.value, rtol=p.rtol, atol=p.rtol * 1e-3):
+            first = p.read(const_value(self.c, name, self.base_dir))  # tolerance follows the constant's dtype
+            if first is None:
                 return
             params = (*env.params, (p.capture, first)) if p.capture else env.params
             yield _Env(env.x, env.nodes, params, (*env.consts, name))
@@ -210,10 +205,13 @@ def find_in_container(
     sites: list[Site] = []
     matcher = _Matcher(c, base_dir)
     by_op: dict[str, list[onnx.NodeProto]] = {}
-    for node in c.nodes:
+    # one pass over the node list: positions by identity (the list keeps the wrappers, so ids stay valid)
+    node_list = list(c.nodes)
+    order = {id(n): i for i, n in enumerate(node_list)}
+    for node in node_list:
         by_op.setdefault(node.op_type, []).append(node)
 
-    for node in c.nodes:  # fused ops of earlier rewrites
+    for node in node_list:  # fused ops of earlier rewrites
         if node.domain == NORM_DOMAIN and node.op_type in BY_OP_NAME:
             act = BY_OP_NAME[node.op_type]
             params = {k: float(attr_value(node, k, v)) for k, v in act.params.items()}
@@ -240,7 +238,7 @@ def find_in_container(
             for env in matcher.node(root, node, _Env()):
                 if any(id(n) in claimed for n in env.nodes) or env.x is None:
                     continue
-                nodes = [n for n in c.nodes if any(n is m for m in env.nodes)]  # node order, root last
+                nodes = sorted(env.nodes, key=lambda n: order[id(n)])  # node order, root last
                 if nodes[-1] is not node:
                     continue
                 params = {**form.fixed, **dict(env.params)}
@@ -250,7 +248,7 @@ def find_in_container(
                 sites.append(site)
                 break
 
-    for node in c.nodes:
+    for node in node_list:
         if id(node) in claimed or not node.input or not node.output:
             continue
         reasons = []
@@ -261,7 +259,9 @@ def find_in_container(
             if isinstance(params, str):
                 reasons.append(params)
                 continue
-            sites.append(Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}"))
+            site = Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}")
+            site.const_nodes = _exclusive_const_nodes(c, tuple(node.input[1:]), [node])  # e.g. Clip's min/max
+            sites.append(site)
             claimed.add(id(node))
             break
         else:
@@ -275,7 +275,6 @@ def find_in_container(
                     }
                 )
 
-    order = {id(n): i for i, n in enumerate(c.nodes)}
     sites.sort(key=lambda s: order[id(s.root)])
     for s in sites:
         if s.normalized is None and s.output in normalized_outputs:
@@ -288,9 +287,10 @@ def find_in_container(
 
 def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     out = []
+    mine = {id(n) for n in nodes}
     for name in dict.fromkeys(names):
         producer = c.producer.get(name)
-        exclusive = all(any(u is n for n in nodes) for u in c.consumers.get(name, ())) and name not in c.outputs
+        exclusive = all(id(u) in mine for u in c.consumers.get(name, ())) and name not in c.outputs
         if producer is not None and producer.op_type == "Constant" and exclusive:
             out.append(producer)
     return out

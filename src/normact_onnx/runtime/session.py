@@ -44,7 +44,8 @@ def InferenceSession(
     defaults to ``["CPUExecutionProvider"]``; when ``CUDAExecutionProvider`` is
     requested and available the CUDA library (CUDA + CPU kernels) is used,
     otherwise the CPU one.  The library is registered on ``sess_options`` itself
-    when one is given (the caller's object is modified).
+    when one is given (the caller's object is modified); without one, ORT logs
+    errors only.
     Raises :class:`~normact_onnx.runtime.library.KernelLibraryNotFound` when the
     library was not built.
     """
@@ -54,7 +55,11 @@ def InferenceSession(
         providers = ["CPUExecutionProvider"]
     cuda = wants_cuda(providers)
     path = get_library_path(cuda=cuda)
-    so = sess_options if sess_options is not None else ort.SessionOptions()
+    if sess_options is not None:
+        so = sess_options
+    else:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # ORT's load-time warnings ("Removing initializer …") are noise here
     so.register_custom_ops_library(path)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import NormactError
 from ..io import load_model
 from ..methods.anact import LAMBDA_RULES
+from ..progress import bar as progress_bar
 from . import require_training
 from .artifacts import Artifacts, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
@@ -75,36 +76,6 @@ class FinetuneResult:
         out["output"] = str(self.output) if self.output else None
         out["workdir"] = str(self.workdir)
         return out
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, every ~10% otherwise)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
-        self.total, self.label, self.enabled = max(total, 1), label, enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self._last = -1
-
-    def update(self, done: int, **metrics: float) -> None:
-        if not self.enabled:
-            return
-        tenth = 10 * done // self.total
-        if not self.tty and tenth == self._last and done != self.total:
-            return
-        self._last = tenth
-        width = 24
-        filled = width * done // self.total
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None and math.isfinite(v))
-        line = f"{self.label} [{'=' * filled}{' ' * (width - filled)}] {done}/{self.total} {rate:.1f} it/s  {shown}"
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
-
-    def close(self, **metrics: float) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 class Trainer:
@@ -459,9 +430,9 @@ def _run(
     try:
         while tr.epoch < s.epochs and (s.max_steps is None or tr.step < s.max_steps):
             rng = np.random.default_rng(s.seed + tr.epoch)  # reproducible order, also after resume
-            bar = Progress(steps_per_epoch, f"epoch {tr.epoch + 1}/{s.epochs}", progress)
+            bar = progress_bar(steps_per_epoch, f"epoch {tr.epoch + 1}/{s.epochs}", progress, unit="step")
             run_loss, run_acc, seen = 0.0, 0.0, 0
-            for i, (x, y) in enumerate(train.batches(s.batch_size, rng)):
+            for x, y in train.batches(s.batch_size, rng):
                 if s.max_steps is not None and tr.step >= s.max_steps:
                     break
                 out = tr.train_step(x, y)
@@ -475,7 +446,11 @@ def _run(
                 log.row(tr.epoch + 1, tr.step, "train", loss, acc, time.perf_counter() - t0, lam, mu)
                 if not math.isfinite(loss):
                     raise NormactError(f"the loss became {loss} at step {tr.step}: lower --lr")
-                bar.update(i + 1, loss=run_loss / seen, acc=run_acc / seen if acc is not None else None)
+                bar.update()
+                postfix = {"loss": f"{run_loss / seen:.4f}"}
+                if acc is not None:
+                    postfix["acc"] = f"{run_acc / seen:.4f}"
+                bar.set_postfix(postfix)
             bar.close()
             tr.epoch += 1
             row = {"epoch": tr.epoch, "step": tr.step, "train_loss": run_loss / max(seen, 1)}
