@@ -26,7 +26,7 @@ from ..methods.static import Affine
 from ..passes.find import Site
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
-from .stats import CalibrationStats, SiteStats, fingerprint
+from .stats import CalibrationStats, Moments, SiteStats, fingerprint
 
 Constants = Callable[[Site], Affine | str]
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
@@ -66,11 +66,14 @@ class Progress:
             self.stream.flush()
 
 
-def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None) -> Any:
+def calibration_session(
+    model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None, threads: int = 0
+) -> Any:
     """An ORT session for the instrumented copy: kernel library registered, no fusions.
 
     External data stays where it is: ORT is told the model's folder instead of the
-    copy being written next to it.
+    copy being written next to it. ``threads``: intra-op threads (0: ORT's default;
+    a Ray worker uses its one CPU).
     """
     from ..ort import make_session, require_onnxruntime
 
@@ -79,7 +82,7 @@ def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers:
     if external_locations(model) and base_dir:
         config["session.model_external_initializers_file_folder_path"] = base_dir
     try:
-        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, **config)
+        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, threads=threads, **config)
     except Exception as e:
         raise NormactError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from None
 
@@ -106,27 +109,21 @@ def collect(
     per_channel: bool = False,
     providers: list[str] | None = None,
     progress: bool = False,
+    images: Any = None,
 ) -> CalibrationStats:
     """Run the batches through the instrumented model and return the merged per-site statistics."""
     src, path = load_model_like(model)
     base_dir = model_folder(path)
     specs = model_inputs(src)
-    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed)
+    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed, images=images)
     if source.headers is not None:  # files: every batch checked before the first run
         for i, (where, header) in enumerate(source.headers()):
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where)
-    inst = instrument(src, base_dir, per_channel)
-    if not inst.probes:
-        if not inst.sites:
-            raise NormactError("no activation sites found: nothing to calibrate")
-        why = "; ".join(sorted(set(inst.skipped.values())))
-        raise NormactError(f"none of the {len(inst.sites)} activation sites can be calibrated ({why})")
-    clamp_ir(inst.model)
+    inst = prepare(src, base_dir, per_channel)
     sess = calibration_session(inst.model, base_dir, providers)
-    stats = _empty_stats(inst, per_channel)
-    names = inst.output_names
+    stats = empty_stats(inst, per_channel)
     total = min(source.total, batches) if source.total and batches else (batches or source.total)
     bar = Progress(total, progress)
     n = 0
@@ -134,15 +131,7 @@ def collect(
         for where, raw in source.batches():
             if batches is not None and n >= batches:
                 break
-            feed = conform(specs, raw, where)
-            try:
-                values = dict(zip(names, sess.run(names, feed)))
-            except Exception as e:
-                raise NormactError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from None
-            for probe in inst.probes:
-                x, f, d2 = probe.read(values)
-                if x.n.size:
-                    stats.sites[probe.site.output].add(x, f, d2)
+            fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where), where))
             n += 1
             bar.step()
     finally:
@@ -154,9 +143,44 @@ def collect(
     return stats
 
 
-def _empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
-    from .stats import Moments
+# ---- the pieces the single-process and the distributed (Ray) runs share ----------------------------------------
 
+
+def prepare(src: onnx.ModelProto, base_dir: str | None, per_channel: bool) -> Instrumented:
+    """The instrumented copy (IR clamped for ONNX Runtime), or why nothing in the model can be calibrated."""
+    inst = instrument(src, base_dir, per_channel)
+    if not inst.probes:
+        if not inst.sites:
+            raise NormactError("no activation sites found: nothing to calibrate")
+        why = "; ".join(sorted(set(inst.skipped.values())))
+        raise NormactError(f"none of the {len(inst.sites)} activation sites can be calibrated ({why})")
+    clamp_ir(inst.model)
+    return inst
+
+
+def run_batch(sess: Any, inst: Instrumented, feed: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """One checked batch through the instrumented model: statistic output name → value."""
+    names = inst.output_names
+    try:
+        return dict(zip(names, sess.run(names, feed)))
+    except Exception as e:
+        raise NormactError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from None
+
+
+def batch_moments(inst: Instrumented, values: dict[str, np.ndarray]) -> list[tuple[Moments, Moments, np.ndarray]]:
+    """One run's outputs → per probe (site) this batch's moments of x and f and the mean of f'(x)²."""
+    return [probe.read(values) for probe in inst.probes]
+
+
+def fold(stats: CalibrationStats, inst: Instrumented, values: dict[str, np.ndarray]) -> None:
+    """Fold one batch's outputs into the running statistics (moments exactly, plus the gated EMA)."""
+    for probe, (x, f, d2) in zip(inst.probes, batch_moments(inst, values)):
+        if x.n.size:
+            stats.sites[probe.site.output].add(x, f, d2)
+
+
+def empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
+    """One SiteStats per probe, no data yet (the first batch fixes each site's channel count)."""
     sites = {}
     for p in inst.probes:
         s = p.site
@@ -273,34 +297,69 @@ def calibrate(
     verify: bool = True,
     in_place: bool = False,
     details: bool = False,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
 ) -> CalibrationStats | CalibrationResult:
     """ANAct calibration (MATH.md §2) of ``model`` on ``data``.
 
     ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
     object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an
     iterable of ``{input: array}`` dicts, or None with ``synthetic=True``.
+    Parquet files and image folders (``images``: a :class:`.rows.ImageOptions`)
+    are read too, and a ``ray.data.Dataset`` (columns named after the inputs).
     Writes the calibrated model to ``output``, the statistics to ``stats_path``
     and an HTML report to ``report`` when given; returns the statistics (or a
     :class:`CalibrationResult` with ``details=True``).
+
+    ``ray``: run on Ray Data (:mod:`.distributed`) with ``workers`` actors: True
+    starts a local cluster for the call, ``"auto"`` or an address joins one; a
+    Dataset as ``data`` implies it. The moments equal the single-process run's;
+    the EMA depends on batch order, so the factors use ``aggregate="mean"``.
     """
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
     start = time.perf_counter()
-    stats = collect(
-        model,
-        data,
-        batches=batches,
-        batch_size=batch_size,
-        synthetic=synthetic,
-        shapes=shapes,
-        seed=seed,
-        per_channel=per_channel,
-        providers=providers,
-        progress=progress,
-    )
+    notes = []
+    from .distributed import is_dataset
+
+    if ray not in (None, False) or is_dataset(data):
+        if synthetic:
+            raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
+        if aggregate == "ema":
+            aggregate = "mean"
+            notes.append("--ray: factors from --aggregate mean (the EMA depends on the order of the batches)")
+        from .distributed import collect_ray
+
+        stats = collect_ray(
+            model,
+            data,
+            address=None if ray in (None, True) else str(ray),
+            workers=workers,
+            batches=batches,
+            batch_size=batch_size,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            images=images,
+        )
+    else:
+        stats = collect(
+            model,
+            data,
+            batches=batches,
+            batch_size=batch_size,
+            synthetic=synthetic,
+            shapes=shapes,
+            seed=seed,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            images=images,
+        )
     stats.settings = {"lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
-    result = CalibrationResult(stats)
+    result = CalibrationResult(stats, notes=notes)
     if output is not None:
         from ..api import rewrite
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import add_data_source, print_json
+from .common import add_data_source, image_options, print_json
 
 EXIT_MISMATCH = 1
 
@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         batches=args.batches,
         batch_size=args.batch_size,
         seed=args.seed,
+        images=image_options(args),
+        ray=args.ray,
+        workers=args.workers,
     )
     if args.json:
         print_json(result.report())
