@@ -201,6 +201,12 @@ def plan_work(
     return Work(ds, "files", 1, f"{path} ({len(pieces)} file{'s' * (len(pieces) != 1)})", sum(i["stop"] for i in items))
 
 
+def _check_exists(data: Any) -> None:
+    """A missing path is reported before a cluster is started for it."""
+    if isinstance(data, str | os.PathLike) and not Path(data).exists():
+        raise NormactError(f"{data}: no such file or folder")
+
+
 class Feeder:
     """A worker's reader: one map_batches call's rows → (where, checked model batch) pairs."""
 
@@ -443,6 +449,7 @@ def collect_ray(
     inst = prepare(src, base_dir, per_channel)  # the driver's copy: site list, and errors before any cluster starts
     stats = empty_stats(inst, per_channel)
     sites = [p.site.output for p in inst.probes]
+    _check_exists(data)
     with cluster(address, workers):
         work = plan_work(data, specs, batch_size, batches, images)
         # the model by reference, held by this driver for the run: inline (small) constructor arguments are what
@@ -530,6 +537,7 @@ def compare_ray(
     if workers < 1:
         raise NormactError(f"--workers must be ≥ 1, got {workers}")
     a, b = models
+    _check_exists(data)
     with cluster(address, workers):
         ray = require_ray()
         work = plan_work(data, model_inputs(a.proto), None, None, images)
