@@ -4,8 +4,9 @@ Map: each worker is a Ray Data actor (``map_batches`` with a callable class)
 holding one ONNX Runtime session (kernel library registered) over the *same*
 instrumented model :func:`.run.prepare` builds for the single-process run; every
 batch goes through :func:`.run.run_batch` and :func:`.run.batch_moments`
-(``Probe.read``), and comes back as one row of per-site moments: n, mean and M2 of
-x and of f(x), and the mean of f'(x)², flattened into one float64 vector.
+(``Probe.read``); the batches of one call (a batch file's pieces, or one batch of
+rows) come back as one row of per-site moments: n, mean and M2 of x and of f(x),
+and the mean of f'(x)², flattened into one float64 vector.
 
 Reduce: the driver folds the rows as they stream in with a pairwise (binary
 counter) tree of Chan merges, which are associative, so memory is O(log batches)
@@ -291,15 +292,27 @@ class StatsWorker:
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model batches of one call (a batch file's pieces, or one batch of rows), merged into one record.
+
+        A call's output is all or nothing (a call that dies with its worker is run again from the start), so
+        merging inside it keeps every batch counted once and cuts the driver's merges to one per call.
+        """
         from .run import batch_moments, run_batch
 
-        records, samples = [], []
+        merged, batches, samples = None, 0, 0
         for where, feed in self.feeder.feeds(batch):
             values = run_batch(self.sess, self.inst, feed, where)
             _maybe_crash(self.crash_marker)
-            records.append(encode_moments(batch_moments(self.inst, values)).tobytes())
-            samples.append(_samples(feed))
-        return {"stats": np.array(records, dtype=object), "samples": np.array(samples, dtype=np.int64)}
+            rec = batch_moments(self.inst, values)
+            merged = rec if merged is None else merge_records(merged, rec)
+            batches += 1
+            samples += _samples(feed)
+        record = encode_moments(merged).tobytes() if merged is not None else b""
+        return {
+            "stats": np.array([record], dtype=object),
+            "batches": np.array([batches], dtype=np.int64),
+            "samples": np.array([samples], dtype=np.int64),
+        }
 
 
 SiteRecord = tuple[Moments, Moments, np.ndarray]  # x, f, mean of f'(x)²
@@ -383,14 +396,15 @@ class RateBar:
 
             self.fallback = Progress(total, True, label=label)
 
-    def step(self, samples: int) -> None:
+    def step(self, batches: int, samples: int) -> None:
         self.samples += samples
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(batches)
             rate = self.samples / max(self.bar.format_dict.get("elapsed", 0.0), 1e-9)
             self.bar.set_postfix_str(f"{rate:.0f} samples/s", refresh=False)
         elif self.fallback is not None:
-            self.fallback.step()
+            for _ in range(batches):
+                self.fallback.step()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -468,13 +482,15 @@ def collect_ray(
         }
         tree: TreeMerge[list[SiteRecord]] = TreeMerge(merge_records)
         bar = RateBar(work.total, progress, "calibrating (ray)")
-        samples = 0
+        batches = samples = 0
         try:
             for block in map_rows(work, StatsWorker, kwargs, workers):
-                for rec, n in zip(block["stats"], block["samples"]):
-                    tree.push(decode_moments(np.frombuffer(rec, np.float64), len(sites)))
+                for rec, k, n in zip(block["stats"], block["batches"], block["samples"]):
+                    if k:
+                        tree.push(decode_moments(np.frombuffer(rec, np.float64), len(sites)))
+                    batches += int(k)
                     samples += int(n)
-                    bar.step(int(n))
+                    bar.step(int(k), int(n))
         finally:
             bar.close()
     merged = tree.result()
@@ -484,7 +500,7 @@ def collect_ray(
         if x.n.size:
             s = stats.sites[probe.site.output]
             s.x, s.f, s.d2 = x, f, d2
-    stats.batches = tree.count
+    stats.batches = batches
     stats.sources = [f"{work.describe} on Ray ({workers} workers, {samples} samples)"]
     return stats
 
@@ -520,12 +536,12 @@ class CompareWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import pickle
 
-        tallies, samples = [], []
-        for _, feed in self.feeder.feeds(batch):
-            tallies.append(pickle.dumps(self.comparison.tally(feed)))
+        tally, samples = None, 0
+        for _, feed in self.feeder.feeds(batch):  # one call's batches in one tally (see StatsWorker.__call__)
+            tally = self.comparison.tally(feed, tally)
             _maybe_crash(self.crash_marker)
-            samples.append(_samples(feed))
-        return {"tally": np.array(tallies, dtype=object), "samples": np.array(samples, dtype=np.int64)}
+            samples += _samples(feed)
+        return {"tally": np.array([pickle.dumps(tally)], dtype=object), "samples": np.array([samples], np.int64)}
 
 
 def compare_ray(
