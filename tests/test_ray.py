@@ -211,3 +211,51 @@ def test_cli_starts_and_stops_its_own_cluster(cli, shards, tmp_path):
             np.testing.assert_allclose(b["sites"][key][q]["m2"], getattr(s, q).m2, rtol=RTOL)
     r = cli("calibrate", CNN, "--data", tmp_path / "missing", "--ray", "--stats-only")
     assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_the_cluster_the_command_started(tmp_path, digits):
+    """SIGINT mid-run: exit 130, nothing written, and the Ray processes the command started are gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    for i in range(30):  # enough batches that the run is still going when interrupted
+        np.savez(tmp_path / f"p{i:02d}.npz", x=np.repeat(digits[:200], 2, axis=0))
+    stats = tmp_path / "s.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.Popen([sys.executable, "-m", "normact_onnx.cli", "calibrate", CNN, "--data", tmp_path,
+                          "--batch-size", "8", "--ray", "--stats-only", "--stats", stats],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+    def children() -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True, text=True).stdout
+        return {int(x) for x in out.split()}
+
+    started: set[int] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None and len(started) < 2:  # gcs_server and raylet
+        started |= children()
+        time.sleep(0.2)
+    time.sleep(4)  # into the run: actors starting or batches flowing
+    started |= children()
+    assert p.poll() is None, p.communicate()[1]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted; nothing was written" in err and "Traceback" not in err
+    assert not stats.exists()
+    time.sleep(2)
+    alive = [pid for pid in started if _alive(pid)]
+    assert started and not alive, f"left running: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"  # a zombie has exited
+    except OSError:
+        return False

@@ -428,8 +428,9 @@ def map_rows(work: Work, worker: type, kwargs: dict[str, Any], workers: int) -> 
             max_restarts=RESTARTS,
             max_task_retries=RESTARTS,
         )
+    blocks = mapped.iter_batches(batch_size=None, batch_format="numpy")
     try:
-        yield from mapped.iter_batches(batch_size=None, batch_format="numpy")
+        yield from blocks
     except NormactError:
         raise
     except Exception as e:
@@ -437,6 +438,10 @@ def map_rows(work: Work, worker: type, kwargs: dict[str, Any], workers: int) -> 
         if err is not None:
             raise err from None
         raise NormactError(f"the Ray run failed: {_first_line(e)}") from None
+    finally:  # stop Ray Data's executor threads now (Ctrl-C, an error): not at interpreter exit, after shutdown
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def collect_ray(
