@@ -100,8 +100,9 @@ def test_npz_shards_equal_the_single_process_run(cluster, shards, digits, tmp_pa
 def test_a_killed_worker_is_retried_and_its_batches_counted_once(cluster, shards, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(distributed.CRASH_ENV, str(marker))
-    reference = calibrate(CNN, shards, batch_size=100, aggregate="mean")
-    stats = calibrate(CNN, shards, batch_size=100, ray=True, workers=2)
+    reference = calibrate(CNN, shards, batch_size=100, aggregate="mean", per_channel=True)
+    stats = calibrate(CNN, shards, batch_size=100, ray=True, workers=2, per_channel=True)
+    assert stats.per_channel and stats.ordered()[0].channels == 4  # one record per channel merges the same way
     assert marker.exists()  # a worker process did exit mid-run (os._exit after running a batch)
     assert stats.batches == 18
     assert site_elements(stats) == site_elements(reference) == 1797 * FIRST_SITE
@@ -259,3 +260,11 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"  # a zombie has exited
     except OSError:
         return False
+
+
+def test_without_ray_one_line_says_how_to_install(monkeypatch, shards):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, as in an environment without it
+    with pytest.raises(NormactError, match=r"^--ray needs Ray Data: pip install 'normact-onnx\[ray\]'$"):
+        calibrate(CNN, shards, ray=True)
