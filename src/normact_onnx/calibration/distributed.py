@@ -96,8 +96,9 @@ def _quiet(ray: Any) -> None:
     ctx.enable_progress_bars = False
     with contextlib.suppress(AttributeError):
         ctx.print_on_execution_start = False
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # a worker's NormactError reaches the user as one line; Ray Data would also log it (ERROR) with a stack trace
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"ray\..*")
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*")
 
