@@ -237,8 +237,9 @@ class ImagePlan:
     options: ImageOptions
 
 
-def image_plan(specs: list[InputSpec], options: ImageOptions | None) -> ImagePlan:
-    opts = options or ImageOptions()
+def image_plan(specs: list[InputSpec], options: ImageOptions | dict[str, Any] | None) -> ImagePlan:
+    """Which input, colour mode and size; ``options`` may also be a dict of :meth:`ImageOptions.parse` arguments."""
+    opts = ImageOptions.parse(**options) if isinstance(options, dict) else (options or ImageOptions())
     if opts.input is not None:
         spec = next((s for s in specs if s.name == opts.input), None)
         if spec is None:
