@@ -268,3 +268,20 @@ def test_without_ray_one_line_says_how_to_install(monkeypatch, shards):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, as in an environment without it
     with pytest.raises(NormactError, match=r"^--ray needs Ray Data: pip install 'normact-onnx\[ray\]'$"):
         calibrate(CNN, shards, ray=True)
+
+
+def test_cli_image_options_without_ray(cli, png_folder, tmp_path):
+    """The image options on the command line, single-process (PIL): the statistics equal the Python call's."""
+    stats = tmp_path / "img.json"
+    r = cli("calibrate", CNN, "--data", png_folder, "--image-size", "28x28", "--mean", "0.1", "--std", "0.3",
+            "--batch-size", 50, "--stats-only", "--stats", stats, "--aggregate", "mean")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(stats.read_text())
+    assert doc["batches"] == 6 and "300 images" in doc["sources"][0]
+    ref = calibrate(CNN, png_folder, batch_size=50, images={"size": (28, 28), "mean": "0.1", "std": "0.3"})
+    for key, s in ref.sites.items():
+        np.testing.assert_allclose(doc["sites"][key]["x"]["m2"], s.x.m2, rtol=RTOL)
+    r = cli("calibrate", CNN, "--data", png_folder, "--image-size", "28", "--stats-only", "--stats", stats)
+    assert r.returncode == 2 and "--image-size '28': expected HEIGHTxWIDTH" in r.stderr
+    r = cli("calibrate", CNN, "--data", png_folder, "--mean", "0.1,0.2", "--stats-only", "--stats", stats)
+    assert r.returncode == 2 and "--mean: 2 values for 1 channel(s)" in r.stderr
