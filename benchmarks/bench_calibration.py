@@ -13,7 +13,15 @@
 3. ``onnxruntime.quantization``'s MinMax calibrator (``create_calibrator`` +
    ``collect_data``) on the same model and batches: both times side by side.
 
+4. ``--ray``: the same batches written as .npz shards, calibrated single-process
+   (``collect``) against ``calibrate(..., ray=True, workers=N)`` on a local Ray
+   cluster (started once, not timed; actor start-up *is* timed, as a user pays it on
+   every run), plus the two costs that decide scaling to many machines: one batch
+   through the instrumented model (worker side) and one batch record decoded and
+   tree-merged (driver side).
+
     PYTHONPATH=src python benchmarks/bench_calibration.py [--models cnn,mobilenet,minilm] [--batches 50]
+    PYTHONPATH=src python benchmarks/bench_calibration.py --ray --models mobilenet,transformer --batches 200
 """
 
 from __future__ import annotations
@@ -180,18 +188,106 @@ def _describe(key: str, value: Any) -> str:
     return f"{key} {'x'.join(map(str, shape))}"
 
 
+def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -> list[dict]:
+    """Single-process vs Ray Data on the same .npz shards; per-batch and merge costs for the scaling estimate."""
+    from normact_onnx.calibration import collect, distributed
+    from normact_onnx.calibration.run import batch_moments, calibrate, calibration_session, prepare, run_batch
+    from normact_onnx.io import load_model
+
+    rows = []
+    start = time.perf_counter()
+    with distributed.cluster(None, workers), tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter() - start
+        for name in names:
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            path, spec = model_and_batch(name, workdir)
+            reader = Reader(spec, batches)
+            shards = workdir / "shards"
+            shards.mkdir()
+            per_file = max(1, batches // 8)  # 8 shards, several batches each
+            pending: dict = {}
+            i = 0
+            while (b := reader.get_next()) is not None:
+                for k, v in b.items():
+                    pending.setdefault(k, []).append(v)
+                i += 1
+                if i % per_file == 0 or i == batches:
+                    np.savez(shards / f"part{i:05d}.npz", **{k: np.concatenate(v) for k, v in pending.items()})
+                    pending = {}
+            size = next(iter(spec.values()))[0][0]
+            one = min(_timed(collect, path, shards, batch_size=size) for _ in range(repeats))
+            many = min(
+                _timed(calibrate, path, shards, batch_size=size, ray=True, workers=workers) for _ in range(repeats)
+            )
+            # worker side: one batch through the instrumented model (one thread, as a Ray worker runs it)
+            src = load_model(path)
+            inst = prepare(src, str(path.parent), False)
+            sess = calibration_session(inst.model, str(path.parent), threads=1)
+            reader.rewind()
+            feed = reader.get_next()
+            run_batch(sess, inst, feed, "bench")
+            t0 = time.perf_counter()
+            for _ in range(20):
+                values = run_batch(sess, inst, feed, "bench")
+            per_batch = (time.perf_counter() - t0) / 20
+            # driver side: decode one record and push it into the tree (what the driver does per batch)
+            record = distributed.encode_moments(batch_moments(inst, values)).tobytes()
+            tree = distributed.TreeMerge(distributed.merge_records)
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                tree.push(distributed.decode_moments(np.frombuffer(record, np.float64), len(inst.probes)))
+            merge = (time.perf_counter() - t0) / 2000
+            samples = size * batches
+            rows.append({
+                "name": name, "batch": size, "sites": len(inst.probes), "single_s": one, "ray_s": many,
+                "per_batch_ms": per_batch * 1e3, "merge_us": merge * 1e6, "samples": samples,
+            })  # fmt: skip
+    print(f"local Ray cluster start (not in the times below): {started:.1f} s\n")
+    print(f"{'model':<12}{'batches':>8}{'single s':>10}{'ray s':>8}{'ray/single':>11}{'single smp/s':>13}"
+          f"{'ray smp/s':>10}{'batch ms':>9}{'merge µs':>9}{'sites':>6}")  # fmt: skip
+    for r in rows:
+        print(f"{r['name']:<12}{batches:>8}{r['single_s']:>10.2f}{r['ray_s']:>8.2f}{r['ray_s'] / r['single_s']:>11.2f}"
+              f"{r['samples'] / r['single_s']:>13.0f}{r['samples'] / r['ray_s']:>10.0f}{r['per_batch_ms']:>9.2f}"
+              f"{r['merge_us']:>9.1f}{r['sites']:>6}")  # fmt: skip
+    print(f"\nray = calibrate(..., ray=True, workers={workers}) incl. actor start-up; single = collect(), one process")
+    print("batch ms = one batch through the instrumented model, 1 thread; merge µs = one record decoded + tree-merged")
+    return rows
+
+
+def _timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="cnn,mobilenet,transformer,minilm")
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="also print one JSON line of ratios (for run_all.py)")
+    ap.add_argument("--ray", action="store_true", help="single-process vs Ray Data (local cluster) instead")
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default 2)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {platform.system()}")
     print(f"date: {datetime.date.today()}, python {platform.python_version()}, onnxruntime {ort.__version__}")
     print(f"batches per run: {args.batches}, best of {args.repeats}\n")
+    if args.ray:
+        rows = ray_comparison(args.models.split(","), args.batches, args.repeats, args.workers)
+        if args.json:
+            ratios = [
+                {
+                    "name": f"calibrate {r['name']} ray {args.workers} workers",
+                    "ratio": r["ray_s"] / r["single_s"],
+                    "baseline": f"single-process collect, same {args.batches} batches ({r['single_s']:.2f} s)",
+                }
+                for r in rows
+            ]
+            print(json.dumps({"benchmark": "calibration-ray", "ratios": ratios}))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

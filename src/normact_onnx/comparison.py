@@ -196,6 +196,24 @@ class _ErrorStats:
         self.norm_b += float(np.vdot(fb, fb))
         self._keep(err.ravel())
 
+    def merge(self, other: _ErrorStats) -> _ErrorStats:
+        """Two partial results: counts, sums and maxima exactly; the p99 sample re-drawn from both, weighted."""
+        out = _ErrorStats(self.atol, self.rtol)
+        for k in ("count", "sum_abs", "sum_rel", "dot", "norm_a", "norm_b", "violations", "nan_mismatch", "sampled"):
+            setattr(out, k, getattr(self, k) + getattr(other, k))
+        for k in ("max_abs", "max_ref", "max_rel"):
+            setattr(out, k, max(getattr(self, k), getattr(other, k)))
+        out.shape_mismatch = self.shape_mismatch or other.shape_mismatch
+        parts = [(e.sampled, np.concatenate(e.sample)) for e in (self, other) if e.sample]
+        kept = sum(v.size for _, v in parts)
+        if kept <= P99_SAMPLE:
+            out.sample = [v for _, v in parts]
+        else:  # each kept value stands for sampled/kept errors of its side: draw in proportion
+            allv = np.concatenate([v for _, v in parts])
+            w = np.concatenate([np.full(v.size, n / v.size) for n, v in parts])
+            out.sample = [out.rng.choice(allv, P99_SAMPLE, replace=False, p=w / w.sum())]
+        return out
+
     def _keep(self, err: np.ndarray) -> None:
         """A bounded uniform sample of the errors, for the percentile."""
         self.sampled += err.size
@@ -261,6 +279,11 @@ class _Moments:
     @property
     def n(self) -> int:
         return int(self.m.n[0])
+
+    def merge(self, other: _Moments) -> _Moments:
+        out = _Moments()
+        out.m = self.m.merge(other.m)
+        return out
 
     @property
     def mean(self) -> float:
@@ -372,6 +395,7 @@ def _data(
     batch_size: int,
     seed: int,
     split: int | None = None,
+    images: Any = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
     from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
@@ -381,7 +405,9 @@ def _data(
     specs = model_inputs(model.proto)
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    source = open_source(data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
+    source = open_source(
+        data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed, images=images
+    )
     if source.headers is not None:
         for where, header in source.headers():
             check_header(specs, header, where)
@@ -456,6 +482,83 @@ class CompareResult:
         return text
 
 
+@dataclass
+class Tally:
+    """What one or more batches measured: error statistics per output, moments per site probe, output shapes.
+
+    Tallies merge exactly (counts, sums, maxima; the p99 sample is re-drawn), so batches measured on
+    different Ray workers add up to the single-process result.
+    """
+
+    errors: dict[str, _ErrorStats]
+    sites: list[tuple[_Moments, _Moments]]  # (pre, post) per probe, in Comparison.probes order
+    shapes: dict[str, tuple[int, ...]]
+    batches: int = 0
+
+    def merge(self, other: Tally) -> Tally:
+        return Tally(
+            {k: v.merge(other.errors[k]) for k, v in self.errors.items()},
+            [(a.merge(c), b.merge(d)) for (a, b), (c, d) in zip(self.sites, other.sites)],
+            {**other.shapes, **self.shapes},
+            self.batches + other.batches,
+        )
+
+
+class Comparison:
+    """Two models ready to run side by side; :meth:`tally` measures one batch (the single-process and Ray runs)."""
+
+    def __init__(
+        self, a: _Model, b: _Model, two: bool, sites: bool, reference: bool, providers: list[str] | None,
+        atol: float, rtol: float,
+    ) -> None:  # fmt: skip
+        self.atol, self.rtol = atol, rtol
+        self.runtimes = ("ort", "reference" if reference else "ort")
+        self.unreachable: list[dict[str, Any]] = []
+        self.per_model: dict[str, list[_SiteProbe]] = {"A": [], "B": []}
+        if sites:
+            for m in (a, b) if two else (a,):
+                p, u = _site_probes(m)
+                self.per_model[m.label] = p
+                self.unreachable += u
+        self.probes = self.per_model["A"] + self.per_model["B"]
+        extra = {lbl: [n for p in self.per_model[lbl] for n in (p.pre, p.post)] for lbl in self.per_model}
+        self.run_a = _Runner(a, self.runtimes[0], providers, extra["A"])
+        self.run_b = _Runner(b, self.runtimes[1], providers, extra["B"])
+        self.b = b
+        self.pairs = _pair_outputs(a.output_names, b.output_names)
+
+    def empty(self) -> Tally:
+        return Tally({na: _ErrorStats(self.atol, self.rtol) for na, _ in self.pairs},
+                     [(_Moments(), _Moments()) for _ in self.probes], {})  # fmt: skip
+
+    def tally(self, feeds: Feeds, into: Tally | None = None) -> Tally:
+        """One batch measured, added into ``into`` (the single-process run) or into a fresh tally (a Ray worker's)."""
+        t = self.empty() if into is None else into
+        out_a = dict(zip(self.run_a.names, _run(self.run_a, feeds)))
+        out_b = dict(zip(self.run_b.names, _run(self.run_b, _check_feeds(feeds, self.b))))
+        for na, nb in self.pairs:
+            t.errors[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
+            t.shapes.setdefault(na, np.shape(out_a[na]))
+        outs = [out_a] * len(self.per_model["A"]) + [out_b] * len(self.per_model["B"])
+        for (pre, post), p, o in zip(t.sites, self.probes, outs):
+            pre.add(o[p.pre])
+            post.add(o[p.post])
+        t.batches += 1
+        return t
+
+    def result(self, t: Tally, labels: tuple[str, str]) -> CompareResult:
+        if t.batches == 0:
+            raise NormactError("the data source gave no batches")
+        outputs = [
+            t.errors[na].result(na if na == nb else f"{na} / {nb}", t.shapes.get(na, ())) for na, nb in self.pairs
+        ]
+        for p, (pre, post) in zip(self.probes, t.sites):
+            p.pre_stats, p.post_stats = pre, post
+        site_rows = [p.result() for p in self.probes] + self.unreachable
+        passed = all(o["passed"] for o in outputs)
+        return CompareResult(outputs, site_rows, passed, self.atol, self.rtol, t.batches, self.runtimes, labels)
+
+
 def compare(
     model_a: ModelLike,
     model_b: ModelLike | None = None,
@@ -472,6 +575,9 @@ def compare(
     batch_size: int = 2,
     seed: int = 0,
     progress: bool = False,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
 ) -> CompareResult:
     """Run A and B on the same inputs and compare every output (A is the reference).
 
@@ -479,11 +585,16 @@ def compare(
     ``reference=True``). ``reference=True`` runs B (or A's second copy) in
     ``onnx.reference`` instead of ONNX Runtime. ``data``: an iterable of feed
     dicts, a ``CalibrationDataReader``, a path the calibration readers accept
-    (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``), or None with
+    (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``, Parquet, image
+    folders with ``images`` options), or None with
     ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
     ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
     ``batch_size`` for the first and 8 for the others. ``progress``: a bar on stderr when it is a
     terminal.
+
+    ``ray`` (or a ``ray.data.Dataset`` as ``data``): the batches run on Ray Data
+    actors (``workers``), each holding both models; their tallies merge exactly
+    (maxima, sums, counts), the p99 from a bounded merged sample.
     """
     if not (atol >= 0 and rtol >= 0):
         raise NormactError("--atol and --rtol must be non-negative")
@@ -491,45 +602,27 @@ def compare(
         raise NormactError("give a second model, or --reference to compare one model across runtimes")
     a = _Model.load(model_a, "A")
     b = _Model.load(model_b if model_b is not None else model_a, "B")
-    runtimes = ("ort", "reference" if reference else "ort")
-    probes: list[_SiteProbe] = []
-    unreachable: list[dict[str, Any]] = []
-    per_model: dict[str, list[_SiteProbe]] = {"A": [], "B": []}
-    if sites:
-        for m in (a, b) if model_b is not None else (a,):
-            p, u = _site_probes(m)
-            per_model[m.label] = p
-            probes += p
-            unreachable += u
-    extra = {lbl: [n for p in per_model[lbl] for n in (p.pre, p.post)] for lbl in per_model}
-    bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
-    bar.set_postfix_str("loading the models")
-    run_a = _Runner(a, runtimes[0], providers, extra["A"])
-    run_b = _Runner(b, runtimes[1], providers, extra["B"])
-    pairs = _pair_outputs(a.output_names, b.output_names)
-    stats = {na: _ErrorStats(atol, rtol) for na, _ in pairs}
-    shapes: dict[str, tuple[int, ...]] = {}
-    n_batches = 0
-    for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed):
-        out_a = dict(zip(run_a.names, _run(run_a, feeds)))
-        out_b = dict(zip(run_b.names, _run(run_b, _check_feeds(feeds, b))))
-        for na, nb in pairs:
-            stats[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
-            shapes.setdefault(na, np.shape(out_a[na]))
-        for lbl, outs in (("A", out_a), ("B", out_b)):
-            for p in per_model[lbl]:
-                p.pre_stats.add(outs[p.pre])
-                p.post_stats.add(outs[p.post])
-        n_batches += 1
-        bar.set_postfix_str("")
-        bar.update()
-    bar.close()
-    if n_batches == 0:
-        raise NormactError("the data source gave no batches")
-    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", shapes.get(na, ())) for na, nb in pairs]
-    site_rows = [p.result() for p in probes] + unreachable
     labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
-    return CompareResult(outputs, site_rows, all(o["passed"] for o in outputs), atol, rtol, n_batches, runtimes, labels)
+    setup = (model_b is not None, sites, reference, providers, atol, rtol)
+    comparison = Comparison(a, b, *setup)
+    from .calibration.distributed import is_dataset
+
+    if ray not in (None, False) or is_dataset(data):
+        if synthetic:
+            raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
+        from .calibration.distributed import compare_ray
+
+        tally = compare_ray(comparison, (a, b), setup, data, None if ray in (None, True) else str(ray), workers, images)
+        return comparison.result(tally, labels)  # type: ignore[arg-type]
+    tally = comparison.empty()
+    bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
+    try:
+        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, None, images):
+            comparison.tally(feeds, tally)
+            bar.update()
+    finally:
+        bar.close()
+    return comparison.result(tally, labels)  # type: ignore[arg-type]
 
 
 def measure_sites(

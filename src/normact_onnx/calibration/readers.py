@@ -2,7 +2,8 @@
 
 Sources: an ``.npz`` (keys = input names), a ``.npy`` (single-input models), a
 folder of ``.npz``/``.npy`` files (one batch each), an ONNX ``test_data_set_*``
-folder of ``input_*.pb`` (or a folder of such folders), any object with ONNX
+folder of ``input_*.pb`` (or a folder of such folders), Parquet files or image
+folders (one sample per row, see :mod:`.rows`), any object with ONNX
 Runtime's ``CalibrationDataReader`` interface (``get_next()`` → dict or None), an
 iterable of dicts, or synthetic N(0, 1) inputs.
 
@@ -241,13 +242,42 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def file_batches(
+    f: Path, specs: list[InputSpec], batch_size: int | None, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, Batch]]:
+    """The batches of one file (cut into ``batch_size`` pieces), from piece ``start`` up to ``stop``."""
+    for i, b in enumerate(_split(_file_batch(f, specs), batch_size)):
+        if stop is not None and i >= stop:
+            return
+        if i >= start:
+            yield (f"{f}" + (f" (batch {i})" if batch_size else ""), b)
+
+
+def file_pieces(path: str | os.PathLike, specs: list[InputSpec], batch_size: int | None) -> list[tuple[Path, int]]:
+    """Each file a path stands for with its number of batches (from headers only): the distributed run's work list."""
+    out = []
+    for f in _files(Path(path)):
+        if batch_size:
+            n = min((s[0] for s, _ in _file_header(f, specs).values() if s), default=0)
+            out.append((f, -(-n // batch_size)))
+        else:
+            out.append((f, 1))
+    return out
+
+
+def _has_batch_files(path: Path) -> bool:
+    """Whether a folder is a batch-file source (.npz/.npy files or ONNX test data sets) rather than images."""
+    return any(path.glob("input_*.pb")) or any(path.glob("test_data_set_*")) or any(
+        p.suffix in (".npz", ".npy") for p in path.iterdir()
+    )
+
+
 def file_source(path: str | os.PathLike, specs: list[InputSpec], batch_size: int | None = None) -> Source:
     files = _files(Path(path))
 
     def batches() -> Iterator[tuple[str, Batch]]:
         for f in files:
-            for i, b in enumerate(_split(_file_batch(f, specs), batch_size)):
-                yield (f"{f}" + (f" (batch {i})" if batch_size else ""), b)
+            yield from file_batches(f, specs, batch_size)
 
     def headers() -> Iterator[tuple[str, dict]]:
         for f in files:
@@ -349,8 +379,9 @@ def open_source(
     shapes: Any = None,
     batches: int | None = None,
     seed: int = 0,
+    images: Any = None,
 ) -> Source:
-    """Whatever the user gave → a :class:`Source`."""
+    """Whatever the user gave → a :class:`Source` (``images``: a rows.ImageOptions for image folders)."""
     if batch_size is not None and batch_size < 1:
         raise NormactError(f"--batch-size must be ≥ 1, got {batch_size}")
     if batches is not None and batches < 1:
@@ -362,6 +393,13 @@ def open_source(
     if data is None:
         raise NormactError("no calibration data: give --data PATH or --synthetic")
     if isinstance(data, str | os.PathLike):
+        from . import rows
+
+        path = Path(data)
+        if (tables := rows.parquet_files(path)) is not None:
+            return rows.parquet_source(tables, specs, batch_size, str(path))
+        if path.is_dir() and not _has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
+            return rows.image_source(pictures, specs, batch_size, images, str(path))
         return file_source(data, specs, batch_size)
     if hasattr(data, "get_next"):
         return reader_source(data)

@@ -28,18 +28,21 @@ from ..progress import bar as progress_bar
 from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
-from .stats import CalibrationStats, SiteStats, fingerprint
+from .stats import CalibrationStats, Moments, SiteStats, fingerprint
 
 Constants = Callable[[Site], Affine | str]
-Selected = Callable[[Site], bool]
+Selection = tuple[Any, Any, str | None, bool]  # include, exclude, nodes, all_sites: as the rewrite selects
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
 
 
-def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None) -> Any:
+def calibration_session(
+    model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None, threads: int = 0
+) -> Any:
     """An ORT session for the instrumented copy: kernel library registered, no fusions.
 
     External data stays where it is: ORT is told the model's folder instead of the
-    copy being written next to it.
+    copy being written next to it. ``threads``: intra-op threads (0: ORT's default;
+    a Ray worker uses its one CPU).
     """
     from ..ort import make_session, require_onnxruntime
 
@@ -48,7 +51,7 @@ def calibration_session(model: onnx.ModelProto, base_dir: str | None, providers:
     if external_locations(model) and base_dir:
         config["session.model_external_initializers_file_folder_path"] = base_dir
     try:
-        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, **config)
+        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, threads=threads, **config)
     except Exception as e:
         raise NormactError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from None
 
@@ -76,39 +79,28 @@ def collect(
     providers: list[str] | None = None,
     progress: bool = False,
     normalize: Normalizer | None = None,
-    selected: Callable[[Site], bool] | None = None,
+    selection: Selection | None = None,
+    images: Any = None,
 ) -> CalibrationStats:
     """Run the batches through the instrumented model and return the merged per-site statistics.
 
-    ``normalize``: calibrate in situ (:mod:`.insitu`): the sites ``selected`` accepts
-    (when None: those a default rewrite normalizes) are normalized with each batch's
+    ``normalize``: calibrate in situ (:mod:`.insitu`): the sites the ``selection`` flags
+    (when None: a default rewrite's) leave to be normalized are normalized with each batch's
     statistics on their way through the copy, so every site is measured with the sites
     before it already normalized. None: measure the original network as it is.
     """
     src, path = load_model_like(model)
     base_dir = model_folder(path)
     specs = model_inputs(src)
-    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed)
+    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed, images=images)
     if source.headers is not None:  # files: every batch checked before the first run
         for i, (where, header) in enumerate(source.headers()):
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where)
-    if normalize is not None and selected is None:  # the sites a default rewrite normalizes
-        from ..api import site_filter
-
-        default = site_filter(None, None, None, False)
-        selected = lambda site: default(site) is None  # noqa: E731
-    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected)
-    if not inst.probes:
-        if not inst.sites:
-            raise NormactError("no activation sites found: nothing to calibrate")
-        why = "; ".join(sorted(set(inst.skipped.values())))
-        raise NormactError(f"none of the {len(inst.sites)} activation sites can be calibrated ({why})")
-    clamp_ir(inst.model)
+    inst = prepare(src, base_dir, per_channel, normalize, selection)
     sess = calibration_session(inst.model, base_dir, providers)
-    stats = _empty_stats(inst, per_channel)
-    names = inst.output_names
+    stats = empty_stats(inst, per_channel)
     total = min(source.total, batches) if source.total and batches else (batches or source.total)
     bar = progress_bar(total, "calibrating", progress, unit="batch")
     n = 0
@@ -116,18 +108,7 @@ def collect(
         for where, raw in source.batches():
             if batches is not None and n >= batches:
                 break
-            feed = conform(specs, raw, where)
-            try:
-                values = dict(zip(names, sess.run(names, feed)))
-            except Exception as e:
-                raise NormactError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from None
-            finite = np.isfinite(sum(float(np.sum(v)) for v in values.values()))  # one check per batch
-            for probe in inst.probes:
-                x, f, d2, xf = probe.read(values)
-                if x.n.size:
-                    if not finite:
-                        _check_finite(probe.site, where, x, f, d2, xf)
-                    stats.sites[probe.site.output].add(x, f, d2, xf)
+            fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where), where), where)
             n += 1
             bar.update()
     finally:
@@ -136,12 +117,7 @@ def collect(
         raise NormactError(f"{source.describe}: no batches")
     stats.batches = n
     stats.sources = [source.describe]
-    stats.settings["in_situ"] = normalize is not None
-    if normalize is not None:
-        stats.settings.update(normalize.as_dict())
-        stats.settings["normalized_in_situ"] = inst.in_situ
-    _check_defined(stats)
-    return stats
+    return finish(stats, inst, normalize)
 
 
 def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np.ndarray | None) -> None:
@@ -155,19 +131,86 @@ def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np
         )
 
 
-def _check_defined(stats: CalibrationStats) -> None:
-    """A site whose pre-activation never varies has no defined statistics: refuse (one line, exit 2)."""
+def finish(stats: CalibrationStats, inst: Instrumented, normalize: Normalizer | None) -> CalibrationStats:
+    """Record how the statistics were measured, and refuse sites whose statistics are undefined."""
+    stats.settings["in_situ"] = normalize is not None
+    if normalize is not None:
+        stats.settings.update(normalize.as_dict())
+        stats.settings["normalized_in_situ"] = inst.in_situ
     for s in stats.ordered():
         if s.x.n.size and np.all(s.x.n > 0) and not np.any(s.x.var > 0):
             raise NormactError(
                 f"site {s.name} ({s.kind}): its pre-activation is constant on all {stats.batches} batches "
                 "(zero variance): its statistics are undefined; calibrate on varied data or exclude it (--nodes)"
             )
+    return stats
 
 
-def _empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
-    from .stats import Moments
+# ---- the pieces the single-process and the distributed (Ray) runs share ----------------------------------------
 
+
+def prepare(
+    src: onnx.ModelProto,
+    base_dir: str | None,
+    per_channel: bool,
+    normalize: Normalizer | None = None,
+    selection: Selection | None = None,
+) -> Instrumented:
+    """The instrumented copy (IR clamped for ONNX Runtime), or why nothing in the model can be calibrated.
+
+    ``normalize``: in situ (:mod:`.insitu`), for the sites the ``selection`` flags (include, exclude,
+    nodes, all_sites; None: a default rewrite's) leave to be normalized.
+    """
+    selected = None
+    if normalize is not None:
+        from ..api import site_filter
+
+        why = site_filter(*(selection or (None, None, None, False)))
+        selected = lambda site: why(site) is None  # noqa: E731
+    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected)
+    if not inst.probes:
+        if not inst.sites:
+            raise NormactError("no activation sites found: nothing to calibrate")
+        why = "; ".join(sorted(set(inst.skipped.values())))
+        raise NormactError(f"none of the {len(inst.sites)} activation sites can be calibrated ({why})")
+    clamp_ir(inst.model)
+    return inst
+
+
+def run_batch(sess: Any, inst: Instrumented, feed: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """One checked batch through the instrumented model: statistic output name → value."""
+    names = inst.output_names
+    try:
+        return dict(zip(names, sess.run(names, feed)))
+    except Exception as e:
+        raise NormactError(f"{where}: onnxruntime failed: {str(e).strip().splitlines()[0]}") from None
+
+
+SiteRecord = tuple[Moments, Moments, np.ndarray, np.ndarray | None]  # x, f, mean f'², x·f co-moment
+
+
+def batch_moments(inst: Instrumented, values: dict[str, np.ndarray], where: str = "") -> list[SiteRecord]:
+    """One run's outputs → per probe (site) this batch's moments of x and f, mean of f'(x)², co-moment.
+
+    A batch whose statistics are not finite is refused, naming the site and ``where``.
+    """
+    records = [probe.read(values) for probe in inst.probes]
+    if not np.isfinite(sum(float(np.sum(v)) for v in values.values())):  # one check per batch
+        for probe, rec in zip(inst.probes, records):
+            if rec[0].n.size:
+                _check_finite(probe.site, where, *rec)
+    return records
+
+
+def fold(stats: CalibrationStats, inst: Instrumented, values: dict[str, np.ndarray], where: str = "") -> None:
+    """Fold one batch's outputs into the running statistics (moments exactly, plus the gated EMA)."""
+    for probe, (x, f, d2, xf) in zip(inst.probes, batch_moments(inst, values, where)):
+        if x.n.size:
+            stats.sites[probe.site.output].add(x, f, d2, xf)
+
+
+def empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
+    """One SiteStats per probe, no data yet (the first batch fixes each site's channel count)."""
     sites = {}
     for p in inst.probes:
         s = p.site
@@ -324,6 +367,9 @@ def calibrate(
     verify: bool = True,
     in_place: bool = False,
     details: bool = False,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
 ) -> CalibrationStats | CalibrationResult:
     """ANAct (or static) calibration (docs/math.md §2) of ``model`` on ``data``.
 
@@ -336,38 +382,73 @@ def calibrate(
     ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
     object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an
     iterable of ``{input: array}`` dicts, or None with ``synthetic=True``.
+    Parquet files and image folders (``images``: a :class:`.rows.ImageOptions`)
+    are read too, and a ``ray.data.Dataset`` (columns named after the inputs).
     Writes the calibrated model to ``output``, the statistics to ``stats_path``
     and an HTML report to ``report`` when given; returns the statistics (or a
     :class:`CalibrationResult` with ``details=True``).
+
+    ``ray``: run on Ray Data (:mod:`.distributed`) with ``workers`` actors: True
+    starts a local cluster for the call, ``"auto"`` or an address joins one; a
+    Dataset as ``data`` implies it. The moments equal the single-process run's;
+    the EMA depends on batch order, so the factors use ``aggregate="mean"``.
     """
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
     normalizer = Normalizer(method, lambda_rule, centered_rho, variant, ratio)  # checks the options
-    from ..api import _kinds, site_filter
+    from ..api import _kinds
 
-    why = site_filter(_kinds(include, "--include"), _kinds(exclude, "--exclude"), nodes, all_sites)
     start = time.perf_counter()
-    stats = collect(
-        model,
-        data,
-        batches=batches,
-        batch_size=batch_size,
-        synthetic=synthetic,
-        shapes=shapes,
-        seed=seed,
-        per_channel=per_channel,
-        providers=providers,
-        progress=progress,
-        normalize=normalizer if in_situ else None,
-        selected=lambda site: why(site) is None,
-    )
+    notes = []
+    from .distributed import is_dataset
+
+    normalize = normalizer if in_situ else None
+    selection = (_kinds(include, "--include"), _kinds(exclude, "--exclude"), nodes, all_sites)
+    if ray not in (None, False) or is_dataset(data):
+        if synthetic:
+            raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
+        if aggregate == "ema":
+            aggregate = "mean"
+            notes.append("--ray: factors from --aggregate mean (the EMA depends on the order of the batches)")
+        from .distributed import collect_ray
+
+        stats = collect_ray(
+            model,
+            data,
+            address=None if ray in (None, True) else str(ray),
+            workers=workers,
+            batches=batches,
+            batch_size=batch_size,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            images=images,
+            normalize=normalize,
+            selection=selection,
+        )
+    else:
+        stats = collect(
+            model,
+            data,
+            batches=batches,
+            batch_size=batch_size,
+            synthetic=synthetic,
+            shapes=shapes,
+            seed=seed,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            normalize=normalize,
+            selection=selection,
+            images=images,
+        )
     stats.settings.update(
         {"method": method, "lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
     )
     if method == "static":
         stats.settings.update({"variant": variant, **({"ratio": ratio} if variant == "ratio" else {})})
-    result = CalibrationResult(stats)
+    result = CalibrationResult(stats, notes=notes)
     if output is not None:
         from ..api import rewrite
 

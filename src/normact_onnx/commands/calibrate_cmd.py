@@ -15,6 +15,7 @@ from .common import (
     add_quiet,
     add_selection,
     default_output,
+    image_options,
     output_path,
 )
 from .rewrite_cmd import finish
@@ -107,9 +108,15 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         in_place=args.in_place,
         details=True,
+        images=image_options(args),
+        ray=args.ray,
+        workers=args.workers,
     )
     stats = result.stats
-    print(terminal_table(factors_table(stats, args.lambda_rule, args.centered_rho, args.aggregate)))
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    aggregate = stats.settings.get("aggregate", args.aggregate)
+    print(terminal_table(factors_table(stats, args.lambda_rule, args.centered_rho, aggregate)))
     for out, why in stats.skipped.items():
         print(f"not calibrated: {out}: {why}", file=sys.stderr)
     print(f"\n{stats.batches} batches, {len(stats.sites)} sites in {result.seconds:.2f} s")

@@ -39,7 +39,11 @@ def add_data_source(
 ) -> argparse._ArgumentGroup:
     """Where sample inputs come from (calibrate, compare): --data or --synthetic, and how many batches."""
     d = p.add_argument_group(title)
-    d.add_argument("--data", help=".npz (keys = input names), .npy, a folder of them, or ONNX test_data_set_* folders")
+    d.add_argument(
+        "--data",
+        help=".npz (keys = input names), .npy, a folder of them, ONNX test_data_set_* folders, "
+        "Parquet files or folders (columns = input names), or an image folder (see the image options)",
+    )
     d.add_argument("--synthetic", action="store_true", help="N(0,1) inputs (integers in {0,1}) instead of data")
     d.add_argument(
         "--shape",
@@ -50,7 +54,40 @@ def add_data_source(
     d.add_argument("--batches", type=int, default=batches, help=batches_help)
     d.add_argument("--batch-size", type=int, default=batch_size, help=batch_size_help)
     d.add_argument("--seed", type=int, default=0, help="seed of --synthetic data")
+    _add_image_options(p)
+    _add_ray_options(p)
     return d
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image folders (--data DIR of .png/.jpg/…: decode, resize, pixel·scale, (−mean)/std)")
+    g.add_argument("--image-size", metavar="HxW", help="resize to this size, bilinear (default: the input's size)")
+    g.add_argument("--scale", type=float, help="multiply pixel values 0…255 by this (default 1/255)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling (default 0)")
+    g.add_argument("--std", metavar="S[,S,S]", help="divide per channel after the mean (default 1)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="input tensor layout (default nchw)")
+    g.add_argument("--image-input", metavar="NAME", help="the input that receives the images (default: the only one)")
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray Data (pip install 'normact-onnx[ray]')")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="ADDRESS",
+        help="run the batches on Ray Data actors: alone, a local cluster for this command; "
+        "'auto' or HOST:PORT, an existing cluster (ray start --head …)",
+    )
+    g.add_argument("--workers", type=int, default=2, help="Ray actors, one ONNX Runtime session each (default 2)")
+
+
+def image_options(args: argparse.Namespace) -> Any:
+    """The --image-* options as ImageOptions (defaults when none was given)."""
+    from ..calibration.rows import ImageOptions
+
+    return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
 
 
 def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = True) -> None:

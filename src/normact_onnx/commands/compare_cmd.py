@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import add_data_source, add_quiet, print_json
+from .common import add_data_source, add_quiet, image_options, print_json
 
 EXIT_MISMATCH = 1
 
@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
+        images=image_options(args),
+        ray=args.ray,
+        workers=args.workers,
     )
     if args.json:
         print_json(result.report())
