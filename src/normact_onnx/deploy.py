@@ -19,7 +19,15 @@ import onnx
 
 from .api import save_verified
 from .errors import NormactError
-from .io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder, refuse_overwrite
+from .io import (
+    ModelLike,
+    check_output_path,
+    clamp_ir,
+    external_locations,
+    load_model_like,
+    model_folder,
+    refuse_overwrite,
+)
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 
@@ -65,6 +73,7 @@ def fold(
     data: Any = None,
     tolerance: float = DEFAULT_TOLERANCE,
     in_place: bool = False,
+    write_unchanged: bool = True,
     details: bool = False,
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
@@ -80,9 +89,14 @@ def fold(
     ``"pad"`` (an explicit ``Pad`` with the value a zero stood for, the Conv
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
-    on site names/outputs. Returns the folded ``ModelProto`` (the input is not
-    modified), or the :class:`FoldResult` with ``details=True``.
+    on site names/outputs. With ``output`` the file exists afterwards even when
+    nothing folds (a verified copy), unless ``write_unchanged=False``. Folded
+    weights of a model with external data are written as external data beside
+    the output. Returns the folded ``ModelProto`` (the input is not modified), or
+    the :class:`FoldResult` with ``details=True``.
     """
+    if output is not None:
+        check_output_path(output)
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = _regex(nodes)
@@ -101,9 +115,12 @@ def fold(
             result.notes.append("external weights: the numeric self-check needs the written files; run compare")
         else:
             result.check = _self_check(src, m, data, tolerance)
-    if output is not None and result.folded:
+    same_file = path is not None and output is not None and Path(output).resolve() == path.resolve()
+    if output is not None and (result.folded or (write_unchanged and not same_file)):
         result.path = Path(output)
         save_verified(m, result.path, path.parent if path else None, [], verify)
+        if not result.folded:
+            result.notes.append(f"nothing folded; {result.path} is an unchanged copy")
     return result if details else m
 
 

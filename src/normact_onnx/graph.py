@@ -208,3 +208,25 @@ def unique_namer(model: onnx.ModelProto) -> Any:
         return name
 
     return fresh
+
+
+def structure_fingerprint(model: onnx.ModelProto) -> str:
+    """A short hash of what the model computes structurally, not of its weights or its file.
+
+    Every container's nodes as (domain, op type, input and output value names), the graph's
+    inputs and outputs and the initializers' names and shapes: calibration statistics are keyed
+    by value names, so they belong to exactly this skeleton. Re-saving the model (or moving its
+    weights to external data) keeps the hash; another model, or the same one re-exported with
+    other names, changes it. Weights are never read.
+    """
+    import hashlib
+    import json
+
+    parts: list[Any] = [
+        [i.name for i in model.graph.input],
+        [o.name for o in model.graph.output],
+        sorted((t.name, list(t.dims)) for t in model.graph.initializer),
+    ]
+    for c in containers(model):
+        parts.append([c.path, [[n.domain, n.op_type, list(n.input), list(n.output)] for n in c.nodes]])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

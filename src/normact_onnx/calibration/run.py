@@ -20,13 +20,14 @@ import numpy as np
 import onnx
 
 from ..errors import NormactError
-from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder
+from ..graph import structure_fingerprint
+from ..io import ModelLike, check_output_path, clamp_ir, external_locations, load_model_like, model_folder
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
 from ..methods.static import Affine
 from ..passes.find import Site
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
-from .stats import CalibrationStats, SiteStats, fingerprint
+from .stats import CalibrationStats, SiteStats
 
 Constants = Callable[[Site], Affine | str]
 OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
@@ -125,7 +126,7 @@ def collect(
         raise NormactError(f"none of the {len(inst.sites)} activation sites can be calibrated ({why})")
     clamp_ir(inst.model)
     sess = calibration_session(inst.model, base_dir, providers)
-    stats = _empty_stats(inst, per_channel)
+    stats = _empty_stats(inst, per_channel, structure_fingerprint(src))
     names = inst.output_names
     total = min(source.total, batches) if source.total and batches else (batches or source.total)
     bar = Progress(total, progress)
@@ -154,7 +155,7 @@ def collect(
     return stats
 
 
-def _empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
+def _empty_stats(inst: Instrumented, per_channel: bool, fp: str) -> CalibrationStats:
     from .stats import Moments
 
     sites = {}
@@ -164,7 +165,6 @@ def _empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
             s.output, s.name, s.kind, s.path, p.depth, p.channel_axis, p.channel_shape,
             Moments.empty(0), Moments.empty(0), np.zeros(0),
         )  # fmt: skip
-    fp = fingerprint([(s.output, s.kind) for s in inst.sites])
     return CalibrationStats(sites, per_channel, 0, fp, [], dict(inst.skipped))
 
 
@@ -214,11 +214,16 @@ def stats_constants(
     if method == "static":
         from ..api import static_constants
 
-        base = static_constants(q, variant, ratio, q_per_site=stats.q_per_site())
+        measured = stats.q_per_site()
+        base = static_constants(q, variant, ratio, q_per_site=measured)
 
         def static(site: Site) -> Affine | str:
             s = _site_stats(stats, site)
-            return s if isinstance(s, str) else base(site)
+            if isinstance(s, str):
+                return s
+            if site.output not in measured:  # never the default q = 1 in place of a measurement
+                return "measured pre-activation variance is zero (a constant input); no static constants"
+            return base(site)
 
         info = {"method": "static", "variant": variant, "q": "measured", **({"ratio": ratio} if ratio else {})}
         return static, info
@@ -272,6 +277,7 @@ def calibrate(
     form: str = "function",
     verify: bool = True,
     in_place: bool = False,
+    write_unchanged: bool = True,
     details: bool = False,
 ) -> CalibrationStats | CalibrationResult:
     """ANAct calibration (MATH.md §2) of ``model`` on ``data``.
@@ -283,6 +289,9 @@ def calibrate(
     and an HTML report to ``report`` when given; returns the statistics (or a
     :class:`CalibrationResult` with ``details=True``).
     """
+    for dest in (output, stats_path, report):
+        if dest is not None:
+            check_output_path(dest)
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
@@ -317,6 +326,7 @@ def calibrate(
             form=form,
             verify=verify,
             in_place=in_place,
+            write_unchanged=write_unchanged,
             details=True,
         )
     if stats_path is not None:
@@ -327,23 +337,3 @@ def calibrate(
         write_html(stats, report, lambda_rule, centered_rho, aggregate)
     result.seconds = time.perf_counter() - start
     return result if details else stats
-
-
-def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | None]:
-    """``rewrite --method static|anact --stats FILE``: (None, None) keeps plain static normalization."""
-    if args.stats is None:
-        if args.method == "anact":
-            raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
-        return None, None
-    stats = CalibrationStats.load(args.stats)
-    constants, info = stats_constants(
-        stats,
-        args.method,
-        lambda_rule=args.lambda_rule,
-        centered_rho=args.centered_rho,
-        aggregate=args.aggregate,
-        variant=args.variant,
-        q=args.q,
-        ratio=args.ratio,
-    )
-    return constants, {**info, "stats": str(args.stats)}
