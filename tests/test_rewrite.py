@@ -86,7 +86,8 @@ def test_second_rewrite_normalizes_nothing_twice(form, tmp_path):
     assert len(first.rewritten) == 7
     assert second.rewritten == []
     assert inspect(tmp_path / "b.onnx") == inspect(tmp_path / "a.onnx")  # an output, unchanged (issue 16)
-    assert rewrite(tmp_path / "a.onnx", tmp_path / "c.onnx", form=form, write_unchanged=False, details=True).path is None
+    third = rewrite(tmp_path / "a.onnx", tmp_path / "c.onnx", form=form, write_unchanged=False, details=True)
+    assert third.path is None
     assert not (tmp_path / "c.onnx").exists()
     assert sum(o.action == "normalized" for o in second.outcomes) == 7
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}

@@ -94,14 +94,15 @@ class _Runner:
         return lambda feeds: sess.run(names, feeds)
 
     def _reference(self, proto: onnx.ModelProto) -> Callable[[Feeds], list[np.ndarray]]:
-        from onnx.external_data_helper import load_external_data_for_model
         from onnx.inliner import inline_local_functions
         from onnx.reference import ReferenceEvaluator
+
+        from .io import load_external_data
 
         m = onnx.ModelProto()
         m.CopyFrom(proto)
         if self.model.base_dir and _has_external(m):
-            load_external_data_for_model(m, self.model.base_dir)
+            load_external_data(m, self.model.base_dir)
         try:
             ref = ReferenceEvaluator(inline_local_functions(m))
         except Exception as e:
@@ -145,6 +146,9 @@ def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 # ---- statistics -----------------------------------------------------------------------------
+
+
+UNCOMPARED = ("max_abs", "max_ref", "mean_abs", "max_rel", "mean_rel", "p99_abs", "cosine")
 
 
 @dataclass
@@ -229,6 +233,8 @@ class _ErrorStats:
             "passed": passed,
             **({"error": self.shape_mismatch} if self.shape_mismatch else {}),
             **({"nan_mismatch": self.nan_mismatch} if self.nan_mismatch else {}),
+            # outputs of different shapes were never compared: no numbers rather than a perfect-looking 0 and 1.0
+            **(dict.fromkeys(UNCOMPARED, None) if self.shape_mismatch else {}),
         }
 
 
@@ -382,15 +388,18 @@ class CompareResult:
         """Human-readable tables (outputs, then sites)."""
         from .commands.common import table
 
+        def num(v: float | None, spec: str) -> str:
+            return "n/a" if v is None else format(v, spec)
+
         rows = [
             {
                 "output": o["output"],
-                "max_abs": f"{o['max_abs']:.3g}",
-                "mean_abs": f"{o['mean_abs']:.3g}",
-                "max_rel": f"{o['max_rel']:.3g}",
-                "mean_rel": f"{o['mean_rel']:.3g}",
-                "p99_abs": f"{o['p99_abs']:.3g}",
-                "cosine": f"{o['cosine']:.8f}",
+                "max_abs": num(o["max_abs"], ".3g"),
+                "mean_abs": num(o["mean_abs"], ".3g"),
+                "max_rel": num(o["max_rel"], ".3g"),
+                "mean_rel": num(o["mean_rel"], ".3g"),
+                "p99_abs": num(o["p99_abs"], ".3g"),
+                "cosine": num(o["cosine"], ".8f"),
                 "result": ("pass" if o["passed"] else "FAIL") + (f" ({o['error']})" if "error" in o else ""),
             }
             for o in self.outputs
@@ -435,8 +444,13 @@ def compare(
     ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
     ``batch_size`` for the first and 8 for the others.
     """
-    if not (atol >= 0 and rtol >= 0):
-        raise NormactError("--atol and --rtol must be non-negative")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise NormactError(f"--atol and --rtol must be non-negative finite numbers, got {atol:g} and {rtol:g}")
+    for flag, n in (("--batches", batches), ("--batch-size", batch_size)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise NormactError(f"{flag} must be a positive integer, got {n}")
+    if shapes and not synthetic:
+        raise NormactError("--shape sets the shapes of --synthetic inputs; data files bring their own shapes")
     if model_b is None and not reference:
         raise NormactError("give a second model, or --reference to compare one model across runtimes")
     a = _Model.load(model_a, "A")
@@ -456,14 +470,14 @@ def compare(
     run_b = _Runner(b, runtimes[1], providers, extra["B"])
     pairs = _pair_outputs(a.output_names, b.output_names)
     stats = {na: _ErrorStats(atol, rtol) for na, _ in pairs}
-    shapes: dict[str, tuple[int, ...]] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}  # not ``shapes``: that is the caller's --shape
     n_batches = 0
     for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed):
         out_a = dict(zip(run_a.names, _run(run_a, feeds)))
         out_b = dict(zip(run_b.names, _run(run_b, _check_feeds(feeds, b))))
         for na, nb in pairs:
             stats[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
-            shapes.setdefault(na, np.shape(out_a[na]))
+            out_shapes.setdefault(na, np.shape(out_a[na]))
         for lbl, outs in (("A", out_a), ("B", out_b)):
             for p in per_model[lbl]:
                 p.pre_stats.add(outs[p.pre])
@@ -471,7 +485,7 @@ def compare(
         n_batches += 1
     if n_batches == 0:
         raise NormactError("the data source gave no batches")
-    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", shapes.get(na, ())) for na, nb in pairs]
+    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", out_shapes.get(na, ())) for na, nb in pairs]
     site_rows = [p.result() for p in probes] + unreachable
     labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
     return CompareResult(outputs, site_rows, all(o["passed"] for o in outputs), atol, rtol, n_batches, runtimes, labels)

@@ -142,6 +142,9 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, data: Any, tole
     except Exception as e:
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
     res = compare(before, after, data, synthetic=data is None, atol=0.0, rtol=0.0)
+    broken = [o for o in res.outputs if "error" in o]
+    if broken:
+        raise NormactError(f"verification failed: output {broken[0]['output']}: {broken[0]['error']}; nothing written")
     worst = max((o["max_abs"] / max(o["max_ref"], 1e-30) for o in res.outputs), default=0.0)
     if not worst <= tolerance:
         raise NormactError(

@@ -96,6 +96,22 @@ def check_external_paths(model: onnx.ModelProto, base: Path) -> None:
             raise NormactError(f"external data file {loc!r} is missing next to the model")
 
 
+def load_external_data(model: onnx.ModelProto, base: str | os.PathLike) -> None:
+    """Read every external tensor into the proto (for runtimes that need the weights in memory).
+
+    Locations were checked by :func:`check_external_paths` when the model was loaded (inside the
+    model's folder, links resolved), so a data file that is a symbolic link inside the folder is
+    read like any other; onnx's own loader refuses those.
+    """
+    for t in list(_external_tensors(model)):
+        info = ExternalDataInfo(t)
+        with open((Path(base) / info.location).resolve(), "rb") as fh:
+            fh.seek(info.offset or 0)
+            t.raw_data = fh.read(info.length) if info.length else fh.read()
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
 @lru_cache(maxsize=1)
 def max_ir_version() -> int:
     """The highest IR version the installed onnxruntime loads (probed once; onnx's own if no ORT)."""
