@@ -307,7 +307,7 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
     None when there was nothing to move.
     """
     from onnx import numpy_helper
-    from onnx.external_data_helper import _get_initializer_tensors, set_external_data
+    from onnx.external_data_helper import _get_initializer_tensors
 
     inline = [
         t
@@ -336,7 +336,9 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
                 fh.write(raw)
                 for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     t.ClearField(f)
-                set_external_data(t, name, offset, len(raw))
+                del t.external_data[:]
+                for key, value in (("location", name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    t.external_data.add(key=key, value=value)
                 t.data_location = TensorProto.EXTERNAL
                 del raw
     except BaseException:
