@@ -44,6 +44,20 @@ def run_cli(*args, cwd: Path, umask: int | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.fixture
+def main_in(capsys, monkeypatch):
+    """The CLI's ``main`` in this process (for the many quick refusals): returns a CompletedProcess like run_cli."""
+    from normact_onnx.cli import main
+
+    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return run
+
+
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit 2, exactly one stderr line, no traceback, containing every needle."""
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
@@ -162,11 +176,13 @@ def _bad_output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_output_path_problems_are_one_line_before_any_work(tmp_path):
+def test_output_path_problems_are_one_line_before_any_work(tmp_path, main_in):
     shutil.copy(MLP, tmp_path / "m.onnx")
-    for args, needle in _bad_output_cases(tmp_path):
+    cases = _bad_output_cases(tmp_path)
+    one_line_error(run_cli(*cases[0][0], cwd=tmp_path), cases[0][1])  # one as a real process, the rest in this one
+    for args, needle in cases:
         before = listing(tmp_path)
-        one_line_error(run_cli(*args, cwd=tmp_path), needle)
+        one_line_error(main_in(*args, cwd=tmp_path), needle)
         assert listing(tmp_path) == before, args
 
 
@@ -403,7 +419,7 @@ def _dynamic_mlp(tmp_path: Path) -> Path:
     return tmp_path / "d.onnx"
 
 
-def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_path):
+def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_path, main_in):
     _dynamic_mlp(tmp_path)
     r = run_cli("compare", "d.onnx", "d.onnx", "--synthetic", "--shape", "x=7x8", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -411,9 +427,10 @@ def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_pat
     one_line_error(run_cli("compare", "d.onnx", "d.onnx", "--synthetic", "--shape", "z=7x8", cwd=tmp_path),
                    "--shape z", "no such input")  # fmt: skip
     for flag in ("--batch-size", "--batches"):
-        one_line_error(run_cli("compare", "d.onnx", "d.onnx", "--synthetic", flag, "0", cwd=tmp_path), flag)
+        one_line_error(main_in("compare", "d.onnx", "d.onnx", "--synthetic", flag, "0", cwd=tmp_path), flag)
+    one_line_error(main_in("compare", "d.onnx", "d.onnx", "--data", "d.npz", "--shape", "x=2x8", cwd=tmp_path), "--shape")
     for q in ("inf", "nan", "-1", "0"):
-        one_line_error(run_cli("rewrite", "d.onnx", "--q", q, cwd=tmp_path), "--q")
+        one_line_error(main_in("rewrite", "d.onnx", "--q", q, cwd=tmp_path), "--q")
     assert sorted(os.listdir(tmp_path)) == ["d.onnx"]
 
 
@@ -455,3 +472,93 @@ def test_api_calibrate_checks_its_outputs_first(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(NormactError, match="is a folder"):
         calibrate(MLP, synthetic=True, stats_path=tmp_path / "folder")
+
+
+# ---- a model over 2 GB whose weights fold and preserve-function change -------------------------------------
+
+
+def _big_model(folder: Path) -> tuple[Path, int]:
+    """x → Relu → MatMul(W1) and an embedding table E read by Gather: 2.4 GB of external data in one file.
+
+    E (2.25 GB) is a sparse file (no disk, never read); W1 (128 MB, written through np.memmap) is the
+    weight that folding changes. Returns the model and the byte offset of W1 in the data file.
+    """
+    k, n1, rows = 64, 1 << 19, (1 << 23) + (1 << 20)
+    e_len, w_len = 4 * rows * k, 4 * k * n1
+
+    def external(name: str, dims: list[int], offset: int, length: int) -> onnx.TensorProto:
+        t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=dims)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, v in (("location", "big.weights"), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=v)
+        return t
+
+    folder.mkdir()
+    with open(folder / "big.weights", "wb") as fh:
+        fh.truncate(e_len + w_len)
+    w1 = np.memmap(folder / "big.weights", np.float32, "r+", offset=e_len, shape=(k, n1))
+    w1[:] = ((np.arange(n1, dtype=np.float32) % 13) - 6)[None, :] * np.linspace(0.1, 1.0, k, dtype=np.float32)[:, None]
+    w1.flush()
+    del w1
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MatMul", ["r", "W1"], ["h"]),
+        helper.make_node("Gather", ["E", "idx"], ["z"], axis=0),
+    ]
+    inputs = [fvi("x", [1, k]), helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, [1])]
+    model = tiny_model(nodes, inputs, [fvi("h", [1, n1]), fvi("z", [1, k])],
+                       [external("E", [rows, k], 0, e_len), external("W1", [k, n1], e_len, w_len)])  # fmt: skip
+    onnx.save(model, str(folder / "big.onnx"))
+    return folder / "big.onnx", e_len
+
+
+def _peak_rss_mb(args: list[str], cwd: Path) -> float:
+    """Run the CLI in a fresh interpreter; its peak resident memory (VmHWM of that process) in MB."""
+    code = (
+        "import sys; from normact_onnx.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "print('RSS', int(hwm) / 1024); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.strip().splitlines()[-1].split()[1])
+
+
+def _rows(model: Path, name: str, n: int = 3) -> np.ndarray:
+    """The first ``n`` rows of an external float tensor, read from its data file."""
+    t = next(t for t in onnx.load(str(model), load_external_data=False).graph.initializer if t.name == name)
+    assert t.data_location == onnx.TensorProto.EXTERNAL, f"{name} was inlined into {model.name}"
+    info = onnx.external_data_helper.ExternalDataInfo(t)
+    return np.fromfile(model.parent / info.location, np.float32, n * t.dims[1], offset=info.offset).reshape(n, -1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak memory from /proc")
+def test_fold_and_preserve_function_on_a_model_over_2gb_keep_weights_external(tmp_path):
+    path, w_offset = _big_model(tmp_path / "big")
+    d = path.parent
+    before = np.fromfile(d / "big.weights", np.float32, 3 * (1 << 19), offset=w_offset).reshape(3, -1)
+    changed_mb = 128
+    # --preserve-function: the inverse of the normalization moves into W1 (so outputs stay as they were)
+    rss = _peak_rss_mb(["rewrite", "big.onnx", "--preserve-function", "-o", "pf.onnx", "--report", "pf.json"], d)
+    scale = json.loads((d / "pf.json").read_text())["sites"][0]["scale"]
+    assert rss < changed_mb + 1024, f"peak RSS {rss:.0f} MB"
+    np.testing.assert_allclose(_rows(d / "pf.onnx", "W1"), before / scale, rtol=1e-6)
+    # fold: the normalized model's affine part moves into W1 (scaled by the site's scale)
+    assert run_cli("rewrite", "big.onnx", "-o", "n.onnx", "--no-verify", cwd=d).returncode == 0
+    rss = _peak_rss_mb(["fold", "n.onnx", "-o", "f.onnx"], d)
+    assert rss < changed_mb + 1024, f"peak RSS {rss:.0f} MB"
+    np.testing.assert_allclose(_rows(d / "f.onnx", "W1"), before * scale, rtol=1e-6)
+    # the protobufs stay small; the changed weights went to <output>.data, the 2.25 GB table was never copied
+    for out in ("pf.onnx", "f.onnx"):
+        assert os.path.getsize(d / out) < 100_000
+        assert (changed_mb << 20) <= os.path.getsize(d / f"{out}.data") < (changed_mb + 4 << 20)  # W1 and a bias
+        locations = {
+            t.name: onnx.external_data_helper.ExternalDataInfo(t).location
+            for t in onnx.load(str(d / out), load_external_data=False).graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL
+        }
+        assert locations.pop("E") == "big.weights" and locations["W1"] == f"{out}.data"
+        assert set(locations.values()) == {f"{out}.data"}
+    assert sorted(os.listdir(d)) == sorted(
+        ["big.onnx", "big.weights", "pf.onnx", "pf.onnx.data", "pf.json", "n.onnx", "f.onnx", "f.onnx.data"]
+    )

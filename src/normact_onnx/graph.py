@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, numpy_helper
 
+from .io import tensor_array
+
 SMALL_CONST = 4096  # elements: constants larger than this are never read while matching
 
 
@@ -172,7 +174,7 @@ def const_value(c: Container, name: str, base_dir: str | None = None, limit: int
         if t is not None:
             if limit is not None and tensor_size(t) > limit:
                 return None
-            return numpy_helper.to_array(t, base_dir or "")
+            return tensor_array(t, base_dir)
         if name in scope.inputs:
             return None
         scope = scope.parent

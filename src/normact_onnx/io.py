@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -94,6 +95,33 @@ def check_external_paths(model: onnx.ModelProto, base: Path) -> None:
             raise NormactError(f"external data location {loc!r} escapes the model's folder; refusing to read it")
         if not target.exists():
             raise NormactError(f"external data file {loc!r} is missing next to the model")
+
+
+def tensor_array(t: TensorProto, base_dir: str | None) -> Any:
+    """A tensor's value as a numpy array; external data is read straight from its file, in one copy.
+
+    onnx's loader reads the bytes into a copy of the proto and then into the array (two copies of
+    a possibly huge weight, and it refuses data files that are links inside the model's folder).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    packed = {getattr(TensorProto, n, -1) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")}
+    if not (base_dir and uses_external_data(t)) or t.data_type in {TensorProto.STRING, TensorProto.UNDEFINED} | packed:
+        return numpy_helper.to_array(t, base_dir or "")  # in memory, strings, or sub-byte storage onnx unpacks
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    info = ExternalDataInfo(t)
+    path = (Path(base_dir) / info.location).resolve()
+    if info.length is not None and info.length != dtype.itemsize * count:
+        raise NormactError(f"external data of {t.name!r}: {info.length} bytes for {count} × {dtype} values")
+    try:
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=info.offset or 0)
+    except (OSError, ValueError) as e:
+        raise NormactError(f"external data of {t.name!r} cannot be read from {info.location!r} ({e})") from None
+    if arr.size != count:
+        raise NormactError(f"external data file {info.location!r} is too short for tensor {t.name!r}")
+    return arr.reshape(tuple(t.dims))
 
 
 def load_external_data(model: onnx.ModelProto, base: str | os.PathLike) -> None:
@@ -296,6 +324,18 @@ def write_model(model: onnx.ModelProto, path: Path) -> None:
         fh.write(data)
 
 
+def _nbytes(t: TensorProto) -> int:
+    """A tensor's data size from its shape (``ByteSize`` walks the whole message: slow for big weights)."""
+    import numpy as np
+    from onnx import helper
+
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return t.ByteSize()
+    return item * (int(np.prod(t.dims)) if len(t.dims) else 1)
+
+
 def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EXTERNAL_THRESHOLD) -> Path | None:
     """Move the inline initializers of a model that uses external data into a new data file beside ``dest``.
 
@@ -312,7 +352,7 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
     inline = [
         t
         for t in _get_initializer_tensors(model)
-        if not uses_external_data(t) and t.data_type != TensorProto.STRING and t.ByteSize() >= threshold
+        if not uses_external_data(t) and t.data_type != TensorProto.STRING and _nbytes(t) >= threshold
     ]
     if not inline:
         return None
