@@ -231,7 +231,7 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
         barrier.wait()
         try:
             nio.carry_external_data(model, src_dir, tmp_path / "dest")
-        except Exception as e:  # noqa: BLE001 (collected and asserted below)
+        except Exception as e:  # collected and asserted below
             errors.append(e)
 
     threads = [threading.Thread(target=carry) for _ in range(8)]
@@ -409,7 +409,8 @@ def test_format_1_stats_stay_readable_when_they_match(tmp_path):
     assert r.returncode == 0, r.stderr
     doc["fingerprint"] = "0123456789abcdef"
     (tmp_path / "old.json").write_text(json.dumps(doc))
-    one_line_error(run_cli("rewrite", "m.onnx", "--method", "anact", "--stats", "old.json", cwd=tmp_path), "another model")
+    r = run_cli("rewrite", "m.onnx", "--method", "anact", "--stats", "old.json", cwd=tmp_path)
+    one_line_error(r, "another model")
 
 
 def _dynamic_mlp(tmp_path: Path) -> Path:
@@ -428,7 +429,8 @@ def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_pat
                    "--shape z", "no such input")  # fmt: skip
     for flag in ("--batch-size", "--batches"):
         one_line_error(main_in("compare", "d.onnx", "d.onnx", "--synthetic", flag, "0", cwd=tmp_path), flag)
-    one_line_error(main_in("compare", "d.onnx", "d.onnx", "--data", "d.npz", "--shape", "x=2x8", cwd=tmp_path), "--shape")
+    r = main_in("compare", "d.onnx", "d.onnx", "--data", "d.npz", "--shape", "x=2x8", cwd=tmp_path)
+    one_line_error(r, "--shape")
     for q in ("inf", "nan", "-1", "0"):
         one_line_error(main_in("rewrite", "d.onnx", "--q", q, cwd=tmp_path), "--q")
     assert sorted(os.listdir(tmp_path)) == ["d.onnx"]
@@ -497,7 +499,8 @@ def _big_model(folder: Path) -> tuple[Path, int]:
     with open(folder / "big.weights", "wb") as fh:
         fh.truncate(e_len + w_len)
     w1 = np.memmap(folder / "big.weights", np.float32, "r+", offset=e_len, shape=(k, n1))
-    w1[:] = ((np.arange(n1, dtype=np.float32) % 13) - 6)[None, :] * np.linspace(0.1, 1.0, k, dtype=np.float32)[:, None]
+    pattern = (np.arange(n1, dtype=np.float32) % 13) - 6
+    w1[:] = pattern[None, :] * np.linspace(0.1, 1.0, k, dtype=np.float32)[:, None]
     w1.flush()
     del w1
     nodes = [
@@ -551,7 +554,7 @@ def test_fold_and_preserve_function_on_a_model_over_2gb_keep_weights_external(tm
     # the protobufs stay small; the changed weights went to <output>.data, the 2.25 GB table was never copied
     for out in ("pf.onnx", "f.onnx"):
         assert os.path.getsize(d / out) < 100_000
-        assert (changed_mb << 20) <= os.path.getsize(d / f"{out}.data") < (changed_mb + 4 << 20)  # W1 and a bias
+        assert (changed_mb << 20) <= os.path.getsize(d / f"{out}.data") < (changed_mb + 4 << 20)  # W1, a bias
         locations = {
             t.name: onnx.external_data_helper.ExternalDataInfo(t).location
             for t in onnx.load(str(d / out), load_external_data=False).graph.initializer
