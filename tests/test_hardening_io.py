@@ -565,3 +565,19 @@ def test_fold_and_preserve_function_on_a_model_over_2gb_keep_weights_external(tm
     assert sorted(os.listdir(d)) == sorted(
         ["big.onnx", "big.weights", "pf.onnx", "pf.onnx.data", "pf.json", "n.onnx", "f.onnx", "f.onnx.data"]
     )
+
+
+def test_weights_stay_external_when_every_external_weight_changes(tmp_path):
+    """The only external weight is the one folding rewrites: the result still keeps it out of the protobuf."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32), "W")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["y"])]
+    (tmp_path / "in").mkdir()
+    onnx.save(tiny_model(nodes, [fvi("x", ["N", 16])], [fvi("y", ["N", 512])], [w]), str(tmp_path / "in" / "m.onnx"),
+              save_as_external_data=True, location="m.bin", size_threshold=0)  # fmt: skip
+    res = rewrite(tmp_path / "in" / "m.onnx", tmp_path / "out" / "p.onnx", preserve_function=True, details=True)
+    assert len(res.rewritten) == 1
+    assert _rows(tmp_path / "out" / "p.onnx", "W", 16).shape == (16, 512)  # external, in p.onnx.data
+    assert sorted(os.listdir(tmp_path / "out")) == ["p.onnx", "p.onnx.data"]  # m.bin: nothing reads it any more
+    feeds = {"x": np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(tmp_path / "out" / "p.onnx", feeds)[0],
+                               run_model(tmp_path / "in" / "m.onnx", feeds)[0], rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -262,12 +262,15 @@ def rewrite(
         result.notes.append("no activation sites found")
     if dry_run:
         return result if details else m
+    had_external = bool(external_locations(m))  # its new weights go to external data too
     apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
     clamp_ir(m)
     unchanged_copy = write_unchanged and not (path is not None and Path(output or "").resolve() == path.resolve())
     if output is not None and (result.rewritten or unchanged_copy):
         result.path = Path(output)
-        result.verification = save_verified(m, result.path, path.parent if path else None, outcomes, verify)
+        result.verification = save_verified(
+            m, result.path, path.parent if path else None, outcomes, verify, external=had_external
+        )
         if not result.rewritten:
             result.notes.append(f"nothing to rewrite; {result.path} is an unchanged copy")
     elif verify and result.rewritten:
@@ -313,12 +316,18 @@ def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: 
 
 
 def save_verified(
-    m: onnx.ModelProto, dest: Path, src_dir: Path | None, outcomes: list[SiteOutcome], verify: bool
+    m: onnx.ModelProto,
+    dest: Path,
+    src_dir: Path | None,
+    outcomes: list[SiteOutcome],
+    verify: bool,
+    external: bool = False,
 ) -> list[dict[str, Any]]:
     """Write atomically beside ``dest``; verify the written file before it takes the final name.
 
-    External data is carried (untouched weights) and computed weights are streamed into a new
-    data file beside ``dest``; whatever the write created is removed again when it fails.
+    External data is carried (untouched weights); computed weights of a model that had external
+    data (``external``; possibly all of them replaced by now) are streamed into a new data file
+    beside ``dest``. Whatever the write created is removed again when it fails.
     """
     from .verify import check_model_file, check_sites, ort_load
 
@@ -327,7 +336,7 @@ def save_verified(
     try:
         if src_dir is not None:
             created += carry_external_data(m, src_dir, dest_dir)
-        if external_locations(m):
+        if external or external_locations(m):
             data = externalize_computed(m, dest)
             created += [data] if data is not None else []
         with atomic_path(dest) as tmp:

@@ -118,7 +118,7 @@ def fold(
     same_file = path is not None and output is not None and Path(output).resolve() == path.resolve()
     if output is not None and (result.folded or (write_unchanged and not same_file)):
         result.path = Path(output)
-        save_verified(m, result.path, path.parent if path else None, [], verify)
+        save_verified(m, result.path, path.parent if path else None, [], verify, external=bool(external_locations(src)))
         if not result.folded:
             result.notes.append(f"nothing folded; {result.path} is an unchanged copy")
     return result if details else m
