@@ -581,3 +581,13 @@ def test_weights_stay_external_when_every_external_weight_changes(tmp_path):
     feeds = {"x": np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)}
     np.testing.assert_allclose(run_model(tmp_path / "out" / "p.onnx", feeds)[0],
                                run_model(tmp_path / "in" / "m.onnx", feeds)[0], rtol=1e-4, atol=1e-4)  # fmt: skip
+    # fold: the normalized model's only external weight is the one that absorbs the affine part
+    from normact_onnx import fold
+
+    rewrite(tmp_path / "in" / "m.onnx", tmp_path / "n" / "n.onnx")
+    res = fold(tmp_path / "n" / "n.onnx", tmp_path / "n" / "f.onnx", details=True)
+    assert len(res.folded) == 1
+    assert sorted(os.listdir(tmp_path / "n")) == ["f.onnx", "f.onnx.data", "m.bin", "n.onnx"]
+    assert _rows(tmp_path / "n" / "f.onnx", "W", 16).shape == (16, 512)
+    np.testing.assert_allclose(run_model(tmp_path / "n" / "f.onnx", feeds)[0],
+                               run_model(tmp_path / "n" / "n.onnx", feeds)[0], rtol=1e-4, atol=1e-4)  # fmt: skip

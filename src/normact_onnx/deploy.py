@@ -110,15 +110,16 @@ def fold(
     if not result.outcomes:
         result.notes.append("no normalized sites found (nothing to fold)")
     clamp_ir(m)
+    external = bool(external_locations(src))  # the source's: folding may have replaced every external weight
     if verify and result.folded:
-        if external_locations(m):
+        if external:
             result.notes.append("external weights: the numeric self-check needs the written files; run compare")
         else:
             result.check = _self_check(src, m, data, tolerance)
     same_file = path is not None and output is not None and Path(output).resolve() == path.resolve()
     if output is not None and (result.folded or (write_unchanged and not same_file)):
         result.path = Path(output)
-        save_verified(m, result.path, path.parent if path else None, [], verify, external=bool(external_locations(src)))
+        save_verified(m, result.path, path.parent if path else None, [], verify, external=external)
         if not result.folded:
             result.notes.append(f"nothing folded; {result.path} is an unchanged copy")
     return result if details else m
