@@ -216,10 +216,8 @@ def rewrite(
         check_output_path(output)
     if isinstance(method, str) or stats is not None:
         stats = _load_stats(stats)
-        constants, method = _method_constants(
-            method or "static", stats, variant, q, ratio, lambda_rule=lambda_rule, centered_rho=centered_rho,
-            aggregate=aggregate,
-        )
+        options = {"lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
+        constants, method = _method_constants(method or "static", stats, variant, q, ratio, **options)
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
     if form == "custom-op" and verify and not dry_run:
