@@ -444,11 +444,13 @@ def _plan_one(
         def gemm(edits: Edits) -> None:
             w = weights.read(node.input[1], edits)
             new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
-            weights.write(edits, node, 1, new_w, w)
+            like = np.empty(0, w.dtype)
+            del w  # a big weight is not held while its replacement is serialized
+            weights.write(edits, node, 1, new_w, like)
             if has_shift:
                 c_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
                 base = c_val.astype(np.float64) if c_val is not None else 0.0
-                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else w)
+                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else like)
 
         return gemm
     if node.op_type == "MatMul":
@@ -468,7 +470,9 @@ def _plan_one(
         def matmul(edits: Edits) -> None:
             w = weights.read(node.input[1], edits)
             new_w, bias = _absorb_matmul_like(w, a, off, 0)
-            weights.write(edits, node, 1, new_w, w)
+            like = np.empty(0, w.dtype)
+            del w  # a big weight is not held while its replacement is serialized
+            weights.write(edits, node, 1, new_w, like)
             if not has_shift:
                 return
             add_val = weights.read(add.input[add_idx], edits) if add is not None else None
@@ -478,7 +482,7 @@ def _plan_one(
             raw = fresh(f"{out}_normact_matmul")
             bias_name = fresh(f"{out}_normact_bias")
             edits.replace[id(node)] = [_renamed_output(node, raw)]
-            edits.add_constant(bias_name, bias.astype(w.dtype), node)
+            edits.add_constant(bias_name, bias.astype(like.dtype), node)
             edits.after.setdefault(id(node), []).append(
                 helper.make_node("Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias"))
             )
