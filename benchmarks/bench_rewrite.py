@@ -224,6 +224,23 @@ def bench_big(work: Path) -> list[dict]:
             "target": "(reference)",
         }
     )
+    # every weight changes: the folded weights (all of them) are streamed to OUT.data, never inlined (issue 16)
+    changed_mb = data_gb * 1024
+    for name, args in (
+        ("fold", ["fold", str(work / "big.normact.onnx"), "-o", str(work / "big.folded.onnx")]),
+        ("rewrite --preserve-function", ["rewrite", str(path), "--preserve-function", "-o", str(work / "big.pf.onnx")]),
+    ):
+        rss, secs = peak_rss_mb(args)
+        rows.append(
+            {
+                "name": f"{name} {data_gb:.1f} GB external-data model, every weight changes (verified)",
+                "peak_rss_mb": round(rss),
+                "seconds": round(secs, 2),
+                "target": f"≤ changed + 1 GB = {changed_mb + 1024:.0f} MB",
+            }
+        )
+        for f in work.glob("big.folded.onnx*"):
+            f.unlink()  # the changed weights take real disk space
     return rows
 
 

@@ -182,7 +182,7 @@ def test_cnn_with_digits_end_to_end_cli(tmp_path, cli, digits):
     assert r.returncode == 0, r.stderr
     assert "ρ'" in r.stdout and "/Relu_1" in r.stdout and "wrote" in r.stdout
     doc = json.loads(stats.read_text())
-    assert doc["format"] == "normact-onnx/calibration-stats" and doc["version"] == 1 and doc["batches"] == 8
+    assert doc["format"] == "normact-onnx/calibration-stats" and doc["version"] == 2 and doc["batches"] == 8
     assert len(doc["sites"]) == 2
     page = report.read_text()
     assert page.count("<svg") == 5 and "Backward gain" in page

@@ -356,8 +356,11 @@ def test_unknown_padding_is_a_user_error():
 
 
 def test_model_without_normalized_sites_writes_nothing(tmp_path):
-    res = fold(MODELS / "mlp_relu.torchscript.onnx", tmp_path / "f.onnx", details=True)
+    res = fold(MODELS / "mlp_relu.torchscript.onnx", tmp_path / "f.onnx", write_unchanged=False, details=True)
     assert not res.outcomes and res.path is None and not (tmp_path / "f.onnx").exists()
+    res = fold(MODELS / "mlp_relu.torchscript.onnx", tmp_path / "f.onnx", details=True)  # an output: a copy
+    assert not res.outcomes and res.path == tmp_path / "f.onnx"
+    assert onnx.load(str(res.path)).graph == onnx.load(str(MODELS / "mlp_relu.torchscript.onnx")).graph
 
 
 @pytest.mark.parametrize("file", ["transformer_gelu.torchscript.onnx", "silu_net.torchscript.onnx"])

@@ -93,7 +93,10 @@ def test_second_rewrite_normalizes_nothing_twice(form, tmp_path):
     second = rewrite(tmp_path / "a.onnx", tmp_path / "b.onnx", form=form, details=True)
     assert len(first.rewritten) == 7
     assert second.rewritten == []
-    assert not (tmp_path / "b.onnx").exists()
+    assert inspect(tmp_path / "b.onnx") == inspect(tmp_path / "a.onnx")  # an output, unchanged (issue 16)
+    third = rewrite(tmp_path / "a.onnx", tmp_path / "c.onnx", form=form, write_unchanged=False, details=True)
+    assert third.path is None
+    assert not (tmp_path / "c.onnx").exists()
     assert sum(o.action == "normalized" for o in second.outcomes) == 7
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}
     assert meta["normact.version"] and '"variant":"center-scale"' in meta["normact.sites"]
@@ -313,4 +316,4 @@ def test_folded_sites_are_not_normalized_again(tmp_path):
     sites = inspect(tmp_path / "f.onnx")
     assert [s["written_as"] for s in sites] == ["op Relu (normalized, folded)"] * 2
     res = rewrite(tmp_path / "f.onnx", tmp_path / "again.onnx", details=True)
-    assert res.rewritten == [] and not (tmp_path / "again.onnx").exists()
+    assert res.rewritten == [] and inspect(tmp_path / "again.onnx") == sites  # an unchanged copy

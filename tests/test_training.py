@@ -349,3 +349,42 @@ def test_finetune_outside_train_env_says_how(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "[train]" in r.stderr
+
+
+@needs_training
+def test_finetune_refuses_nan_data_and_leaves_no_work_folder(tmp_path: Path) -> None:
+    """Issue 16: NaN/Inf data is named before training (not "lower --lr"), and nothing is left behind."""
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data()
+    x[5, 2] = np.nan
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, "-m", "normact_onnx.cli", "finetune", str(path), "--data", str(tmp_path / "train.npz"),
+         "--quiet"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "train.npz" in r.stderr and "'x'" in r.stderr and "NaN" in r.stderr and "sample 5" in r.stderr
+    assert "--lr" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "train.npz"]
+
+
+@needs_training
+def test_finetune_failure_removes_the_work_folder_it_created(tmp_path: Path) -> None:
+    from normact_onnx.training import finetune
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data()
+    kw = {"output": tmp_path / "t.onnx", "progress": False, "lr": 1e30, "optimizer": "sgd", "loss": "mse"}
+    y_mse = np.eye(3, dtype=np.float32)[y] * 1e20
+    with pytest.raises(NormactError, match="lower --lr"):  # fails after the work folder was set up
+        finetune(path, {"x": x, "y": y_mse}, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(NormactError, match="lower --lr"):
+        finetune(path, {"x": x, "y": y_mse}, workdir=tmp_path / "mine", **kw)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"  # an existing --workdir is kept

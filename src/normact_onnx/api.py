@@ -7,6 +7,7 @@ model and, given ``output``, writes it atomically after verifying it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -25,11 +26,15 @@ from .io import (
     ModelLike,
     atomic_path,
     carry_external_data,
+    check_output_path,
     clamp_ir,
     external_locations,
+    externalize_computed,
     load_model_like,
+    make_folders,
     model_folder,
     refuse_overwrite,
+    remove_created,
     write_model,
 )
 from .methods.static import VARIANTS, Affine, static_affine
@@ -194,8 +199,8 @@ def static_constants(
     """Static normalization (docs/math.md §1) at design variance q, or at each site's measured q."""
     if variant not in VARIANTS:
         raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if not q > 0:
-        raise NormactError(f"--q must be positive, got {q}")
+    if not (math.isfinite(q) and q > 0):
+        raise NormactError(f"--q must be a positive finite number (a variance), got {q}")
     if variant == "ratio" and ratio is None:
         raise NormactError("--variant ratio needs --ratio r (0 = zeta-zero … q·b²/v = center-scale)")
     if variant != "ratio" and ratio is not None:
@@ -215,7 +220,7 @@ def rewrite(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    variant: str = "center-scale",
+    variant: str | None = None,
     q: float = 1.0,
     ratio: float | None = None,
     form: str = "function",
@@ -227,9 +232,14 @@ def rewrite(
     constants: Constants | None = None,
     method: str | dict[str, Any] | None = None,
     stats: Any = None,
+    lambda_rule: str | None = None,
+    centered_rho: bool | None = None,
+    aggregate: str | None = None,
+    force: bool = False,
     verify: bool = True,
     in_place: bool = False,
     dry_run: bool = False,
+    write_unchanged: bool = True,
     details: bool = False,
     progress: bool = False,
 ) -> onnx.ModelProto | RewriteResult:
@@ -240,12 +250,18 @@ def rewrite(
     or the path of a stats JSON written by ``calibrate``). Callers with their own
     ``constants(site)`` pass the provenance to stamp as a dict in ``method``.
 
-    Returns the rewritten ``ModelProto`` (or the full :class:`RewriteResult` with
-    ``details=True``). The input model object is not modified. ``progress``: the stages on
-    stderr when it is a terminal.
+    Statistics of another model (their graph fingerprint differs) are refused unless ``force``.
+    With ``output`` the file exists afterwards even when nothing changes (a verified copy), unless
+    ``write_unchanged=False`` (the CLI without ``-o``). Returns the rewritten ``ModelProto`` (or the
+    full :class:`RewriteResult` with ``details=True``). The input model object is not modified.
+    ``progress``: the stages on stderr when it is a terminal.
     """
+    if output is not None and not dry_run:
+        check_output_path(output)
     if isinstance(method, str) or stats is not None:
-        constants, method = _method_constants(method or "static", stats, variant, q, ratio)
+        stats = _load_stats(stats)
+        options = {"lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
+        constants, method = _method_constants(method or "static", stats, variant, q, ratio, **options)
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
     if form == "custom-op" and verify and not dry_run:
@@ -259,6 +275,7 @@ def rewrite(
     inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
     design_q = q if constants is None and not preserve_function else None  # plain static: is q plausible?
     if constants is None:
+        variant = variant or "center-scale"
         constants = static_constants(q, variant, ratio)
         method = {
             "method": "static",
@@ -283,6 +300,9 @@ def rewrite(
             dry_run=dry_run,
             details=details,
             design_q=design_q,
+            stats=stats,
+            force=force,
+            write_unchanged=write_unchanged,
         )
 
 
@@ -302,14 +322,22 @@ def _rewrite(
     dry_run: bool,
     details: bool,
     design_q: float | None = None,
+    stats: Any = None,
+    force: bool = False,
+    write_unchanged: bool = True,
 ) -> onnx.ModelProto | RewriteResult:
     """:func:`rewrite` after its arguments were checked, reporting its stages on ``bar``.
 
     ``plan`` carries the method, form and preserve-function choice; its outcomes are filled here.
     ``design_q``: plain static constants at this q (say so when the model looks pretrained).
+    ``stats``: the statistics the constants came from (refused for another model unless ``force``).
     """
     src, path = load_model_like(model)
     _check_opset(src)
+    if stats is not None:
+        from .calibration.stats import check_stats_model
+
+        check_stats_model(stats, src, model_folder(path), force)
     if verify:
         stage(bar, "checking the input")
         check_input(src, path)
@@ -332,19 +360,25 @@ def _rewrite(
         if why:
             result.notes.append(
                 f"this model looks pretrained ({why}): its sites' real pre-activation variance is unknown, so "
-                f"constants at the design variance q={design_q:g} will not normalize them; calibrate it on sample data "
-                "(normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
+                f"constants at the design variance q={design_q:g} will not normalize them; calibrate it on sample "
+                "data (normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
             )
     if dry_run:
         return result if details else m
+    had_external = bool(external_locations(m))  # its new weights go to external data too
     stage(bar, "rewriting")
     plan.outcomes = outcomes
     apply_plan(m, plan, base_dir)
     clamp_ir(m)
     stage(bar, "writing and verifying" if verify else "writing")
-    if output is not None and result.rewritten:
+    unchanged_copy = write_unchanged and not (path is not None and Path(output or "").resolve() == path.resolve())
+    if output is not None and (result.rewritten or unchanged_copy):
         result.path = Path(output)
-        result.verification = save_verified(m, result.path, path.parent if path else None, outcomes, verify)
+        result.verification = save_verified(
+            m, result.path, path.parent if path else None, outcomes, verify, external=had_external
+        )
+        if not result.rewritten:
+            result.notes.append(f"nothing to rewrite; {result.path} is an unchanged copy")
     elif verify and result.rewritten:
         result.verification = verify_in_memory(m, outcomes, base_dir)
     return result if details else m
@@ -393,18 +427,30 @@ def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None
     return None
 
 
-def _method_constants(method: str, stats: Any, variant: str, q: float, ratio: float | None) -> tuple[Any, Any]:
-    """(constants, provenance) for a named method; ``None`` constants mean plain static."""
+def _method_constants(
+    method: str, stats: Any, variant: str | None, q: float, ratio: float | None, **factor_options: Any
+) -> tuple[Any, Any]:
+    """(constants, provenance) for a named method; ``None`` constants mean plain static.
+
+    ``factor_options`` (lambda_rule, centered_rho, aggregate): None takes what the calibration asked for.
+    """
     if stats is None:
         if method == "static":
             return None, None
         raise NormactError(f"method {method!r} needs calibration statistics (stats=…; see normact-onnx calibrate)")
     from .calibration.run import stats_constants
+
+    constants, info = stats_constants(stats, method, variant=variant, q=q, ratio=ratio, **factor_options)
+    return constants, {**info, "stats": stats.origin} if stats.origin else info
+
+
+def _load_stats(stats: Any) -> Any:
+    """``stats=``: a CalibrationStats as given, or the path of a stats JSON (validated on load)."""
+    if stats is None:
+        return None
     from .calibration.stats import CalibrationStats
 
-    if not isinstance(stats, CalibrationStats):
-        stats = CalibrationStats.load(stats)
-    return stats_constants(stats, method, variant=variant, q=q, ratio=ratio)
+    return stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
 
 
 def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:
@@ -419,29 +465,38 @@ def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: 
 
 
 def save_verified(
-    m: onnx.ModelProto, dest: Path, src_dir: Path | None, outcomes: list[SiteOutcome], verify: bool
+    m: onnx.ModelProto,
+    dest: Path,
+    src_dir: Path | None,
+    outcomes: list[SiteOutcome],
+    verify: bool,
+    external: bool = False,
 ) -> list[dict[str, Any]]:
-    """Write atomically beside ``dest``; verify the written file before it takes the final name."""
+    """Write atomically beside ``dest``; verify the written file before it takes the final name.
+
+    External data is carried (untouched weights); computed weights of a model that had external
+    data (``external``; possibly all of them replaced by now) are streamed into a new data file
+    beside ``dest``. Whatever the write created is removed again when it fails.
+    """
     from .verify import check_model_file, check_sites, ort_load
 
-    created: list[Path] = []
     dest_dir = dest.parent
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    if src_dir is not None:
-        before = {loc: (dest_dir / loc).exists() for loc in external_locations(m)}
-        carry_external_data(m, src_dir, dest_dir)
-        created = [dest_dir / loc for loc, existed in before.items() if not existed]
+    created = make_folders(dest_dir)
     try:
+        if src_dir is not None:
+            created += carry_external_data(m, src_dir, dest_dir)
+        if external or external_locations(m):
+            data = externalize_computed(m, dest)
+            created += [data] if data is not None else []
         with atomic_path(dest) as tmp:
             write_model(m, tmp)
             report: list[dict[str, Any]] = []
             if verify:
                 check_model_file(tmp)
                 ort_load(tmp, dest)
-                report = check_sites(m, outcomes, str(src_dir) if src_dir else None)
+                report = check_sites(m, outcomes, str(dest_dir) if external_locations(m) else None)
     except BaseException:
-        for p in created:
-            p.unlink(missing_ok=True)
+        remove_created(created)
         raise
     return report
 

@@ -95,14 +95,15 @@ class _Runner:
         return lambda feeds: sess.run(names, feeds)
 
     def _reference(self, proto: onnx.ModelProto) -> Callable[[Feeds], list[np.ndarray]]:
-        from onnx.external_data_helper import load_external_data_for_model
         from onnx.inliner import inline_local_functions
         from onnx.reference import ReferenceEvaluator
+
+        from .io import load_external_data
 
         m = onnx.ModelProto()
         m.CopyFrom(proto)
         if self.model.base_dir and _has_external(m):
-            load_external_data_for_model(m, self.model.base_dir)
+            load_external_data(m, self.model.base_dir)
         try:
             ref = ReferenceEvaluator(inline_local_functions(m))
         except Exception as e:
@@ -146,6 +147,9 @@ def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 # ---- statistics -----------------------------------------------------------------------------
+
+
+UNCOMPARED = ("max_abs", "max_ref", "mean_abs", "max_rel", "mean_rel", "p99_abs", "cosine")
 
 
 @dataclass
@@ -248,6 +252,8 @@ class _ErrorStats:
             "passed": passed,
             **({"error": self.shape_mismatch} if self.shape_mismatch else {}),
             **({"nan_mismatch": self.nan_mismatch} if self.nan_mismatch else {}),
+            # outputs of different shapes were never compared: no numbers rather than a perfect-looking 0 and 1.0
+            **(dict.fromkeys(UNCOMPARED, None) if self.shape_mismatch else {}),
         }
 
 
@@ -447,15 +453,18 @@ class CompareResult:
         """Human-readable tables (outputs, then sites)."""
         from .commands.common import table
 
+        def num(v: float | None, spec: str) -> str:
+            return "n/a" if v is None else format(v, spec)
+
         rows = [
             {
                 "output": o["output"],
-                "max_abs": f"{o['max_abs']:.3g}",
-                "mean_abs": f"{o['mean_abs']:.3g}",
-                "max_rel": f"{o['max_rel']:.3g}",
-                "mean_rel": f"{o['mean_rel']:.3g}",
-                "p99_abs": f"{o['p99_abs']:.3g}",
-                "cosine": f"{o['cosine']:.8f}",
+                "max_abs": num(o["max_abs"], ".3g"),
+                "mean_abs": num(o["mean_abs"], ".3g"),
+                "max_rel": num(o["max_rel"], ".3g"),
+                "mean_rel": num(o["mean_rel"], ".3g"),
+                "p99_abs": num(o["p99_abs"], ".3g"),
+                "cosine": num(o["cosine"], ".8f"),
                 "result": ("pass" if o["passed"] else "FAIL") + (f" ({o['error']})" if "error" in o else ""),
             }
             for o in self.outputs
@@ -596,8 +605,13 @@ def compare(
     actors (``workers``), each holding both models; their tallies merge exactly
     (maxima, sums, counts), the p99 from a bounded merged sample.
     """
-    if not (atol >= 0 and rtol >= 0):
-        raise NormactError("--atol and --rtol must be non-negative")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise NormactError(f"--atol and --rtol must be non-negative finite numbers, got {atol:g} and {rtol:g}")
+    for flag, n in (("--batches", batches), ("--batch-size", batch_size)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise NormactError(f"{flag} must be a positive integer, got {n}")
+    if shapes and not synthetic:
+        raise NormactError("--shape sets the shapes of --synthetic inputs; data files bring their own shapes")
     if model_b is None and not reference:
         raise NormactError("give a second model, or --reference to compare one model across runtimes")
     a = _Model.load(model_a, "A")

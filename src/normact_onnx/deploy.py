@@ -19,7 +19,15 @@ import onnx
 
 from .api import check_input, save_verified
 from .errors import NormactError
-from .io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder, refuse_overwrite
+from .io import (
+    ModelLike,
+    check_output_path,
+    clamp_ir,
+    external_locations,
+    load_model_like,
+    model_folder,
+    refuse_overwrite,
+)
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 from .progress import bar as progress_bar
@@ -68,6 +76,7 @@ def fold(
     data: Any = None,
     tolerance: float | None = None,
     in_place: bool = False,
+    write_unchanged: bool = True,
     details: bool = False,
     progress: bool = False,
 ) -> onnx.ModelProto | FoldResult:
@@ -85,16 +94,21 @@ def fold(
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
     on site names/outputs. ``tolerance`` of the self-check: None follows the outputs'
-    element type (:func:`default_tolerance`). Returns the folded ``ModelProto`` (the input
-    is not modified), or the :class:`FoldResult` with ``details=True``. ``progress``: the
-    stages on stderr when it is a terminal.
+    element type (:func:`default_tolerance`). With ``output`` the file exists afterwards
+    even when nothing folds (a verified copy), unless ``write_unchanged=False``. Folded
+    weights of a model with external data are written as external data beside the
+    output. Returns the folded ``ModelProto`` (the input is not modified), or the
+    :class:`FoldResult` with ``details=True``. ``progress``: the stages on stderr when it
+    is a terminal.
     """
+    if output is not None:
+        check_output_path(output)
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = _regex(nodes)
     with progress_bar(4, "fold", progress, unit="stage") as bar:
         stage(bar, "loading")
-        result = _fold(model, output, bar, padding, pattern, verify, data, tolerance, in_place)
+        result = _fold(model, output, bar, padding, pattern, verify, data, tolerance, in_place, write_unchanged)
     return result if details else result.model
 
 
@@ -108,6 +122,7 @@ def _fold(
     data: Any,
     tolerance: float | None,
     in_place: bool,
+    write_unchanged: bool = True,
 ) -> FoldResult:
     """:func:`fold` after its arguments were checked, reporting its stages on ``bar``."""
     src, path = load_model_like(model)
@@ -123,16 +138,20 @@ def _fold(
     if not result.outcomes:
         result.notes.append("no normalized sites found (nothing to fold)")
     clamp_ir(m)
+    external = bool(external_locations(src))  # the source's: folding may have replaced every external weight
     if verify and result.folded:
-        if external_locations(m):
+        if external:
             result.notes.append("external weights: the numeric self-check needs the written files; run compare")
         else:
             stage(bar, "checking against the unfolded model")
             result.check = _self_check(src, m, data, default_tolerance(m) if tolerance is None else tolerance)
-    if output is not None and result.folded:
+    same_file = path is not None and output is not None and Path(output).resolve() == path.resolve()
+    if output is not None and (result.folded or (write_unchanged and not same_file)):
         stage(bar, "writing and verifying" if verify else "writing")
         result.path = Path(output)
-        save_verified(m, result.path, path.parent if path else None, [], verify)
+        save_verified(m, result.path, path.parent if path else None, [], verify, external=external)
+        if not result.folded:
+            result.notes.append(f"nothing folded; {result.path} is an unchanged copy")
     return result
 
 
@@ -172,6 +191,9 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, data: Any, tole
     except Exception as e:
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
     res = compare(before, after, data, synthetic=data is None, atol=0.0, rtol=0.0)
+    broken = [o for o in res.outputs if "error" in o]
+    if broken:
+        raise NormactError(f"verification failed: output {broken[0]['output']}: {broken[0]['error']}; nothing written")
     worst = max((o["max_abs"] / max(o["max_ref"], 1e-30) for o in res.outputs), default=0.0)
     if not worst <= tolerance:
         raise NormactError(

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, numpy_helper
 
+from .io import tensor_array
+
 SMALL_CONST = 4096  # elements: constants larger than this are never read while matching
 
 
@@ -172,7 +174,7 @@ def const_value(c: Container, name: str, base_dir: str | None = None, limit: int
         if t is not None:
             if limit is not None and tensor_size(t) > limit:
                 return None
-            return numpy_helper.to_array(t, base_dir or "")
+            return tensor_array(t, base_dir)
         if name in scope.inputs:
             return None
         scope = scope.parent
@@ -208,3 +210,25 @@ def unique_namer(model: onnx.ModelProto) -> Any:
         return name
 
     return fresh
+
+
+def structure_fingerprint(model: onnx.ModelProto) -> str:
+    """A short hash of what the model computes structurally, not of its weights or its file.
+
+    Every container's nodes as (domain, op type, input and output value names), the graph's
+    inputs and outputs and the initializers' names and shapes: calibration statistics are keyed
+    by value names, so they belong to exactly this skeleton. Re-saving the model (or moving its
+    weights to external data) keeps the hash; another model, or the same one re-exported with
+    other names, changes it. Weights are never read.
+    """
+    import hashlib
+    import json
+
+    parts: list[Any] = [
+        [i.name for i in model.graph.input],
+        [o.name for o in model.graph.output],
+        sorted((t.name, list(t.dims)) for t in model.graph.initializer),
+    ]
+    for c in containers(model):
+        parts.append([c.path, [[n.domain, n.op_type, list(n.input), list(n.output)] for n in c.nodes]])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

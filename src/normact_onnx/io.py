@@ -6,18 +6,24 @@
 - Writes go to a temporary file in the destination folder and are renamed into
   place, so a crash or a failed verification leaves nothing half-written.
 - The IR version is kept, only clamped to what the installed onnxruntime reads.
+- Written files follow the umask (an overwritten file keeps its mode); output paths are
+  checked before any work starts.
+- A model with external data keeps all its weights external: tensors a pass computed
+  (folded weights) are streamed into a data file beside the output, never inlined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import filecmp
+import itertools
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -27,6 +33,8 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from .errors import NormactError
 
 TWO_GB = 2**31
+EXTERNAL_THRESHOLD = 1024  # bytes: computed initializers this big go to external data (onnx.save's default)
+ALIGNMENT = 4096  # offsets in the data file: page-aligned, so ONNX Runtime can map the weights
 ModelLike = str | os.PathLike | onnx.ModelProto
 
 
@@ -89,6 +97,49 @@ def check_external_paths(model: onnx.ModelProto, base: Path) -> None:
             raise NormactError(f"external data file {loc!r} is missing next to the model")
 
 
+def tensor_array(t: TensorProto, base_dir: str | None) -> Any:
+    """A tensor's value as a numpy array; external data is read straight from its file, in one copy.
+
+    onnx's loader reads the bytes into a copy of the proto and then into the array (two copies of
+    a possibly huge weight, and it refuses data files that are links inside the model's folder).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    packed = {getattr(TensorProto, n, -1) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")}
+    if not (base_dir and uses_external_data(t)) or t.data_type in {TensorProto.STRING, TensorProto.UNDEFINED} | packed:
+        return numpy_helper.to_array(t, base_dir or "")  # in memory, strings, or sub-byte storage onnx unpacks
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    info = ExternalDataInfo(t)
+    path = (Path(base_dir) / info.location).resolve()
+    if info.length is not None and info.length != dtype.itemsize * count:
+        raise NormactError(f"external data of {t.name!r}: {info.length} bytes for {count} × {dtype} values")
+    try:
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=info.offset or 0)
+    except (OSError, ValueError) as e:
+        raise NormactError(f"external data of {t.name!r} cannot be read from {info.location!r} ({e})") from None
+    if arr.size != count:
+        raise NormactError(f"external data file {info.location!r} is too short for tensor {t.name!r}")
+    return arr.reshape(tuple(t.dims))
+
+
+def load_external_data(model: onnx.ModelProto, base: str | os.PathLike) -> None:
+    """Read every external tensor into the proto (for runtimes that need the weights in memory).
+
+    Locations were checked by :func:`check_external_paths` when the model was loaded (inside the
+    model's folder, links resolved), so a data file that is a symbolic link inside the folder is
+    read like any other; onnx's own loader refuses those.
+    """
+    for t in list(_external_tensors(model)):
+        info = ExternalDataInfo(t)
+        with open((Path(base) / info.location).resolve(), "rb") as fh:
+            fh.seek(info.offset or 0)
+            t.raw_data = fh.read(info.length) if info.length else fh.read()
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
 @lru_cache(maxsize=1)
 def max_ir_version() -> int:
     """The highest IR version the installed onnxruntime loads (probed once; onnx's own if no ORT)."""
@@ -122,44 +173,217 @@ def clamp_ir(model: onnx.ModelProto) -> None:
     model.ir_version = min(model.ir_version, max_ir_version())
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(dest: Path) -> int:
+    """The mode a written file gets: an existing file's own (``--in-place`` keeps it), else 0666 less the umask.
+
+    ``tempfile.mkstemp`` creates 0600 files whatever the umask; a model served by another user
+    must stay readable the way the user's umask says.
+    """
+    try:
+        return dest.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def temp_beside(dest: Path, mode: int | None = None) -> Path:
+    """A new, uniquely named temporary file beside ``dest`` (concurrent writers never share one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        os.fchmod(fd, new_file_mode(dest) if mode is None else mode)
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p`` that says which folders it created (outermost first), so a failure can remove them."""
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    missing.reverse()
+    for d in missing:
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_created(created: list[Path]) -> None:
+    """Undo what a failed write created (files, and folders from :func:`make_folders`), newest first.
+
+    Folders something else has filled meanwhile stay.
+    """
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """A temporary path beside ``dest``, renamed onto it only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    """A temporary path beside ``dest``, renamed onto it only if the block succeeds.
+
+    The file gets the mode of :func:`new_file_mode`; folders created for it are removed again
+    when the block fails.
+    """
+    dest = Path(dest)
+    created = make_folders(dest.parent)
     try:
-        yield Path(tmp)
+        tmp = temp_beside(dest)
+    except BaseException:
+        remove_created(created)
+        raise
+    try:
+        yield tmp
         os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        remove_created(created)
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> None:
-    """Copy the model's external data files next to the output (hard links are refused by onnx's checker)."""
+def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
+    """Refuse an output path that cannot be written, before any work starts; one line each.
+
+    A folder (or a name ending in a slash), a location under /proc or /sys, a parent that is a
+    file, or a folder this process may not create files in.
+    """
+    text = os.fspath(path)
+    p = Path(text)
+    if text.endswith(("/", os.sep)) or p.is_dir():
+        raise NormactError(f"{flag} {text}: is a folder; give a file name (e.g. {p / 'model.onnx'})")
+    resolved = p.resolve()
+    if resolved.parts[1:2] in (("proc",), ("sys",)):
+        raise NormactError(f"{flag} {text}: cannot write under /{resolved.parts[1]}; choose a path in a normal folder")
+    if p.exists() and not p.is_file():
+        raise NormactError(f"{flag} {text}: exists and is not a regular file; choose another path")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NormactError(f"{flag} {text}: {parent} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".normact-write-test.", dir=parent)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise NormactError(f"{flag} {text}: cannot write in {parent} ({why}); choose a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
+def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> list[Path]:
+    """Copy the model's external data files next to the output (hard links are refused by onnx's checker).
+
+    Returns the files it created (for cleanup when the write fails). Each copy goes through its own
+    unique temporary name, so concurrent writers into one folder never collide.
+    """
+    created: list[Path] = []
     if src_dir.resolve() == dest_dir.resolve():
-        return
-    for loc in external_locations(model):
+        return created
+    for loc in sorted(external_locations(model)):
         src, dst = src_dir / loc, dest_dir / loc
         if dst.exists():
             if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
                 continue
             raise NormactError(f"{dst} exists with other content; refusing to overwrite another model's data")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)  # streams (sendfile); never holds the data in memory
-        os.replace(tmp, dst)
+        created += make_folders(dst.parent)
+        tmp = temp_beside(dst, mode=0o666 & ~_umask())
+        try:
+            shutil.copyfile(src, tmp)  # streams (sendfile); never holds the data in memory
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        created.append(dst)
+    return created
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Serialize (tensors still external stay external) to ``path``."""
     too_big = "the rewritten model is over 2 GB in one protobuf; store its weights as external data"
+    from google.protobuf.message import EncodeError
+
     try:
         data = model.SerializeToString()
-    except ValueError:  # protobuf refuses messages over 2 GB
+    except (ValueError, EncodeError):  # protobuf refuses messages over 2 GB
         raise NormactError(too_big) from None
     if len(data) >= TWO_GB:
         raise NormactError(too_big)
     with open(path, "wb") as fh:
         fh.write(data)
+
+
+def _nbytes(t: TensorProto) -> int:
+    """A tensor's data size from its shape (``ByteSize`` walks the whole message: slow for big weights)."""
+    import numpy as np
+    from onnx import helper
+
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return t.ByteSize()
+    return item * (int(np.prod(t.dims)) if len(t.dims) else 1)
+
+
+def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EXTERNAL_THRESHOLD) -> Path | None:
+    """Move the inline initializers of a model that uses external data into a new data file beside ``dest``.
+
+    Weights a pass rewrote (``fold``, ``--preserve-function``) are inline tensors in memory; left
+    inline they would make a big model's protobuf exceed 2 GB. Each tensor is written and its
+    bytes dropped from the proto at once, so nothing is held twice. The file is named
+    ``<output>.data`` (``<output>.<k>.data`` when that name is taken) and created exclusively,
+    so concurrent writers and carried data files are never overwritten. Returns the file, or
+    None when there was nothing to move.
+    """
+    from onnx import numpy_helper
+    from onnx.external_data_helper import _get_initializer_tensors
+
+    inline = [
+        t
+        for t in _get_initializer_tensors(model)
+        if not uses_external_data(t) and t.data_type != TensorProto.STRING and _nbytes(t) >= threshold
+    ]
+    if not inline:
+        return None
+    taken = external_locations(model)
+    for k in itertools.count():
+        name = f"{dest.name}.data" if k == 0 else f"{dest.name}.{k}.data"
+        if name in taken:
+            continue
+        try:
+            fh = open(dest.parent / name, "xb")  # noqa: SIM115 (closed below; exclusive creation picks the name)
+        except FileExistsError:
+            continue
+        break
+    path = dest.parent / name
+    try:
+        with fh:
+            for t in inline:
+                raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                fh.write(b"\0" * (-fh.tell() % ALIGNMENT))
+                offset = fh.tell()
+                fh.write(raw)
+                for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+                del t.external_data[:]
+                for key, value in (("location", name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    t.external_data.add(key=key, value=value)
+                t.data_location = TensorProto.EXTERNAL
+                del raw
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

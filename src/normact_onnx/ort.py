@@ -59,7 +59,17 @@ def make_session(
     lib = kernel_library(cuda="CUDAExecutionProvider" in providers)
     if lib:
         so.register_custom_ops_library(lib)
-    return ort.InferenceSession(model, sess_options=so, providers=providers)
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise NormactError(
+            f"{missing[0]} is not available in this onnxruntime (it has {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for CUDA, or run without --cuda"
+        )
+    sess = ort.InferenceSession(model, sess_options=so, providers=providers)
+    inactive = [p for p in providers if p != "CPUExecutionProvider" and p not in sess.get_providers()]
+    if inactive:  # ORT falls back to the CPU silently when a device provider cannot start
+        raise NormactError(f"{inactive[0]} did not start (no usable device?); refusing to run on the CPU instead")
+    return sess
 
 
 @lru_cache(maxsize=1)

@@ -33,7 +33,7 @@ def ort_load(path: Path, shown: Path | None = None) -> None:
     from .ort import make_session
 
     try:
-        make_session(str(path))
+        make_session(str(path), **{"session.disable_prepacking": "1"})  # a load check: no packed weight copies
     except NormactError:
         raise
     except Exception as e:

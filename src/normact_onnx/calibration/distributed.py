@@ -484,7 +484,9 @@ def collect_ray(
     specs = model_inputs(src)
     # the driver's copy: the site list, and errors before any cluster starts
     inst = prepare(src, base_dir, per_channel, normalize, selection)
-    stats = empty_stats(inst, per_channel)
+    from ..graph import structure_fingerprint
+
+    stats = empty_stats(inst, per_channel, structure_fingerprint(src))
     sites = [p.site.output for p in inst.probes]
     _check_exists(data)
     with cluster(address, workers):

@@ -115,7 +115,12 @@ def conform(specs: list[InputSpec], batch: Any, where: str) -> Batch:
         raise NormactError(f"{where}: a batch must be a dict of input name → array, got {type(batch).__name__}")
     arrays = {k: np.asarray(v) for k, v in batch.items()}
     check_header(specs, {k: (v.shape, v.dtype) for k, v in arrays.items()}, where)
-    return {s.name: np.ascontiguousarray(arrays[s.name], dtype=s.dtype) for s in specs}
+    out = {s.name: np.ascontiguousarray(arrays[s.name], dtype=s.dtype) for s in specs}
+    for name, arr in out.items():  # NaN/Inf would turn every statistic into NaN (and "constant" sites)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise NormactError(f"{where}: input {name!r} holds {bad} values; clean the data or leave that batch out")
+    return out
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ normalization (``Norm<Act>`` with scale = λ, shift = μ).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import numpy as np
 import onnx
 
 from ..errors import NormactError
-from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder
+from ..graph import structure_fingerprint
+from ..io import ModelLike, check_output_path, clamp_ir, external_locations, load_model_like, model_folder
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
 from ..methods.static import Affine, measured_affine
 from ..passes.find import Site
@@ -28,7 +28,7 @@ from ..progress import bar as progress_bar
 from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, model_inputs, open_source
-from .stats import CalibrationStats, Moments, SiteStats, fingerprint
+from .stats import CalibrationStats, Moments, SiteStats
 
 Constants = Callable[[Site], Affine | str]
 Selection = tuple[Any, Any, str | None, bool]  # include, exclude, nodes, all_sites: as the rewrite selects
@@ -100,7 +100,7 @@ def collect(
             check_header(specs, header, where)
     inst = prepare(src, base_dir, per_channel, normalize, selection)
     sess = calibration_session(inst.model, base_dir, providers)
-    stats = empty_stats(inst, per_channel)
+    stats = empty_stats(inst, per_channel, structure_fingerprint(src))
     total = min(source.total, batches) if source.total and batches else (batches or source.total)
     bar = progress_bar(total, "calibrating", progress, unit="batch")
     n = 0
@@ -209,8 +209,11 @@ def fold(stats: CalibrationStats, inst: Instrumented, values: dict[str, np.ndarr
             stats.sites[probe.site.output].add(x, f, d2, xf)
 
 
-def empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
-    """One SiteStats per probe, no data yet (the first batch fixes each site's channel count)."""
+def empty_stats(inst: Instrumented, per_channel: bool, fp: str) -> CalibrationStats:
+    """One SiteStats per probe, no data yet (the first batch fixes each site's channel count).
+
+    ``fp``: the model's structure fingerprint (statistics are refused for another model).
+    """
     sites = {}
     for p in inst.probes:
         s = p.site
@@ -218,7 +221,6 @@ def empty_stats(inst: Instrumented, per_channel: bool) -> CalibrationStats:
             s.output, s.name, s.kind, s.path, p.depth, p.channel_axis, p.channel_shape,
             Moments.empty(0), Moments.empty(0), np.zeros(0),
         )  # fmt: skip
-    fp = fingerprint([(s.output, s.kind) for s in inst.sites])
     return CalibrationStats(sites, per_channel, 0, fp, [], dict(inst.skipped))
 
 
@@ -366,6 +368,7 @@ def calibrate(
     form: str = "function",
     verify: bool = True,
     in_place: bool = False,
+    write_unchanged: bool = True,
     details: bool = False,
     images: Any = None,
     ray: bool | str | None = None,
@@ -393,6 +396,9 @@ def calibrate(
     Dataset as ``data`` implies it. The moments equal the single-process run's;
     the EMA depends on batch order, so the factors use ``aggregate="mean"``.
     """
+    for dest in (output, stats_path, report):
+        if dest is not None:
+            check_output_path(dest)
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
@@ -465,6 +471,7 @@ def calibrate(
             form=form,
             verify=verify,
             in_place=in_place,
+            write_unchanged=write_unchanged,
             details=True,
         )
     if stats_path is not None:
@@ -493,29 +500,3 @@ def calibrate(
 def _rereadable(data: Any, synthetic: bool) -> bool:
     """Whether the data can be read a second time (the report measures the written model on it)."""
     return synthetic or isinstance(data, str | os.PathLike | list | tuple | dict)
-
-
-def constants_for_cli(args: Any) -> tuple[Constants | None, dict[str, Any] | None]:
-    """``rewrite --method static|anact --stats FILE``: (None, None) keeps plain static normalization."""
-    if args.stats is None:
-        if args.method == "anact":
-            raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
-        return None, None
-    stats = CalibrationStats.load(args.stats)
-    if args.method == "static" and not stats.settings.get("in_situ"):
-        print(
-            "note: these statistics were measured on the original network, not in situ: in a deep network the "
-            "written sites drift from their targets (calibrate again with --method static)",
-            file=sys.stderr,
-        )
-    constants, info = stats_constants(
-        stats,
-        args.method,
-        lambda_rule=args.lambda_rule,
-        centered_rho=args.centered_rho,
-        aggregate=args.aggregate,
-        variant=args.variant,
-        q=args.q,
-        ratio=args.ratio,
-    )
-    return constants, {**info, "stats": str(args.stats)}

@@ -30,7 +30,7 @@ from ..errors import NormactError
 from ..io import atomic_path
 
 FORMAT = "normact-onnx/calibration-stats"
-VERSION = 1
+VERSION = 2  # 2: "fingerprint" identifies the model's graph (1: its set of sites)
 EMA_MOMENTUM = 0.9
 EMA_GATE = (0.8, 1.2)
 
@@ -247,6 +247,8 @@ class CalibrationStats:
     skipped: dict[str, str] = field(default_factory=dict)  # site output -> why it has no statistics
     merged_from: int = 1
     settings: dict[str, Any] = field(default_factory=dict)  # factor options the run was asked for
+    version: int = VERSION  # of the file it was read from: what ``fingerprint`` means
+    origin: str = ""  # the file it was read from (for error messages and provenance)
 
     def ordered(self) -> list[SiteStats]:
         return sorted(self.sites.values(), key=lambda s: s.depth)
@@ -276,21 +278,28 @@ class CalibrationStats:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Strict JSON (no NaN/Infinity tokens): undefined EMA gains are ``null``; non-finite moments refuse."""
         dest = Path(path)
+        doc = self.as_dict()
+        for key, site in doc["sites"].items():
+            for part in ("x", "f"):
+                if not all(np.isfinite(v) for arr in site[part].values() for v in arr):
+                    raise NormactError(f"site {key!r}: the statistics overflowed (non-finite); nothing written")
+            if site["ema"] is not None:
+                for k, v in site["ema"].items():
+                    if isinstance(v, list):
+                        site["ema"][k] = [x if np.isfinite(x) else None for x in v]
+        text = json.dumps(doc, indent=1, allow_nan=False)
         with atomic_path(dest) as tmp:
-            tmp.write_text(json.dumps(self.as_dict(), indent=1))
+            tmp.write_text(text)
         return dest
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "stats") -> CalibrationStats:
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise NormactError(f"{origin}: not a normact-onnx calibration statistics file")
-        if int(d.get("version", 0)) > VERSION:
-            raise NormactError(f"{origin}: statistics format version {d['version']} is newer than this tool reads")
-        try:
-            sites = {k: SiteStats.from_dict(k, v) for k, v in d["sites"].items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise NormactError(f"{origin}: malformed site statistics ({type(e).__name__}: {e})") from None
+        from .stats_check import check_document
+
+        check_document(d, origin, FORMAT, VERSION)  # every field below is present and well-formed
+        sites = {k: SiteStats.from_dict(k, v) for k, v in d["sites"].items()}
         return cls(
             sites,
             bool(d.get("per_channel")),
@@ -300,6 +309,8 @@ class CalibrationStats:
             dict(d.get("skipped", {})),
             int(d.get("merged_from", 1)),
             dict(d.get("settings", {})),
+            int(d["version"]),
+            origin,
         )
 
     @classmethod
@@ -308,16 +319,43 @@ class CalibrationStats:
         if not p.is_file():
             raise NormactError(f"{p}: no such statistics file")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise NormactError(f"{p}: not JSON ({e})") from None
         return cls.from_dict(d, str(p))
 
 
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON (statistics files hold finite numbers only)")
+
+
 def fingerprint(sites: list[tuple[str, str]]) -> str:
-    """Identifies a model's set of sites (output, kind), so shards of different models are not merged."""
+    """Identifies a model's set of sites (output, kind): what format version 1 stored as the model's identity."""
     h = hashlib.sha256(json.dumps(sorted(sites)).encode())
     return h.hexdigest()[:16]
+
+
+def check_stats_model(stats: CalibrationStats, model: Any, base_dir: str | None = None, force: bool = False) -> None:
+    """Refuse statistics measured on another model (their fingerprint is not this model's), unless ``force``.
+
+    Statistics are matched to sites by value name; another model with a few equal names would
+    otherwise get their numbers silently.
+    """
+    if force or not stats.fingerprint:
+        return
+    if stats.version >= 2:
+        from ..graph import structure_fingerprint
+
+        want = structure_fingerprint(model)
+    else:
+        from ..passes.find import find_sites
+
+        want = fingerprint([(s.output, s.kind) for s in find_sites(model, base_dir)])
+    if stats.fingerprint != want:
+        raise NormactError(
+            f"{stats.origin or 'statistics'}: measured on another model (fingerprint {stats.fingerprint}, "
+            f"this model {want}); calibrate this model, or pass --force to use them anyway"
+        )
 
 
 def merge(parts: list[CalibrationStats]) -> CalibrationStats:
@@ -347,6 +385,7 @@ def merge(parts: list[CalibrationStats]) -> CalibrationStats:
         skipped,
         sum(p.merged_from for p in parts),
         settings,
+        min(p.version for p in parts),
     )
 
 

@@ -14,11 +14,14 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
+    check_outputs,
     default_output,
     image_options,
     output_path,
 )
 from .rewrite_cmd import finish
+
+SUFFIX = ".anact.onnx"  # not rewrite's .normact.onnx: the two commands' outputs never overwrite each other
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_selection(p)
     o = p.add_argument_group("output")
-    add_output_path(o, "calibrated model")
-    o.add_argument("--stats", metavar="FILE.json", help="statistics file (default: <model>.stats.json)")
+    add_output_path(o, "calibrated model", SUFFIX)
+    o.add_argument(
+        "--stats",
+        metavar="FILE.json",
+        help="statistics file (default: beside the output model, <output>.stats.json, e.g. <model>.anact.stats.json)",
+    )
     o.add_argument("--stats-only", action="store_true", help="write the statistics only (for sharded calibration)")
     o.add_argument(
         "--report", dest="html_report", metavar="FILE.html", help="HTML report with per-site plots against depth"
@@ -76,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.report import terminal_table
     from ..calibration.run import calibrate, factors_table
 
-    output = None
-    if not args.stats_only:
-        output = output_path(args)
-    stats_path = args.stats or default_output(args.model, ".stats.json")
+    output = None if args.stats_only and not args.output and not args.in_place else output_path(args, SUFFIX)
+    model_out = output or default_output(args.model, SUFFIX)
+    stats_path = args.stats or default_output(str(model_out), ".stats.json")
+    check_outputs(stats=str(stats_path), report=args.html_report)
+    if args.stats_only:
+        output = None
     result = calibrate(
         args.model,
         args.data,
@@ -107,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         form=args.form,
         verify=not args.no_verify,
         in_place=args.in_place,
+        write_unchanged=args.output is not None,
         details=True,
         images=image_options(args),
         ray=args.ray,

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import NormactError
+from ..io import check_output_path
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
 from ..passes.normalize import FORMS
 
@@ -116,13 +118,28 @@ def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = Tru
 
 def add_output_path(g: Arguments, what: str = "output path", suffix: str = ".normact.onnx") -> None:
     """-o/--output and --in-place of the commands that write a model next to the input."""
-    g.add_argument("-o", "--output", help=f"{what} (default: <model>{suffix} beside the input)")
-    g.add_argument("--in-place", action="store_true", help="overwrite the input model")
+    g.add_argument(
+        "-o",
+        "--output",
+        help=f"{what} (default: <model>{suffix} beside the input); written even when nothing changes (a copy)",
+    )
+    g.add_argument("--in-place", action="store_true", help="overwrite the input model (keeps its file mode)")
 
 
 def output_path(args: argparse.Namespace, suffix: str = ".normact.onnx") -> str | Path:
-    """Where ``add_output_path``'s flags say the model goes."""
-    return args.model if args.in_place else (args.output or default_output(args.model, suffix))
+    """Where ``add_output_path``'s flags say the model goes, checked before any work starts."""
+    if args.in_place and args.output:
+        raise NormactError("--in-place and -o conflict: --in-place overwrites the input; pass one of them")
+    dest = args.model if args.in_place else (args.output or default_output(args.model, suffix))
+    check_output_path(dest, "--in-place" if args.in_place else "-o" if args.output else "output")
+    return dest
+
+
+def check_outputs(**paths: str | None) -> None:
+    """Check further output files (``--report=path``) the way ``-o`` is checked, before any work starts."""
+    for flag, path in paths.items():
+        if path:
+            check_output_path(path, "--" + flag.replace("_", "-"))
 
 
 def add_form(g: Arguments) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..deploy import DEFAULT_TOLERANCE, TOLERANCE_EPS, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
-from .common import add_no_verify, add_output_path, add_quiet, output_path, print_json, table
+from .common import add_no_verify, add_output_path, add_quiet, check_outputs, output_path, print_json, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dest = output_path(args, ".folded.onnx")
+    check_outputs(report=args.report)
     result = fold(
         args.model,
         dest,
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         tolerance=args.tolerance,
         in_place=args.in_place,
+        write_unchanged=args.output is not None,
         details=True,
         progress=not args.quiet,
     )
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if result.check:
         print(f"self-check: folded vs unfolded within {result.check['max_rel_to_scale']:.2g} of the output scale")
     if result.path is not None:
-        print(f"wrote {result.path}" + ("" if args.no_verify else " (verified)"))
+        what = "" if result.folded else "an unchanged copy, "
+        print(f"wrote {what}{result.path}" + ("" if args.no_verify else " (verified)"))
     else:
         print("nothing folded; nothing written")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..calibration.stats import CalibrationStats, merge
+from ..io import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
     merged = merge([CalibrationStats.load(p) for p in args.inputs])
     merged.save(args.output)
     print(f"merged {len(args.inputs)} files: {merged.batches} batches, {len(merged.sites)} sites → {args.output}")

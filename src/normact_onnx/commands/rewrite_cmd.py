@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..api import rewrite, write_report
+from ..errors import NormactError
 from ..methods.static import VARIANTS
 from .common import (
     add_anact_options,
@@ -14,6 +15,7 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
+    check_outputs,
     output_path,
     table,
 )
@@ -57,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="static: Gaussian constants (at each site's measured q with --stats); anact: λ, μ from --stats",
     )
     m.add_argument("--stats", metavar="STATS.json", help="calibration statistics (normact-onnx calibrate)")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="use --stats even though they were measured on another model (their graph fingerprint differs)",
+    )
     add_anact_options(m, defaults=False)
     add_selection(p)
     add_output(p)
@@ -96,18 +103,19 @@ def finish(args: argparse.Namespace, result) -> int:
     elif result.path is not None:
         print(f"\nwrote {result.path}" + ("" if args.no_verify else " (verified)"))
     elif not result.rewritten:
-        print("\nnothing to rewrite; nothing written")
+        print("\nnothing to rewrite; nothing written (with -o the output is written as an unchanged copy)")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration.run import constants_for_cli
-
-    constants, method = constants_for_cli(args)
+    if args.stats is None and args.method == "anact":
+        raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
+    output = None if args.explain else output_path(args)
+    check_outputs(report=args.report)
     result = rewrite(
         args.model,
-        None if args.explain else output_path(args),
-        variant=args.variant or "center-scale",
+        output,
+        variant=args.variant,
         q=args.q,
         ratio=args.ratio,
         form=args.form,
@@ -116,11 +124,16 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         all_sites=args.all_sites,
         preserve_function=args.preserve_function,
-        constants=constants,
-        method=method,
+        method=args.method if args.stats is not None else None,
+        stats=args.stats,
+        lambda_rule=args.lambda_rule,
+        centered_rho=args.centered_rho,
+        aggregate=args.aggregate,
+        force=args.force,
         verify=not args.no_verify,
         in_place=args.in_place,
         dry_run=args.explain,
+        write_unchanged=args.output is not None,
         details=True,
         progress=not args.quiet,
     )

@@ -72,7 +72,7 @@ class _Weights:
         return const_value(self.c, name, self.base_dir, limit=None)
 
     def write(self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray) -> None:
-        value = value.astype(like.dtype if like is not None else np.float32)
+        value = value.astype(like.dtype if like is not None else np.float32, copy=False)
         old = node.input[index] if index < len(node.input) else ""
         if old and old not in self.c.initializers and old not in self.c.producer:  # a constant an earlier plan made
             if old in edits.initializers:
@@ -133,14 +133,29 @@ def _set_input(edits: Edits, node: onnx.NodeProto, index: int, name: str) -> Non
         n.input[index] = name
 
 
+ABSORB_BLOCK = 1 << 22  # float64 elements per block of _absorb_matmul_like (32 MB)
+
+
 def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """W scaled along its input-feature axis, and the bias term Σ_k c_k·W_k."""
+    """W scaled along its input-feature axis (in W's dtype), and the bias term Σ_k c_k·W_k (float64).
+
+    Computed in float64 a block of output features at a time, so a big weight costs one copy in its
+    own dtype rather than several float64 ones (folding a multi-GB model stays within memory).
+    """
     shape = [1, 1]
     if a.ndim:
         shape[k_axis] = -1
-    w64 = w.astype(np.float64)
-    new_w = w64 * a.reshape(shape)
-    bias = np.tensordot(np.broadcast_to(c, (w.shape[k_axis],)), w64, axes=([0], [k_axis]))
+    scale = a.reshape(shape)
+    cv = np.broadcast_to(c, (w.shape[k_axis],))
+    out_axis = 1 - k_axis
+    new_w = np.empty(w.shape, dtype=w.dtype if w.dtype.kind == "f" else np.float64)
+    bias = np.empty(w.shape[out_axis], dtype=np.float64)
+    step = max(1, ABSORB_BLOCK // max(1, w.shape[k_axis]))
+    for j in range(0, w.shape[out_axis], step):
+        block = (slice(None), slice(j, j + step)) if out_axis == 1 else (slice(j, j + step), slice(None))
+        w64 = w[block].astype(np.float64)
+        new_w[block] = w64 * scale
+        bias[j : j + step] = np.tensordot(cv, w64, axes=([0], [k_axis]))
     return new_w, bias
 
 
@@ -429,11 +444,13 @@ def _plan_one(
         def gemm(edits: Edits) -> None:
             w = weights.read(node.input[1], edits)
             new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
-            weights.write(edits, node, 1, new_w, w)
+            like = np.empty(0, w.dtype)
+            del w  # a big weight is not held while its replacement is serialized
+            weights.write(edits, node, 1, new_w, like)
             if has_shift:
                 c_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
                 base = c_val.astype(np.float64) if c_val is not None else 0.0
-                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else w)
+                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else like)
 
         return gemm
     if node.op_type == "MatMul":
@@ -453,7 +470,9 @@ def _plan_one(
         def matmul(edits: Edits) -> None:
             w = weights.read(node.input[1], edits)
             new_w, bias = _absorb_matmul_like(w, a, off, 0)
-            weights.write(edits, node, 1, new_w, w)
+            like = np.empty(0, w.dtype)
+            del w  # a big weight is not held while its replacement is serialized
+            weights.write(edits, node, 1, new_w, like)
             if not has_shift:
                 return
             add_val = weights.read(add.input[add_idx], edits) if add is not None else None
@@ -463,7 +482,7 @@ def _plan_one(
             raw = fresh(f"{out}_normact_matmul")
             bias_name = fresh(f"{out}_normact_bias")
             edits.replace[id(node)] = [_renamed_output(node, raw)]
-            edits.add_constant(bias_name, bias.astype(w.dtype), node)
+            edits.add_constant(bias_name, bias.astype(like.dtype), node)
             edits.after.setdefault(id(node), []).append(
                 helper.make_node("Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias"))
             )

@@ -58,15 +58,18 @@ class Edits:
         c.nodes.extend(new_nodes)
         g = c.graph
         if g is not None:
-            if self.initializers or self.drop_initializers:
-                kept = []
-                for t in g.initializer:
-                    if t.name in self.drop_initializers:
-                        continue
-                    kept.append(self.initializers.pop(t.name, None) or _detached(t))
-                kept.extend(self.initializers.values())
+            if self.drop_initializers:
+                kept = [_detached(t) for t in g.initializer if t.name not in self.drop_initializers]
                 del g.initializer[:]
                 g.initializer.extend(kept)
+            # replaced in place and released one at a time: a big model's new weights are never held twice
+            for t in g.initializer:
+                new = self.initializers.pop(t.name, None)
+                if new is not None:
+                    t.CopyFrom(new)
+                    del new
+            while self.initializers:
+                g.initializer.add().CopyFrom(self.initializers.pop(next(iter(self.initializers))))
             if self.drop_value_info:
                 vi = [_detached(v) for v in g.value_info if v.name not in self.drop_value_info]
                 del g.value_info[:]

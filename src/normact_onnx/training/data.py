@@ -111,6 +111,13 @@ def load_dataset(
         if a.shape[0] != n:
             raise NormactError(f"{source}: input {name!r} has {a.shape[0]} samples but labels {labels!r} have {n}")
         inputs[name] = np.ascontiguousarray(a, dtype=dtype)
+    for name, a in {**inputs, labels: y}.items():  # NaN/Inf would only show up later as a diverging loss
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            rows = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)) if a.ndim else [0]
+            raise NormactError(
+                f"{source}: {name!r} holds NaN or Inf values (sample {int(rows[0])} and {len(rows) - 1} more); "
+                "clean the data or drop those samples"
+            )
     return Dataset(inputs, y, source)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NormactError
-from ..io import load_model
+from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES
 from ..progress import bar as progress_bar
 from . import require_training
@@ -265,7 +265,31 @@ def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
     return out
 
 
-def finetune(
+def finetune(model: str | os.PathLike, data: DataLike, **kwargs: Any) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data``: see :func:`_finetune` for the options.
+
+    A work folder this run created is removed again when the run fails; one that existed before
+    (``--workdir`` given, ``--resume``) is kept as it is.
+    """
+    out_path, work = _paths(Path(model), kwargs.get("output"), kwargs.get("workdir"))
+    check_output_path(out_path)
+    existed = work.exists()
+    try:
+        return _finetune(model, data, **kwargs)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _paths(path: Path, output: str | os.PathLike | None, workdir: str | os.PathLike | None) -> tuple[Path, Path]:
+    """The inference model's path (default ``<model>.tuned.onnx``) and the work folder (``<output>.train``)."""
+    out_path = Path(output) if output is not None else path.with_name(path.name.removesuffix(".onnx") + ".tuned.onnx")
+    work = Path(workdir) if workdir is not None else out_path.with_name(out_path.name.removesuffix(".onnx") + ".train")
+    return out_path, work
+
+
+def _finetune(
     model: str | os.PathLike,
     data: DataLike,
     *,
@@ -300,10 +324,9 @@ def finetune(
     _check_settings(settings)
     path = Path(model)
     src = load_model(path)
-    out_path = Path(output) if output is not None else path.with_name(path.name.removesuffix(".onnx") + ".tuned.onnx")
+    out_path, work = _paths(path, output, workdir)
     if out_path.resolve() == path.resolve():
         raise NormactError(f"refusing to overwrite the input {path}; choose another -o")
-    work = Path(workdir) if workdir is not None else out_path.with_name(out_path.name.removesuffix(".onnx") + ".train")
     selection = {"include": include, "exclude": exclude, "nodes": nodes, "all_sites": all_sites, "freeze": freeze}
 
     base_dir = str(path.parent)
