@@ -289,13 +289,16 @@ def test_stats_json_is_strict_json_even_for_a_constant_site(tmp_path):
     ]
     onnx.save(tiny_model(nodes, [fvi("x", ["N", 8])], [fvi("y", ["N", 8])], [zero]), tmp_path / "m.onnx")
     r = run_cli("calibrate", "m.onnx", "--synthetic", "--shape", "x=16x8", "--stats-only", cwd=tmp_path)
+    assert r.returncode == 2 and "constant" in r.stderr  # a site to normalize with undefined statistics: refused
+    r = run_cli("calibrate", "m.onnx", "--synthetic", "--shape", "x=16x8", "--stats-only", "--method", "static",
+                "--nodes", "^t$", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = _strict((tmp_path / "m.anact.stats.json").read_text())
     assert doc["sites"]["r"]["ema"]["rho"] == [None]
     r = run_cli("rewrite", "m.onnx", "--method", "static", "--stats", "m.anact.stats.json", "-o", "s.onnx",
                 cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "variance is zero" in r.stdout  # the constant site is skipped, not normalized at q = 1
+    assert "constant on the calibration data" in r.stdout  # the constant site is skipped, not normalized at q = 1
     assert [s["normalized"] for s in inspect(tmp_path / "s.onnx")] == [False, True]
 
 

@@ -132,13 +132,13 @@ def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np
 
 
 def finish(stats: CalibrationStats, inst: Instrumented, normalize: Normalizer | None) -> CalibrationStats:
-    """Record how the statistics were measured, and refuse sites whose statistics are undefined."""
+    """Record how the statistics were measured; refuse a site to be normalized whose statistics are undefined."""
     stats.settings["in_situ"] = normalize is not None
     if normalize is not None:
         stats.settings.update(normalize.as_dict())
         stats.settings["normalized_in_situ"] = inst.in_situ
-    for s in stats.ordered():
-        if s.x.n.size and np.all(s.x.n > 0) and not np.any(s.x.var > 0):
+    for s in stats.ordered():  # a site left alone may be constant (a rewrite skips it with the reason)
+        if s.key in inst.in_situ and s.x.n.size and np.all(s.x.n > 0) and not np.any(s.x.var > 0):
             raise NormactError(
                 f"site {s.name} ({s.kind}): its pre-activation is constant on all {stats.batches} batches "
                 "(zero variance): its statistics are undefined; calibrate on varied data or exclude it (--nodes)"
