@@ -87,7 +87,7 @@ def finish(args: argparse.Namespace, result) -> int:
         }
         for o in result.outcomes
     ]
-    for note in result.notes:
+    for note in [] if getattr(args, "quiet", False) else result.notes:  # --quiet: results only
         print(f"note: {note}", file=sys.stderr)
     if args.explain or len(rows) <= 200:
         print(table(rows, ["site", "kind", "graph", "action", "form", "scale", "shift", "why"]))
