@@ -21,7 +21,7 @@ from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, default_opset, unique_namer
 from ..methods.static import Affine
 from ..types import infer_value_types
-from .affine import plan_absorb
+from .affine import Restore, plan_absorb
 from .edits import Edits
 from .find import META_SITES, Site, recorded_sites
 from .forms import (
@@ -79,14 +79,21 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     def edits_for(c: Container) -> Edits:
         return edits.setdefault(id(c), Edits(c))
 
+    types = infer_value_types(model)
+    read_as: dict[int, str] = {}  # sites whose input is now the explicit inverse of an earlier site's affine
     if plan.preserve_function:
+        restore = Restore(types, fresh)
         for o in todo:
-            why = _preserve(o, base_dir, fresh, edits_for)
+            why = _preserve(o, base_dir, fresh, edits_for, restore)
             if why:
                 o.action, o.reason = "skipped", f"--preserve-function: {why}"
         todo = [o for o in todo if o.action == "rewritten"]
+        for o in todo:
+            restored = restore.made.get((id(o.site.container), o.site.input))
+            if restored is not None:
+                read_as[id(o.site)] = o.site.input
+                o.site.input = restored
 
-    types = infer_value_types(model)
     functions: dict[str, onnx.FunctionProto] = {(f.domain, f.name): f for f in model.functions}
     fn_elem: dict[str, int | None] = {}
     records = recorded_sites(model)
@@ -94,7 +101,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     need_domain: list[Any] = [model.opset_import]
     for o in todo:
         site, e = o.site, edits_for(o.site.container)
-        elem = types.elem_type(site.input)
+        elem = types.elem_type(read_as.get(id(site), site.input))
         form = _choose_form(plan.form, model, opset, o, elem, fn_elem)
         o.form = form
         doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
@@ -167,9 +174,18 @@ def _choose_form(
 
 
 def _preserve(
-    o: SiteOutcome, base_dir: str | None, fresh: Callable[[str], str], edits_for: Callable[[Container], Edits]
+    o: SiteOutcome,
+    base_dir: str | None,
+    fresh: Callable[[str], str],
+    edits_for: Callable[[Container], Edits],
+    restore: Restore,
 ) -> str | None:
-    """Fold the inverse of the site's affine into its consumers, or say why that is not exact."""
+    """Fold the inverse of the site's affine into its consumers, or say why that is not exact.
+
+    Exact everywhere: a padded Conv gets an explicit ``Pad`` with the value that
+    stands for zero, and a consumer that cannot absorb the inverse (a gating
+    ``Mul``, a ``Concat``, a nonlinearity) reads it written explicitly in front.
+    """
     aff = o.affine
     if np.any(np.asarray(aff.slope) != 0):
         return "slope ≠ 0 (zeta-zero/ratio variant): the inverse needs the pre-activation"
@@ -182,6 +198,9 @@ def _preserve(
         aff.shift,
         base_dir,
         fresh,
+        "pad",
+        edits=edits_for(o.site.container),
+        restore=restore,
     )
     if isinstance(plan, str):
         return plan
