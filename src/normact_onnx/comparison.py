@@ -317,22 +317,22 @@ def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
 
 
 def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
-    """Synthetic sizes for symbolic dims not given: the first is the batch, the others 8."""
+    """Synthetic sizes for symbolic dims not given (the shared rules of :mod:`.synthetic`)."""
     from .calibration.readers import model_inputs
+    from .synthetic import resolve_shapes
 
-    out = dict(given)
-    for spec in model_inputs(model.proto):
-        if spec.name in out or spec.shape is None:
-            continue
-        if not all(isinstance(d, int) and d > 0 for d in spec.shape):
-            out[spec.name] = [
-                d if isinstance(d, int) and d > 0 else (batch_size if k == 0 else 8) for k, d in enumerate(spec.shape)
-            ]
-    return out
+    return resolve_shapes(model_inputs(model.proto), given, batch_size)
 
 
 def _data(
-    data: Any, synthetic: bool, model: _Model, shapes: Any, batches: int, batch_size: int, seed: int
+    data: Any,
+    synthetic: bool,
+    model: _Model,
+    shapes: Any,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    values: Any = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
     from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
@@ -342,7 +342,7 @@ def _data(
     specs = model_inputs(model.proto)
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    source = open_source(data, specs, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed)
+    source = open_source(data, specs, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed, values=values)
     if source.headers is not None:
         for where, header in source.headers():
             check_header(specs, header, where)
@@ -423,6 +423,7 @@ def compare(
     batches: int = 4,
     batch_size: int = 2,
     seed: int = 0,
+    values: Any = None,
 ) -> CompareResult:
     """Run A and B on the same inputs and compare every output (A is the reference).
 
@@ -433,7 +434,7 @@ def compare(
     (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``), or None with
     ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
     ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
-    ``batch_size`` for the first and 8 for the others.
+    the rules of :mod:`.synthetic` (``values``: ``{"sr": 16000}`` fills an input).
     """
     if not (atol >= 0 and rtol >= 0):
         raise NormactError("--atol and --rtol must be non-negative")
@@ -456,14 +457,14 @@ def compare(
     run_b = _Runner(b, runtimes[1], providers, extra["B"])
     pairs = _pair_outputs(a.output_names, b.output_names)
     stats = {na: _ErrorStats(atol, rtol) for na, _ in pairs}
-    shapes: dict[str, tuple[int, ...]] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
     n_batches = 0
-    for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed):
+    for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, values):
         out_a = dict(zip(run_a.names, _run(run_a, feeds)))
         out_b = dict(zip(run_b.names, _run(run_b, _check_feeds(feeds, b))))
         for na, nb in pairs:
             stats[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
-            shapes.setdefault(na, np.shape(out_a[na]))
+            out_shapes.setdefault(na, np.shape(out_a[na]))
         for lbl, outs in (("A", out_a), ("B", out_b)):
             for p in per_model[lbl]:
                 p.pre_stats.add(outs[p.pre])
@@ -471,7 +472,7 @@ def compare(
         n_batches += 1
     if n_batches == 0:
         raise NormactError("the data source gave no batches")
-    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", shapes.get(na, ())) for na, nb in pairs]
+    outputs = [stats[na].result(na if na == nb else f"{na} / {nb}", out_shapes.get(na, ())) for na, nb in pairs]
     site_rows = [p.result() for p in probes] + unreachable
     labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
     return CompareResult(outputs, site_rows, all(o["passed"] for o in outputs), atol, rtol, n_batches, runtimes, labels)
