@@ -124,7 +124,12 @@ def test_ir3_weights_listed_as_inputs_and_constant_subgraphs_are_constants():
     wshape = onnx.numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape")
     nodes = [
         helper.make_node("Relu", ["x"], ["r"]),
-        helper.make_node("ConstantOfShape", ["bshape"], ["b"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.25])),
+        helper.make_node(
+            "ConstantOfShape",
+            ["bshape"],
+            ["b"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1]),
+        ),
         helper.make_node("Constant", [], ["wf"], value=wflat),
         helper.make_node("Reshape", ["wf", "wshape"], ["w"]),
         helper.make_node("Conv", ["r", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
@@ -132,7 +137,6 @@ def test_ir3_weights_listed_as_inputs_and_constant_subgraphs_are_constants():
     inputs = [fvi("x", [2, 3, 6, 6]), helper.make_tensor_value_info("bshape", TensorProto.INT64, [1])]
     inputs.append(helper.make_tensor_value_info("wshape", TensorProto.INT64, [4]))
     m = tiny_model(nodes, inputs, [_out("y")], [shape, wshape], opset=9, ir=3)
-    m.graph.node[-2].CopyFrom(helper.make_node("Reshape", ["wf", "wshape"], ["w"]))
     out = _check_exact(m, RNG.standard_normal((2, 3, 6, 6)).astype(np.float32))
     assert out.ir_version == 3
     inputs = {i.name for i in out.graph.input}
