@@ -68,6 +68,7 @@ class RewriteResult:
     notes: list[str] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
     misses: list[dict[str, Any]] = field(default_factory=list)  # candidates that did not qualify, and why
+    whole_model: dict[str, Any] = field(default_factory=dict)  # the rewritten model against the original
 
     @property
     def rewritten(self) -> list[SiteOutcome]:
@@ -79,6 +80,7 @@ class RewriteResult:
             "notes": self.notes,
             "sites": [o.as_dict() for o in self.outcomes],
             "verification": self.verification,
+            "whole_model_check": self.whole_model or None,
         }
 
     def table(self) -> str:
@@ -240,8 +242,18 @@ def rewrite(
         result.notes.append("no activation sites found")
     if dry_run:
         return result if details else m
+    original = None
+    if verify and any(o.action == "rewritten" for o in outcomes) and not external_locations(m):
+        original = onnx.ModelProto()
+        original.CopyFrom(m)
     apply_plan(m, Plan(outcomes, method or {}, form, preserve_function), base_dir)
     clamp_ir(m)
+    if original is not None and result.rewritten:
+        result.whole_model = _whole_model_check(original, m, preserve_function)
+        if "skipped" in result.whole_model:
+            result.notes.append(f"whole-model check skipped: {result.whole_model['skipped']}")
+    elif verify and result.rewritten:
+        result.notes.append("external weights: the whole-model check needs the written files; run compare")
     if output is not None and result.rewritten:
         result.path = Path(output)
         result.verification = save_verified(m, result.path, path.parent if path else None, outcomes, verify)
@@ -262,6 +274,12 @@ def _method_constants(method: str, stats: Any, variant: str, q: float, ratio: fl
     if not isinstance(stats, CalibrationStats):
         stats = CalibrationStats.load(stats)
     return stats_constants(stats, method, variant=variant, q=q, ratio=ratio)
+
+
+def _whole_model_check(original: onnx.ModelProto, m: onnx.ModelProto, preserve: bool) -> dict[str, Any]:
+    from .verify import check_whole_model
+
+    return check_whole_model(original, m, preserve)
 
 
 def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:

@@ -159,7 +159,11 @@ SILU = Activation(
     derivative=lambda x: sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
     body=lambda b, x: b.op("Mul", x, b.op("Sigmoid", x)),
     ops=(OpForm("Swish", _read_swish, min_opset=24),),
-    patterns=(DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),),
+    patterns=(
+        DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),
+        # exporters of Swish(β) write the β even when it is 1 (a Swish with β ≠ 1 stays a Sigmoid gate)
+        DecomposedForm("x·Sigmoid(1·x)", node("Mul", X, node("Sigmoid", node("Mul", X, C(1.0), comm=True)), comm=True)),
+    ),
     summary="x·sigmoid(x) (Swish)",
     derivative_body=_silu_derivative_body,
 )

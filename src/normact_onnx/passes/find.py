@@ -193,13 +193,112 @@ def _skip_reason(site: Site, base_dir: str | None) -> str | None:
     c = site.container
     if site.output in c.outputs and c.parent is None and c.function is None:
         return "its output is a graph output"
+    head = _output_head(site, base_dir)
+    if head:
+        return head
     if site.activation.gate_like:
         for consumer in c.consumers.get(site.output, ()):
             if consumer.op_type in ("Mul", "Div") and len(consumer.input) == 2:
                 other = consumer.input[1] if consumer.input[0] == site.output else consumer.input[0]
                 if other != site.output and not _is_const(c, other, base_dir):
+                    swish = _swish_beta(c, site, other, base_dir)
+                    if swish is not None:
+                        return f"x·Sigmoid(β·x) with β = {swish:g}: a Swish with β ≠ 1 is not in the catalogue"
                     return f"multiplicative gate (feeds {consumer.op_type} '{consumer.name or consumer.output[0]}')"
     return None
+
+
+# Ops that carry no weights: a value passed through them to a graph output is still an output (a head)
+_WEIGHTLESS = frozenset(
+    {
+        "Reshape", "Concat", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Softmax", "LogSoftmax",
+        "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Split", "Expand", "Tile", "Resize", "Upsample",
+        "DepthToSpace", "SpaceToDepth", "Pad", "TopK", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Dropout",
+    }
+)
+_ARITHMETIC = frozenset(("Add", "Sub", "Mul", "Div", "Pow"))  # weightless when the other operand is a constant
+
+
+def _output_head(site: Site, base_dir: str | None) -> str | None:
+    """Why the site is an output head: its value reaches a graph output through weightless ops only."""
+    c = site.container
+    if c.parent is not None or c.function is not None:
+        return None
+    seen = {site.output}
+    frontier = [(site.output, [])]
+    while frontier:
+        value, path = frontier.pop()
+        for n in c.consumers.get(value, ()):
+            if n.domain not in STANDARD_DOMAINS:
+                continue
+            if n.op_type in _ARITHMETIC:
+                others = [i for i in n.input if i != value]
+                if not others or not all(_is_const(c, i, base_dir) for i in others):
+                    continue
+            elif n.op_type not in _WEIGHTLESS:
+                continue
+            for out in n.output:
+                if not out or out in seen:
+                    continue
+                seen.add(out)
+                if out in c.outputs:
+                    via = " → ".join(dict.fromkeys([*path, n.op_type]))
+                    return f"an output head: its value reaches graph output '{out}' through {via} only"
+                frontier.append((out, [*path, n.op_type]))
+    return None
+
+
+def _swish_beta(c: Container, site: Site, other: str, base_dir: str | None) -> float | None:
+    """β when the gate is Sigmoid(β·x) multiplying x itself: a Swish with β ≠ 1."""
+    if site.kind != "sigmoid":
+        return None
+    scaled = c.producer.get(site.input)
+    if scaled is None or scaled.op_type != "Mul" or other not in scaled.input:
+        return None
+    beta = [const_value(c, i, base_dir) for i in scaled.input if i != other]
+    if len(beta) != 1 or beta[0] is None or beta[0].size != 1:
+        return None
+    return float(beta[0].reshape(-1)[0])
+
+
+# What only a normalization's denominator does with a value: a clip of it there is a numerical guard
+_DENOMINATOR = frozenset(("Sqrt", "Reciprocal", "Log", "Rsqrt"))
+
+
+def _guard_reason(site: Site, base_dir: str | None) -> str | None:
+    """Why a clip-shaped site is a numerical guard, not an activation: its value only feeds denominators.
+
+    ``Max(0, E x² − (E x)²) + eps → Rsqrt`` (LayerNorm written by JAX/TF
+    exporters) clamps a variance; normalizing that clamp makes the square root
+    of a negative number.
+    """
+    if site.activation.clip_bounds is None:
+        return None
+    c = site.container
+    frontier, uses = [site.output], 0
+    while frontier:
+        value = frontier.pop()
+        if value in c.outputs:
+            return None
+        for n in c.consumers.get(value, ()):
+            uses += 1
+            if n.domain not in STANDARD_DOMAINS:
+                return None
+            if n.op_type in _DENOMINATOR or (n.op_type == "Div" and list(n.input).index(value) == 1):
+                continue
+            if n.op_type == "Pow" and len(n.input) == 2 and n.input[0] == value:
+                e = const_value(c, n.input[1], base_dir)
+                if e is not None and e.size == 1 and float(e.reshape(-1)[0]) in (-1.0, -0.5, 0.5):  # 1/x, 1/√x, √x
+                    continue
+                return None
+            eps = [i for i in n.input if i != value]
+            if n.op_type == "Add" and len(eps) == 1 and _is_const(c, eps[0], base_dir):
+                frontier.append(n.output[0])  # + eps
+                continue
+            return None
+    if not uses:
+        return None
+    return "a numerical guard: its value only feeds a normalization's denominator (Sqrt, Rsqrt, Reciprocal, a divisor)"
 
 
 def find_in_container(
@@ -275,6 +374,12 @@ def find_in_container(
                     }
                 )
 
+    guards = [(s, _guard_reason(s, base_dir)) for s in sites if s.normalized is None]
+    for s, why in guards:
+        if why:
+            sites.remove(s)
+            if misses is not None:
+                misses.append({"graph": c.path, "name": s.name, "op": s.root.op_type, "why": why})
     order = {id(n): i for i, n in enumerate(c.nodes)}
     sites.sort(key=lambda s: order[id(s.root)])
     for s in sites:
