@@ -193,7 +193,7 @@ def _skip_reason(site: Site, base_dir: str | None) -> str | None:
     c = site.container
     if site.output in c.outputs and c.parent is None and c.function is None:
         return "its output is a graph output"
-    head = _output_head(site, base_dir)
+    head = _output_head(site, base_dir) if site.normalized is None else None
     if head:
         return head
     if site.activation.gate_like:
@@ -214,20 +214,43 @@ _WEIGHTLESS = frozenset(
         "Reshape", "Concat", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Softmax", "LogSoftmax",
         "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Split", "Expand", "Tile", "Resize", "Upsample",
         "DepthToSpace", "SpaceToDepth", "Pad", "TopK", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Dropout",
+        "ReduceMean", "ReduceSum",
     }
 )
 _ARITHMETIC = frozenset(("Add", "Sub", "Mul", "Div", "Pow"))  # weightless when the other operand is a constant
+_PLAIN = frozenset(("Shape", "Size", "Constant", "Equal", "Greater", "Less", "Not"))  # bookkeeping in branches
 
 
 def _output_head(site: Site, base_dir: str | None) -> str | None:
     """Why the site is an output head: its value reaches a graph output through weightless ops only."""
-    c = site.container
-    if c.parent is not None or c.function is not None:
+    if site.container.function is not None:
         return None
-    seen = {site.output}
-    frontier = [(site.output, [])]
+    found = _head_path(site.container, site.output, base_dir, [])
+    if found is None:
+        return None
+    out, via = found
+    return f"an output head: its value reaches graph output '{out}' through {' → '.join(dict.fromkeys(via))} only"
+
+
+def _head_path(c: Container, start: str, base_dir: str | None, path: list[str]) -> tuple[str, list[str]] | None:
+    """(graph output, ops on the way) when ``start`` flows into a model output through weightless ops.
+
+    Inside an ``If`` branch, a branch output continues as the ``If`` node's output in the enclosing graph.
+    """
+    seen = {start}
+    frontier = [(start, path)]
     while frontier:
         value, path = frontier.pop()
+        if value in c.outputs:
+            if c.parent is None:
+                return value, path
+            if c.owner is not None and c.owner.op_type == "If" and c.graph is not None:
+                k = [o.name for o in c.graph.output].index(value)
+                if k < len(c.owner.output):
+                    found = _head_path(c.parent, c.owner.output[k], base_dir, [*path, "If"])
+                    if found is not None:
+                        return found
+            continue
         for n in c.consumers.get(value, ()):
             if n.domain not in STANDARD_DOMAINS:
                 continue
@@ -235,16 +258,15 @@ def _output_head(site: Site, base_dir: str | None) -> str | None:
                 others = [i for i in n.input if i != value]
                 if not others or not all(_is_const(c, i, base_dir) for i in others):
                     continue
+            elif n.op_type == "If" and value not in n.input:  # read inside the branches: follow if they are plain
+                if not all(m.op_type in _WEIGHTLESS | _PLAIN for a in n.attribute for m in a.g.node):
+                    continue
             elif n.op_type not in _WEIGHTLESS:
                 continue
             for out in n.output:
-                if not out or out in seen:
-                    continue
-                seen.add(out)
-                if out in c.outputs:
-                    via = " → ".join(dict.fromkeys([*path, n.op_type]))
-                    return f"an output head: its value reaches graph output '{out}' through {via} only"
-                frontier.append((out, [*path, n.op_type]))
+                if out and out not in seen:
+                    seen.add(out)
+                    frontier.append((out, [*path, n.op_type]))
     return None
 
 
@@ -263,6 +285,9 @@ def _swish_beta(c: Container, site: Site, other: str, base_dir: str | None) -> f
 
 # What only a normalization's denominator does with a value: a clip of it there is a numerical guard
 _DENOMINATOR = frozenset(("Sqrt", "Reciprocal", "Log", "Rsqrt"))
+_RESHAPING = frozenset(
+    ("Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Flatten", "Tile")
+)
 
 
 def _guard_reason(site: Site, base_dir: str | None) -> str | None:
@@ -285,6 +310,9 @@ def _guard_reason(site: Site, base_dir: str | None) -> str | None:
             if n.domain not in STANDARD_DOMAINS:
                 return None
             if n.op_type in _DENOMINATOR or (n.op_type == "Div" and list(n.input).index(value) == 1):
+                continue
+            if n.op_type in _RESHAPING and n.input[0] == value:  # a broadcast of the variance (tf2onnx)
+                frontier.append(n.output[0])
                 continue
             if n.op_type == "Pow" and len(n.input) == 2 and n.input[0] == value:
                 e = const_value(c, n.input[1], base_dir)
