@@ -108,7 +108,8 @@ def containers(model: onnx.ModelProto) -> list[Container]:
         out.append(c)
         for i, node in enumerate(c.nodes):
             for attr_name, g in _subgraphs(node):
-                label = node.name or f"{node.op_type}#{i}"
+                # an unnamed node is known by its first output: stable when passes insert nodes before it
+                label = node.name or f"{node.op_type}#{node.output[0] if node.output and node.output[0] else i}"
                 sub = Container(f"{c.path}/{label}.{attr_name}", g.node, graph=g, parent=c, owner=node)
                 sub.ir_version = model.ir_version
                 walk(sub, opset)

@@ -176,7 +176,8 @@ def check_whole_model(
     Fails when an output is NaN/Inf where the original's is finite (a guard
     normalized by mistake does that), and, for a function-preserving rewrite,
     when an output differs by more than ``tolerance`` of its scale and more
-    than ``NOISE_FACTOR`` times the model's own float noise. When the original
+    than ``NOISE_FACTOR`` times the model's own float noise (absolute ``tolerance``
+    for an output that is all zeros). When the original
     does not run on synthetic inputs, the check is skipped and says so.
     """
     from .ort import make_session
@@ -210,7 +211,7 @@ def check_whole_model(
             err = float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0))
             rel = err / max(scale, 1e-30)
             worst = max(worst, rel)
-            if err > max(tolerance * scale, NOISE_FACTOR * n):
+            if err > max(tolerance * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
                     f"(tolerance {tolerance:g}, float noise {n:.3g}); nothing written"

@@ -155,8 +155,8 @@ class Restore:
 
     def plan(self, c: Container, tensor: str, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray) -> Plan | str:
         label = f"{node.op_type} '{node.name or node.output[0]}'"
-        if tensor not in node.input:
-            return f"consumer {label} reads the value inside a subgraph"
+        if tensor not in node.input and not _renamable_in_subgraphs(node, tensor):
+            return f"consumer {label} reads the value inside a subgraph that also defines that name"
         producer = c.producer.get(tensor)
         if producer is None:
             return f"the value read by {label} is not computed in this graph"
@@ -177,6 +177,7 @@ class Restore:
                 for i, v in enumerate(n.input):
                     if v == tensor:
                         n.input[i] = name
+                _rename_in_subgraphs(n, tensor, name)
 
         return apply
 
@@ -208,6 +209,34 @@ class Restore:
             value = self.fresh(f"{tensor}_normact_restored")
             after.append(helper.make_node("Identity", [tensor], [value], name=value))
         return value
+
+
+def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs
+    ]
+
+
+def _renamable_in_subgraphs(node: onnx.NodeProto, name: str) -> bool:
+    """True when no subgraph of ``node`` defines ``name`` itself (so every use there is the outer value)."""
+    for g in _subgraphs_of(node):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+        if name in local or not all(_renamable_in_subgraphs(n, name) for n in g.node):
+            return False
+    return True
+
+
+def _rename_in_subgraphs(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Point every use of the outer value ``old`` inside ``node``'s subgraphs at ``new``."""
+    for g in _subgraphs_of(node):
+        for n in g.node:
+            for i, v in enumerate(n.input):
+                if v == old:
+                    n.input[i] = new
+            _rename_in_subgraphs(n, old, new)
+        for o in g.output:
+            if o.name == old:  # a branch that returns the outer value itself
+                o.name = new
 
 
 def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -88,8 +88,11 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             if why:
                 o.action, o.reason = "skipped", f"--preserve-function: {why}"
         todo = [o for o in todo if o.action == "rewritten"]
+        by_name = {t: n for (_, t), n in restore.made.items()}
         for o in todo:
             restored = restore.made.get((id(o.site.container), o.site.input))
+            if restored is None and not any(o.site.input in n.input for n in o.site.nodes):
+                restored = by_name.get(o.site.input)  # an outer value, renamed inside this subgraph
             if restored is not None:
                 read_as[id(o.site)] = o.site.input
                 o.site.input = restored
@@ -138,7 +141,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             if site.container.function is not None:
                 need_domain.append(site.container.function.opset_import)
         records.append(record)
-    for e in edits.values():
+    for e in reversed(list(edits.values())):  # subgraphs first: committing a graph copies the nodes holding them
         e.commit()
     _drop_unused_initializers(model, orphans)
     if any(o.form in ("function", "custom-op") for o in todo):
