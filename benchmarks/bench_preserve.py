@@ -110,7 +110,8 @@ def fold_row(e: dict, path: Path, work: Path) -> dict:
     env = {**os.environ}
     cli = [sys.executable, "-m", "normact_onnx.cli"]
     norm = work / f"{e['id']}.normact.onnx"
-    r = subprocess.run([*cli, "rewrite", str(path), "-o", str(norm), "--no-verify"], capture_output=True, text=True, env=env)
+    cmd = [*cli, "rewrite", str(path), "-o", str(norm), "--no-verify"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"fold_exit": None, "fold_message": "rewrite: " + r.stderr.strip()[:200]}
     r = subprocess.run(
