@@ -6,7 +6,8 @@ same name is the same size in every input: ``batch`` in ``input`` and in
 ``None``: exporters write those for unrelated sizes, so a 48×192 image input is
 not forced square). Sizes the user gives (``--shape``) fix the names they carry.
 Unresolved sizes: the batch size for the leading axis, 64 for the spatial axes
-of float inputs of rank ≥ 3 (images), 16 elsewhere.
+of float inputs of rank ≥ 3 (images), 512 for the second axis of a float input
+of rank 2 (a signal: audio frames need more than a few samples), 16 elsewhere.
 
 Values: floats N(0, 1); integers and booleans in {0, 1} (valid token ids,
 masks and segment ids alike), except scalar integer inputs named as a sample
@@ -27,6 +28,7 @@ from .errors import NormactError
 _MEANINGLESS = re.compile(r"^(\?|unk__\d+|none|-1|)$", re.IGNORECASE)
 _SAMPLE_RATE = re.compile(r"^(sr|sample_?rate|sampling_?rate)$", re.IGNORECASE)
 SPATIAL = 64
+SIGNAL = 512
 OTHER = 16
 SAMPLE_RATE = 16000
 
@@ -42,6 +44,8 @@ def _default(spec: Any, axis: int, batch_size: int) -> int:
         return batch_size
     if spec.dtype.kind == "f" and rank >= 3 and axis >= 2:
         return SPATIAL
+    if spec.dtype.kind == "f" and rank == 2 and axis == 1:
+        return SIGNAL
     return OTHER
 
 
