@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
+from ..catalogue.fused import FUSED
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
 
@@ -38,6 +39,7 @@ class Site:
     const_nodes: list[onnx.NodeProto] = field(default_factory=list)  # Constant nodes only this site reads
     normalized: dict[str, Any] | None = None  # prior rewrite's record, when already normalized
     skip: str | None = None  # why it is not rewritten by default (gate, graph output)
+    unfused: tuple[list[onnx.NodeProto], onnx.NodeProto] | None = None  # a fused op's (pre-activation, activation)
 
     @property
     def activation(self) -> Activation:
@@ -377,6 +379,13 @@ def find_in_container(
                 sites.append(site)
                 break
 
+    for node in c.nodes:  # ONNX Runtime's fused ops: the activation inside, when the catalogue reads it
+        split = FUSED.get((node.domain, node.op_type)) if id(node) not in claimed and node.output else None
+        site = _fused_site(c, node, split, base_dir, misses) if split is not None else None
+        if site is not None:
+            sites.append(site)
+            claimed.add(id(node))
+
     for node in c.nodes:
         if id(node) in claimed or not node.input or not node.output:
             continue
@@ -417,6 +426,27 @@ def find_in_container(
         if s.normalized is None:
             s.skip = _skip_reason(s, base_dir)
     return sites
+
+
+def _fused_site(
+    c: Container, node: onnx.NodeProto, split: Any, base_dir: str | None, misses: list[dict] | None
+) -> Site | None:
+    """The activation inside a fused op as a site whose input is the (not yet written) pre-activation."""
+    parts = split(node, f"{node.output[0]}__normact_pre")
+    why = parts if isinstance(parts, str) else None
+    if why is None:
+        pre, act = parts
+        for a, form in _OPS.get((act.domain or "", act.op_type), ()):
+            params = form.read(_View(act, c, base_dir))
+            if isinstance(params, str):
+                why = params
+                continue
+            site = Site(c, a.kind, params, [node], act.input[0], node.output[0], f"fused {node.op_type}({act.op_type})")
+            site.unfused = (pre, act)
+            return site
+    if why and misses is not None and not (node.op_type == "FastGelu" and why == "no bias to split off"):
+        misses.append({"graph": c.path, "name": node.name or node.output[0], "op": node.op_type, "why": why})
+    return None
 
 
 def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

@@ -18,6 +18,7 @@ from onnx import helper
 
 from .. import __version__
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
+from ..catalogue.fused import FUSED
 from ..graph import Container, default_opset, unique_namer
 from ..methods.static import Affine
 from ..types import infer_value_types
@@ -104,7 +105,12 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     need_domain: list[Any] = [model.opset_import]
     for o in todo:
         site, e = o.site, edits_for(o.site.container)
-        elem = types.elem_type(read_as.get(id(site), site.input))
+        elem = types.elem_type(site.output if site.unfused else read_as.get(id(site), site.input))
+        pre: list[onnx.NodeProto] = []
+        if site.unfused:  # a fused op: its layer written out, then the site (split now: preserve may have
+            # pointed the fused node at a restored input)
+            pre, act = FUSED[(site.root.domain, site.root.op_type)](site.root, site.input)
+            site.unfused = (pre, act)
         form = _choose_form(plan.form, model, opset, o, elem, fn_elem)
         o.form = form
         doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
@@ -120,19 +126,20 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         if form == "subgraph":
             f_name = fresh(f"{site.output}__normact_f")
             root = onnx.NodeProto()
-            root.CopyFrom(site.root)
+            root.CopyFrom(site.unfused[1] if site.unfused else site.root)
             root.output[0] = f_name
             b = LiteralBody(site.container.opset, f"{site.name}/normact_", elem, {}, False)
             affine_literal_tail(b, site.input, f_name, o.affine, out=site.output)
-            e.replace[id(site.root)] = [root, *b.nodes]
+            e.replace[id(site.root)] = [*pre, root, *b.nodes]
             record["act_output"] = f_name
         else:
             node = norm_node(site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc)
-            e.replace[id(site.root)] = [node]
+            e.replace[id(site.root)] = [*pre, node]
             for n in site.nodes[:-1] + site.const_nodes:
                 e.delete.add(id(n))
             e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
-            orphans.update(i for n in site.nodes for i in n.input if i != site.input)
+            if not pre:
+                orphans.update(i for n in site.nodes for i in n.input if i != site.input)
             if form == "function":
                 key = (NORM_DOMAIN, site.activation.op_name)
                 if key not in functions:
