@@ -112,3 +112,69 @@ def test_swish_with_beta(beta, kind):
         assert site["skipped"] is None and site["written_as"] == "pattern x·Sigmoid(1·x)"
     else:
         assert "Swish with β ≠ 1" in site["skipped"] and "1.702" in site["skipped"]
+
+
+def _ms_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    m = tiny_model(nodes, inputs, outputs, inits, opset=17)
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def _fused_cases():
+    rng = np.random.default_rng(0)
+    w = const("w", rng.standard_normal((4, 3, 3, 3)) * 0.5)
+    b = const("b", rng.standard_normal(4))
+    conv = helper.make_node(
+        "FusedConv", ["x", "w", "b", "z"], ["h"], domain="com.microsoft", activation="Relu", pads=[1, 1, 1, 1]
+    )
+    nxt = helper.make_node("Conv", ["h", "w2"], ["y"])
+    img = ([fvi("x", [2, 3, 5, 5]), fvi("z", [2, 4, 5, 5])], [fvi("y", [2, 2, 5, 5])])
+    yield "FusedConv(Relu)+Z", "relu", [conv, nxt], *img, [w, b, const("w2", rng.standard_normal((2, 4, 1, 1)))]
+    gemm = helper.make_node(
+        "FusedGemm", ["v", "g", "c"], ["h"], domain="com.microsoft", activation="LeakyRelu", activation_alpha=0.1
+    )
+    mm = helper.make_node("MatMul", ["h", "g2"], ["y"])
+    inits = [const("g", rng.standard_normal((4, 6))), const("c", rng.standard_normal(6))]
+    inits.append(const("g2", rng.standard_normal((6, 3))))
+    yield "FusedGemm(LeakyRelu)", "leaky_relu", [gemm, mm], [fvi("v", [2, 4])], [fvi("y", [2, 3])], inits
+    for op in ("BiasGelu", "FastGelu"):
+        fused = helper.make_node(op, ["v", "bias"], ["h"], domain="com.microsoft")
+        inits = [const("bias", rng.standard_normal(4)), const("g2", rng.standard_normal((4, 3)))]
+        yield (
+            op,
+            "gelu" if op == "BiasGelu" else "gelu_tanh",
+            [fused, mm],
+            [fvi("v", [2, 4])],
+            [fvi("y", [2, 3])],
+            inits,
+        )
+
+
+@pytest.mark.parametrize("case", list(_fused_cases()), ids=lambda c: c[0])
+def test_onnx_runtime_fused_ops_are_split_where_a_site_is_rewritten(case):
+    _, kind, nodes, inputs, outputs, inits = case
+    m = _ms_model(nodes, inputs, outputs, inits)
+    (site,) = inspect(m)
+    assert site["kind"].startswith(kind.split("_")[0]) and site["written_as"].startswith("fused ")
+    rng = np.random.default_rng(1)
+    feeds = {
+        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+        for i in inputs
+    }
+    untouched = rewrite(m, exclude=[site["kind"]])
+    assert [n.op_type for n in untouched.graph.node] == [n.op_type for n in m.graph.node]  # left fused
+    for form in ("function", "subgraph"):
+        out = rewrite(m, preserve_function=True, form=form)
+        fused = nodes[0]
+        assert not any(n.op_type == fused.op_type and list(n.input) == list(fused.input) for n in out.graph.node)
+        np.testing.assert_allclose(run_model(out, feeds)[0], run_model(m, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_quick_gelu_is_a_near_miss_with_the_reason():
+    nodes = [helper.make_node("QuickGelu", ["v"], ["h"], domain="com.microsoft", alpha=1.702)]
+    nodes.append(helper.make_node("MatMul", ["h", "g"], ["y"]))
+    m = _ms_model(nodes, [fvi("v", [2, 4])], [fvi("y", [2, 4])], [const("g", np.eye(4))])
+    res = rewrite(m, dry_run=True, details=True)
+    assert not res.outcomes
+    (miss,) = res.misses
+    assert miss["op"] == "QuickGelu" and "Swish with β ≠ 1" in miss["why"]
