@@ -137,6 +137,9 @@ def instrument(
         raise ValueError("fused statistics need the kernel library with statistics ops")
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    from ..passes.unfuse import split_fused_sites
+
+    split_fused_sites(m, base_dir)  # ONNX Runtime's fused ops: the pre-activation must exist to be measured
     sites = find_sites(m, base_dir)
     types = infer_value_types(m)
     fresh = unique_namer(m)
