@@ -38,7 +38,12 @@ _CUBE = alt(
     node("Pow", X, C(3.0)),
     node("Mul", X, node("Mul", X, X), comm=True),
 )
-_TANH_INNER = node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True)
+_JAX_CUBIC = node("Mul", X, C(GELU_CUBIC), comm=True)
+_TANH_INNER = alt(
+    node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True),
+    # jax (via jax2tf/tf2onnx): x + x·(x·(0.044715·x))
+    node("Add", X, node("Mul", X, node("Mul", X, _JAX_CUBIC, comm=True), comm=True), comm=True),
+)
 _TANH_ONE_PLUS = node("Add", node("Tanh", node("Mul", _TANH_INNER, C(SQRT_2_OVER_PI), comm=True)), C(1.0), comm=True)
 
 _CLIP_0_6 = alt(  # Clip(x+3, 0, 6): bounds as inputs (opset ≥ 11) or attributes (older)
