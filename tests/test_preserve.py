@@ -60,9 +60,10 @@ def test_gating_mul_and_concat_read_the_inverse_affine_written_in_front():
         helper.make_node("Conv", ["p", "ws"], ["g0"]),
         helper.make_node("Sigmoid", ["g0"], ["g"]),
         helper.make_node("Mul", ["r", "g"], ["m"]),
-        helper.make_node("Concat", ["m", "r"], ["y"], axis=1),
+        helper.make_node("Concat", ["m", "r"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["y"]),
     ]
-    inits = [_w("w1", 4, 3, 1, 1), _w("ws", 4, 4, 1, 1)]
+    inits = [_w("w1", 4, 3, 1, 1), _w("ws", 4, 4, 1, 1), _w("w2", 2, 8, 1, 1)]
     m = tiny_model(nodes, [fvi("x", [2, 3, 5, 5])], [_out("y")], inits)
     out = _check_exact(m, RNG.standard_normal((2, 3, 5, 5)).astype(np.float32), all_sites=False)
     restored = [n for n in out.graph.node if "normact_restore" in n.name]
