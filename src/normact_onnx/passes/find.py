@@ -258,7 +258,7 @@ def _head_path(c: Container, start: str, base_dir: str | None, path: list[str]) 
                 continue
             if n.op_type in _ARITHMETIC:
                 others = [i for i in n.input if i != value]
-                if not others or not all(_is_const(c, i, base_dir) for i in others):
+                if not others or not all(_known_const(c, i, base_dir) for i in others):
                     continue
             elif n.op_type == "If" and value not in n.input:  # read inside the branches: follow if they are plain
                 if not all(m.op_type in _WEIGHTLESS | _PLAIN for a in n.attribute for m in a.g.node):
@@ -270,6 +270,18 @@ def _head_path(c: Container, start: str, base_dir: str | None, path: list[str]) 
                     seen.add(out)
                     frontier.append((out, [*path, n.op_type]))
     return None
+
+
+def _known_const(c: Container, name: str, base_dir: str | None) -> bool:
+    """Whether ``name`` is a constant, without reading large initializers (their bytes are not needed here)."""
+    scope: Container | None = c
+    while scope is not None:
+        if name in scope.initializers:
+            return True
+        if name in scope.producer or name in scope.inputs:
+            break
+        scope = scope.parent
+    return const_value(c, name, base_dir) is not None
 
 
 def _swish_beta(c: Container, site: Site, other: str, base_dir: str | None) -> float | None:
