@@ -45,7 +45,8 @@ ORACLE = {
 
 
 def single_site(kind: str, width: int = 256):
-    """x → f → Identity → y: one hidden site (the Identity keeps f off the graph outputs)."""
+    """x → f → MatMul(I) → y: one hidden site (a layer after f: through an Identity alone f would be an output
+    head, skipped by default)."""
     opset = 17
     if kind == "silu":
         nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["a"])]
@@ -53,8 +54,9 @@ def single_site(kind: str, width: int = 256):
         nodes, opset = [helper.make_node("Gelu", ["x"], ["a"])], 20
     else:
         nodes = [helper.make_node(kind.capitalize(), ["x"], ["a"])]
-    nodes.append(helper.make_node("Identity", ["a"], ["y"]))
-    return tiny_model(nodes, [fvi("x", ["N", width])], [fvi("y", ["N", width])], opset=opset)
+    nodes.append(helper.make_node("MatMul", ["a", "eye"], ["y"]))
+    eye = onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "eye")
+    return tiny_model(nodes, [fvi("x", ["N", width])], [fvi("y", ["N", width])], [eye], opset=opset)
 
 
 def gaussian_batches(n: int = 20, rows: int = 512, width: int = 256, seed: int = 0, scale: float = 1.0):
@@ -290,7 +292,8 @@ BAD = [
     (["--data", "{not_npz}"], "not a readable .npz"),
     (["--data", "{empty_dir}"], "no .npz/.npy files"),
     (["--data", "{nowhere}"], "no such file or folder"),
-    (["--synthetic"], "input 'x' has shape [N, 16]: give its size with --shape x=1x16"),
+    (["--synthetic", "--value", "x"], "--value 'x': expected NAME=NUMBER"),
+    (["--synthetic", "--value", "z=1"], "--value z: the model has no such input"),
     (["--synthetic", "--shape", "x=2x15"], "expected shape [N, 16], given [2, 15]"),
     (["--synthetic", "--shape", "y=2x16"], "--shape y: the model has no such input"),
     (["--synthetic", "--shape", "x=2by16"], "expected NAME=D1xD2"),

@@ -91,6 +91,7 @@ class RewriteResult:
     notes: list[str] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
     misses: list[dict[str, Any]] = field(default_factory=list)  # candidates that did not qualify, and why
+    whole_model: dict[str, Any] = field(default_factory=dict)  # the rewritten model against the original
 
     @property
     def rewritten(self) -> list[SiteOutcome]:
@@ -102,6 +103,7 @@ class RewriteResult:
             "notes": self.notes,
             "sites": [o.as_dict() for o in self.outcomes],
             "verification": self.verification,
+            "whole_model_check": self.whole_model or None,
         }
 
     def table(self) -> str:
@@ -283,7 +285,7 @@ def rewrite(
             "q": q,
             **({"ratio": ratio} if ratio is not None else {}),
         }
-    with progress_bar(5 if verify else 4, "rewrite", progress, unit="stage") as bar:
+    with progress_bar(6 if verify else 4, "rewrite", progress, unit="stage") as bar:
         stage(bar, "loading")
         return _rewrite(
             model,
@@ -366,10 +368,21 @@ def _rewrite(
     if dry_run:
         return result if details else m
     had_external = bool(external_locations(m))  # its new weights go to external data too
+    original = None
+    if verify and any(o.action == "rewritten" for o in outcomes) and not had_external:
+        original = onnx.ModelProto()
+        original.CopyFrom(m)
     stage(bar, "rewriting")
     plan.outcomes = outcomes
     apply_plan(m, plan, base_dir)
     clamp_ir(m)
+    if original is not None and result.rewritten:
+        stage(bar, "checking the whole model")
+        result.whole_model = _whole_model_check(original, m, plan.preserve_function)
+        if "skipped" in result.whole_model:
+            result.notes.append(f"whole-model check skipped: {result.whole_model['skipped']}")
+    elif verify and result.rewritten:
+        result.notes.append("external weights: the whole-model check needs the written files; run compare")
     stage(bar, "writing and verifying" if verify else "writing")
     unchanged_copy = write_unchanged and not (path is not None and Path(output or "").resolve() == path.resolve())
     if output is not None and (result.rewritten or unchanged_copy):
@@ -451,6 +464,12 @@ def _load_stats(stats: Any) -> Any:
     from .calibration.stats import CalibrationStats
 
     return stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
+
+
+def _whole_model_check(original: onnx.ModelProto, m: onnx.ModelProto, preserve: bool) -> dict[str, Any]:
+    from .verify import check_whole_model
+
+    return check_whole_model(original, m, preserve)
 
 
 def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:

@@ -378,18 +378,11 @@ def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
 
 
 def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
-    """Synthetic sizes for symbolic dims not given: the first is the batch, the others 8."""
+    """Synthetic sizes for symbolic dims not given (the shared rules of :mod:`.synthetic`)."""
     from .calibration.readers import model_inputs
+    from .synthetic import resolve_shapes
 
-    out = dict(given)
-    for spec in model_inputs(model.proto):
-        if spec.name in out or spec.shape is None:
-            continue
-        if not all(isinstance(d, int) and d > 0 for d in spec.shape):
-            out[spec.name] = [
-                d if isinstance(d, int) and d > 0 else (batch_size if k == 0 else 8) for k, d in enumerate(spec.shape)
-            ]
-    return out
+    return resolve_shapes(model_inputs(model.proto), given, batch_size)
 
 
 def _data(
@@ -402,6 +395,7 @@ def _data(
     seed: int,
     split: int | None = None,
     images: Any = None,
+    values: Any = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
     from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
@@ -412,7 +406,7 @@ def _data(
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
     source = open_source(
-        data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed, images=images
+        data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed, values=values, images=images
     )
     if source.headers is not None:
         for where, header in source.headers():
@@ -587,6 +581,7 @@ def compare(
     images: Any = None,
     ray: bool | str | None = None,
     workers: int = 2,
+    values: Any = None,
 ) -> CompareResult:
     """Run A and B on the same inputs and compare every output (A is the reference).
 
@@ -598,8 +593,8 @@ def compare(
     folders with ``images`` options), or None with
     ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
     ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
-    ``batch_size`` for the first and 8 for the others. ``progress``: a bar on stderr when it is a
-    terminal.
+    ``batch_size`` for the first and 8 for the others, by the rules of :mod:`.synthetic` (``values``:
+    ``{"sr": 16000}`` fills an input). ``progress``: a bar on stderr when it is a terminal.
 
     ``ray`` (or a ``ray.data.Dataset`` as ``data``): the batches run on Ray Data
     actors (``workers``), each holding both models; their tallies merge exactly
@@ -631,7 +626,7 @@ def compare(
     tally = comparison.empty()
     bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
     try:
-        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, None, images):
+        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, None, images, values):
             comparison.tally(feeds, tally)
             bar.update()
     finally:
@@ -649,6 +644,7 @@ def measure_sites(
     batch_size: int = 2,
     seed: int = 0,
     split: int | None = None,
+    values: Any = None,
     providers: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Each normalized site's property measured in ``model`` as written, on ``data``.
@@ -663,7 +659,7 @@ def measure_sites(
     probes, unreachable = _site_probes(m)
     runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
-    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split):
+    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split, None, values):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
             p.pre_stats.add(outs[p.pre])

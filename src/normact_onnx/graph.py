@@ -38,6 +38,7 @@ class Container:
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)
     inputs: set[str] = field(default_factory=set)
+    ir_version: int = 0  # below 4, a graph's initializers are also listed as its inputs (defaults, not overrides)
 
     @property
     def opset(self) -> int:
@@ -109,10 +110,13 @@ def containers(model: onnx.ModelProto) -> list[Container]:
         out.append(c)
         for i, node in enumerate(c.nodes):
             for attr_name, g in _subgraphs(node):
-                label = node.name or f"{node.op_type}#{i}"
-                walk(Container(f"{c.path}/{label}.{attr_name}", g.node, graph=g, parent=c, owner=node), opset)
+                # an unnamed node is known by its first output: stable when passes insert nodes before it
+                label = node.name or f"{node.op_type}#{node.output[0] if node.output and node.output[0] else i}"
+                sub = Container(f"{c.path}/{label}.{attr_name}", g.node, graph=g, parent=c, owner=node)
+                sub.ir_version = model.ir_version
+                walk(sub, opset)
 
-    walk(Container("main", model.graph.node, graph=model.graph), opset)
+    walk(Container("main", model.graph.node, graph=model.graph, ir_version=model.ir_version), opset)
     for f in model.functions:
         walk(Container(f"function {f.domain}::{f.name}", f.node, function=f), default_opset(f.opset_import))
     return out
@@ -148,17 +152,70 @@ def tensor_size(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
+_SHAPING = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _computed_constant(
+    scope: Container, node: onnx.NodeProto, base_dir: str | None, limit: int | None, depth: int
+) -> np.ndarray | None:
+    """A constant that a small constant subgraph computes: ``ConstantOfShape`` and reshapes of constants.
+
+    Exporters write weights this way (a zero bias as ``ConstantOfShape``, a
+    ``Constant`` reshaped to the layer's layout); they are constants as much as
+    initializers are.
+    """
+    if node.op_type == "ConstantOfShape":
+        shape = _const(scope, node.input[0], base_dir, None, depth + 1) if node.input else None
+        if shape is None or (limit is not None and int(np.prod(shape)) > limit):
+            return None
+        attr = next((a for a in node.attribute if a.name == "value"), None)
+        fill = numpy_helper.to_array(attr.t) if attr is not None else np.zeros(1, np.float32)
+        return np.full([int(d) for d in shape], fill.reshape(-1)[0], dtype=fill.dtype)
+    data = _const(scope, node.input[0], base_dir, limit, depth + 1) if node.input else None
+    if data is None:
+        return None
+    if node.op_type == "Flatten":
+        axis = int(attr_value(node, "axis", 1)) % max(data.ndim, 1)
+        return data.reshape(int(np.prod(data.shape[:axis])), -1)
+    axes = attr_value(node, "axes")
+    if len(node.input) > 1 and node.input[1]:
+        arg = _const(scope, node.input[1], base_dir, None, depth + 1)
+        if arg is None:
+            return None
+        axes = [int(v) for v in np.ravel(arg)]
+    if node.op_type == "Reshape":
+        if axes is None:
+            return None
+        shape = [data.shape[i] if d == 0 and not attr_value(node, "allowzero", 0) else d for i, d in enumerate(axes)]
+        return data.reshape(shape)
+    if node.op_type == "Squeeze":
+        return np.squeeze(data, axis=tuple(axes)) if axes else np.squeeze(data)
+    out_rank = data.ndim + len(axes or ())
+    return np.expand_dims(data, tuple(a % out_rank for a in axes)) if axes else None
+
+
 def const_value(c: Container, name: str, base_dir: str | None = None, limit: int | None = SMALL_CONST):
     """The value of ``name`` if it is a constant visible from ``c`` (None otherwise).
 
     Tensors over ``limit`` elements are not read (None), so matching never touches weights.
     """
+    return _const(c, name, base_dir, limit, 0)
+
+
+def _const(c: Container, name: str, base_dir: str | None, limit: int | None, depth: int) -> np.ndarray | None:
+    if depth > 8:  # constant subgraphs are short; deeper chains are computations
+        return None
     scope: Container | None = c
     while scope is not None:
         node = scope.producer.get(name)
+        if node is not None and node.op_type in ("ConstantOfShape", *_SHAPING) and node.domain in ("", "ai.onnx"):
+            try:
+                return _computed_constant(scope, node, base_dir, limit, depth)
+            except (ValueError, IndexError):  # an inconsistent constant subgraph is not ours to judge
+                return None
         if node is not None and node.op_type in ("Identity", "Cast") and node.domain in ("", "ai.onnx"):
             # converters often write a constant through Identity or a Cast (tf2onnx, paddle2onnx)
-            value = const_value(scope, node.input[0], base_dir, limit) if node.input else None
+            value = _const(scope, node.input[0], base_dir, limit, depth + 1) if node.input else None
             if value is None or node.op_type == "Identity":
                 return value
             to = attr_value(node, "to")

@@ -139,3 +139,84 @@ def _chain(c: Any, x: str, root: onnx.NodeProto, order: dict[int, int]) -> list[
             if i and i != x and p is not None:
                 stack.append(p)
     return sorted(wanted, key=lambda n: order[id(n)])
+
+
+NOISE_FACTOR = 10.0  # outputs may differ by this multiple of the model's own float noise
+
+
+def float_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> list[float]:
+    """How far ``model``'s outputs move when ONNX Runtime's graph optimizations are switched off.
+
+    Fusions reorder float operations, so this is the rounding noise the model
+    itself carries on these inputs: a rewrite that moves outputs by a small
+    multiple of it has not changed what the model computes.
+    """
+    from .ort import make_session
+
+    plain = make_session(model.SerializeToString(), optimize=False).run(None, feeds)
+    return [float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0)) for a, b in zip(outputs, plain)]
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    return np.nan_to_num(x.astype(np.float64)) if np.issubdtype(x.dtype, np.number) else np.zeros(x.shape)
+
+
+def probe_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch of synthetic inputs by the shared rules (:mod:`normact_onnx.synthetic`)."""
+    from .calibration.readers import model_inputs
+    from .synthetic import resolve_shapes, synthetic_batch
+
+    specs = model_inputs(model)
+    return synthetic_batch(specs, resolve_shapes(specs, {}, 1), np.random.default_rng(seed))
+
+
+def check_whole_model(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, preserve: bool, tolerance: float = 1e-4
+) -> dict[str, Any]:
+    """Run the whole rewritten model against the original on probe inputs; raise when it broke.
+
+    Fails when an output is NaN/Inf where the original's is finite (a guard
+    normalized by mistake does that), and, for a function-preserving rewrite,
+    when an output differs by more than ``tolerance`` of its scale and more
+    than ``NOISE_FACTOR`` times the model's own float noise (absolute ``tolerance``
+    for an output that is all zeros). When the original
+    does not run on synthetic inputs, the check is skipped and says so.
+    """
+    from .ort import make_session
+
+    try:
+        feeds = probe_feeds(original)
+        want = make_session(original.SerializeToString()).run(None, feeds)
+    except Exception as e:
+        return {"skipped": f"the original model does not run on synthetic inputs ({str(e).splitlines()[0][:200]})"}
+    try:
+        got = make_session(rewritten.SerializeToString()).run(None, feeds)
+    except Exception as e:
+        raise NormactError(f"verification failed: the rewritten model does not run: {str(e).splitlines()[0]}") from None
+    names = [o.name for o in original.graph.output]
+    noise = float_noise(original, feeds, want) if preserve else [0.0] * len(want)
+    worst = 0.0
+    for name, a, b, n in zip(names, want, got, noise):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise NormactError(f"verification failed: output {name!r} has shape {b.shape}, the original's {a.shape}")
+        if not np.issubdtype(a.dtype, np.inexact):
+            continue
+        broken = np.isfinite(a) & ~np.isfinite(b)
+        if np.any(broken):
+            raise NormactError(
+                f"verification failed: output {name!r} is NaN/Inf at {int(broken.sum())} of {a.size} values where "
+                "the original's is finite; nothing written"
+            )
+        if preserve:
+            scale = float(np.max(np.abs(_f64(a)), initial=0.0))
+            err = float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0))
+            rel = err / max(scale, 1e-30)
+            worst = max(worst, rel)
+            if err > max(tolerance * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
+                raise NormactError(
+                    f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
+                    f"(tolerance {tolerance:g}, float noise {n:.3g}); nothing written"
+                )
+    return {"outputs": names, "max_rel_to_scale": worst} if preserve else {"outputs": names}

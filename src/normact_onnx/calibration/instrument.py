@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
+from ..passes.unfuse import split_fused_sites
 from ..types import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized
 from .stats import Moments, merge_cross
@@ -154,6 +155,7 @@ def instrument(
         raise ValueError("fused statistics need the kernel library with statistics ops")
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    split_fused_sites(m, base_dir)  # ONNX Runtime's fused ops: the pre-activation must exist to be measured
     sites = find_sites(m, base_dir)
     types = infer_value_types(m)
     fresh = unique_namer(m)

@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import NormactError
+from ..synthetic import meaningful
 
 Batch = dict[str, np.ndarray]
 Dim = int | str | None
@@ -94,7 +95,7 @@ def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...]
                 f"{where}: input {spec.name!r}: expected shape {spec.describe()}, given {_fmt_shape(shape)}"
             )
         for want, got in zip(spec.shape, shape):
-            if isinstance(want, str) and want:
+            if meaningful(want):  # '?', 'unk__3': unrelated sizes the exporter did not name
                 seen = sizes.setdefault(want, (got, spec.name))
                 if seen[0] != got:
                     raise NormactError(
@@ -339,38 +340,26 @@ def parse_shapes(items: Iterable[str] | dict[str, Any] | None) -> dict[str, list
     return out
 
 
-def synthetic_source(specs: list[InputSpec], shapes: dict[str, list[int]], batches: int, seed: int = 0) -> Source:
-    """N(0, 1) floats; integers in {0, 1} (valid token ids, masks and segment ids alike)."""
-    unknown = sorted(set(shapes) - {s.name for s in specs})
-    if unknown:
-        raise NormactError(f"--shape {unknown[0]}: the model has no such input ({', '.join(s.name for s in specs)})")
-    concrete: dict[str, list[int]] = {}
+def synthetic_source(
+    specs: list[InputSpec],
+    shapes: dict[str, list[int]],
+    batches: int,
+    seed: int = 0,
+    values: dict[str, float] | None = None,
+    batch_size: int = 1,
+) -> Source:
+    """Synthetic inputs by the shared rules of :mod:`normact_onnx.synthetic` (N(0, 1) floats, 0/1 integers)."""
+    from ..synthetic import resolve_shapes, synthetic_batch
+
     for s in specs:
         if s.name in shapes:
-            got = shapes[s.name]
-            check_header([s], {s.name: (tuple(got), s.dtype)}, "--shape")
-            concrete[s.name] = got
-        elif s.shape is not None and all(isinstance(d, int) and d > 0 for d in s.shape):
-            concrete[s.name] = list(s.shape)
-        else:
-            example = "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in (s.shape or [1]))
-            raise NormactError(
-                f"input {s.name!r} has shape {s.describe()}: give its size with --shape {s.name}={example}"
-            )
+            check_header([s], {s.name: (tuple(shapes[s.name]), s.dtype)}, "--shape")
+    concrete = resolve_shapes(specs, shapes, batch_size)
 
     def gen() -> Iterator[tuple[str, Batch]]:
         rng = np.random.default_rng(seed)
         for i in range(batches):
-            b: Batch = {}
-            for s in specs:
-                shape = concrete[s.name]
-                if s.dtype.kind == "f":
-                    b[s.name] = rng.standard_normal(shape).astype(s.dtype)
-                elif s.dtype.kind == "b":
-                    b[s.name] = rng.integers(0, 2, shape).astype(bool)
-                else:
-                    b[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
-            yield f"synthetic batch {i}", b
+            yield f"synthetic batch {i}", synthetic_batch(specs, concrete, rng, values)
 
     desc = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in concrete.items())
     return Source(f"synthetic N(0,1) {desc}", gen, total=batches)
@@ -384,6 +373,7 @@ def open_source(
     shapes: Any = None,
     batches: int | None = None,
     seed: int = 0,
+    values: Any = None,
     images: Any = None,
 ) -> Source:
     """Whatever the user gave → a :class:`Source` (``images``: a rows.ImageOptions for image folders)."""
@@ -394,7 +384,9 @@ def open_source(
     if synthetic:
         if data is not None:
             raise NormactError("give either --data or --synthetic, not both")
-        return synthetic_source(specs, parse_shapes(shapes), batches or 10, seed)
+        from ..synthetic import parse_values
+
+        return synthetic_source(specs, parse_shapes(shapes), batches or 10, seed, parse_values(values), batch_size or 1)
     if data is None:
         raise NormactError("no calibration data: give --data PATH or --synthetic")
     if isinstance(data, str | os.PathLike):

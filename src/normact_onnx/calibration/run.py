@@ -75,6 +75,7 @@ def collect(
     synthetic: bool = False,
     shapes: Any = None,
     seed: int = 0,
+    values: Any = None,
     per_channel: bool = False,
     providers: list[str] | None = None,
     progress: bool = False,
@@ -92,7 +93,7 @@ def collect(
     src, path = load_model_like(model)
     base_dir = model_folder(path)
     specs = model_inputs(src)
-    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed, images=images)
+    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed, values, images=images)
     if source.headers is not None:  # files: every batch checked before the first run
         for i, (where, header) in enumerate(source.headers()):
             if batches is not None and i >= batches:
@@ -351,6 +352,7 @@ def calibrate(
     synthetic: bool = False,
     shapes: Any = None,
     seed: int = 0,
+    values: Any = None,
     per_channel: bool = False,
     lambda_rule: str = "anact",
     centered_rho: bool = False,
@@ -442,6 +444,7 @@ def calibrate(
             synthetic=synthetic,
             shapes=shapes,
             seed=seed,
+            values=values,
             per_channel=per_channel,
             providers=providers,
             progress=progress,

@@ -38,7 +38,12 @@ _CUBE = alt(
     node("Pow", X, C(3.0)),
     node("Mul", X, node("Mul", X, X), comm=True),
 )
-_TANH_INNER = node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True)
+_JAX_CUBIC = node("Mul", X, C(GELU_CUBIC), comm=True)
+_TANH_INNER = alt(
+    node("Add", X, node("Mul", _CUBE, C(GELU_CUBIC), comm=True), comm=True),
+    # jax (via jax2tf/tf2onnx): x + x·(x·(0.044715·x))
+    node("Add", X, node("Mul", X, node("Mul", X, _JAX_CUBIC, comm=True), comm=True), comm=True),
+)
 _TANH_ONE_PLUS = node("Add", node("Tanh", node("Mul", _TANH_INNER, C(SQRT_2_OVER_PI), comm=True)), C(1.0), comm=True)
 
 _CLIP_0_6 = alt(  # Clip(x+3, 0, 6): bounds as inputs (opset ≥ 11) or attributes (older)
@@ -159,7 +164,11 @@ SILU = Activation(
     derivative=lambda x: sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
     body=lambda b, x: b.op("Mul", x, b.op("Sigmoid", x)),
     ops=(OpForm("Swish", _read_swish, min_opset=24),),
-    patterns=(DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),),
+    patterns=(
+        DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),
+        # exporters of Swish(β) write the β even when it is 1 (a Swish with β ≠ 1 stays a Sigmoid gate)
+        DecomposedForm("x·Sigmoid(1·x)", node("Mul", X, node("Sigmoid", node("Mul", X, C(1.0), comm=True)), comm=True)),
+    ),
     summary="x·sigmoid(x) (Swish)",
     derivative_body=_silu_derivative_body,
 )

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         synthetic=args.synthetic,
         shapes=args.shape,
         seed=args.seed,
+        values=args.value,
         per_channel=args.per_channel,
         lambda_rule=args.lambda_rule,
         centered_rho=args.centered_rho,

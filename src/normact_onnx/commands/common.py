@@ -39,7 +39,7 @@ def add_data_source(
     batch_size: int | None = None,
     shape_default: str = "",
 ) -> argparse._ArgumentGroup:
-    """Where sample inputs come from (calibrate, compare): --data or --synthetic, and how many batches."""
+    """Where sample inputs come from (calibrate, compare, fold): --data or --synthetic, and how many batches."""
     d = p.add_argument_group(title)
     d.add_argument(
         "--data",
@@ -52,6 +52,13 @@ def add_data_source(
         action="append",
         metavar="NAME=D1xD2…",
         help=f"shape of a synthetic input with symbolic dimensions (repeatable), e.g. x=1x3x224x224{shape_default}",
+    )
+    d.add_argument(
+        "--value",
+        action="append",
+        metavar="NAME=V",
+        help="fill a synthetic input with V (repeatable), e.g. sr=16000 (default: floats N(0,1), integers 0/1, "
+        "a scalar sample rate input 16000)",
     )
     d.add_argument("--batches", type=int, default=batches, help=batches_help)
     d.add_argument("--batch-size", type=int, default=batch_size, help=batch_size_help)

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         batch_size=2,
         batches_help="synthetic batches (default 4)",
         batch_size_help="synthetic batch size for symbolic dims (default 2)",
-        shape_default=" (default: symbolic dims = batch size, then 8)",
+        shape_default=" (default: a dimension's name fixes its size across inputs; the leading one is the batch "
+        "size, image axes 64, others 16)",
     )
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         images=image_options(args),
         ray=args.ray,
         workers=args.workers,
+        values=args.value,
     )
     if args.json:
         print_json(result.report())

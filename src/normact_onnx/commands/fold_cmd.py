@@ -6,10 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from ..deploy import DEFAULT_TOLERANCE, TOLERANCE_EPS, fold
+from ..deploy import EPS_FLOOR, NOISE_FACTOR, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
-from .common import add_no_verify, add_output_path, add_quiet, check_outputs, output_path, print_json, table
+from .common import (
+    add_data_source,
+    add_no_verify,
+    add_output_path,
+    add_quiet,
+    check_outputs,
+    output_path,
+    print_json,
+    table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
     add_no_verify(p, "checker, ORT load and the folded-vs-unfolded check")
+    add_data_source(
+        p,
+        "self-check inputs (default: synthetic)",
+        batches=2,
+        batch_size=1,
+        batches_help="batches for the self-check (default 2)",
+        batch_size_help="synthetic batch size for symbolic dims (default 1)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
-        help="self-check: largest output difference relative to the output's scale (default: "
-        f"{DEFAULT_TOLERANCE:g} for float32 outputs, {TOLERANCE_EPS} rounding steps of float16/bfloat16 ones)",
+        default=None,
+        help="self-check: largest output difference, as a fraction of the output's scale (default: derived from "
+        f"the model: {NOISE_FACTOR:g}× its own float noise on the same inputs, i.e. how far its outputs move when "
+        f"ONNX Runtime's graph optimizations are switched off, and at least {EPS_FLOOR} machine epsilons of the "
+        "output type (at most 1%%) times the output's scale)",
     )
     p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -52,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         padding=args.padding,
         nodes=args.nodes,
         verify=not args.no_verify,
+        data=args.data,
+        synthetic=args.synthetic,
+        shapes=args.shape,
+        values=args.value,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
         tolerance=args.tolerance,
         in_place=args.in_place,
         write_unchanged=args.output is not None,
@@ -75,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
         print(table(rows, ["site", "kind", "graph", "action", "why"]))
     print(f"\n{len(result.folded)} folded, {len(result.kept)} kept")
     if result.check:
-        print(f"self-check: folded vs unfolded within {result.check['max_rel_to_scale']:.2g} of the output scale")
+        c = result.check
+        print(
+            f"self-check ({c['batches']} {'synthetic ' if c['synthetic'] else ''}batch(es)): folded vs unfolded "
+            f"within {c['max_rel_to_scale']:.2g} of the output scale (allowed {c['allowed_rel_to_scale']:.2g}, "
+            f"{'--tolerance' if c['rule'] == 'tolerance' else 'from the float noise'})"
+        )
     if result.path is not None:
         what = "" if result.folded else "an unchanged copy, "
         print(f"wrote {what}{result.path}" + ("" if args.no_verify else " (verified)"))

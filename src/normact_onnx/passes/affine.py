@@ -9,7 +9,9 @@ reading ``u'`` computes exactly what reading ``u`` did. Both directions use it:
 - ``fold``: the site goes back to plain f; consumers used y = s·f − s·h, so
   a = s, c = −s·h.
 
-Exact for Gemm, MatMul (+Add) and Conv. A Conv that pads with zeros sees
+Exact for Gemm, MatMul (+Add), Conv and ConvTranspose (its scale; the shift of a
+ConvTranspose input does not move into its bias, since output positions sum
+different numbers of inputs, so it stays as an op in front). A Conv that pads with zeros sees
 zeros of ``u``, which are not zeros of ``u'`` once there is an offset; the
 ``padding`` strategy says what to do there (docs/math.md §3.3): ``"refuse"``, ``"pad"``
 (an explicit ``Pad`` of ``u'`` with the value that stands for u = 0, then the
@@ -18,7 +20,12 @@ scale; the shift off/a added in front of that Conv by a depthwise 1×1 ``Conv``
 with weight 1: exact, one elementwise op). ``"free"`` (:data:`FREE`, internal):
 insert no op at all, refuse instead. ``"pad"`` falls back to ``"keep-shift"`` when that value
 differs per channel (Pad takes one scalar). Shared weights are copied, never
-changed in place for the other users.
+changed in place for the other users. ``Shape``/``Size`` consumers need nothing.
+
+With a :class:`Restore` (``rewrite --preserve-function``), a consumer that
+cannot absorb the map (a gating ``Mul``, a ``Concat``, a residual ``Add``, a
+nonlinearity) reads ``a·u' + c`` written explicitly in front of it (``Mul`` and
+``Add``, shared by every such consumer of the value): exact for any consumer.
 
 The producer side (:func:`plan_produce`) is the mirror image: make the layer
 that computes ``t`` compute ``a·t + c`` instead (Conv, Gemm, MatMul (+ Add) with
@@ -84,7 +91,9 @@ class _Weights:
                 return
         producer = self.c.producer.get(old)
         users = self.c.consumers.get(old, [])
-        exclusive = old and len(users) == 1 and old not in self.c.outputs and old not in self.c.inputs
+        # an initializer listed as a graph input is a default below IR 4 (the convention then), an override above
+        overridable = old in self.c.inputs and not (self.c.ir_version < 4 and old in self.c.initializers)
+        exclusive = old and len(users) == 1 and old not in self.c.outputs and not overridable
         if exclusive and old in self.c.initializers:
             edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
             return
@@ -136,6 +145,103 @@ def _set_input(edits: Edits, node: onnx.NodeProto, index: int, name: str) -> Non
 ABSORB_BLOCK = 1 << 22  # float64 elements per block of _absorb_matmul_like (32 MB)
 
 
+class Restore:
+    """Writes ``u = a·u' + c`` explicitly for consumers that cannot absorb it (one ``Mul``/``Add`` per value).
+
+    ``made`` maps each value to the name of its restored copy, per container, so
+    the caller can point rewritten sites that read the value at the copy.
+    """
+
+    def __init__(self, types: Any, fresh: Callable[[str], str]) -> None:
+        self.types, self.fresh = types, fresh
+        self.made: dict[tuple[int, str], str] = {}
+
+    def plan(self, c: Container, tensor: str, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray) -> Plan | str:
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        if tensor not in node.input and not _renamable_in_subgraphs(node, tensor):
+            return f"consumer {label} reads the value inside a subgraph that also defines that name"
+        producer = c.producer.get(tensor)
+        if producer is None:
+            return f"the value read by {label} is not computed in this graph"
+        elem = self.types.elem_type(tensor)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        if dtype.kind != "f":
+            return f"the value read by {label} is not a float tensor"
+        shape = self.types.shape.get(tensor)
+        if (a.ndim or off.ndim) and (shape is None or len(shape) < 2):
+            return f"per-channel constants need the rank of the value read by {label}"
+        key = (id(c), tensor)
+
+        def apply(edits: Edits) -> None:
+            name = self.made.get(key)
+            if name is None:
+                name = self.made[key] = self._write(edits, c, tensor, producer, a, off, dtype, shape)
+            for n in (node, *edits.replace.get(id(node), ())):
+                for i, v in enumerate(n.input):
+                    if v == tensor:
+                        n.input[i] = name
+                _rename_in_subgraphs(n, tensor, name)
+
+        return apply
+
+    def _write(
+        self,
+        edits: Edits,
+        c: Container,
+        tensor: str,
+        producer: onnx.NodeProto,
+        a: np.ndarray,
+        off: np.ndarray,
+        dtype: np.dtype,
+        shape: list | None,
+    ) -> str:
+        def laid_out(v: np.ndarray) -> np.ndarray:
+            return v.reshape((-1,) + (1,) * (len(shape) - 2)) if v.ndim else v
+
+        value = tensor
+        after = edits.after.setdefault(id(producer), [])
+        for op, v, skip in (("Mul", a, 1.0), ("Add", off, 0.0)):
+            if np.all(v == skip):
+                continue
+            k = self.fresh(f"{tensor}_normact_restore_{op.lower()}")
+            edits.add_constant(k, laid_out(v).astype(dtype), producer)
+            out = self.fresh(f"{tensor}_normact_restored")
+            after.append(helper.make_node(op, [value, k], [out], name=self.fresh(f"{tensor}_normact_restore_{op}")))
+            value = out
+        if value == tensor:  # a = 1, c = 0: an Identity keeps the bookkeeping simple
+            value = self.fresh(f"{tensor}_normact_restored")
+            after.append(helper.make_node("Identity", [tensor], [value], name=value))
+        return value
+
+
+def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs
+    ]
+
+
+def _renamable_in_subgraphs(node: onnx.NodeProto, name: str) -> bool:
+    """True when no subgraph of ``node`` defines ``name`` itself (so every use there is the outer value)."""
+    for g in _subgraphs_of(node):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+        if name in local or not all(_renamable_in_subgraphs(n, name) for n in g.node):
+            return False
+    return True
+
+
+def _rename_in_subgraphs(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Point every use of the outer value ``old`` inside ``node``'s subgraphs at ``new``."""
+    for g in _subgraphs_of(node):
+        for n in g.node:
+            for i, v in enumerate(n.input):
+                if v == old:
+                    n.input[i] = new
+            _rename_in_subgraphs(n, old, new)
+        for o in g.output:
+            if o.name == old:  # a branch that returns the outer value itself
+                o.name = new
+
+
 def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """W scaled along its input-feature axis (in W's dtype), and the bias term Σ_k c_k·W_k (float64).
 
@@ -174,7 +280,19 @@ _TRANSPARENT = {
     "Squeeze": "per_tensor",
     "Unsqueeze": "per_tensor",
     "ReduceMean": "per_tensor",
+    # value-moving ops: every output element is one input element (or, for Resize linear/cubic, a
+    # combination whose weights sum to 1, which an affine map commutes with)
+    "Resize": "per_tensor",
+    "Upsample": "per_tensor",
+    "Split": "per_tensor",
+    "Slice": "per_tensor",
+    "Gather": "per_tensor",
+    "Expand": "per_tensor",
+    "Tile": "per_tensor",
+    "DepthToSpace": "per_tensor",
+    "SpaceToDepth": "per_tensor",
 }
+_SHAPE_ONLY = ("Shape", "Size")  # read the shape, never the values
 
 
 def plan_absorb(
@@ -188,17 +306,19 @@ def plan_absorb(
     *,
     edits: Edits | None = None,
     residual: bool = False,
+    restore: Restore | None = None,
 ) -> Plan | str:
     """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not.
 
-    Pooling and reshaping ops in between are looked through: the affine map
-    commutes with them, and the layers after them absorb it. ``edits``: the
-    pending edits the plan will be applied to (so weights earlier plans changed
+    Pooling, reshaping and value-moving ops in between are looked through: the
+    affine map commutes with them, and the layers after them absorb it. ``edits``:
+    the pending edits the plan will be applied to (so weights earlier plans changed
     are read as changed). ``residual``: carry the map through an ``Add`` whose
     other operand's layer can absorb (1/a, off/a) (see the module docstring).
+    ``restore``: consumers that cannot absorb read the map written explicitly.
     """
     a, off = _vector(a), _vector(off)
-    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh, edits), fresh, padding, residual)
+    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh, edits), fresh, padding, residual, restore)
 
 
 def plan_produce(
@@ -230,6 +350,7 @@ def _plan_tensor(
     fresh: Callable[[str], str],
     padding: str,
     residual: bool = False,
+    restore: Restore | None = None,
 ) -> Plan | str:
     if tensor in c.outputs:
         return "the value is a graph output"
@@ -237,13 +358,16 @@ def _plan_tensor(
     if not consumers:
         return "the value has no consumer"
     plans: list[Plan] = []
-    for node in consumers:
-        rule = _TRANSPARENT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
-            why = _transparent_blocker(node, rule, a, off)
-            plan = why or _plan_tensor(c, node.output[0], a, off, weights, fresh, padding, residual)
-            if not why and any(o and c.consumers.get(o) for o in node.output[1:]):
-                plan = f"consumer {node.op_type} '{node.name}' has a second output in use"
+    unique = list({id(n): n for n in consumers}.values())  # a node reading the value twice is one consumer
+    for node in unique:
+        standard = node.domain in ("", "ai.onnx")
+        rule = _TRANSPARENT.get(node.op_type) if standard else None
+        if standard and node.op_type in _SHAPE_ONLY and tensor in node.input:
+            plan: Plan | str = _nothing
+        elif rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
+            plan = _transparent_blocker(node, rule, a, off) or _plan_through(
+                c, node, a, off, weights, fresh, padding, residual, restore
+            )
         elif (
             residual
             and node.op_type == "Add"
@@ -254,6 +378,44 @@ def _plan_tensor(
             plan = _plan_through_add(c, node, tensor, a, off, weights, fresh, padding)
         else:
             plan = _plan_one(c, node, tensor, a, off, weights, fresh, padding)
+        if isinstance(plan, str) and restore is not None:
+            plan = restore.plan(c, tensor, node, a, off)
+        if isinstance(plan, str):
+            return plan
+        plans.append(plan)
+
+    def apply(edits: Edits) -> None:
+        for p in plans:
+            p(edits)
+
+    return apply
+
+
+def _nothing(edits: Edits) -> None:
+    """A consumer that reads only the value's shape: nothing to change."""
+
+
+def _plan_through(
+    c: Container,
+    node: onnx.NodeProto,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: str,
+    residual: bool,
+    restore: Restore | None,
+) -> Plan | str:
+    """The map passes through ``node`` (it commutes with it): its outputs' consumers take it."""
+    outputs = [o for o in node.output if o] if node.op_type == "Split" else node.output[:1]
+    for extra in node.output[len(outputs) :] if node.op_type != "Split" else ():
+        if extra and (c.consumers.get(extra) or extra in c.outputs):
+            return f"consumer {node.op_type} '{node.name}' has a second output in use"
+    plans = []
+    for o in outputs:
+        if not c.consumers.get(o) and o not in c.outputs:
+            continue
+        plan = _plan_tensor(c, o, a, off, weights, fresh, padding, residual, restore)
         if isinstance(plan, str):
             return plan
         plans.append(plan)
@@ -409,6 +571,8 @@ def _transparent_blocker(node: onnx.NodeProto, rule: str, a: np.ndarray, off: np
         return f"per-channel constants do not pass through {label}"
     if rule == "pads" and any(attr_value(node, "pads", [0])) and attr_value(node, "count_include_pad", 0):
         return f"{label} averages padded zeros (count_include_pad=1)"
+    if node.op_type == "Resize" and attr_value(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
+        return f"{label} fills outside its crop with a constant"
     return None
 
 
@@ -423,9 +587,9 @@ def _plan_one(
     padding: str,
 ) -> Plan | str:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
-    linear = node.op_type in ("Gemm", "MatMul", "Conv") and node.domain in ("", "ai.onnx")
+    linear = node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose") and node.domain in ("", "ai.onnx")
     if not linear or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
-        return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv fold)"
+        return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv, ConvTranspose fold)"
     w = weights.read(node.input[1])
     if w is None:
         return f"consumer {label} has no constant weight"
@@ -535,7 +699,48 @@ def _plan_one(
                 _explicit_shift(edits, node, pre_add, w, fresh)
 
         return conv
+    if node.op_type == "ConvTranspose":
+        return _plan_conv_transpose(node, label, w, a, off, weights, fresh, padding)
     raise AssertionError(node.op_type)
+
+
+def _plan_conv_transpose(
+    node: onnx.NodeProto,
+    label: str,
+    w: np.ndarray,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: str,
+) -> Plan | str:
+    """Weight [C_in, C_out/group, k…]: the scale runs along axis 0. The shift cannot go into the bias.
+
+    Output position p sums x over the input positions whose kernel window covers
+    p, and how many those are depends on p (strides, borders), so Σ off·W is not
+    one number per output channel. The shift stays in front (u = a·(u' + off/a)),
+    like ``"keep-shift"`` for a padded Conv.
+    """
+    if w.ndim < 3:
+        return f"consumer {label}: unexpected weight rank"
+    c_in = w.shape[0]
+    if any(v.ndim and v.shape[0] != c_in for v in (a, off)):
+        return f"consumer {label}: constants do not match its input channels"
+    has_shift = bool(np.any(off != 0))
+    if has_shift and padding not in PADDING[:2]:
+        return f"consumer {label}: a shift does not fold into a ConvTranspose (one op would be inserted)"
+    if has_shift and np.any(a == 0):
+        return f"consumer {label}: the scale has a zero"
+    shift = off / a if has_shift else None
+    expand = (slice(None),) + (None,) * (w.ndim - 1)
+
+    def convt(edits: Edits) -> None:
+        w = weights.read(node.input[1], edits)
+        weights.write(edits, node, 1, w.astype(np.float64) * np.broadcast_to(a, (c_in,))[expand], w)
+        if shift is not None:
+            _explicit_shift(edits, node, shift, w, fresh, channels=c_in)
+
+    return convt
 
 
 def _explicit_input(
@@ -553,14 +758,19 @@ def _explicit_input(
 
 
 def _explicit_shift(
-    edits: Edits, node: onnx.NodeProto, shift: np.ndarray, w: np.ndarray, fresh: Callable[[str], str]
+    edits: Edits,
+    node: onnx.NodeProto,
+    shift: np.ndarray,
+    w: np.ndarray,
+    fresh: Callable[[str], str],
+    channels: int | None = None,
 ) -> None:
     """``u' + shift`` (per channel) in front of ``node``, written as a depthwise 1×1 ``Conv`` (weight 1, bias shift).
 
     Exact (x·1 + b is the Add), and on ONNX Runtime CPU it stays in the blocked
     convolution layout, where a broadcast ``Add`` costs two layout reorders.
     """
-    channels = w.shape[1] * int(attr_value(node, "group", 1))
+    channels = channels or w.shape[1] * int(attr_value(node, "group", 1))
     k = w.ndim - 2
     base = node.name or node.output[0]
     names = [fresh(f"{base}_normact_shift_w"), fresh(f"{base}_normact_shift")]

@@ -26,6 +26,7 @@ class Edits:
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)  # new or replaced, by name
     drop_initializers: set[str] = field(default_factory=set)
     drop_value_info: set[str] = field(default_factory=set)
+    declare: list[onnx.ValueInfoProto] = field(default_factory=list)  # new graph inputs for IR < 4 initializers
 
     @property
     def empty(self) -> bool:
@@ -34,9 +35,12 @@ class Edits:
     def add_constant(self, name: str, value: np.ndarray, anchor: onnx.NodeProto) -> None:
         """A new constant visible to ``anchor``: an initializer in graphs, a Constant node in functions."""
         tensor = numpy_helper.from_array(value, name)
-        if self.container.graph is not None:
+        c = self.container
+        if c.graph is not None and (c.ir_version >= 4 or c.parent is None):
             self.initializers[name] = tensor
-        else:
+            if c.ir_version < 4:  # the checker wants every initializer listed as a graph input below IR 4
+                self.declare.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        else:  # functions, and subgraphs below IR 4 (whose inputs are the loop's or branch's own)
             self.before.setdefault(id(anchor), []).append(
                 helper.make_node("Constant", [], [name], name=name, value=tensor)
             )
@@ -70,6 +74,9 @@ class Edits:
                     del new
             while self.initializers:
                 g.initializer.add().CopyFrom(self.initializers.pop(next(iter(self.initializers))))
+            if self.declare:
+                g.input.extend(self.declare)
+                self.declare = []
             if self.drop_value_info:
                 vi = [_detached(v) for v in g.value_info if v.name not in self.drop_value_info]
                 del g.value_info[:]

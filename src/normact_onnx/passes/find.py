@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
+from ..catalogue.fused import FUSED
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
 
@@ -38,6 +39,7 @@ class Site:
     const_nodes: list[onnx.NodeProto] = field(default_factory=list)  # Constant nodes only this site reads
     normalized: dict[str, Any] | None = None  # prior rewrite's record, when already normalized
     skip: str | None = None  # why it is not rewritten by default (gate, graph output)
+    unfused: tuple[list[onnx.NodeProto], onnx.NodeProto] | None = None  # a fused op's (pre-activation, activation)
 
     @property
     def activation(self) -> Activation:
@@ -188,13 +190,152 @@ def _skip_reason(site: Site, base_dir: str | None) -> str | None:
     c = site.container
     if site.output in c.outputs and c.parent is None and c.function is None:
         return "its output is a graph output"
+    head = _output_head(site, base_dir) if site.normalized is None else None
+    if head:
+        return head
     if site.activation.gate_like:
         for consumer in c.consumers.get(site.output, ()):
             if consumer.op_type in ("Mul", "Div") and len(consumer.input) == 2:
                 other = consumer.input[1] if consumer.input[0] == site.output else consumer.input[0]
                 if other != site.output and not _is_const(c, other, base_dir):
+                    swish = _swish_beta(c, site, other, base_dir)
+                    if swish is not None:
+                        return f"x·Sigmoid(β·x) with β = {swish:g}: a Swish with β ≠ 1 is not in the catalogue"
                     return f"multiplicative gate (feeds {consumer.op_type} '{consumer.name or consumer.output[0]}')"
     return None
+
+
+# Ops that carry no weights: a value passed through them to a graph output is still an output (a head)
+_WEIGHTLESS = frozenset(
+    {
+        "Reshape", "Concat", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Softmax", "LogSoftmax",
+        "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Split", "Expand", "Tile", "Resize", "Upsample",
+        "DepthToSpace", "SpaceToDepth", "Pad", "TopK", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Dropout",
+        "ReduceMean", "ReduceSum",
+    }
+)
+_ARITHMETIC = frozenset(("Add", "Sub", "Mul", "Div", "Pow"))  # weightless when the other operand is a constant
+_PLAIN = frozenset(("Shape", "Size", "Constant", "Equal", "Greater", "Less", "Not"))  # bookkeeping in branches
+
+
+def _output_head(site: Site, base_dir: str | None) -> str | None:
+    """Why the site is an output head: its value reaches a graph output through weightless ops only."""
+    if site.container.function is not None:
+        return None
+    found = _head_path(site.container, site.output, base_dir, [])
+    if found is None:
+        return None
+    out, via = found
+    return f"an output head: its value reaches graph output '{out}' through {' → '.join(dict.fromkeys(via))} only"
+
+
+def _head_path(c: Container, start: str, base_dir: str | None, path: list[str]) -> tuple[str, list[str]] | None:
+    """(graph output, ops on the way) when ``start`` flows into a model output through weightless ops.
+
+    Inside an ``If`` branch, a branch output continues as the ``If`` node's output in the enclosing graph.
+    """
+    seen = {start}
+    frontier = [(start, path)]
+    while frontier:
+        value, path = frontier.pop()
+        if value in c.outputs:
+            if c.parent is None:
+                return value, path
+            if c.owner is not None and c.owner.op_type == "If" and c.graph is not None:
+                k = [o.name for o in c.graph.output].index(value)
+                if k < len(c.owner.output):
+                    found = _head_path(c.parent, c.owner.output[k], base_dir, [*path, "If"])
+                    if found is not None:
+                        return found
+            continue
+        for n in c.consumers.get(value, ()):
+            if n.domain not in STANDARD_DOMAINS:
+                continue
+            if n.op_type in _ARITHMETIC:
+                others = [i for i in n.input if i != value]
+                if not others or not all(_known_const(c, i, base_dir) for i in others):
+                    continue
+            elif n.op_type == "If" and value not in n.input:  # read inside the branches: follow if they are plain
+                if not all(m.op_type in _WEIGHTLESS | _PLAIN for a in n.attribute for m in a.g.node):
+                    continue
+            elif n.op_type not in _WEIGHTLESS:
+                continue
+            for out in n.output:
+                if out and out not in seen:
+                    seen.add(out)
+                    frontier.append((out, [*path, n.op_type]))
+    return None
+
+
+def _known_const(c: Container, name: str, base_dir: str | None) -> bool:
+    """Whether ``name`` is a constant, without reading large initializers (their bytes are not needed here)."""
+    scope: Container | None = c
+    while scope is not None:
+        if name in scope.initializers:
+            return True
+        if name in scope.producer or name in scope.inputs:
+            break
+        scope = scope.parent
+    return const_value(c, name, base_dir) is not None
+
+
+def _swish_beta(c: Container, site: Site, other: str, base_dir: str | None) -> float | None:
+    """β when the gate is Sigmoid(β·x) multiplying x itself: a Swish with β ≠ 1."""
+    if site.kind != "sigmoid":
+        return None
+    scaled = c.producer.get(site.input)
+    if scaled is None or scaled.op_type != "Mul" or other not in scaled.input:
+        return None
+    beta = [const_value(c, i, base_dir) for i in scaled.input if i != other]
+    if len(beta) != 1 or beta[0] is None or beta[0].size != 1:
+        return None
+    return float(beta[0].reshape(-1)[0])
+
+
+# What only a normalization's denominator does with a value: a clip of it there is a numerical guard
+_DENOMINATOR = frozenset(("Sqrt", "Reciprocal", "Log", "Rsqrt"))
+_RESHAPING = frozenset(
+    ("Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Flatten", "Tile")
+)
+
+
+def _guard_reason(site: Site, base_dir: str | None) -> str | None:
+    """Why a clip-shaped site is a numerical guard, not an activation: its value only feeds denominators.
+
+    ``Max(0, E x² − (E x)²) + eps → Rsqrt`` (LayerNorm written by JAX/TF
+    exporters) clamps a variance; normalizing that clamp makes the square root
+    of a negative number.
+    """
+    if site.activation.clip_bounds is None:
+        return None
+    c = site.container
+    frontier, uses = [site.output], 0
+    while frontier:
+        value = frontier.pop()
+        if value in c.outputs:
+            return None
+        for n in c.consumers.get(value, ()):
+            uses += 1
+            if n.domain not in STANDARD_DOMAINS:
+                return None
+            if n.op_type in _DENOMINATOR or (n.op_type == "Div" and list(n.input).index(value) == 1):
+                continue
+            if n.op_type in _RESHAPING and n.input[0] == value:  # a broadcast of the variance (tf2onnx)
+                frontier.append(n.output[0])
+                continue
+            if n.op_type == "Pow" and len(n.input) == 2 and n.input[0] == value:
+                e = const_value(c, n.input[1], base_dir)
+                if e is not None and e.size == 1 and float(e.reshape(-1)[0]) in (-1.0, -0.5, 0.5):  # 1/x, 1/√x, √x
+                    continue
+                return None
+            eps = [i for i in n.input if i != value]
+            if n.op_type == "Add" and len(eps) == 1 and _is_const(c, eps[0], base_dir):
+                frontier.append(n.output[0])  # + eps
+                continue
+            return None
+    if not uses:
+        return None
+    return "a numerical guard: its value only feeds a normalization's denominator (Sqrt, Rsqrt, Reciprocal, a divisor)"
 
 
 def find_in_container(
@@ -248,6 +389,13 @@ def find_in_container(
                 sites.append(site)
                 break
 
+    for node in node_list:  # ONNX Runtime's fused ops: the activation inside, when the catalogue reads it
+        split = FUSED.get((node.domain, node.op_type)) if id(node) not in claimed and node.output else None
+        site = _fused_site(c, node, split, base_dir, misses) if split is not None else None
+        if site is not None:
+            sites.append(site)
+            claimed.add(id(node))
+
     for node in node_list:
         if id(node) in claimed or not node.input or not node.output:
             continue
@@ -275,6 +423,12 @@ def find_in_container(
                     }
                 )
 
+    guards = [(s, _guard_reason(s, base_dir)) for s in sites if s.normalized is None]
+    for s, why in guards:
+        if why:
+            sites.remove(s)
+            if misses is not None:
+                misses.append({"graph": c.path, "name": s.name, "op": s.root.op_type, "why": why})
     sites.sort(key=lambda s: order[id(s.root)])
     for s in sites:
         if s.normalized is None and s.output in normalized_outputs:
@@ -283,6 +437,27 @@ def find_in_container(
         if s.normalized is None:
             s.skip = _skip_reason(s, base_dir)
     return sites
+
+
+def _fused_site(
+    c: Container, node: onnx.NodeProto, split: Any, base_dir: str | None, misses: list[dict] | None
+) -> Site | None:
+    """The activation inside a fused op as a site whose input is the (not yet written) pre-activation."""
+    parts = split(node, f"{node.output[0]}__normact_pre")
+    why = parts if isinstance(parts, str) else None
+    if why is None:
+        pre, act = parts
+        for a, form in _OPS.get((act.domain or "", act.op_type), ()):
+            params = form.read(_View(act, c, base_dir))
+            if isinstance(params, str):
+                why = params
+                continue
+            site = Site(c, a.kind, params, [node], act.input[0], node.output[0], f"fused {node.op_type}({act.op_type})")
+            site.unfused = (pre, act)
+            return site
+    if why and misses is not None and not (node.op_type == "FastGelu" and why == "no bias to split off"):
+        misses.append({"graph": c.path, "name": node.name or node.output[0], "op": node.op_type, "why": why})
+    return None
 
 
 def _exclusive_const_nodes(c: Container, names: tuple[str, ...], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

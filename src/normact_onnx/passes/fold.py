@@ -139,7 +139,7 @@ def fold_sites(
     for s in sites:
         o = _fold_one(s, base_dir, fresh, padding, types.elem_type(s.input), edits)
         outcomes.append(o)
-    for e in edits.values():
+    for e in reversed(list(edits.values())):  # subgraphs first: committing a graph copies the nodes holding them
         e.commit()
     if any(o.action == "folded" for o in outcomes):
         _drop_unused_functions(model)

@@ -18,10 +18,11 @@ from onnx import helper
 
 from .. import __version__
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
+from ..catalogue.fused import FUSED
 from ..graph import Container, default_opset, unique_namer
 from ..methods.static import Affine
 from ..types import infer_value_types
-from .affine import plan_absorb
+from .affine import Restore, plan_absorb
 from .edits import Edits
 from .find import META_SITES, Site, recorded_sites
 from .forms import (
@@ -79,14 +80,24 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     def edits_for(c: Container) -> Edits:
         return edits.setdefault(id(c), Edits(c))
 
+    types = infer_value_types(model)
+    read_as: dict[int, str] = {}  # sites whose input is now the explicit inverse of an earlier site's affine
     if plan.preserve_function:
+        restore = Restore(types, fresh)
         for o in todo:
-            why = _preserve(o, base_dir, fresh, edits_for)
+            why = _preserve(o, base_dir, fresh, edits_for, restore)
             if why:
                 o.action, o.reason = "skipped", f"--preserve-function: {why}"
         todo = [o for o in todo if o.action == "rewritten"]
+        by_name = {t: n for (_, t), n in restore.made.items()}
+        for o in todo:
+            restored = restore.made.get((id(o.site.container), o.site.input))
+            if restored is None and not any(o.site.input in n.input for n in o.site.nodes):
+                restored = by_name.get(o.site.input)  # an outer value, renamed inside this subgraph
+            if restored is not None:
+                read_as[id(o.site)] = o.site.input
+                o.site.input = restored
 
-    types = infer_value_types(model)
     functions: dict[str, onnx.FunctionProto] = {(f.domain, f.name): f for f in model.functions}
     fn_elem: dict[str, int | None] = {}
     records = recorded_sites(model)
@@ -94,7 +105,12 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     need_domain: list[Any] = [model.opset_import]
     for o in todo:
         site, e = o.site, edits_for(o.site.container)
-        elem = types.elem_type(site.input)
+        elem = types.elem_type(site.output if site.unfused else read_as.get(id(site), site.input))
+        pre: list[onnx.NodeProto] = []
+        if site.unfused:  # a fused op: its layer written out, then the site (split now: preserve may have
+            # pointed the fused node at a restored input)
+            pre, act = FUSED[(site.root.domain, site.root.op_type)](site.root, site.input)
+            site.unfused = (pre, act)
         form = _choose_form(plan.form, model, opset, o, elem, fn_elem)
         o.form = form
         doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
@@ -110,19 +126,20 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         if form == "subgraph":
             f_name = fresh(f"{site.output}__normact_f")
             root = onnx.NodeProto()
-            root.CopyFrom(site.root)
+            root.CopyFrom(site.unfused[1] if site.unfused else site.root)
             root.output[0] = f_name
             b = LiteralBody(site.container.opset, f"{site.name}/normact_", elem, {}, False)
             affine_literal_tail(b, site.input, f_name, o.affine, out=site.output)
-            e.replace[id(site.root)] = [root, *b.nodes]
+            e.replace[id(site.root)] = [*pre, root, *b.nodes]
             record["act_output"] = f_name
         else:
             node = norm_node(site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc)
-            e.replace[id(site.root)] = [node]
+            e.replace[id(site.root)] = [*pre, node]
             for n in site.nodes[:-1] + site.const_nodes:
                 e.delete.add(id(n))
             e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
-            orphans.update(i for n in site.nodes for i in n.input if i != site.input)
+            if not pre:
+                orphans.update(i for n in site.nodes for i in n.input if i != site.input)
             if form == "function":
                 key = (NORM_DOMAIN, site.activation.op_name)
                 if key not in functions:
@@ -131,7 +148,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             if site.container.function is not None:
                 need_domain.append(site.container.function.opset_import)
         records.append(record)
-    for e in edits.values():
+    for e in reversed(list(edits.values())):  # subgraphs first: committing a graph copies the nodes holding them
         e.commit()
     _drop_unused_initializers(model, orphans)
     if any(o.form in ("function", "custom-op") for o in todo):
@@ -167,9 +184,18 @@ def _choose_form(
 
 
 def _preserve(
-    o: SiteOutcome, base_dir: str | None, fresh: Callable[[str], str], edits_for: Callable[[Container], Edits]
+    o: SiteOutcome,
+    base_dir: str | None,
+    fresh: Callable[[str], str],
+    edits_for: Callable[[Container], Edits],
+    restore: Restore,
 ) -> str | None:
-    """Fold the inverse of the site's affine into its consumers, or say why that is not exact."""
+    """Fold the inverse of the site's affine into its consumers, or say why that is not exact.
+
+    Exact everywhere: a padded Conv gets an explicit ``Pad`` with the value that
+    stands for zero, and a consumer that cannot absorb the inverse (a gating
+    ``Mul``, a ``Concat``, a nonlinearity) reads it written explicitly in front.
+    """
     aff = o.affine
     if np.any(np.asarray(aff.slope) != 0):
         return "slope ≠ 0 (zeta-zero/ratio variant): the inverse needs the pre-activation"
@@ -182,6 +208,9 @@ def _preserve(
         aff.shift,
         base_dir,
         fresh,
+        "pad",
+        edits=edits_for(o.site.container),
+        restore=restore,
     )
     if isinstance(plan, str):
         return plan
