@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..methods.static import VARIANTS
+from ..training.losses import LOSSES
 from .common import add_anact_options, add_selection, print_json
 
 
@@ -25,7 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--labels", default="y", help="name of the labels array in --data/--val (default y)")
     d.add_argument("--val", help="validation .npz (same keys), evaluated after each epoch")
     t = p.add_argument_group("training")
-    t.add_argument("--loss", choices=("cross-entropy", "mse"), default="cross-entropy")
+    t.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="cross-entropy",
+        help="cross-entropy (labels: class indices, [N] or [N, T] for sequence outputs), bce (targets in [0, 1] "
+        "shaped like the output) or mse; a Softmax/Sigmoid output is trained on its input (the logits)",
+    )
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -22,9 +22,9 @@ import onnx
 from ..errors import NormactError
 from . import require_training
 from .graph import MAX_TRAIN_IR, STATS_OUTPUT, TrainGraph
+from .losses import LOSS_OUTPUT, find_head, with_loss
 
 OPTIMIZERS = ("adamw", "sgd")
-LABEL_INPUTS = {"cross-entropy": "labels", "mse": "target"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,14 @@ def _quiet_native_stderr() -> Iterator[list[str]]:
             captured.append(sink.read().decode(errors="replace"))
 
 
-def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", weight_decay: float = 0.0) -> Artifacts:
+def generate(
+    tg: TrainGraph,
+    folder: Path,
+    loss: str,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    output_rank: int | None = None,
+) -> Artifacts:
     """Build the artifacts: loss on ``tg.output``; the output and the site statistics kept as extra outputs."""
     training = require_training()
     from onnxruntime.training import artifacts as art
@@ -86,12 +93,12 @@ def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", 
 
     if optimizer not in OPTIMIZERS:
         raise NormactError(f"unknown --optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    label = LABEL_INPUTS[loss]
-    if label in tg.data_inputs:
-        raise NormactError(f"the model has an input named {label!r}, which the {loss} loss needs for its labels")
+    head = find_head(tg.model, tg.output, loss)
+    if head.label in tg.data_inputs:
+        raise NormactError(f"the model has an input named {head.label!r}, which the {loss} loss needs for its labels")
     if not tg.trainable:
         raise NormactError("the model has no trainable weights (no float initializers read by a layer)")
-    loss_type = art.LossType.CrossEntropyLoss if loss == "cross-entropy" else art.LossType.MSELoss
+    model = with_loss(tg.model, head, output_rank)
     optim = art.OptimType.SGD if optimizer == "sgd" else onnxblock.optim.AdamW(weight_decay=weight_decay)
     folder.mkdir(parents=True, exist_ok=True)
     extra = [tg.output] + ([STATS_OUTPUT] if tg.anact_sites else [])
@@ -102,13 +109,13 @@ def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", 
     try:
         with _quiet_native_stderr():
             art.generate_artifacts(
-                tg.model,
+                model,
                 requires_grad=tg.trainable,
                 frozen_params=frozen,
-                loss=loss_type,
+                loss=None,  # the loss is in the graph already (losses.with_loss), in the model's opset
                 optimizer=optim,
                 artifact_directory=str(folder),
-                loss_input_names=[tg.output],
+                loss_input_names=[LOSS_OUTPUT],
                 additional_output_names=extra,
             )
     except Exception as e:

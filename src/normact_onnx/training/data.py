@@ -18,8 +18,7 @@ import onnx
 from onnx import helper
 
 from ..errors import NormactError
-
-LOSSES = ("cross-entropy", "mse")
+from .losses import LOSSES
 
 
 @dataclass
@@ -151,7 +150,11 @@ def check_labels(ds: Dataset, loss: str, output_name: str, output_shape: tuple[i
                 ds.labels = y.reshape(-1, 1)
             else:
                 raise NormactError(
-                    f"--loss mse wants targets shaped like output {output_name!r} ({('N', *per_sample)}); "
+                    f"--loss {loss} wants targets shaped like output {output_name!r} ({('N', *per_sample)}); "
                     f"labels have shape {y.shape}"
                 )
         ds.labels = ds.labels.astype(np.float32)
+        if loss == "bce" and ds.labels.size and not (ds.labels.min() >= 0 and ds.labels.max() <= 1):
+            raise NormactError(
+                f"--loss bce wants targets in [0, 1]; labels range over [{ds.labels.min():g}, {ds.labels.max():g}]"
+            )

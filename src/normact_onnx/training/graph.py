@@ -40,6 +40,7 @@ from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..types import FLOAT_TYPES, infer_value_types
+from .prepare import Preparation, is_weight_input, lift_weight_constants, prepare
 
 LAMBDA_INPUT = "normact_lambda"
 MU_INPUT = "normact_mu"
@@ -50,7 +51,6 @@ ALPHA_AMPLITUDE = 0.3  # y = (λ + 0.3·tanh α)(f − μ): the paper's bounded 
 MAX_TRAIN_IR = 10  # onnxruntime-training 1.19 reads IR ≤ 10
 MAX_TRAIN_OPSET = 21  # … and opsets ≤ 21
 METHODS = ("anact", "static", "none")
-WEIGHTED_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose", "LayerNormalization", "InstanceNormalization"}
 
 
 @dataclass
@@ -86,6 +86,7 @@ class TrainGraph:
     trainable: list[str]
     method: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, why) left as they are
+    prepared: Preparation = field(default_factory=Preparation)  # ops rewritten for training, opset raised
 
     @property
     def anact_sites(self) -> list[TrainSite]:
@@ -167,26 +168,28 @@ def trainable_copy(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelPr
 
 
 def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
-    """Float initializers that are weights: read by a weighted op, or a non-scalar tensor (biases, scales).
+    """Float initializers that are weights (see :data:`WEIGHT_INPUTS`), minus those ``freeze`` matches.
 
-    Scalars read by elementwise ops are constants of the computation (0.5 in a GELU,
-    epsilons), and BatchNormalization's running mean/variance are statistics, not weights.
+    Everything else, ``Constant`` nodes and shape-computing values included, is frozen: ONNX Runtime
+    then never builds a gradient towards it.
     """
     import re
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
-    stats_inputs = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
     pattern = re.compile(freeze) if freeze else None
-    out = []
-    used: dict[str, set[str]] = {}
+    weights: set[str] = set()
     for n in model.graph.node:
-        for i in n.input:
-            used.setdefault(i, set()).add(n.op_type)
-    for name, t in inits.items():
-        ops = used.get(name, set())
-        if not ops or name in stats_inputs or (pattern and pattern.search(name)):
+        for pos, name in enumerate(n.input):
+            t = inits.get(name)
+            if t is None:
+                continue
+            if is_weight_input(n.op_type, pos, list(t.dims)):
+                weights.add(name)
+    out = []
+    for name in inits:
+        if pattern and pattern.search(name):
             continue
-        if name == ALPHA_PARAM or ops & WEIGHTED_OPS or int(np.prod(t.dims)) > 1:
+        if name == ALPHA_PARAM or name in weights:
             out.append(name)
     return out
 
@@ -248,6 +251,7 @@ def build_train_graph(
     elif output not in outputs:
         raise NormactError(f"--output-name {output!r} is not a model output; outputs: {', '.join(outputs)}")
 
+    lifted = lift_weight_constants(m)
     sites = find_sites(m, base_dir) if method != "none" else []
     fixed = static_constants(q, variant)
 
@@ -305,6 +309,8 @@ def build_train_graph(
         keep = [o for o in m.opset_import if o.domain != NORM_DOMAIN]
         del m.opset_import[:]
         m.opset_import.extend(keep)
+    m, prep = prepare(m, base_dir)
+    prep.lifted = lifted
     _drop_orphans(m)
     m.ir_version = min(m.ir_version, MAX_TRAIN_IR)
     initializers = {t.name for t in m.graph.initializer}
@@ -312,7 +318,7 @@ def build_train_graph(
         i.name for i in m.graph.input if i.name not in initializers and i.name not in (LAMBDA_INPUT, MU_INPUT)
     ]
     trainable = _trainable(m, freeze)
-    return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped)
+    return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped, prep)
 
 
 def _add_anact_io(m: onnx.ModelProto, stats: list[str], n: int) -> None:

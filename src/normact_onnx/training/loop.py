@@ -392,7 +392,7 @@ def finetune(
             shutil.rmtree(work / "artifacts", ignore_errors=True)
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay)
+        generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(shape))
         (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
         checkpoint = art.checkpoint
     (work / "checkpoints").mkdir(exist_ok=True)
@@ -437,7 +437,7 @@ def finetune(
 
 
 def _check_settings(s: Settings) -> None:
-    from .data import LOSSES
+    from .losses import LOSSES
 
     if s.loss not in LOSSES:
         raise NormactError(f"unknown --loss {s.loss!r}; choose one of {', '.join(LOSSES)}")

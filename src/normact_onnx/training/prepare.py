@@ -1,0 +1,278 @@
+"""Bring an exported graph to what onnxruntime-training 1.19 can differentiate (the training graph only).
+
+onnxruntime-training 1.19.2 is the last release: its gradient registry and its
+CPU gradient kernels are fixed. Real exported models use ops it cannot
+differentiate on CPU, so the training graph (never the exported model) writes
+them in standard ops it can:
+
+* single-op activations without a gradient (HardSigmoid, HardSwish, Elu, Selu,
+  Softplus, Softsign, Mish, PRelu, ONNX Gelu, …) become the catalogue's
+  gradient-safe body, whether they are normalization sites or not. Which ops
+  need it is read from the catalogue itself: an op whose gradient-safe body
+  does not use it has no gradient;
+* ``Resize`` in nearest mode with integer scales (the upsampling of FPN necks,
+  YOLO and OCR detectors; ONNX Runtime has no CPU ResizeGrad kernel) becomes
+  Unsqueeze → Expand → Reshape, which repeats every element exactly as nearest
+  upsampling does;
+* graphs below opset 11 are converted to opset 11 (the loss ops need
+  GatherElements); the export keeps the model's own opset.
+
+Each rewrite computes the same values as the op it replaces; the export check
+after training (training graph vs exported model on one batch) confirms it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..catalogue import CATALOGUE
+from ..graph import default_opset
+from ..passes.find import find_sites
+from ..passes.forms import LiteralBody
+from ..types import FLOAT_TYPES, infer_value_types
+
+# (op type) -> input positions that hold learned parameters. A float initializer is trainable by default only
+# where some node reads it at such a position: never a Resize scale, a Clip bound, a Pad value or anything that
+# only shapes the computation (those would ask ONNX Runtime for gradients it cannot build). Elementwise ops count
+# only for per-channel vectors (see is_weight_input); scalars there are constants of the computation (0.5 in
+# a GELU, epsilons).
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "Einsum": tuple(range(8)),
+    "LayerNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2),
+    "BatchNormalization": (1, 2),  # scale and bias; running mean/variance (3, 4) are statistics
+    "PRelu": (1,),
+    "Gather": (0,),  # embedding tables
+    "LSTM": (1, 2, 3),
+    "GRU": (1, 2, 3),
+}
+ELEMENTWISE_WEIGHT_OPS = ("Add", "Sub", "Mul", "Div", "Concat")
+
+
+MIN_TRAIN_OPSET = 13  # the gradient builders of ORT 1.19 write opset-13 ops (LessOrEqual, ReduceSum axes as input)
+UNSQUEEZE_AXES_AS_INPUT = 13
+
+
+@dataclass
+class Preparation:
+    """What was rewritten for training, for the plan and for error messages."""
+
+    decomposed: dict[str, int] = field(default_factory=dict)  # op type -> how many nodes
+    opset_from: int | None = None  # set when the graph was converted to MIN_TRAIN_OPSET
+    lifted: list[str] = field(default_factory=list)  # weights that were Constant nodes (initializers in training)
+
+    def note(self, op_type: str) -> None:
+        self.decomposed[op_type] = self.decomposed.get(op_type, 0) + 1
+
+
+def is_weight_input(op_type: str, position: int, dims: list[int]) -> bool:
+    """Whether input ``position`` of an ``op_type`` node holds a learned parameter when it is a constant.
+
+    Elementwise operands count when they are per-channel vectors (one axis longer than 1: biases, norm
+    scales written out); grids such as a detector's anchor points stay constants (``--freeze`` for more).
+    """
+    if position in WEIGHT_INPUTS.get(op_type, ()):
+        return True
+    return op_type in ELEMENTWISE_WEIGHT_OPS and sum(1 for d in dims if d > 1) == 1
+
+
+def lift_weight_constants(m: onnx.ModelProto) -> list[str]:
+    """Weights stored as ``Constant`` nodes (Paddle exports do this) become initializers of the training graph.
+
+    Only float constants read at a weight position are lifted (so they can be trained); every other
+    ``Constant`` stays a node and never asks for a gradient. The export writes trained values back
+    into the original ``Constant`` nodes, so the exported graph keeps its structure.
+    """
+    g = m.graph
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for n in g.node:
+        for pos, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n.op_type, pos))
+    lifted, keep = [], []
+    for n in g.node:
+        t = _constant_tensor(n)
+        if t is not None and t.data_type in FLOAT_TYPES and len(n.output) == 1:
+            if any(is_weight_input(op, pos, list(t.dims)) for op, pos in consumers.get(n.output[0], ())):
+                init = onnx.TensorProto()
+                init.CopyFrom(t)
+                init.name = n.output[0]
+                g.initializer.append(init)
+                lifted.append(init.name)
+                continue
+        keep.append(n)
+    if lifted:
+        kept = [onnx.NodeProto() for _ in keep]
+        for dst, src in zip(kept, keep):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(kept)
+    return lifted
+
+
+def _constant_tensor(n: onnx.NodeProto) -> onnx.TensorProto | None:
+    if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
+        return None
+    return next((a.t for a in n.attribute if a.name == "value"), None)
+
+
+def _needs_gradient_safe_body(kind: str, op_type: str, params: dict, opset: int, elem: int) -> list | None:
+    """The gradient-safe body of one op, or None if that body still uses the op (it has a gradient)."""
+    act = CATALOGUE[kind]
+    b = LiteralBody(opset, "", elem, act.with_defaults(params), True)
+    act.body(b, "x")
+    if any(n.op_type == op_type for n in b.nodes):
+        return None
+    return b.nodes
+
+
+def decompose_activations(m: onnx.ModelProto, base_dir: str | None, prep: Preparation) -> None:
+    """Write every main-graph activation op without an ORT gradient as its catalogue gradient-safe body."""
+    opset = default_opset(m.opset_import)
+    types = None
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for site in find_sites(m, base_dir):
+        c = site.container
+        if c.parent is not None or c.function is not None or len(site.nodes) != 1:
+            continue
+        node = site.nodes[0]
+        if _needs_gradient_safe_body(site.kind, node.op_type, dict(site.params), opset, TensorProto.FLOAT) is None:
+            continue
+        types = types or infer_value_types(m)
+        act = CATALOGUE[site.kind]
+        prefix = f"{node.name or node.output[0]}/grad_safe/"
+        b = LiteralBody(opset, prefix, types.elem_type(site.input), act.with_defaults(site.params), True)
+        act.body(b, site.input)
+        b.nodes[-1].output[0] = site.output
+        replace[id(node)] = b.nodes
+        prep.note(node.op_type)
+    if replace:
+        _splice(m.graph, replace)
+
+
+def _const_of(g: onnx.GraphProto, name: str, producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    for t in g.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+    return None
+
+
+def _integer_nearest_scales(node: onnx.NodeProto, g: onnx.GraphProto, producers: dict) -> list[int] | None:
+    """Integer per-axis scales of a nearest-mode Resize whose output is an exact repetition, else None."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    mode = attrs.get("mode", b"nearest")
+    if mode != b"nearest" or len(node.input) < 3 or not node.input[2]:
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        return None  # sizes given: the factor depends on the input's shape
+    if attrs.get("antialias", 0) or attrs.get("axes"):
+        return None
+    ctm = attrs.get("coordinate_transformation_mode", b"half_pixel")
+    nearest = attrs.get("nearest_mode", b"round_prefer_floor")
+    scales = _const_of(g, node.input[2], producers)
+    if scales is None or scales.size == 0 or np.any(scales < 1) or np.any(scales != np.round(scales)):
+        return None
+    ints = [int(s) for s in scales]
+    exact = ctm == b"asymmetric" and nearest == b"floor"
+    # half_pixel/pytorch_half_pixel with round_prefer_floor: src = (i + 0.5)/s − 0.5 rounds to i // s for s ≤ 2
+    exact = exact or (ctm in (b"half_pixel", b"pytorch_half_pixel") and nearest == b"round_prefer_floor" and max(ints) <= 2)
+    return ints if exact else None
+
+
+def _repeat_nodes(node: onnx.NodeProto, scales: list[int], opset: int) -> list[onnx.NodeProto]:
+    """y[..., i, ...] = x[..., i // s, ...] per axis: interleave unit axes, Expand them to s, Reshape back."""
+    p = f"{node.name or node.output[0]}/grad_safe/"
+    rank = len(scales)
+    x = node.input[0]
+    nodes = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        nodes.append(helper.make_node("Constant", [], [p + name], name=p + name, value=numpy_helper.from_array(value)))
+        return p + name
+
+    axes = [2 * i + 1 for i in range(rank)]  # [d0, 1, d1, 1, …]
+    if opset >= UNSQUEEZE_AXES_AS_INPUT:
+        nodes.append(helper.make_node("Unsqueeze", [x, const("axes", np.array(axes, np.int64))], [p + "u"], name=p + "u"))
+    else:
+        nodes.append(helper.make_node("Unsqueeze", [x], [p + "u"], name=p + "u", axes=axes))
+    reps = np.ones(2 * rank, np.int64)
+    reps[1::2] = scales
+    nodes.append(helper.make_node("Expand", [p + "u", const("reps", reps)], [p + "e"], name=p + "e"))
+    nodes.append(helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"))
+    new_shape = [p + "shape", const("scales", np.array(scales, np.int64))]
+    nodes.append(helper.make_node("Mul", new_shape, [p + "out_shape"], name=p + "out_shape"))
+    nodes.append(helper.make_node("Reshape", [p + "e", p + "out_shape"], [node.output[0]], name=p + "reshape"))
+    return nodes
+
+
+def decompose_resize(m: onnx.ModelProto, prep: Preparation) -> None:
+    """Nearest-mode Resize by integer factors as Unsqueeze/Expand/Reshape (no CPU ResizeGrad in ORT 1.19)."""
+    g = m.graph
+    opset = default_opset(m.opset_import)
+    producers = {o: n for n in g.node for o in n.output}
+    replace = {}
+    for node in g.node:
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or opset < 11:
+            continue
+        scales = _integer_nearest_scales(node, g, producers)
+        if scales is not None:
+            replace[id(node)] = _repeat_nodes(node, scales, opset)
+            prep.note("Resize")
+    if replace:
+        _splice(g, replace)
+
+
+def _splice(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]]) -> None:
+    nodes = []
+    for n in g.node:
+        if id(n) in replace:
+            nodes.extend(replace[id(n)])
+        else:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            nodes.append(copy)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def raise_opset(m: onnx.ModelProto, prep: Preparation) -> onnx.ModelProto:
+    """Graphs below opset 11 are converted to 11 for training (the exported model keeps its own)."""
+    opset = default_opset(m.opset_import)
+    if opset >= MIN_TRAIN_OPSET:
+        return m
+    from onnx import version_converter
+
+    from ..errors import NormactError
+
+    try:
+        out = version_converter.convert_version(m, MIN_TRAIN_OPSET)
+    except Exception as e:  # the converter's messages are C++ assertions
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NormactError(
+            f"the model is at opset {opset}; training needs opset ≥ {MIN_TRAIN_OPSET} and onnx's version converter "
+            f"failed ({first}): re-export the model at opset {MIN_TRAIN_OPSET} or newer"
+        ) from None
+    prep.opset_from = opset
+    return out
+
+
+def prepare(m: onnx.ModelProto, base_dir: str | None = None) -> tuple[onnx.ModelProto, Preparation]:
+    """The training graph's final touches: a supported opset, ops with gradients throughout."""
+    prep = Preparation()
+    m = raise_opset(m, prep)
+    decompose_activations(m, base_dir, prep)
+    decompose_resize(m, prep)
+    return m, prep
