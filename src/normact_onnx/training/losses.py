@@ -95,7 +95,7 @@ def _label_info(name: str, elem: int, shape: list | None) -> onnx.ValueInfoProto
     """The labels input; unknown dimensions get their own names (onnxruntime-training wants a shape)."""
     if shape is None:
         raise NormactError(
-            f"the rank of the output the loss reads is unknown (no shape information): run onnx shape "
+            "the rank of the output the loss reads is unknown (no shape information): run onnx shape "
             "inference on it or re-export with output shapes"
         )
     dims = [d if isinstance(d, int | str) and d != -1 else f"{name}_{i}" for i, d in enumerate(shape)]

@@ -14,8 +14,13 @@ them in standard ops it can:
   YOLO and OCR detectors; ONNX Runtime has no CPU ResizeGrad kernel) becomes
   Unsqueeze → Expand → Reshape, which repeats every element exactly as nearest
   upsampling does;
-* graphs below opset 11 are converted to opset 11 (the loss ops need
-  GatherElements); the export keeps the model's own opset.
+* ``ConvTranspose`` with kernel = stride (no CPU ConvTransposeGrad kernel)
+  becomes a MatMul with the weight reshaped, and the blocks moved into place;
+* ``BatchNormalization`` keeps its running statistics (written as the
+  per-channel affine map; scale and bias still train): ORT would switch it to
+  batch statistics and update running values the export never sees;
+* graphs below opset 13 are converted to opset 13 (the gradient builders emit
+  opset-13 ops); the export keeps the model's own opset.
 
 Each rewrite computes the same values as the op it replaces; the export check
 after training (training graph vs exported model on one batch) confirms it.
@@ -138,7 +143,7 @@ def decompose_activations(m: onnx.ModelProto, base_dir: str | None, prep: Prepar
     """Write every main-graph activation op without an ORT gradient as its catalogue gradient-safe body."""
     opset = default_opset(m.opset_import)
     types = None
-    replace: dict[int, list[onnx.NodeProto]] = {}
+    replace: dict[str, list[onnx.NodeProto]] = {}
     for site in find_sites(m, base_dir):
         c = site.container
         if c.parent is not None or c.function is not None or len(site.nodes) != 1:
@@ -152,7 +157,7 @@ def decompose_activations(m: onnx.ModelProto, base_dir: str | None, prep: Prepar
         b = LiteralBody(opset, prefix, types.elem_type(site.input), act.with_defaults(site.params), True)
         act.body(b, site.input)
         b.nodes[-1].output[0] = site.output
-        replace[id(node)] = b.nodes
+        replace[node.output[0]] = b.nodes
         prep.note(node.op_type)
     if replace:
         _splice(m.graph, replace)
@@ -229,17 +234,128 @@ def decompose_resize(m: onnx.ModelProto, prep: Preparation) -> None:
             continue
         scales = _integer_nearest_scales(node, g, producers)
         if scales is not None:
-            replace[id(node)] = _repeat_nodes(node, scales, opset)
+            replace[node.output[0]] = _repeat_nodes(node, scales, opset)
             prep.note("Resize")
     if replace:
         _splice(g, replace)
 
 
-def _splice(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]]) -> None:
+def _conv_transpose_nodes(node: onnx.NodeProto, w_dims: list[int]) -> list[onnx.NodeProto] | None:
+    """A 2-D ConvTranspose whose kernel equals its stride (no overlap) as one MatMul, or None.
+
+    y[n, o, h·s + i, w·s + j] = Σ_c x[n, c, h, w]·W[c, o, i, j] + b[o]: a MatMul of the channels-last input
+    with W reshaped to [C_in, C_out·s·s], then the s×s blocks moved into place. W (and b) are read where
+    they are, so they stay trainable. ONNX Runtime has no CPU ConvTransposeGrad kernel.
+    """
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(w_dims) != 4 or attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b""):
+        return None
+    kh, kw = w_dims[2:]
+    strides = list(attrs.get("strides", [1, 1]))
+    if list(attrs.get("kernel_shape", [kh, kw])) != [kh, kw] or strides != [kh, kw]:
+        return None
+    if any(attrs.get("pads", [0] * 4)) or any(attrs.get("output_padding", [0, 0])) or "output_shape" in attrs:
+        return None
+    if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+        return None
+    cin, cout = w_dims[0], w_dims[1]
+    p = f"{node.name or node.output[0]}/grad_safe/"
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, values: list[int]) -> str:
+        t = numpy_helper.from_array(np.array(values, np.int64))
+        nodes.append(helper.make_node("Constant", [], [p + name], name=p + name, value=t))
+        return p + name
+
+    def add(op: str, inputs: list[str], out: str, **kw) -> str:
+        nodes.append(helper.make_node(op, inputs, [p + out], name=p + out, **kw))
+        return p + out
+
+    x, w = node.input[0], node.input[1]
+    xt = add("Transpose", [x], "x_nhwc", perm=[0, 2, 3, 1])
+    wm = add("Reshape", [w, const("w_shape", [cin, cout * kh * kw])], "w_matrix")
+    y = add("MatMul", [xt, wm], "blocks")  # [N, H, W, C_out·kh·kw]
+    y = add("Reshape", [y, const("blocks_shape", [0, 0, 0, cout, kh, kw])], "blocks6")
+    y = add("Transpose", [y], "placed", perm=[0, 3, 1, 4, 2, 5])  # [N, C_out, H, kh, W, kw]
+    shape = add("Shape", [x], "in_shape")
+    shape = add("Mul", [shape, const("scale", [1, 0, kh, kw])], "scaled_shape")
+    shape = add("Add", [shape, const("channels", [0, cout, 0, 0])], "out_shape")
+    out = node.output[0]
+    if len(node.input) > 2 and node.input[2]:
+        y = add("Reshape", [y, shape], "unbiased")
+        b = add("Reshape", [node.input[2], const("b_shape", [cout, 1, 1])], "bias")
+        nodes.append(helper.make_node("Add", [y, b], [out], name=p + "add_bias"))
+    else:
+        nodes.append(helper.make_node("Reshape", [y, shape], [out], name=p + "reshape"))
+    return nodes
+
+
+def decompose_conv_transpose(m: onnx.ModelProto, prep: Preparation) -> None:
+    """Non-overlapping 2-D ConvTranspose (kernel = stride, the usual ×2 upsampling) as MatMul + reshapes."""
+    g = m.graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    replace = {}
+    for node in g.node:
+        if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or node.input[1] not in dims:
+            continue
+        nodes = _conv_transpose_nodes(node, dims[node.input[1]])
+        if nodes is not None:
+            replace[node.output[0]] = nodes
+            prep.note("ConvTranspose")
+    if replace:
+        _splice(g, replace)
+
+
+def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
+    """BatchNormalization with its running statistics frozen: (x − mean)·scale/√(var + ε) + bias in plain ops.
+
+    onnxruntime-training runs BatchNormalization in training mode (batch statistics) and updates running
+    statistics that never reach the checkpoint, so neither the steps nor the export would match the model.
+    Fine-tuning a pretrained model on small batches keeps the statistics anyway; scale and bias still train.
+    """
+    g = m.graph
+    types = infer_value_types(m)
+    replace = {}
+    for node in g.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        shape = types.shape.get(node.input[0])
+        if shape is None or len(shape) < 2:
+            continue
+        eps = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-5)
+        p = f"{node.name or node.output[0]}/frozen_bn/"
+        x, scale, bias, mean, var = node.input[:5]
+        vec = [-1] + [1] * (len(shape) - 2)
+        shape_name = p + "channel_shape"
+        eps_name = p + "eps"
+        elem = types.elem_type(var)
+        nodes = [
+            helper.make_node("Constant", [], [shape_name], name=shape_name,
+                             value=numpy_helper.from_array(np.array(vec, np.int64))),
+            helper.make_node("Constant", [], [eps_name], name=eps_name,
+                             value=numpy_helper.from_array(np.array(eps, helper.tensor_dtype_to_np_dtype(elem)))),
+            helper.make_node("Add", [var, eps_name], [p + "var_eps"], name=p + "var_eps"),
+            helper.make_node("Sqrt", [p + "var_eps"], [p + "std"], name=p + "std"),
+            helper.make_node("Div", [scale, p + "std"], [p + "gain"], name=p + "gain"),
+            helper.make_node("Reshape", [p + "gain", shape_name], [p + "gain_c"], name=p + "gain_c"),
+            helper.make_node("Reshape", [mean, shape_name], [p + "mean_c"], name=p + "mean_c"),
+            helper.make_node("Reshape", [bias, shape_name], [p + "bias_c"], name=p + "bias_c"),
+            helper.make_node("Sub", [x, p + "mean_c"], [p + "centred"], name=p + "centred"),
+            helper.make_node("Mul", [p + "centred", p + "gain_c"], [p + "scaled"], name=p + "scaled"),
+            helper.make_node("Add", [p + "scaled", p + "bias_c"], [node.output[0]], name=p + "out"),
+        ]
+        replace[node.output[0]] = nodes
+        prep.note("BatchNormalization")
+    if replace:
+        _splice(g, replace)
+
+
+def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
+    """Replace the nodes whose first output is a key (protobuf wrappers have no stable identity to key on)."""
     nodes = []
     for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
+        if n.output and n.output[0] in replace:
+            nodes.extend(replace[n.output[0]])
         else:
             copy = onnx.NodeProto()
             copy.CopyFrom(n)
@@ -249,7 +365,7 @@ def _splice(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]]) -> Non
 
 
 def raise_opset(m: onnx.ModelProto, prep: Preparation) -> onnx.ModelProto:
-    """Graphs below opset 11 are converted to 11 for training (the exported model keeps its own)."""
+    """Graphs below opset 13 are converted to 13 for training (the exported model keeps its own)."""
     opset = default_opset(m.opset_import)
     if opset >= MIN_TRAIN_OPSET:
         return m
@@ -275,4 +391,6 @@ def prepare(m: onnx.ModelProto, base_dir: str | None = None) -> tuple[onnx.Model
     m = raise_opset(m, prep)
     decompose_activations(m, base_dir, prep)
     decompose_resize(m, prep)
+    decompose_conv_transpose(m, prep)
+    decompose_batchnorm(m, prep)
     return m, prep
