@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,25 @@ def clamp_artifact_ir(path: Path, max_ir: int = MAX_TRAIN_IR) -> None:
     if m.ir_version > max_ir:
         m.ir_version = max_ir
         path.write_bytes(m.SerializeToString())
+
+
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+?)Grad\(\d+\) node with name '(.+?)_Grad/")
+_FIX = "freeze the layers before it (--freeze REGEX on their weights) or train on an earlier output (--output-name)"
+
+
+def explain_ort_error(text: str, what: str) -> str:
+    """One line from an onnxruntime-training failure: which node, why, and what to do."""
+    m = _NO_BUILDER.search(text)
+    if m:
+        return f"node {m.group(2)!r} ({m.group(1)}) has no gradient in onnxruntime-training 1.19: {_FIX}"
+    m = _NO_KERNEL.search(text)
+    if m:
+        return f"node {m.group(2)!r} ({m.group(1)}) has no CPU gradient kernel in onnxruntime-training 1.19: {_FIX}"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[-1] if lines and "onnxruntime_src" in lines[0] else (lines[0] if lines else "unknown error")
+    first = re.sub(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    return f"onnxruntime-training {what}: {first}"
 
 
 @contextlib.contextmanager
@@ -118,9 +138,11 @@ def generate(
                 loss_input_names=[LOSS_OUTPUT],
                 additional_output_names=extra,
             )
+    except NormactError:
+        raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NormactError(f"onnxruntime-training could not build the training graph: {first}") from None
+        why = explain_ort_error(str(e) or type(e).__name__, "could not build the training graph")
+        raise NormactError(why) from None
     finally:
         logging.getLogger().setLevel(level)
     out = Artifacts(folder)

@@ -31,7 +31,7 @@ from ..errors import NormactError
 from ..io import load_model
 from ..methods.anact import LAMBDA_RULES
 from . import require_training
-from .artifacts import Artifacts, generate
+from .artifacts import Artifacts, explain_ort_error, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
@@ -381,59 +381,72 @@ def finetune(
         val_ds = load_dataset(val, labels, specs, "--val")
         check_labels(val_ds, settings.loss, tg.output, shape)
 
-    art = Artifacts(work / "artifacts")
-    last = work / "checkpoints" / "last"
-    if resume:
-        if not (art.exist() and last.exists()):
-            raise NormactError(f"--resume: {work} has no checkpoint yet")
-        checkpoint = last
-    else:
-        if work.exists() and (work / PLAN).exists():
-            shutil.rmtree(work / "artifacts", ignore_errors=True)
-            shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(shape))
-        (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
-        checkpoint = art.checkpoint
-    (work / "checkpoints").mkdir(exist_ok=True)
+    # a failed run removes what it created: the work folder (unless it was there before) and a partial output
+    created_work = not resume and not work.exists()
+    had_output = out_path.exists()
+    try:
+        art = Artifacts(work / "artifacts")
+        last = work / "checkpoints" / "last"
+        if resume:
+            if not (art.exist() and last.exists()):
+                raise NormactError(f"--resume: {work} has no checkpoint yet")
+            checkpoint = last
+        else:
+            if work.exists() and (work / PLAN).exists():
+                shutil.rmtree(work / "artifacts", ignore_errors=True)
+                shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+            generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(shape))
+            (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
+            checkpoint = art.checkpoint
+        (work / "checkpoints").mkdir(exist_ok=True)
 
-    trainer = Trainer(tg, art, settings, work, checkpoint)
-    result = _run(trainer, train, val_ds, settings, work, progress, resume)
-    trainer.save(last)
+        try:
+            trainer = Trainer(tg, art, settings, work, checkpoint)
+        except Exception as e:
+            raise NormactError(explain_ort_error(str(e), "could not start the training session")) from None
+        result = _run(trainer, train, val_ds, settings, work, progress, resume)
+        trainer.save(last)
 
-    # the last training-graph outputs, to check the export against
-    probe_ds = val_ds or train
-    px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
-    expected = trainer.forward(px, py)[tg.output]
-    params = trainer.parameters()
-    lam, mu = trainer.running.feeds(settings.lambda_rule)
-    alpha = params.get(ALPHA_PARAM, np.zeros(0, np.float32))
-    weights = {k: v for k, v in params.items() if k != ALPHA_PARAM}
-    provenance = {
-        "method": settings.method,
-        "lambda_rule": settings.lambda_rule,
-        "steps": trainer.step,
-        "epochs": trainer.epoch,
-    }
-    export_model(
-        src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
-    )
-    np.savez(work / "export_check.npz", **px, expected=expected)
-    result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
-    result.output = out_path
-    result.sites = [
-        {
-            **s.as_dict(),
-            **(
-                {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
-                if s.method == "anact"
-                else {}
-            ),
+        # the last training-graph outputs, to check the export against
+        probe_ds = val_ds or train
+        px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
+        expected = trainer.forward(px, py)[tg.output]
+        params = trainer.parameters()
+        lam, mu = trainer.running.feeds(settings.lambda_rule)
+        alpha = params.get(ALPHA_PARAM, np.zeros(0, np.float32))
+        weights = {k: v for k, v in params.items() if k != ALPHA_PARAM}
+        provenance = {
+            "method": settings.method,
+            "lambda_rule": settings.lambda_rule,
+            "steps": trainer.step,
+            "epochs": trainer.epoch,
         }
-        for s in tg.sites
-    ]
-    (work / "result.json").write_text(json.dumps(result.report(), indent=2))
-    return result
+        export_model(
+            src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
+        )
+        np.savez(work / "export_check.npz", **px, expected=expected)
+        result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
+        result.output = out_path
+        result.sites = [
+            {
+                **s.as_dict(),
+                **(
+                    {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
+                    if s.method == "anact"
+                    else {}
+                ),
+            }
+            for s in tg.sites
+        ]
+        (work / "result.json").write_text(json.dumps(result.report(), indent=2))
+        return result
+    except BaseException:
+        if created_work:
+            shutil.rmtree(work, ignore_errors=True)
+        if not had_output:
+            out_path.unlink(missing_ok=True)
+        raise
 
 
 def _check_settings(s: Settings) -> None:

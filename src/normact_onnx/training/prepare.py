@@ -105,8 +105,9 @@ def lift_weight_constants(m: onnx.ModelProto) -> list[str]:
     lifted, keep = [], []
     for n in g.node:
         t = _constant_tensor(n)
-        if t is not None and t.data_type in FLOAT_TYPES and len(n.output) == 1:
-            if any(is_weight_input(op, pos, list(t.dims)) for op, pos in consumers.get(n.output[0], ())):
+        uses = consumers.get(n.output[0], ()) if n.output else ()
+        if t is not None and t.data_type in FLOAT_TYPES and len(n.output) == 1:  # noqa: SIM102
+            if any(is_weight_input(op, pos, list(t.dims)) for op, pos in uses):
                 init = onnx.TensorProto()
                 init.CopyFrom(t)
                 init.name = n.output[0]
@@ -193,7 +194,8 @@ def _integer_nearest_scales(node: onnx.NodeProto, g: onnx.GraphProto, producers:
     ints = [int(s) for s in scales]
     exact = ctm == b"asymmetric" and nearest == b"floor"
     # half_pixel/pytorch_half_pixel with round_prefer_floor: src = (i + 0.5)/s − 0.5 rounds to i // s for s ≤ 2
-    exact = exact or (ctm in (b"half_pixel", b"pytorch_half_pixel") and nearest == b"round_prefer_floor" and max(ints) <= 2)
+    half = ctm in (b"half_pixel", b"pytorch_half_pixel") and nearest == b"round_prefer_floor"
+    exact = exact or (half and max(ints) <= 2)
     return ints if exact else None
 
 
@@ -210,7 +212,8 @@ def _repeat_nodes(node: onnx.NodeProto, scales: list[int], opset: int) -> list[o
 
     axes = [2 * i + 1 for i in range(rank)]  # [d0, 1, d1, 1, …]
     if opset >= UNSQUEEZE_AXES_AS_INPUT:
-        nodes.append(helper.make_node("Unsqueeze", [x, const("axes", np.array(axes, np.int64))], [p + "u"], name=p + "u"))
+        axes_name = const("axes", np.array(axes, np.int64))
+        nodes.append(helper.make_node("Unsqueeze", [x, axes_name], [p + "u"], name=p + "u"))
     else:
         nodes.append(helper.make_node("Unsqueeze", [x], [p + "u"], name=p + "u", axes=axes))
     reps = np.ones(2 * rank, np.int64)
@@ -373,6 +376,11 @@ def raise_opset(m: onnx.ModelProto, prep: Preparation) -> onnx.ModelProto:
 
     from ..errors import NormactError
 
+    inits = {t.name for t in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]  # IR < 4 listed initializers as inputs too
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    m.ir_version = max(m.ir_version, 7)  # opset 13 needs IR ≥ 7
     try:
         out = version_converter.convert_version(m, MIN_TRAIN_OPSET)
     except Exception as e:  # the converter's messages are C++ assertions

@@ -1,0 +1,118 @@
+"""Fine-tuning real exported models through ONNX Runtime training (train environment only).
+
+Each model overfits one small batch of its manifest recipe (tests/real_models) for a few steps: the
+loss must fall, and the exported model must reproduce the training graph's outputs in a plain
+inference session (in the regular environment too where .ci/run names it in NORMACT_MAIN_PYTHON).
+The loss follows what the model ends with: Softmax → cross-entropy on the logits (per position for
+[N, T, C] sequences), Sigmoid → bce on the logits, anything else → mse.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests import real_models as rm
+
+try:
+    import onnxruntime.training.api  # noqa: F401
+
+    HAVE_TRAINING = True
+except ImportError:
+    HAVE_TRAINING = False
+pytestmark = pytest.mark.skipif(not HAVE_TRAINING, reason="onnxruntime-training is not installed (train env only)")
+
+# (model id, steps, learning rate, method): small enough for CI's 2 cores. "none" trains the pretrained
+# model as it is (the graph preparation under test); ANAct on a model that was not rewritten with
+# --preserve-function starts from the Gaussian λ, μ, far from the pretrained activations.
+REAL = [
+    ("ppocrv4_det", 4, 1e-4, "none"),
+    ("ppocrv4_rec", 4, 1e-4, "none"),
+    ("squeezenet_ir3", 4, 1e-4, "none"),
+    ("squeezenet_ir3", 4, 1e-4, "anact"),
+    ("resnet50_ir3", 4, 1e-4, "none"),
+    ("yolov8n_doclaynet", 4, 1e-4, "none"),
+    ("picodet_layout_cdla", 4, 1e-4, "none"),
+]
+
+
+def _head(model: onnx.ModelProto) -> str:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    return node.op_type if node is not None else ""
+
+
+def _task(path: Path, feeds: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """A loss for the model's first output and labels the pretrained model gets wrong (so there is a loss to lower)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    head = _head(model)
+    if head in ("Softmax", "LogSoftmax") and out.ndim >= 2:
+        return "cross-entropy", (out.argmax(-1) + 1) % out.shape[-1]
+    if head == "Sigmoid":
+        return "bce", (out < 0.5).astype(np.float32)
+    return "mse", (out * 0.5 + 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize(("model_id", "steps", "lr", "method"), REAL, ids=[f"{r[0]}-{r[3]}" for r in REAL])
+def test_real_model_overfits_one_batch_and_exports(
+    tmp_path: Path, model_id: str, steps: int, lr: float, method: str
+) -> None:
+    import onnxruntime as ort
+
+    from normact_onnx.training import finetune
+
+    e = rm.entry(model_id)
+    path = rm.require_path(e, rm.model_path(e))
+    feeds = rm.sample_batches(e, 1, 2)[0]
+    loss, y = _task(path, feeds)
+    n = len(y)
+    res = finetune(
+        path,
+        {**feeds, "__y": y},
+        labels="__y",
+        loss=loss,
+        batch_size=n,
+        epochs=steps,
+        lr=lr,
+        method=method,
+        output=tmp_path / "tuned.onnx",
+        progress=False,
+    )
+    assert len(res.losses) == steps and all(np.isfinite(res.losses))
+    assert min(res.losses[1:]) < res.losses[0], res.losses
+    assert res.export_max_abs_diff is not None
+    # the export keeps the model's own opset and runs in a plain inference session
+    src, out = onnx.load(str(path), load_external_data=False), onnx.load(str(tmp_path / "tuned.onnx"))
+    assert {o.domain: o.version for o in out.opset_import}.get("", 0) == {
+        o.domain: o.version for o in src.opset_import
+    }.get("", 0)
+    check = np.load(res.workdir / "export_check.npz")
+    expected = check["expected"]
+    inputs = {k: check[k] for k in check.files if k != "expected"}
+    got = ort.InferenceSession(str(tmp_path / "tuned.onnx"), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    main = os.environ.get("NORMACT_MAIN_PYTHON")
+    if main:  # the regular environment (onnxruntime, not -training) loads and reproduces it too
+        code = (
+            "import sys, numpy as np, onnxruntime as ort; c = np.load(sys.argv[2]);"
+            "x = {k: c[k] for k in c.files if k != 'expected'};"
+            "g = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']).run(None, x)[0];"
+            "e = c['expected']; d = float(np.abs(g - e).max()); print(d);"
+            "sys.exit(0 if d <= 1e-4 * max(1.0, float(np.abs(e).max())) else 1)"
+        )
+        r = subprocess.run(
+            [main, "-c", code, str(tmp_path / "tuned.onnx"), str(res.workdir / "export_check.npz")],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
