@@ -57,6 +57,8 @@ def _task(path: Path, feeds: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     head = _head(model)
     if head in ("Softmax", "LogSoftmax") and out.ndim >= 2:
+        while out.ndim > 2 and out.shape[-1] == 1:  # [N, C, 1, 1] classifiers: the classes are axis 1
+            out = out[..., 0]
         return "cross-entropy", (out.argmax(-1) + 1) % out.shape[-1]
     if head == "Sigmoid":
         return "bce", (out < 0.5).astype(np.float32)
@@ -116,3 +118,42 @@ def test_real_model_overfits_one_batch_and_exports(
             text=True,
         )
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_op_without_gradient_fails_in_one_line_and_cleans_up(tmp_path: Path) -> None:
+    """magika ends in a GlobalMaxPool, which ORT 1.19 cannot differentiate: exit 2, the node named, nothing left."""
+    import sys
+
+    e = rm.entry("magika")
+    path = rm.require_path(e, rm.model_path(e))
+    feeds = rm.sample_batches(e, 1, 2)[0]
+    loss, y = _task(path, feeds)
+    np.savez(tmp_path / "d.npz", **feeds, y=y)
+    out = tmp_path / "m.tuned.onnx"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normact_onnx.cli",
+            "finetune",
+            str(path),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--loss",
+            loss,
+            "--batch-size",
+            "2",
+            "--method",
+            "none",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GlobalMaxPool" in lines[0] and "--freeze" in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]  # no m.tuned.train/, no m.tuned.onnx

@@ -194,6 +194,26 @@ def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
     return out
 
 
+def _ancestors(model: onnx.ModelProto, output: str) -> set[str]:
+    """Every value ``output`` is computed from (main graph; subgraph bodies count through their node)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    todo = [output]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        todo.extend(i for i in node.input if i)
+        for a in node.attribute:  # outer values read inside If/Loop/Scan bodies
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                todo.extend(i for n in g.node for i in n.input if i)
+    return seen
+
+
 def _drop_orphans(model: onnx.ModelProto) -> None:
     used: set[str] = set()
     for c in containers(model):
@@ -317,7 +337,8 @@ def build_train_graph(
     data_inputs = [
         i.name for i in m.graph.input if i.name not in initializers and i.name not in (LAMBDA_INPUT, MU_INPUT)
     ]
-    trainable = _trainable(m, freeze)
+    reach = _ancestors(m, output)  # weights the loss cannot see get no gradient (multi-head detectors)
+    trainable = [t for t in _trainable(m, freeze) if t in reach]
     return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped, prep)
 
 

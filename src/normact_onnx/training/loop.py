@@ -35,6 +35,7 @@ from .artifacts import Artifacts, explain_ort_error, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
+from .losses import find_head
 from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -170,7 +171,7 @@ class Trainer:
             total += float(out["loss"]) * len(y)
             count += len(y)
             if self.settings.loss == "cross-entropy":
-                correct += int((out[self.tg.output].argmax(-1) == y).sum())
+                correct += int((_predicted(out[self.tg.output], y) == y).sum())
         acc = (
             correct / (count * max(1, int(np.prod(ds.labels.shape[1:]))))
             if self.settings.loss == "cross-entropy"
@@ -199,8 +200,13 @@ def _property_keys(props: Any) -> list[str]:
     return keys
 
 
+def _predicted(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Class indices shaped like the labels (the output may carry singleton axes its logits do not)."""
+    return out.reshape(*y.shape, -1).argmax(-1)
+
+
 def _accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    return float((out.argmax(-1) == y).mean())
+    return float((_predicted(out, y) == y).mean())
 
 
 class Log:
@@ -253,8 +259,8 @@ def plot_log(csv_path: Path, png_path: Path) -> bool:
     return True
 
 
-def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray]) -> tuple[int, ...]:
-    """The model output's shape on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
+def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray], value: str | None = None) -> tuple[int, ...]:
+    """The shape of ``value`` (default: the output) on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
     import onnxruntime as ort
 
     feeds = {k: v[:2] for k, v in sample.items()}
@@ -264,9 +270,16 @@ def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray]) -> tuple[int, .
         feeds[MU_INPUT] = np.zeros(n, np.float32)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(tg.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = tg.model
+    if value and value not in {o.name for o in model.graph.output}:  # ONNX Runtime returns graph outputs only
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(tg.model)
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     try:
-        (out,) = sess.run([tg.output], feeds)
+        (out,) = sess.run([value or tg.output], feeds)
     except Exception as e:
         raise NormactError(f"the model does not run on the given data: {str(e).splitlines()[0]}") from None
     return tuple(out.shape)
@@ -374,7 +387,8 @@ def finetune(
 
     specs = input_specs(tg.model, tg.data_inputs)
     train = load_dataset(data, labels, specs, "--data")
-    shape = _output_shape(tg, train.inputs)
+    head = find_head(tg.model, tg.output, settings.loss)
+    shape = _output_shape(tg, train.inputs, head.input)  # labels fit what the loss reads (the logits)
     check_labels(train, settings.loss, tg.output, shape)
     val_ds = None
     if val is not None:

@@ -54,16 +54,16 @@ class LossHead:
         return LABEL_INPUTS[self.loss]
 
     def describe(self) -> str:
-        return f"{self.loss} on the input of the {self.head} that makes {self.output!r}" if self.head else (
-            f"{self.loss} on {self.output!r}"
+        return (
+            f"{self.loss} on the input of the {self.head} that makes {self.output!r}"
+            if self.head
+            else (f"{self.loss} on {self.output!r}")
         )
 
 
 def _rank(m: onnx.ModelProto, name: str) -> int | None:
-    for vi in list(m.graph.output) + list(m.graph.value_info):
-        if vi.name == name and vi.type.tensor_type.HasField("shape"):
-            return len(vi.type.tensor_type.shape.dim)
-    return None
+    shape = infer_value_types(m).shape.get(name)
+    return None if shape is None else len(shape)
 
 
 def find_head(m: onnx.ModelProto, output: str, loss: str) -> LossHead:
@@ -72,7 +72,10 @@ def find_head(m: onnx.ModelProto, output: str, loss: str) -> LossHead:
         raise NormactError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
     producers = {o: n for n in m.graph.node for o in n.output}
     node = producers.get(output)
-    while node is not None and node.op_type == "Identity":
+    # cross-entropy looks through reshapes too (opset < 13 Softmax over [N, C, 1, 1] converts to Flatten →
+    # Softmax → Reshape); the labels then fit the logits' shape
+    see_through = ("Identity", "Reshape", "Flatten", "Squeeze") if loss == "cross-entropy" else ("Identity",)
+    while node is not None and node.op_type in see_through:
         node = producers.get(node.input[0])
     if node is None or node.op_type not in HEADS.get(loss, ()):
         return LossHead(loss, output, output, "")
@@ -81,7 +84,7 @@ def find_head(m: onnx.ModelProto, output: str, loss: str) -> LossHead:
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None)
         if axis is None:
             axis = 1 if opset < SOFTMAX_AXIS_DEFAULT_CHANGED else -1
-        rank = _rank(m, output)
+        rank = _rank(m, node.output[0])
         last = axis == -1 or (rank is not None and axis == rank - 1)
         if not last:
             raise NormactError(
@@ -105,7 +108,7 @@ def _label_info(name: str, elem: int, shape: list | None) -> onnx.ValueInfoProto
 def with_loss(model: onnx.ModelProto, head: LossHead, rank: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with the labels input and the scalar loss as its first output (``normact_loss``).
 
-    ``rank``: the output's rank where shape inference cannot tell (seen on one batch by the caller).
+    ``rank``: the rank of the value the loss reads where shape inference cannot tell (seen on one batch).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -116,7 +119,7 @@ def with_loss(model: onnx.ModelProto, head: LossHead, rank: int | None = None) -
     z = head.input
     if types.elem_type(z) != TensorProto.FLOAT:
         z = b.op("Cast", z, to=TensorProto.FLOAT)
-    shape = types.shape.get(head.output)
+    shape = types.shape.get(head.input)  # the logits: labels drop their class axis
     if shape is None and rank is not None:
         shape = [None] * rank
     if head.loss == "cross-entropy":

@@ -19,6 +19,8 @@ them in standard ops it can:
 * ``BatchNormalization`` keeps its running statistics (written as the
   per-channel affine map; scale and bias still train): ORT would switch it to
   batch statistics and update running values the export never sees;
+* variadic ``Sum`` becomes a chain of ``Add``; ``LayerNormalization`` names its
+  optional Mean/InvStdDev outputs (its gradient reads them);
 * graphs below opset 13 are converted to opset 13 (the gradient builders emit
   opset-13 ops); the export keeps the model's own opset.
 
@@ -333,10 +335,16 @@ def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
         eps_name = p + "eps"
         elem = types.elem_type(var)
         nodes = [
-            helper.make_node("Constant", [], [shape_name], name=shape_name,
-                             value=numpy_helper.from_array(np.array(vec, np.int64))),
-            helper.make_node("Constant", [], [eps_name], name=eps_name,
-                             value=numpy_helper.from_array(np.array(eps, helper.tensor_dtype_to_np_dtype(elem)))),
+            helper.make_node(
+                "Constant", [], [shape_name], name=shape_name, value=numpy_helper.from_array(np.array(vec, np.int64))
+            ),
+            helper.make_node(
+                "Constant",
+                [],
+                [eps_name],
+                name=eps_name,
+                value=numpy_helper.from_array(np.array(eps, helper.tensor_dtype_to_np_dtype(elem))),
+            ),
             helper.make_node("Add", [var, eps_name], [p + "var_eps"], name=p + "var_eps"),
             helper.make_node("Sqrt", [p + "var_eps"], [p + "std"], name=p + "std"),
             helper.make_node("Div", [scale, p + "std"], [p + "gain"], name=p + "gain"),
@@ -351,6 +359,37 @@ def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
         prep.note("BatchNormalization")
     if replace:
         _splice(g, replace)
+
+
+def decompose_sum(m: onnx.ModelProto, prep: Preparation) -> None:
+    """Variadic ``Sum`` (ResNet exports use it for the residual add) as a chain of Add: no Sum gradient in ORT."""
+    g = m.graph
+    replace = {}
+    for node in g.node:
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
+            continue
+        p = f"{node.name or node.output[0]}/grad_safe/"
+        acc, nodes = node.input[0], []
+        for k, term in enumerate(node.input[1:], 1):
+            out = node.output[0] if k == len(node.input) - 1 else f"{p}add_{k}"
+            nodes.append(helper.make_node("Add", [acc, term], [out], name=f"{p}add_{k}"))
+            acc = out
+        if not nodes:  # a one-input Sum is a copy
+            nodes = [helper.make_node("Identity", [acc], [node.output[0]], name=f"{p}identity")]
+        replace[node.output[0]] = nodes
+        prep.note("Sum")
+    if replace:
+        _splice(g, replace)
+
+
+def complete_layernorm_outputs(m: onnx.ModelProto, prep: Preparation) -> None:
+    """LayerNormalization with its optional Mean and InvStdDev outputs named: ORT's gradient builder reads them."""
+    for node in m.graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) < 3:
+            base = node.name or node.output[0]
+            while len(node.output) < 3:
+                node.output.append(f"{base}/grad_safe/{('mean', 'inv_std')[len(node.output) - 1]}")
+            prep.note("LayerNormalization")
 
 
 def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
@@ -401,4 +440,6 @@ def prepare(m: onnx.ModelProto, base_dir: str | None = None) -> tuple[onnx.Model
     decompose_resize(m, prep)
     decompose_conv_transpose(m, prep)
     decompose_batchnorm(m, prep)
+    decompose_sum(m, prep)
+    complete_layernorm_outputs(m, prep)
     return m, prep
