@@ -104,7 +104,7 @@ def generate(
     loss: str,
     optimizer: str = "adamw",
     weight_decay: float = 0.0,
-    output_rank: int | None = None,
+    label_rank: int | None = None,
 ) -> Artifacts:
     """Build the artifacts: loss on ``tg.output``; the output and the site statistics kept as extra outputs."""
     training = require_training()
@@ -118,7 +118,7 @@ def generate(
         raise NormactError(f"the model has an input named {head.label!r}, which the {loss} loss needs for its labels")
     if not tg.trainable:
         raise NormactError("the model has no trainable weights (no float initializers read by a layer)")
-    model = with_loss(tg.model, head, output_rank)
+    model = with_loss(tg.model, head, label_rank)
     optim = art.OptimType.SGD if optimizer == "sgd" else onnxblock.optim.AdamW(weight_decay=weight_decay)
     folder.mkdir(parents=True, exist_ok=True)
     extra = [tg.output] + ([STATS_OUTPUT] if tg.anact_sites else [])

@@ -35,7 +35,7 @@ from .artifacts import Artifacts, explain_ort_error, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
-from .losses import find_head
+from .losses import class_view, find_head
 from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -387,8 +387,10 @@ def finetune(
 
     specs = input_specs(tg.model, tg.data_inputs)
     train = load_dataset(data, labels, specs, "--data")
-    head = find_head(tg.model, tg.output, settings.loss)
-    shape = _output_shape(tg, train.inputs, head.input)  # labels fit what the loss reads (the logits)
+    find_head(tg.model, tg.output, settings.loss)  # a head the loss cannot use stops here, before any data work
+    shape = _output_shape(tg, train.inputs)
+    if settings.loss == "cross-entropy":
+        shape = class_view(shape)  # [N, C, 1, 1] classifiers: labels [N]
     check_labels(train, settings.loss, tg.output, shape)
     val_ds = None
     if val is not None:
@@ -410,7 +412,9 @@ def finetune(
                 shutil.rmtree(work / "artifacts", ignore_errors=True)
                 shutil.rmtree(work / "checkpoints", ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
-            generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(shape))
+            generate(
+                tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(train.labels.shape)
+            )
             (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
             checkpoint = art.checkpoint
         (work / "checkpoints").mkdir(exist_ok=True)

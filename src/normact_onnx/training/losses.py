@@ -94,21 +94,35 @@ def find_head(m: onnx.ModelProto, output: str, loss: str) -> LossHead:
     return LossHead(loss, output, node.input[0], node.op_type)
 
 
-def _label_info(name: str, elem: int, shape: list | None) -> onnx.ValueInfoProto:
-    """The labels input; unknown dimensions get their own names (onnxruntime-training wants a shape)."""
-    if shape is None:
+def _int64s(values: list[int]) -> onnx.TensorProto:
+    return helper.make_tensor("", TensorProto.INT64, [len(values)], values)
+
+
+def _label_info(name: str, elem: int, rank: int | None) -> onnx.ValueInfoProto:
+    """The labels input with named dimensions (onnxruntime-training wants a shape; the data decides the sizes)."""
+    if rank is None:
         raise NormactError(
             "the rank of the output the loss reads is unknown (no shape information): run onnx shape "
-            "inference on it or re-export with output shapes"
+            "inference on the model or re-export it with output shapes"
         )
-    dims = [d if isinstance(d, int | str) and d != -1 else f"{name}_{i}" for i, d in enumerate(shape)]
-    return helper.make_tensor_value_info(name, elem, dims)
+    return helper.make_tensor_value_info(name, elem, [f"{name}_{i}" for i in range(rank)])
 
 
-def with_loss(model: onnx.ModelProto, head: LossHead, rank: int | None = None) -> onnx.ModelProto:
+def class_view(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An output's shape as cross-entropy sees it: trailing singleton axes dropped ([N, C, 1, 1] → [N, C])."""
+    out = tuple(shape)
+    while len(out) > 2 and out[-1] == 1:
+        out = out[:-1]
+    return out
+
+
+def with_loss(model: onnx.ModelProto, head: LossHead, label_rank: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with the labels input and the scalar loss as its first output (``normact_loss``).
 
-    ``rank``: the rank of the value the loss reads where shape inference cannot tell (seen on one batch).
+    Cross-entropy flattens the logits to [positions, C] and the labels to [positions]: labels shaped like
+    the output without its class axis fit whatever reshapes the exporter put between logits and Softmax
+    (Paddle's recognizers take the Softmax of [N·T, C]). ``label_rank``: the labels' rank (default: from
+    shape inference).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -119,20 +133,17 @@ def with_loss(model: onnx.ModelProto, head: LossHead, rank: int | None = None) -
     z = head.input
     if types.elem_type(z) != TensorProto.FLOAT:
         z = b.op("Cast", z, to=TensorProto.FLOAT)
-    shape = types.shape.get(head.input)  # the logits: labels drop their class axis
-    if shape is None and rank is not None:
-        shape = [None] * rank
+    shape = types.shape.get(head.output)
+    if label_rank is None and shape is not None:
+        label_rank = len(class_view(shape)) - 1 if head.loss == "cross-entropy" else len(shape)
     if head.loss == "cross-entropy":
-        label = _label_info(head.label, TensorProto.INT64, shape[:-1] if shape is not None else None)
-        logp = b.op("LogSoftmax", z, axis=-1)
-        if opset >= SOFTMAX_AXIS_DEFAULT_CHANGED:
-            index = b.op("Unsqueeze", head.label, b.op("Constant", value_ints=[-1]))
-        else:
-            index = b.op("Unsqueeze", head.label, axes=[-1])
-        picked = b.op("GatherElements", logp, index, axis=-1)
+        label = _label_info(head.label, TensorProto.INT64, label_rank)
+        logp = b.op("LogSoftmax", b.op("Flatten", z, axis=-1), axis=1)
+        index = b.op("Reshape", head.label, b.op("Constant", value=_int64s([-1, 1])))
+        picked = b.op("GatherElements", logp, index, axis=1)
         b.op("Neg", b.op("ReduceMean", picked, keepdims=0))
     else:
-        label = _label_info(head.label, TensorProto.FLOAT, shape)
+        label = _label_info(head.label, TensorProto.FLOAT, label_rank)
         if head.loss == "bce":  # softplus(z) − z·t, softplus in the catalogue's overflow-free form
             per = b.op("Sub", CATALOGUE["softplus"].body(b, z), b.op("Mul", z, head.label))
         else:

@@ -19,6 +19,8 @@ them in standard ops it can:
 * ``BatchNormalization`` keeps its running statistics (written as the
   per-channel affine map; scale and bias still train): ORT would switch it to
   batch statistics and update running values the export never sees;
+* ``auto_pad=SAME_*`` at stride 1 becomes explicit pads (ORT's ConvGrad and
+  PoolGrad mis-size SAME padding with even kernels);
 * variadic ``Sum`` becomes a chain of ``Add``; ``LayerNormalization`` names its
   optional Mean/InvStdDev outputs (its gradient reads them);
 * graphs below opset 13 are converted to opset 13 (the gradient builders emit
@@ -392,6 +394,49 @@ def complete_layernorm_outputs(m: onnx.ModelProto, prep: Preparation) -> None:
             prep.note("LayerNormalization")
 
 
+def explicit_same_pads(m: onnx.ModelProto, prep: Preparation) -> None:
+    """``auto_pad=SAME_*`` at stride 1 as an explicit ``Pad`` before the op (the same for every input size).
+
+    ORT's ConvGrad and MaxPoolGrad mis-size their result for SAME padding with an even kernel
+    ("Can broadcast 0 by …"); at stride 1 the padding is fixed: (k − 1)·d per axis, the odd one at the
+    end (SAME_UPPER) or the start (SAME_LOWER). A separate Pad (zeros for Conv, the lowest float for
+    MaxPool) keeps the op itself unpadded, which every gradient kernel handles.
+    """
+    g = m.graph
+    replace = {}
+    for node in g.node:
+        if node.op_type not in ("Conv", "MaxPool") or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("auto_pad", b"NOTSET")
+        kernel = attrs.get("kernel_shape")
+        if mode not in (b"SAME_UPPER", b"SAME_LOWER") or not kernel:
+            continue
+        if any(s != 1 for s in attrs.get("strides", [1] * len(kernel))):
+            continue
+        dil = attrs.get("dilations", [1] * len(kernel))
+        total = [(k - 1) * d for k, d in zip(kernel, dil)]
+        small, large = [t // 2 for t in total], [t - t // 2 for t in total]
+        begin, end = (small, large) if mode == b"SAME_UPPER" else (large, small)
+        p = f"{node.name or node.output[0]}/grad_safe/"
+        pads = numpy_helper.from_array(np.array([0, 0, *begin, 0, 0, *end], np.int64))
+        fill = np.array(0.0 if node.op_type == "Conv" else np.finfo(np.float32).min, np.float32)
+        op = onnx.NodeProto()
+        op.CopyFrom(node)
+        del op.attribute[:]
+        op.attribute.extend(a for a in node.attribute if a.name not in ("auto_pad", "pads"))
+        op.input[0] = p + "padded"
+        replace[node.output[0]] = [
+            helper.make_node("Constant", [], [p + "pads"], name=p + "pads", value=pads),
+            helper.make_node("Constant", [], [p + "fill"], name=p + "fill", value=numpy_helper.from_array(fill)),
+            helper.make_node("Pad", [node.input[0], p + "pads", p + "fill"], [p + "padded"], name=p + "pad"),
+            op,
+        ]
+        prep.note(f"{node.op_type}(auto_pad)")
+    if replace:
+        _splice(g, replace)
+
+
 def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
     """Replace the nodes whose first output is a key (protobuf wrappers have no stable identity to key on)."""
     nodes = []
@@ -442,4 +487,5 @@ def prepare(m: onnx.ModelProto, base_dir: str | None = None) -> tuple[onnx.Model
     decompose_batchnorm(m, prep)
     decompose_sum(m, prep)
     complete_layernorm_outputs(m, prep)
+    explicit_same_pads(m, prep)
     return m, prep
