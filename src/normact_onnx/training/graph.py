@@ -108,6 +108,22 @@ def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) ->
     return float(rho), float(m.d2), float(m.m1)
 
 
+def prior_start(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """Running statistics that reproduce an earlier normalization's constants at step 0 (or None).
+
+    A site that ``rewrite`` (with ``--preserve-function``: the next layers absorb the inverse) left as
+    scale·(f − shift) starts training at exactly that map: ρ = ρ' = 1/scale² gives λ = scale under both
+    λ rules, μ = shift. So the step-0 loss of the preserved model is the original model's.
+    """
+    if not record or "scale" not in record or float(record.get("slope", 0.0)) != 0.0:
+        return None
+    scale = float(record["scale"])
+    if not scale > 0:
+        return None
+    rho = 1.0 / (scale * scale)
+    return rho, rho, float(record.get("shift", 0.0))
+
+
 def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[onnx.NodeProto], str]:
     """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector.
 
@@ -306,7 +322,7 @@ def build_train_graph(
             new_nodes, vec = _anact_nodes(site, index, elem, opset)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
-            ts.gaussian = gaussian_start(site.kind, site.params, centered_rho)
+            ts.gaussian = prior_start(prior) or gaussian_start(site.kind, site.params, centered_rho)
             ts.input = site.input
         else:
             new_nodes = _static_nodes(site, o.affine, elem, opset)
