@@ -67,6 +67,7 @@ class TrainSite:
     prior: dict[str, Any] | None = None  # record of an earlier normalization (function form)
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
     input: str = ""  # the pre-activation value
+    primed: bool = False  # the running statistics start at an earlier normalization's constants (prior_start)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "name": self.name, "kind": self.kind, "output": self.output, "method": self.method}
@@ -322,7 +323,9 @@ def build_train_graph(
             new_nodes, vec = _anact_nodes(site, index, elem, opset)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
-            ts.gaussian = prior_start(prior) or gaussian_start(site.kind, site.params, centered_rho)
+            primed = prior_start(prior)
+            ts.gaussian = primed or gaussian_start(site.kind, site.params, centered_rho)
+            ts.primed = primed is not None
             ts.input = site.input
         else:
             new_nodes = _static_nodes(site, o.affine, elem, opset)

@@ -133,7 +133,7 @@ class Trainer:
             self.running = RunningStats.from_properties({k: props[k] for k in _property_keys(props)})
             self.epoch, self.step = int(props["normact.epoch"]), int(props["normact.step"])
         else:
-            self.running = RunningStats.start([s.gaussian for s in tg.anact_sites])
+            self.running = RunningStats.start([s.gaussian for s in tg.anact_sites], [s.primed for s in tg.anact_sites])
             self.epoch = self.step = 0
         del training
 
