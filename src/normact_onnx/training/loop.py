@@ -263,7 +263,7 @@ def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray], value: str | No
     """The shape of ``value`` (default: the output) on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
     import onnxruntime as ort
 
-    feeds = {k: v[:2] for k, v in sample.items()}
+    feeds = {k: v[:2] if v.ndim else v for k, v in sample.items()}
     n = len(tg.anact_sites)
     if n:
         feeds[LAMBDA_INPUT] = np.ones(n, np.float32)
@@ -388,7 +388,7 @@ def finetune(
     specs = input_specs(tg.model, tg.data_inputs)
     train = load_dataset(data, labels, specs, "--data")
     find_head(tg.model, tg.output, settings.loss)  # a head the loss cannot use stops here, before any data work
-    shape = _output_shape(tg, train.inputs)
+    shape = _output_shape(tg, {**train.inputs, **train.fixed})
     if settings.loss == "cross-entropy":
         shape = class_view(shape)  # [N, C, 1, 1] classifiers: labels [N]
     check_labels(train, settings.loss, tg.output, shape)

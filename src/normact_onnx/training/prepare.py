@@ -437,6 +437,26 @@ def explicit_same_pads(m: onnx.ModelProto, prep: Preparation) -> None:
         _splice(g, replace)
 
 
+def clean_shapes(m: onnx.ModelProto, prep: Preparation) -> None:
+    """No stale shape claims: intermediate value_info dropped, −1/0 dimensions of inputs/outputs made symbolic.
+
+    Some exporters (Paddle) write −1 as a dimension value; ORT training's shape inference takes it
+    literally and builds gradient buffers of negative or zero size (crashes, "Can broadcast 0 by …").
+    """
+    g = m.graph
+    if len(g.value_info):
+        del g.value_info[:]
+        prep.note("value_info")
+    for vi in list(g.input) + list(g.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{i}"
+                prep.note("negative dimension")
+
+
 def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
     """Replace the nodes whose first output is a key (protobuf wrappers have no stable identity to key on)."""
     nodes = []
@@ -480,6 +500,7 @@ def raise_opset(m: onnx.ModelProto, prep: Preparation) -> onnx.ModelProto:
 def prepare(m: onnx.ModelProto, base_dir: str | None = None) -> tuple[onnx.ModelProto, Preparation]:
     """The training graph's final touches: a supported opset, ops with gradients throughout."""
     prep = Preparation()
+    clean_shapes(m, prep)
     m = raise_opset(m, prep)
     decompose_activations(m, base_dir, prep)
     decompose_resize(m, prep)
