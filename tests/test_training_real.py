@@ -31,9 +31,9 @@ pytestmark = pytest.mark.skipif(not HAVE_TRAINING, reason="onnxruntime-training 
 # model as it is (the graph preparation under test); ANAct on a model that was not rewritten with
 # --preserve-function starts from the Gaussian λ, μ, far from the pretrained activations.
 REAL = [
-    ("ppocrv4_det", 4, 1e-4, "none"),
-    ("yolov8n_doclaynet", 4, 1e-4, "none"),
-    ("picodet_layout_cdla", 4, 1e-4, "none"),
+    ("ppocrv4_det", 3, 1e-4, "none"),
+    ("yolov8n_doclaynet", 3, 1e-4, "none"),
+    ("picodet_layout_cdla", 3, 1e-4, "none"),
 ]
 
 
@@ -192,16 +192,6 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, 
     return model, data, preserved, main
 
 
-def test_minilm_overfits_one_batch(tmp_path: Path, minilm: tuple[Path, Path, Path, str]) -> None:
-    from normact_onnx.training import finetune
-
-    model, data, _, _ = minilm
-    res = finetune(model, data, loss="mse", batch_size=2, epochs=3, lr=1e-4, output=tmp_path / "t.onnx", progress=False)
-    assert len(res.sites) == 6 and all(s["method"] == "anact" for s in res.sites)  # the six FFN GELUs
-    assert min(res.losses[1:]) < res.losses[0], res.losses
-    assert res.export_max_abs_diff is not None and res.export_max_abs_diff < 1e-3
-
-
 def test_preserved_model_finetunes_from_the_original_loss_then_folds(
     tmp_path: Path, minilm: tuple[Path, Path, Path, str]
 ) -> None:
@@ -212,7 +202,7 @@ def test_preserved_model_finetunes_from_the_original_loss_then_folds(
     common = {"loss": "mse", "batch_size": 2, "lr": 1e-4, "progress": False}
     plain = finetune(model, data, method="none", epochs=1, output=tmp_path / "plain.onnx", **common)
     tuned = finetune(preserved, data, epochs=3, output=tmp_path / "tuned.onnx", **common)
-    assert len(tuned.sites) == 6
+    assert len(tuned.sites) == 6 and all(s["method"] == "anact" for s in tuned.sites)  # the six FFN GELUs
     assert tuned.losses[0] == pytest.approx(plain.losses[0], rel=1e-4)
     assert min(tuned.losses[1:]) < tuned.losses[0], tuned.losses
     # fold the fine-tuned model in the regular environment; it must still reproduce the training graph

@@ -348,6 +348,7 @@ def build_train_graph(
         keep = [o for o in m.opset_import if o.domain != NORM_DOMAIN]
         del m.opset_import[:]
         m.opset_import.extend(keep)
+    weights = _trainable(m, freeze)  # read off the ops as exported: prepare() rewrites some into plain ops
     m, prep = prepare(m, base_dir)
     prep.lifted = lifted
     _drop_orphans(m)
@@ -357,7 +358,7 @@ def build_train_graph(
         i.name for i in m.graph.input if i.name not in initializers and i.name not in (LAMBDA_INPUT, MU_INPUT)
     ]
     reach = _ancestors(m, output)  # weights the loss cannot see get no gradient (multi-head detectors)
-    trainable = [t for t in _trainable(m, freeze) if t in reach]
+    trainable = [t for t in weights if t in reach]
     return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped, prep)
 
 
