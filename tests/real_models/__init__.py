@@ -121,11 +121,14 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32), d.target
 
 
-def _glyph(img: np.ndarray, height: int) -> np.ndarray:
-    """A digit scaled (bilinear) to ``height`` pixels, as ink coverage in [0, 1]."""
+@cache
+def _glyph(index: int, height: int) -> np.ndarray:
+    """Digit ``index`` scaled (bilinear) to ``height`` pixels, as ink coverage in [0, 1] (cached: pages reuse them)."""
     from scipy.ndimage import zoom
 
-    return np.clip(zoom(img / 16.0, height / 8.0, order=1), 0.0, 1.0)
+    g = np.clip(zoom(_digits()[0][index] / 16.0, height / 8.0, order=1), 0.0, 1.0)
+    g.flags.writeable = False
+    return g
 
 
 def _text_canvas(rng: np.random.Generator, h: int, w: int, glyph_h: int, lines: int | None) -> np.ndarray:
@@ -144,7 +147,7 @@ def _text_canvas(rng: np.random.Generator, h: int, w: int, glyph_h: int, lines: 
             if rng.random() < 0.12:  # a word space
                 x += glyph_h // 2
                 continue
-            g = _glyph(images[int(rng.integers(len(images)))], glyph_h)
+            g = _glyph(int(rng.integers(len(images))), glyph_h)
             ink[y : y + glyph_h, x : x + g.shape[1]] = np.maximum(ink[y : y + glyph_h, x : x + g.shape[1]], g)
             x += g.shape[1] - glyph_h // 8
     color = np.array([20.0, 25.0, 40.0])  # dark blue-black ink
@@ -231,6 +234,22 @@ def _magika_features(data: bytes, feed: dict[str, Any]) -> np.ndarray:
     return np.asarray(head + [pad] * (beg - len(head)) + [pad] * (end - len(tail)) + tail, dtype=np.int32)
 
 
+@cache
+def _tokens(seq: int) -> dict[str, np.ndarray]:
+    """Every fixed MiniLM sentence tokenized once (models/minilm.py minilm_inputs), padded/truncated to ``seq``."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "models"))
+    try:
+        from minilm import SENTENCES, minilm_inputs
+    finally:
+        sys.path.pop(0)
+    out = minilm_inputs(len(SENTENCES), seq)
+    for v in out.values():
+        v.flags.writeable = False
+    return out
+
+
 def sample_batches(
     e: dict[str, Any] | str, n_batches: int, batch_size: int, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -262,17 +281,9 @@ def sample_batches(
             picks = rng.choice(len(corpus), size=b, replace=False)
             batches.append({feed["input"]: np.stack([_magika_features(corpus[j], feed) for j in picks])})
         elif kind == "tokens":
-            import sys
-
-            sys.path.insert(0, str(ROOT / "models"))
-            try:
-                from minilm import SENTENCES, minilm_inputs
-            finally:
-                sys.path.pop(0)
-            # rotate through the fixed sentences so batches differ
-            start = (i * b + seed) % len(SENTENCES)
-            full = minilm_inputs(start + b, feed["seq"])
-            batches.append({k: v[start:] for k, v in full.items()})
+            table = _tokens(feed["seq"])  # rows: the fixed sentences; batches rotate through them
+            rows = (np.arange(b) + i * b + seed) % len(table["input_ids"])
+            batches.append({k: v[rows] for k, v in table.items()})
         else:
             raise ValueError(f"{e['id']}: unknown feed kind {kind!r}")
     return batches
