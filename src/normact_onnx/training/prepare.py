@@ -438,23 +438,30 @@ def explicit_same_pads(m: onnx.ModelProto, prep: Preparation) -> None:
 
 
 def clean_shapes(m: onnx.ModelProto, prep: Preparation) -> None:
-    """No stale shape claims: intermediate value_info dropped, −1/0 dimensions of inputs/outputs made symbolic.
+    """No false shape claims: intermediate value_info dropped; on inputs/outputs, −1/0 dimensions and
+    symbolic names that stand for two axes of one tensor (Paddle writes ``[-1, 3, '?', '?']``) get names
+    of their own.
 
-    Some exporters (Paddle) write −1 as a dimension value; ORT training's shape inference takes it
-    literally and builds gradient buffers of negative or zero size (crashes, "Can broadcast 0 by …").
+    ORT training's shape inference takes a shared name as equal sizes (height = width) and a −1
+    literally, and sizes gradient buffers from that (crashes, "Can broadcast 0 by …").
     """
     g = m.graph
     if len(g.value_info):
         del g.value_info[:]
         prep.note("value_info")
+    seen: set[str] = set()
     for vi in list(g.input) + list(g.output):
         if not vi.type.HasField("tensor_type"):
             continue
+        seen.clear()  # a name may repeat across tensors (the batch axis), not across the axes of one
         for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value <= 0:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if d.HasField("dim_value") or d.dim_param in seen or d.dim_param in ("", "?"):
                 d.Clear()
                 d.dim_param = f"{vi.name}_dim{i}"
-                prep.note("negative dimension")
+                prep.note("symbolic dimension renamed")
+            seen.add(d.dim_param)
 
 
 def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
