@@ -13,5 +13,5 @@ PYTHON="${PYTHON:-python3.11}"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] > (3, 11))' \
   || { echo "make_train_env: $PYTHON is newer than 3.11; onnxruntime-training-cpu 1.19.2 has no wheels for it" >&2; exit 2; }
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet "$ROOT[train]" pytest
+"$VENV/bin/pip" install --quiet "$ROOT[train]" pytest scipy scikit-learn  # scipy, scikit-learn: the real-model sample batches
 "$VENV/bin/python" -c 'import onnxruntime.training.api, normact_onnx.training; print("train env ready:", __import__("onnxruntime").__version__)'

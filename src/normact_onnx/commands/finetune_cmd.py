@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..methods.static import VARIANTS
+from ..training.losses import LOSSES
 from .common import add_anact_options, add_selection, print_json
 
 
@@ -27,9 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = p.add_argument_group("training")
     t.add_argument(
         "--loss",
-        choices=("cross-entropy", "mse"),
+        choices=LOSSES,
         default="cross-entropy",
-        help="cross-entropy on class labels (default) or mean squared error on targets",
+        help="cross-entropy (labels: class indices, [N] or [N, T] for sequence outputs), bce (targets in [0, 1] "
+        "shaped like the output) or mse; a Softmax/Sigmoid output is trained on its input (the logits)",
     )
     t.add_argument("--epochs", type=int, default=1, help="passes over --data (default 1)")
     t.add_argument("--batch-size", type=int, default=64, help="samples per training step (default 64)")

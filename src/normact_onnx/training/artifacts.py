@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ import onnx
 from ..errors import NormactError
 from . import require_training
 from .graph import MAX_TRAIN_IR, STATS_OUTPUT, TrainGraph
+from .losses import LOSS_OUTPUT, find_head, with_loss
 
 OPTIMIZERS = ("adamw", "sgd")
-LABEL_INPUTS = {"cross-entropy": "labels", "mse": "target"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,25 @@ def clamp_artifact_ir(path: Path, max_ir: int = MAX_TRAIN_IR) -> None:
         path.write_bytes(m.SerializeToString())
 
 
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+?)Grad\(\d+\) node with name '(.+?)_Grad/")
+_FIX = "freeze the layers before it (--freeze REGEX on their weights) or train on an earlier output (--output-name)"
+
+
+def explain_ort_error(text: str, what: str) -> str:
+    """One line from an onnxruntime-training failure: which node, why, and what to do."""
+    m = _NO_BUILDER.search(text)
+    if m:
+        return f"node {m.group(2)!r} ({m.group(1)}) has no gradient in onnxruntime-training 1.19: {_FIX}"
+    m = _NO_KERNEL.search(text)
+    if m:
+        return f"node {m.group(2)!r} ({m.group(1)}) has no CPU gradient kernel in onnxruntime-training 1.19: {_FIX}"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[-1] if lines and "onnxruntime_src" in lines[0] else (lines[0] if lines else "unknown error")
+    first = re.sub(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    return f"onnxruntime-training {what}: {first}"
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[list[str]]:
     """Swallow what native code writes to fd 2 (the gradient builder logs every transformer at INFO).
@@ -78,7 +98,14 @@ def _quiet_native_stderr() -> Iterator[list[str]]:
             captured.append(sink.read().decode(errors="replace"))
 
 
-def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", weight_decay: float = 0.0) -> Artifacts:
+def generate(
+    tg: TrainGraph,
+    folder: Path,
+    loss: str,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    label_rank: int | None = None,
+) -> Artifacts:
     """Build the artifacts: loss on ``tg.output``; the output and the site statistics kept as extra outputs."""
     training = require_training()
     from onnxruntime.training import artifacts as art
@@ -86,12 +113,12 @@ def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", 
 
     if optimizer not in OPTIMIZERS:
         raise NormactError(f"unknown --optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    label = LABEL_INPUTS[loss]
-    if label in tg.data_inputs:
-        raise NormactError(f"the model has an input named {label!r}, which the {loss} loss needs for its labels")
+    head = find_head(tg.model, tg.output, loss)
+    if head.label in tg.data_inputs:
+        raise NormactError(f"the model has an input named {head.label!r}, which the {loss} loss needs for its labels")
     if not tg.trainable:
         raise NormactError("the model has no trainable weights (no float initializers read by a layer)")
-    loss_type = art.LossType.CrossEntropyLoss if loss == "cross-entropy" else art.LossType.MSELoss
+    model = with_loss(tg.model, head, label_rank)
     optim = art.OptimType.SGD if optimizer == "sgd" else onnxblock.optim.AdamW(weight_decay=weight_decay)
     folder.mkdir(parents=True, exist_ok=True)
     extra = [tg.output] + ([STATS_OUTPUT] if tg.anact_sites else [])
@@ -102,18 +129,20 @@ def generate(tg: TrainGraph, folder: Path, loss: str, optimizer: str = "adamw", 
     try:
         with _quiet_native_stderr():
             art.generate_artifacts(
-                tg.model,
+                model,
                 requires_grad=tg.trainable,
                 frozen_params=frozen,
-                loss=loss_type,
+                loss=None,  # the loss is in the graph already (losses.with_loss), in the model's opset
                 optimizer=optim,
                 artifact_directory=str(folder),
-                loss_input_names=[tg.output],
+                loss_input_names=[LOSS_OUTPUT],
                 additional_output_names=extra,
             )
+    except NormactError:
+        raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NormactError(f"onnxruntime-training could not build the training graph: {first}") from None
+        why = explain_ort_error(str(e) or type(e).__name__, "could not build the training graph")
+        raise NormactError(why) from None
     finally:
         logging.getLogger().setLevel(level)
     out = Artifacts(folder)

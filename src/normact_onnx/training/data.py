@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,7 @@ import onnx
 from onnx import helper
 
 from ..errors import NormactError
-
-LOSSES = ("cross-entropy", "mse")
+from .losses import LOSSES
 
 
 @dataclass
@@ -29,6 +28,7 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
     source: str
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)  # scalar inputs, fed unchanged to every batch
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -46,7 +46,7 @@ class Dataset:
         stop = n - n % size if drop_last and n >= size else n
         for start in range(0, stop, size):
             idx = order[start : start + size]
-            yield {k: v[idx] for k, v in self.inputs.items()}, self.labels[idx]
+            yield {**{k: v[idx] for k, v in self.inputs.items()}, **self.fixed}, self.labels[idx]
 
     def steps(self, size: int, drop_last: bool = True) -> int:
         n = len(self)
@@ -102,12 +102,15 @@ def load_dataset(
     n = y.shape[0]
     if n == 0:
         raise NormactError(f"{source} is empty: {labels!r} has 0 samples")
-    inputs = {}
+    inputs, fixed = {}, {}
     for name, (dtype, dims) in specs.items():
         a = arrays[name]
         if a.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], a.shape[1:])):
             want = "×".join("N" if d is None else str(d) for d in dims)
             raise NormactError(f"input {name!r} in {source} has shape {a.shape}; the model expects {want}")
+        if not dims:  # a scalar input (a sample rate, a threshold): the same value for every batch
+            fixed[name] = np.ascontiguousarray(a, dtype=dtype)
+            continue
         if a.shape[0] != n:
             raise NormactError(f"{source}: input {name!r} has {a.shape[0]} samples but labels {labels!r} have {n}")
         inputs[name] = np.ascontiguousarray(a, dtype=dtype)
@@ -118,7 +121,7 @@ def load_dataset(
                 f"{source}: {name!r} holds NaN or Inf values (sample {int(rows[0])} and {len(rows) - 1} more); "
                 "clean the data or drop those samples"
             )
-    return Dataset(inputs, y, source)
+    return Dataset(inputs, y, source, fixed)
 
 
 def check_labels(ds: Dataset, loss: str, output_name: str, output_shape: tuple[int, ...]) -> None:
@@ -158,7 +161,11 @@ def check_labels(ds: Dataset, loss: str, output_name: str, output_shape: tuple[i
                 ds.labels = y.reshape(-1, 1)
             else:
                 raise NormactError(
-                    f"--loss mse wants targets shaped like output {output_name!r} ({('N', *per_sample)}); "
+                    f"--loss {loss} wants targets shaped like output {output_name!r} ({('N', *per_sample)}); "
                     f"labels have shape {y.shape}"
                 )
         ds.labels = ds.labels.astype(np.float32)
+        if loss == "bce" and ds.labels.size and not (ds.labels.min() >= 0 and ds.labels.max() <= 1):
+            raise NormactError(
+                f"--loss bce wants targets in [0, 1]; labels range over [{ds.labels.min():g}, {ds.labels.max():g}]"
+            )

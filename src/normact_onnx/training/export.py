@@ -43,13 +43,19 @@ def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alph
 def _with_weights(model: onnx.ModelProto, base_dir: str | None, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` (user functions inlined, as in training) with trained initializers swapped in."""
     m = trainable_copy(model, base_dir)
+
+    def trained(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
+        value = np.asarray(weights[name]).astype(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(t.dims)
+        return numpy_helper.from_array(value, t.name)
+
     for t in m.graph.initializer:
         if t.name in weights:
-            new = numpy_helper.from_array(
-                np.asarray(weights[t.name]).astype(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(t.dims),
-                t.name,
-            )
-            t.CopyFrom(new)
+            t.CopyFrom(trained(t, t.name))
+    for n in m.graph.node:  # weights that the exporter stored as Constant nodes (lifted for training)
+        if n.op_type == "Constant" and n.output and n.output[0] in weights:
+            for a in n.attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(trained(a.t, n.output[0]))
     return m
 
 

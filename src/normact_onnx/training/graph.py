@@ -40,6 +40,7 @@ from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..types import FLOAT_TYPES, infer_value_types
+from .prepare import Preparation, is_weight_input, lift_weight_constants, prepare
 
 LAMBDA_INPUT = "normact_lambda"
 MU_INPUT = "normact_mu"
@@ -50,7 +51,6 @@ ALPHA_AMPLITUDE = 0.3  # y = (λ + 0.3·tanh α)(f − μ): the paper's bounded 
 MAX_TRAIN_IR = 10  # onnxruntime-training 1.19 reads IR ≤ 10
 MAX_TRAIN_OPSET = 21  # … and opsets ≤ 21
 METHODS = ("anact", "static", "none")
-WEIGHTED_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose", "LayerNormalization", "InstanceNormalization"}
 
 
 @dataclass
@@ -67,6 +67,7 @@ class TrainSite:
     prior: dict[str, Any] | None = None  # record of an earlier normalization (function form)
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
     input: str = ""  # the pre-activation value
+    primed: bool = False  # the running statistics start at an earlier normalization's constants (prior_start)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "name": self.name, "kind": self.kind, "output": self.output, "method": self.method}
@@ -86,6 +87,7 @@ class TrainGraph:
     trainable: list[str]
     method: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, why) left as they are
+    prepared: Preparation = field(default_factory=Preparation)  # ops rewritten for training, opset raised
 
     @property
     def anact_sites(self) -> list[TrainSite]:
@@ -105,6 +107,22 @@ def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) ->
         return 1.0, 1.0, 0.0
     rho = m.v if centered else m.m2
     return float(rho), float(m.d2), float(m.m1)
+
+
+def prior_start(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """Running statistics that reproduce an earlier normalization's constants at step 0 (or None).
+
+    A site that ``rewrite`` (with ``--preserve-function``: the next layers absorb the inverse) left as
+    scale·(f − shift) starts training at exactly that map: ρ = ρ' = 1/scale² gives λ = scale under both
+    λ rules, μ = shift. So the step-0 loss of the preserved model is the original model's.
+    """
+    if not record or "scale" not in record or float(record.get("slope", 0.0)) != 0.0:
+        return None
+    scale = float(record["scale"])
+    if not scale > 0:
+        return None
+    rho = 1.0 / (scale * scale)
+    return rho, rho, float(record.get("shift", 0.0))
 
 
 def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[onnx.NodeProto], str]:
@@ -167,28 +185,50 @@ def trainable_copy(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelPr
 
 
 def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
-    """Float initializers that are weights: read by a weighted op, or a non-scalar tensor (biases, scales).
+    """Float initializers that are weights (see :data:`WEIGHT_INPUTS`), minus those ``freeze`` matches.
 
-    Scalars read by elementwise ops are constants of the computation (0.5 in a GELU,
-    epsilons), and BatchNormalization's running mean/variance are statistics, not weights.
+    Everything else, ``Constant`` nodes and shape-computing values included, is frozen: ONNX Runtime
+    then never builds a gradient towards it.
     """
     import re
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
-    stats_inputs = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
     pattern = re.compile(freeze) if freeze else None
-    out = []
-    used: dict[str, set[str]] = {}
+    weights: set[str] = set()
     for n in model.graph.node:
-        for i in n.input:
-            used.setdefault(i, set()).add(n.op_type)
-    for name, t in inits.items():
-        ops = used.get(name, set())
-        if not ops or name in stats_inputs or (pattern and pattern.search(name)):
+        for pos, name in enumerate(n.input):
+            t = inits.get(name)
+            if t is None:
+                continue
+            if is_weight_input(n.op_type, pos, list(t.dims)):
+                weights.add(name)
+    out = []
+    for name in inits:
+        if pattern and pattern.search(name):
             continue
-        if name == ALPHA_PARAM or ops & WEIGHTED_OPS or int(np.prod(t.dims)) > 1:
+        if name == ALPHA_PARAM or name in weights:
             out.append(name)
     return out
+
+
+def _ancestors(model: onnx.ModelProto, output: str) -> set[str]:
+    """Every value ``output`` is computed from (main graph; subgraph bodies count through their node)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    todo = [output]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        todo.extend(i for i in node.input if i)
+        for a in node.attribute:  # outer values read inside If/Loop/Scan bodies
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                todo.extend(i for n in g.node for i in n.input if i)
+    return seen
 
 
 def _drop_orphans(model: onnx.ModelProto) -> None:
@@ -248,6 +288,7 @@ def build_train_graph(
     elif output not in outputs:
         raise NormactError(f"--output-name {output!r} is not a model output; outputs: {', '.join(outputs)}")
 
+    lifted = lift_weight_constants(m)
     sites = find_sites(m, base_dir) if method != "none" else []
     fixed = static_constants(q, variant)
 
@@ -282,7 +323,9 @@ def build_train_graph(
             new_nodes, vec = _anact_nodes(site, index, elem, opset)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
-            ts.gaussian = gaussian_start(site.kind, site.params, centered_rho)
+            primed = prior_start(prior)
+            ts.gaussian = primed or gaussian_start(site.kind, site.params, centered_rho)
+            ts.primed = primed is not None
             ts.input = site.input
         else:
             new_nodes = _static_nodes(site, o.affine, elem, opset)
@@ -305,14 +348,18 @@ def build_train_graph(
         keep = [o for o in m.opset_import if o.domain != NORM_DOMAIN]
         del m.opset_import[:]
         m.opset_import.extend(keep)
+    weights = _trainable(m, freeze)  # read off the ops as exported: prepare() rewrites some into plain ops
+    m, prep = prepare(m, base_dir)
+    prep.lifted = lifted
     _drop_orphans(m)
     m.ir_version = min(m.ir_version, MAX_TRAIN_IR)
     initializers = {t.name for t in m.graph.initializer}
     data_inputs = [
         i.name for i in m.graph.input if i.name not in initializers and i.name not in (LAMBDA_INPUT, MU_INPUT)
     ]
-    trainable = _trainable(m, freeze)
-    return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped)
+    reach = _ancestors(m, output)  # weights the loss cannot see get no gradient (multi-head detectors)
+    trainable = [t for t in weights if t in reach]
+    return TrainGraph(m, train_sites, output, data_inputs, trainable, method, skipped, prep)
 
 
 def _add_anact_io(m: onnx.ModelProto, stats: list[str], n: int) -> None:

@@ -32,10 +32,11 @@ from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES
 from ..progress import bar as progress_bar
 from . import require_training
-from .artifacts import Artifacts, generate
+from .artifacts import Artifacts, explain_ort_error, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
+from .losses import class_view, find_head
 from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -103,7 +104,7 @@ class Trainer:
             self.running = RunningStats.from_properties({k: props[k] for k in _property_keys(props)})
             self.epoch, self.step = int(props["normact.epoch"]), int(props["normact.step"])
         else:
-            self.running = RunningStats.start([s.gaussian for s in tg.anact_sites])
+            self.running = RunningStats.start([s.gaussian for s in tg.anact_sites], [s.primed for s in tg.anact_sites])
             self.epoch = self.step = 0
         del training
 
@@ -141,7 +142,7 @@ class Trainer:
             total += float(out["loss"]) * len(y)
             count += len(y)
             if self.settings.loss == "cross-entropy":
-                correct += int((out[self.tg.output].argmax(-1) == y).sum())
+                correct += int((_predicted(out[self.tg.output], y) == y).sum())
         acc = (
             correct / (count * max(1, int(np.prod(ds.labels.shape[1:]))))
             if self.settings.loss == "cross-entropy"
@@ -170,8 +171,13 @@ def _property_keys(props: Any) -> list[str]:
     return keys
 
 
+def _predicted(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Class indices shaped like the labels (the output may carry singleton axes its logits do not)."""
+    return out.reshape(*y.shape, -1).argmax(-1)
+
+
 def _accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    return float((out.argmax(-1) == y).mean())
+    return float((_predicted(out, y) == y).mean())
 
 
 class Log:
@@ -224,20 +230,27 @@ def plot_log(csv_path: Path, png_path: Path) -> bool:
     return True
 
 
-def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray]) -> tuple[int, ...]:
-    """The model output's shape on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
+def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray], value: str | None = None) -> tuple[int, ...]:
+    """The shape of ``value`` (default: the output) on two samples (λ = 1, μ = 0): the honest way to know C and rank."""
     import onnxruntime as ort
 
-    feeds = {k: v[:2] for k, v in sample.items()}
+    feeds = {k: v[:2] if v.ndim else v for k, v in sample.items()}
     n = len(tg.anact_sites)
     if n:
         feeds[LAMBDA_INPUT] = np.ones(n, np.float32)
         feeds[MU_INPUT] = np.zeros(n, np.float32)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(tg.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = tg.model
+    if value and value not in {o.name for o in model.graph.output}:  # ONNX Runtime returns graph outputs only
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(tg.model)
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     try:
-        (out,) = sess.run([tg.output], feeds)
+        (out,) = sess.run([value or tg.output], feeds)
     except Exception as e:
         raise NormactError(f"the model does not run on the given data: {str(e).splitlines()[0]}") from None
     return tuple(out.shape)
@@ -368,70 +381,88 @@ def _finetune(
 
     specs = input_specs(tg.model, tg.data_inputs)
     train = load_dataset(data, labels, specs, "--data")
-    shape = _output_shape(tg, train.inputs)
+    find_head(tg.model, tg.output, settings.loss)  # a head the loss cannot use stops here, before any data work
+    shape = _output_shape(tg, {**train.inputs, **train.fixed})
+    if settings.loss == "cross-entropy":
+        shape = class_view(shape)  # [N, C, 1, 1] classifiers: labels [N]
     check_labels(train, settings.loss, tg.output, shape)
     val_ds = None
     if val is not None:
         val_ds = load_dataset(val, labels, specs, "--val")
         check_labels(val_ds, settings.loss, tg.output, shape)
 
-    art = Artifacts(work / "artifacts")
-    last = work / "checkpoints" / "last"
-    if resume:
-        if not (art.exist() and last.exists()):
-            raise NormactError(f"--resume: {work} has no checkpoint yet")
-        checkpoint = last
-    else:
-        if work.exists() and (work / PLAN).exists():
-            shutil.rmtree(work / "artifacts", ignore_errors=True)
-            shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay)
-        (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
-        checkpoint = art.checkpoint
-    (work / "checkpoints").mkdir(exist_ok=True)
+    # a failed run removes what it created: the work folder (unless it was there before) and a partial output
+    created_work = not resume and not work.exists()
+    had_output = out_path.exists()
+    try:
+        art = Artifacts(work / "artifacts")
+        last = work / "checkpoints" / "last"
+        if resume:
+            if not (art.exist() and last.exists()):
+                raise NormactError(f"--resume: {work} has no checkpoint yet")
+            checkpoint = last
+        else:
+            if work.exists() and (work / PLAN).exists():
+                shutil.rmtree(work / "artifacts", ignore_errors=True)
+                shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+            generate(
+                tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(train.labels.shape)
+            )
+            (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
+            checkpoint = art.checkpoint
+        (work / "checkpoints").mkdir(exist_ok=True)
 
-    trainer = Trainer(tg, art, settings, work, checkpoint)
-    result = _run(trainer, train, val_ds, settings, work, progress, resume)
-    trainer.save(last)
+        try:
+            trainer = Trainer(tg, art, settings, work, checkpoint)
+        except Exception as e:
+            raise NormactError(explain_ort_error(str(e), "could not start the training session")) from None
+        result = _run(trainer, train, val_ds, settings, work, progress, resume)
+        trainer.save(last)
 
-    # the last training-graph outputs, to check the export against
-    probe_ds = val_ds or train
-    px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
-    expected = trainer.forward(px, py)[tg.output]
-    params = trainer.parameters()
-    lam, mu = trainer.running.feeds(settings.lambda_rule)
-    alpha = params.get(ALPHA_PARAM, np.zeros(0, np.float32))
-    weights = {k: v for k, v in params.items() if k != ALPHA_PARAM}
-    provenance = {
-        "method": settings.method,
-        "lambda_rule": settings.lambda_rule,
-        "steps": trainer.step,
-        "epochs": trainer.epoch,
-    }
-    export_model(
-        src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
-    )
-    np.savez(work / "export_check.npz", **px, expected=expected)
-    result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
-    result.output = out_path
-    result.sites = [
-        {
-            **s.as_dict(),
-            **(
-                {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
-                if s.method == "anact"
-                else {}
-            ),
+        # the last training-graph outputs, to check the export against
+        probe_ds = val_ds or train
+        px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
+        expected = trainer.forward(px, py)[tg.output]
+        params = trainer.parameters()
+        lam, mu = trainer.running.feeds(settings.lambda_rule)
+        alpha = params.get(ALPHA_PARAM, np.zeros(0, np.float32))
+        weights = {k: v for k, v in params.items() if k != ALPHA_PARAM}
+        provenance = {
+            "method": settings.method,
+            "lambda_rule": settings.lambda_rule,
+            "steps": trainer.step,
+            "epochs": trainer.epoch,
         }
-        for s in tg.sites
-    ]
-    (work / "result.json").write_text(json.dumps(result.report(), indent=2))
-    return result
+        export_model(
+            src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
+        )
+        np.savez(work / "export_check.npz", **px, expected=expected)
+        result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
+        result.output = out_path
+        result.sites = [
+            {
+                **s.as_dict(),
+                **(
+                    {"lambda": float(lam[s.index]), "mu": float(mu[s.index]), "alpha": float(alpha[s.index])}
+                    if s.method == "anact"
+                    else {}
+                ),
+            }
+            for s in tg.sites
+        ]
+        (work / "result.json").write_text(json.dumps(result.report(), indent=2))
+        return result
+    except BaseException:
+        if created_work:
+            shutil.rmtree(work, ignore_errors=True)
+        if not had_output:
+            out_path.unlink(missing_ok=True)
+        raise
 
 
 def _check_settings(s: Settings) -> None:
-    from .data import LOSSES
+    from .losses import LOSSES
 
     if s.loss not in LOSSES:
         raise NormactError(f"unknown --loss {s.loss!r}; choose one of {', '.join(LOSSES)}")

@@ -7,7 +7,8 @@ for the batch. From those:
     ρ' = mean f'²
     μ  = mean f
 
-The first observed batch sets ρ, ρ', μ. After that a batch's ρ (and, separately,
+The first observed batch sets ρ, ρ', μ (unless the site started primed from an
+earlier normalization's constants, see :meth:`RunningStats.start`). After that a batch's ρ (and, separately,
 its ρ') is accepted only within [0.8, 1.2]× the running value, then blended with
 momentum 0.9; μ is blended with momentum 0.9 without the gate. A batch whose
 statistics are not finite, or whose pre-activation has no variance, is ignored.
@@ -59,9 +60,13 @@ class RunningStats:
     accepted: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per site: batches whose ρ was accepted
 
     @classmethod
-    def start(cls, gaussian: list[tuple[float, float, float]]) -> RunningStats:
+    def start(cls, gaussian: list[tuple[float, float, float]], primed: list[bool] | None = None) -> RunningStats:
+        """Running values before any batch. ``primed`` sites (started from an earlier normalization's
+        constants) count that start as one accepted observation, so their first batch is gated and
+        blended like any later one instead of replacing the pretrained map at once."""
         g = np.asarray(gaussian, dtype=np.float64).reshape(-1, 3)
-        return cls(g[:, 0].copy(), g[:, 1].copy(), g[:, 2].copy(), 0, np.zeros(len(g)))
+        accepted = np.asarray(primed if primed is not None else [False] * len(g), dtype=np.float64)
+        return cls(g[:, 0].copy(), g[:, 1].copy(), g[:, 2].copy(), 0, accepted)
 
     def lam(self, rule: str = "anact") -> np.ndarray:
         return lambda_from(self.rho, self.rho_d, rule)
@@ -73,9 +78,8 @@ class RunningStats:
     def update(self, stats: np.ndarray, centered: bool = False) -> None:
         """Apply one batch's statistics by the gated running rule."""
         rho, rho_d, mu, ok = batch_values(stats, centered)
-        first = self.batches == 0
         for i in np.flatnonzero(ok):
-            if first:
+            if self.batches == 0 and self.accepted[i] == 0:  # first batch of a site without a primed start
                 self.rho[i], self.rho_d[i], self.mu[i] = rho[i], rho_d[i], mu[i]
                 self.accepted[i] += 1
                 continue

@@ -1,0 +1,160 @@
+"""One fine-tuning step through ONNX Runtime training on real models: ANAct's cost and PyTorch eager.
+
+Run in the training environment (onnxruntime-training); the regular environment (torch +
+transformers, for the MiniLM export and the PyTorch step) is named by ``--main-python``::
+
+    PYTHONPATH=src train-env/bin/python benchmarks/bench_train_step.py --main-python venv/bin/python
+
+Per model, the same batch goes through two trainers built the same way, interleaved step by step:
+``--method none`` (the model as exported, made trainable) is the baseline, ``--method anact`` adds
+every site's in-graph statistics and the host's running update (target ≤ 1.3×). For MiniLM the
+ORT step (method none) is also compared with a PyTorch eager AdamW step of the same model, batch
+and loss, timed in the regular environment in the same run. Median over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TORCH_STEP = """
+import sys, time, json, numpy as np, torch
+sys.path.insert(0, sys.argv[1] + "/models")
+from minilm import load_minilm
+d = np.load(sys.argv[2]); steps = int(sys.argv[3])
+model = load_minilm(); model.train()
+for m in model.modules():
+    if isinstance(m, torch.nn.Dropout):
+        m.p = 0.0  # the ONNX export has no dropout
+x = [torch.from_numpy(d[k]) for k in ("input_ids", "attention_mask", "token_type_ids")]
+y = torch.from_numpy(d["y"])
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+times = []
+for i in range(steps + 2):
+    t = time.perf_counter()
+    opt.zero_grad()
+    out = model(*x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    loss = torch.nn.functional.mse_loss(out, y)
+    loss.backward()
+    opt.step()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"median_s": float(np.median(times[2:])), "threads": torch.get_num_threads()}))
+"""
+
+PREPARE_MINILM = """
+import sys, numpy as np, onnxruntime as ort
+sys.path.insert(0, sys.argv[1] + "/models")
+from minilm import export_minilm, minilm_inputs
+export_minilm(sys.argv[2], exporter="torchscript")
+x = minilm_inputs(4, 32)
+y = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"]).run(None, x)[0]
+np.savez(sys.argv[3], **x, y=(0.5 * y).astype(np.float32))
+"""
+
+
+def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path):
+    import onnx
+
+    from normact_onnx.training.artifacts import generate
+    from normact_onnx.training.data import check_labels, input_specs, load_dataset
+    from normact_onnx.training.graph import build_train_graph
+    from normact_onnx.training.loop import Settings, Trainer, _output_shape
+
+    settings = Settings(loss=loss, method=method, lr=1e-4, batch_size=len(data["y"]))
+    tg = build_train_graph(onnx.load(str(model_path)), str(model_path.parent), method=method)
+    ds = load_dataset(data, "y", input_specs(tg.model, tg.data_inputs))
+    check_labels(ds, loss, tg.output, _output_shape(tg, ds.inputs))
+    art = generate(tg, work / "artifacts", loss, label_rank=ds.labels.ndim)
+    return Trainer(tg, art, settings, work, art.checkpoint), ds
+
+
+def bench_model(name: str, path: Path, data: dict, loss: str, steps: int) -> dict:
+    """Interleaved none / anact steps on one batch; medians and their ratio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, ds = _trainer(path, data, loss, "none", Path(tmp) / "none")
+        anact, _ = _trainer(path, data, loss, "anact", Path(tmp) / "anact")
+        x, y = ds.inputs, ds.labels
+        times: dict[str, list[float]] = {"none": [], "anact": []}
+        for _ in range(steps + 2):
+            for label, tr in (("none", plain), ("anact", anact)):
+                t = time.perf_counter()
+                tr.train_step(x, y)
+                times[label].append(time.perf_counter() - t)
+        med = {k: float(np.median(v[2:])) for k, v in times.items()}
+        return {
+            "model": name,
+            "sites": len(anact.tg.anact_sites),
+            "batch": len(y),
+            "none_s": med["none"],
+            "anact_s": med["anact"],
+            "ratio": med["anact"] / med["none"],
+        }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--main-python", required=True, help="python of the regular environment (torch, transformers)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    from machine import machine
+    from tests import real_models as rm
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        e = rm.entry("ppocrv4_det")
+        det = rm.require_path(e, rm.model_path(e))
+        feeds = rm.sample_batches(e, 1, 2)[0]
+        import onnxruntime as ort
+
+        out = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        rows.append(bench_model("ppocrv4_det", det, {**feeds, "y": (out < 0.5).astype(np.float32)}, "bce", args.steps))
+
+        minilm, batch = Path(tmp) / "minilm.onnx", Path(tmp) / "batch.npz"
+        env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+        subprocess.run(
+            [args.main_python, "-c", PREPARE_MINILM, str(ROOT), str(minilm), str(batch)], check=True, env=env
+        )
+        data = dict(np.load(batch))
+        row = bench_model("minilm", minilm, data, "mse", args.steps)
+        r = subprocess.run(
+            [args.main_python, "-c", TORCH_STEP, str(ROOT), str(batch), str(args.steps)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        torch_step = json.loads(r.stdout.strip().splitlines()[-1])
+        row["torch_eager_s"] = torch_step["median_s"]
+        row["ort_vs_torch"] = row["none_s"] / torch_step["median_s"]
+        rows.append(row)
+
+    print(f"fine-tuning step, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    print(f"machine: {machine()}")
+    for r in rows:
+        line = (
+            f"{r['model']:<12} batch {r['batch']}  {r['sites']:>2} ANAct sites  none {r['none_s'] * 1e3:8.1f} ms  "
+            f"anact {r['anact_s'] * 1e3:8.1f} ms  ratio {r['ratio']:.3f}x (target ≤ 1.3)"
+        )
+        if "torch_eager_s" in r:
+            line += f"  | PyTorch eager {r['torch_eager_s'] * 1e3:.1f} ms, ORT/PyTorch {r['ort_vs_torch']:.3f}x"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    return 0 if all(r["ratio"] <= 1.3 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
