@@ -198,8 +198,9 @@ def test_control_flow_bodies_are_normalized_in_situ(tmp_path):
 
 def test_constant_pre_activation_is_refused(tmp_path, cli):
     model = tmp_path / "m.onnx"
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="act"), helper.make_node("Identity", ["a"], ["y"])]
-    onnx.save(tiny_model(nodes, [fvi("x", ["N", 4])], [fvi("y", ["N", 4])]), model)
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="act"), helper.make_node("MatMul", ["a", "w"], ["y"])]
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")  # a layer after the site: a hidden site
+    onnx.save(tiny_model(nodes, [fvi("x", ["N", 4])], [fvi("y", ["N", 4])], [w]), model)
     np.savez(tmp_path / "d.npz", x=np.full((8, 4), 2.0, np.float32))
     r = cli("calibrate", model, "--data", tmp_path / "d.npz", "-o", tmp_path / "o.onnx")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

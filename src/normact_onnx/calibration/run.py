@@ -32,13 +32,16 @@ from .stats import CalibrationStats, Moments, SiteStats
 
 Constants = Callable[[Site], Affine | str]
 Selection = tuple[Any, Any, str | None, bool]  # include, exclude, nodes, all_sites: as the rewrite selects
-OPTIMIZATION = "basic"  # ORT level for calibration sessions: constant folding only, no fusions
+# ORT level for calibration sessions: all of ONNX Runtime's graph optimizations. They cannot erase a site: the
+# statistics (and, in situ, the normalization) read each site's pre-activation and raw output, so those values stay
+# (a fusion needs the fused values to have no other reader); what a fusion changes is float rounding only.
+OPTIMIZATION: bool | str = True
 
 
 def calibration_session(
     model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None, threads: int = 0
 ) -> Any:
-    """An ORT session for the instrumented copy: kernel library registered, no fusions.
+    """An ORT session for the instrumented copy: kernel library registered, all graph optimizations.
 
     External data stays where it is: ORT is told the model's folder instead of the
     copy being written next to it. ``threads``: intra-op threads (0: ORT's default;
