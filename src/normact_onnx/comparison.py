@@ -626,7 +626,7 @@ def compare(
     tally = comparison.empty()
     bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
     try:
-        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, None, images, values):
+        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, images=images, values=values):
             comparison.tally(feeds, tally)
             bar.update()
     finally:
@@ -659,7 +659,7 @@ def measure_sites(
     probes, unreachable = _site_probes(m)
     runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
-    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split, None, values):
+    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
             p.pre_stats.add(outs[p.pre])

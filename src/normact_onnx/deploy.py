@@ -217,7 +217,7 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: _Inputs
         inputs.batches,
         inputs.batch_size,
         inputs.seed,
-        inputs.values,
+        values=inputs.values,
     )
     ref, plain = make_session(before.SerializeToString()), make_session(before.SerializeToString(), optimize=False)
     new = make_session(after.SerializeToString())
