@@ -384,6 +384,12 @@ def _plan_tensor(
             return plan
         plans.append(plan)
 
+    return _sequence(plans)
+
+
+def _sequence(plans: list[Plan]) -> Plan:
+    """One plan that applies ``plans`` in order."""
+
     def apply(edits: Edits) -> None:
         for p in plans:
             p(edits)
@@ -420,11 +426,7 @@ def _plan_through(
             return plan
         plans.append(plan)
 
-    def apply(edits: Edits) -> None:
-        for p in plans:
-            p(edits)
-
-    return apply
+    return _sequence(plans)
 
 
 def _plan_through_add(
