@@ -285,6 +285,20 @@ def test_validation_with_a_partial_batch_is_exact(tmp_path: Path) -> None:
 
 
 @needs_training
+def test_resume_with_other_batch_shapes_is_refused(tmp_path: Path) -> None:
+    """The artifacts are built for one batch shape: resuming on data that gives another stops in one line."""
+    from normact_onnx.training import finetune
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data(64)
+    common = {"batch_size": 32, "method": "none", "output": tmp_path / "t.onnx", "progress": False}
+    finetune(path, {"x": x, "y": y}, epochs=1, **common)
+    with pytest.raises(NormactError, match=r"--resume: the training graph was built for batches of shape"):
+        finetune(path, {"x": x[:20], "y": y[:20]}, epochs=2, resume=True, **common)
+
+
+@needs_training
 def test_finetune_cli_end_to_end_resume_and_export(tmp_path: Path) -> None:
     """CLI run, log/plot/checkpoints written, resume continues exactly, export reproduces the graph."""
     import onnxruntime as ort

@@ -24,7 +24,10 @@ them in standard ops it can:
 * variadic ``Sum`` becomes a chain of ``Add``; ``LayerNormalization`` names its
   optional Mean/InvStdDev outputs (its gradient reads them);
 * graphs below opset 13 are converted to opset 13 (the gradient builders emit
-  opset-13 ops); the export keeps the model's own opset.
+  opset-13 ops); the export keeps the model's own opset;
+* once the data is known, the inputs' symbolic axes take the training batch's
+  concrete sizes (``fix_input_shapes``): ORT sizes some gradients of symbolic
+  Paddle graphs −1 or 0. The export keeps the model's symbolic shapes.
 
 Each rewrite computes the same values as the op it replaces; the export check
 after training (training graph vs exported model on one batch) confirms it.
