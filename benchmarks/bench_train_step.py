@@ -70,12 +70,15 @@ def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path):
     from normact_onnx.training.artifacts import generate
     from normact_onnx.training.data import check_labels, input_specs, load_dataset
     from normact_onnx.training.graph import build_train_graph
-    from normact_onnx.training.loop import Settings, Trainer, _output_shape
+    from normact_onnx.training.loop import Settings, Trainer, _data_shapes, _output_shape
+    from normact_onnx.training.prepare import fix_input_shapes
 
     settings = Settings(loss=loss, method=method, lr=1e-4, batch_size=len(data["y"]))
     tg = build_train_graph(onnx.load(str(model_path)), str(model_path.parent), method=method)
     ds = load_dataset(data, "y", input_specs(tg.model, tg.data_inputs))
     check_labels(ds, loss, tg.output, _output_shape(tg, ds.inputs))
+    tg.batch = len(ds)  # the training graph with the batch's concrete shape, as finetune builds it
+    fix_input_shapes(tg.model, _data_shapes(ds, tg.batch), tg.prepared)
     art = generate(tg, work / "artifacts", loss, label_rank=ds.labels.ndim)
     return Trainer(tg, art, settings, work, art.checkpoint), ds
 

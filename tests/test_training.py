@@ -249,6 +249,56 @@ def test_ort_training_matches_pytorch_reference(tmp_path: Path) -> None:
 
 
 @needs_training
+def test_validation_with_a_partial_batch_is_exact(tmp_path: Path) -> None:
+    """The training graph has the batch's fixed shape: a partial last validation batch is padded, and the
+    reported loss and accuracy are still those of the validation samples alone (numpy on the export)."""
+    import onnxruntime as ort
+
+    from normact_onnx.training import finetune
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data(64)
+    xv, yv = _data(37, seed=2)  # batches of 16: two full, one of 5
+    res = finetune(
+        path,
+        {"x": x, "y": y},
+        val={"x": xv, "y": yv},
+        batch_size=16,
+        epochs=1,
+        lr=0.01,
+        method="none",
+        output=tmp_path / "t.onnx",
+        progress=False,
+    )
+    logits = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
+    z = logits - logits.max(1, keepdims=True)
+    nll = -(z - np.log(np.exp(z).sum(1, keepdims=True)))[np.arange(len(yv)), yv]
+    row = res.history[-1]
+    assert row["val_loss"] == pytest.approx(float(nll.mean()), rel=1e-4)
+    assert row["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).mean()))
+    # the training graph's inputs have the batch's concrete shape; the export keeps the model's symbolic one
+    tm = onnx.load(str(res.workdir / "artifacts" / "training_model.onnx"), load_external_data=False)
+    assert [d.dim_value for d in next(i for i in tm.graph.input if i.name == "x").type.tensor_type.shape.dim] == [16, 8]
+    out = onnx.load(str(tmp_path / "t.onnx"))
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+@needs_training
+def test_resume_with_other_batch_shapes_is_refused(tmp_path: Path) -> None:
+    """The artifacts are built for one batch shape: resuming on data that gives another stops in one line."""
+    from normact_onnx.training import finetune
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data(64)
+    common = {"batch_size": 32, "method": "none", "output": tmp_path / "t.onnx", "progress": False}
+    finetune(path, {"x": x, "y": y}, epochs=1, **common)
+    with pytest.raises(NormactError, match=r"--resume: the training graph was built for batches of shape"):
+        finetune(path, {"x": x[:20], "y": y[:20]}, epochs=2, resume=True, **common)
+
+
+@needs_training
 def test_finetune_cli_end_to_end_resume_and_export(tmp_path: Path) -> None:
     """CLI run, log/plot/checkpoints written, resume continues exactly, export reproduces the graph."""
     import onnxruntime as ort

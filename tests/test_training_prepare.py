@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normact_onnx.training.graph import build_train_graph
 from normact_onnx.training.losses import LOSS_OUTPUT, find_head, with_loss
-from normact_onnx.training.prepare import MIN_TRAIN_OPSET
+from normact_onnx.training.prepare import MIN_TRAIN_OPSET, Preparation, fix_input_shapes
 
 ort = pytest.importorskip("onnxruntime")
 NO_CPU_GRADIENT = {"HardSigmoid", "HardSwish", "Resize", "ConvTranspose", "BatchNormalization", "Sum", "Elu"}
@@ -147,3 +147,18 @@ def test_bce_reads_the_sigmoid_input_and_sequence_cross_entropy() -> None:
     (loss,) = _run(with_loss(m, find_head(m, "q", "cross-entropy")), {"x": x, "labels": y}, [LOSS_OUTPUT])
     logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
     assert float(loss) == pytest.approx(-np.take_along_axis(logp, y[..., None], -1).mean(), rel=1e-5)
+
+
+def test_fix_input_shapes_sets_symbolic_axes_only() -> None:
+    """Symbolic, −1 and unnamed axes take the data's sizes; axes the model fixes stay; the graph still runs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, -1, None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    prep = Preparation()
+    fix_input_shapes(m, {"x": (2, 3, 5, 7)}, prep)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert [(d.dim_value, d.dim_param) for d in dims] == [(2, ""), (3, ""), (5, ""), (7, "")]
+    assert prep.decomposed == {"input shape fixed": 1}
+    a = np.arange(210, dtype=np.float32).reshape(2, 3, 5, 7) - 100
+    np.testing.assert_array_equal(_run(m, {"x": a})[0], np.maximum(a, 0))

@@ -34,6 +34,9 @@ REAL = [
     ("ppocrv4_det", 3, 1e-4, "none"),
     ("yolov8n_doclaynet", 3, 1e-4, "none"),
     ("picodet_layout_cdla", 3, 1e-4, "none"),
+    ("ppocr_cls", 3, 1e-4, "none"),
+    ("ppocrv4_rec", 3, 1e-4, "none"),
+    ("ppocrv5_det_small", 3, 1e-4, "none"),
 ]
 
 

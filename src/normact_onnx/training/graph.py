@@ -88,6 +88,7 @@ class TrainGraph:
     method: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, why) left as they are
     prepared: Preparation = field(default_factory=Preparation)  # ops rewritten for training, opset raised
+    batch: int | None = None  # the batch axis the training graph was fixed to (prepare.fix_input_shapes)
 
     @property
     def anact_sites(self) -> list[TrainSite]:

@@ -37,6 +37,7 @@ from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
 from .losses import class_view, find_head
+from .prepare import fix_input_shapes
 from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -131,13 +132,32 @@ class Trainer:
         return out
 
     def forward(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
-        """Eval-mode outputs with the current λ, μ (the running statistics are not touched)."""
+        """Eval-mode outputs with the current λ, μ (the running statistics are not touched).
+
+        The graph's batch axis is fixed (``tg.batch``); a smaller batch is padded with copies of its
+        first sample and the output cut back. In eval mode samples are independent and every loss is a
+        mean over samples of equal size, so the padded loss is L = (S + p·l₀)/B, and the batch's own
+        mean S/k follows from l₀, the loss of a batch of first-sample copies.
+        """
         self.module.eval()
-        return self._named(self.module(*self._feeds(x, y)))
+        k, full = len(y), self.tg.batch
+        if full is None or k >= full:
+            return self._named(self.module(*self._feeds(x, y)))
+
+        fill = np.concatenate([np.arange(k), np.zeros(full - k, np.int64)])
+        first = np.zeros(full, np.int64)
+        padded = {n: v[fill] if v.ndim else v for n, v in x.items()}
+        copies = {n: v[first] if v.ndim else v for n, v in x.items()}
+        out = self._named(self.module(*self._feeds(padded, y[fill])))
+        l0 = float(self._named(self.module(*self._feeds(copies, y[first])))["loss"])
+        loss = (float(out["loss"]) * full - (full - k) * l0) / k
+        out["loss"] = np.array(loss, np.float32)
+        out[self.tg.output] = out[self.tg.output][:k]
+        return out
 
     def evaluate(self, ds: Dataset) -> tuple[float, float | None]:
         total, correct, count = 0.0, 0, 0
-        for x, y in ds.batches(self.settings.batch_size, drop_last=False):
+        for x, y in ds.batches(self.tg.batch or self.settings.batch_size, drop_last=False):
             out = self.forward(x, y)
             total += float(out["loss"]) * len(y)
             count += len(y)
@@ -256,12 +276,20 @@ def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray], value: str | No
     return tuple(out.shape)
 
 
-def _plan(tg: TrainGraph, settings: Settings, selection: dict[str, Any], model_path: str) -> dict[str, Any]:
+def _data_shapes(train: Dataset, batch: int) -> dict[str, tuple[int, ...]]:
+    """Each data input's shape in a training batch: ``batch`` samples of the data's own size."""
+    return {k: (batch, *v.shape[1:]) for k, v in train.inputs.items()}
+
+
+def _plan(
+    tg: TrainGraph, settings: Settings, selection: dict[str, Any], model_path: str, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
     return {
         "model": model_path,
         "settings": asdict(settings),
         "selection": selection,
         "output": tg.output,
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
         "sites": [{**s.as_dict(), "params": s.params, "gaussian": list(s.gaussian)} for s in tg.sites],
     }
 
@@ -391,6 +419,24 @@ def _finetune(
         val_ds = load_dataset(val, labels, specs, "--val")
         check_labels(val_ds, settings.loss, tg.output, shape)
 
+    # the training graph has the batch's concrete shape (ORT 1.19 mis-sizes gradients of symbolic Paddle graphs):
+    # every training batch is full (the trailing partial one is dropped), evaluation pads (Trainer.forward)
+    tg.batch = min(settings.batch_size, len(train))
+    shapes = _data_shapes(train, tg.batch)
+    listed = {k: list(v) for k, v in shapes.items()}
+    if resume and plan.get("input_shapes", listed) != listed:
+        raise NormactError(
+            f"--resume: the training graph was built for batches of shape {plan['input_shapes']}; this data gives "
+            f"{listed}: resume with the same data and --batch-size"
+        )
+    for name, size in shapes.items():
+        if val_ds is not None and val_ds.inputs[name].shape[1:] != size[1:]:
+            raise NormactError(
+                f"--val: input {name!r} has samples of shape {list(val_ds.inputs[name].shape[1:])}, the training data "
+                f"{list(size[1:])}; the training graph is built for the training data's shape"
+            )
+    fix_input_shapes(tg.model, shapes, tg.prepared)
+
     # a failed run removes what it created: the work folder (unless it was there before) and a partial output
     created_work = not resume and not work.exists()
     had_output = out_path.exists()
@@ -409,7 +455,8 @@ def _finetune(
             generate(
                 tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(train.labels.shape)
             )
-            (work / PLAN).write_text(json.dumps(_plan(tg, settings, selection, str(path)), indent=2, default=str))
+            plan_text = json.dumps(_plan(tg, settings, selection, str(path), shapes), indent=2, default=str)
+            (work / PLAN).write_text(plan_text)
             checkpoint = art.checkpoint
         (work / "checkpoints").mkdir(exist_ok=True)
 
@@ -422,7 +469,7 @@ def _finetune(
 
         # the last training-graph outputs, to check the export against
         probe_ds = val_ds or train
-        px, py = next(probe_ds.batches(min(settings.batch_size, len(probe_ds)), drop_last=False))
+        px, py = next(probe_ds.batches(min(tg.batch, len(probe_ds)), drop_last=False))
         expected = trainer.forward(px, py)[tg.output]
         params = trainer.parameters()
         lam, mu = trainer.running.feeds(settings.lambda_rule)

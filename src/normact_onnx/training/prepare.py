@@ -24,7 +24,10 @@ them in standard ops it can:
 * variadic ``Sum`` becomes a chain of ``Add``; ``LayerNormalization`` names its
   optional Mean/InvStdDev outputs (its gradient reads them);
 * graphs below opset 13 are converted to opset 13 (the gradient builders emit
-  opset-13 ops); the export keeps the model's own opset.
+  opset-13 ops); the export keeps the model's own opset;
+* once the data is known, the inputs' symbolic axes take the training batch's
+  concrete sizes (``fix_input_shapes``): ORT sizes some gradients of symbolic
+  Paddle graphs −1 or 0. The export keeps the model's symbolic shapes.
 
 Each rewrite computes the same values as the op it replaces; the export check
 after training (training graph vs exported model on one batch) confirms it.
@@ -462,6 +465,31 @@ def clean_shapes(m: onnx.ModelProto, prep: Preparation) -> None:
                 d.dim_param = f"{vi.name}_dim{i}"
                 prep.note("symbolic dimension renamed")
             seen.add(d.dim_param)
+
+
+def fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], prep: Preparation) -> None:
+    """Every symbolic dimension of the named inputs fixed to the training data's size (the training graph only).
+
+    ONNX Runtime training 1.19 sizes some gradient buffers from the shapes it infers; on Paddle graphs
+    whose shape-computing subgraphs (Shape → Slice → Concat → Reshape) lose track of a symbolic axis it
+    sizes them −1 or 0 ("Can broadcast 0 by …", "shape.Size() must >= 0"). With concrete input sizes
+    every shape is known. The exported model keeps its own symbolic shapes.
+    """
+    for vi in m.graph.input:
+        size = shapes.get(vi.name)
+        if size is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(size):
+            continue
+        changed = False
+        for d, n in zip(dims, size):
+            if n > 0 and not (d.HasField("dim_value") and d.dim_value > 0):
+                d.Clear()
+                d.dim_value = int(n)
+                changed = True
+        if changed:
+            prep.note("input shape fixed")
 
 
 def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
