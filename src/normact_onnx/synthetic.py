@@ -79,22 +79,29 @@ def resolve_shapes(specs: list[Any], given: dict[str, list[int]], batch_size: in
     return out
 
 
-def parse_values(items: Iterable[str] | dict[str, float] | None) -> dict[str, float]:
-    """``["sr=16000"]`` (``--value``) or a dict → {input name: fill value}."""
+def parse_assignments(
+    items: Iterable[str] | dict[str, Any] | None, flag: str, convert: Any, example: str
+) -> dict[str, Any]:
+    """``["NAME=TEXT", …]`` (a repeatable CLI flag) or a dict → {name: convert(value)}; one line when malformed."""
     if not items:
         return {}
     if isinstance(items, dict):
-        return {k: float(v) for k, v in items.items()}
+        return {k: convert(v) for k, v in items.items()}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         try:
             if not sep or not name:
                 raise ValueError
-            out[name] = float(value)
+            out[name] = convert(value)
         except ValueError:
-            raise NormactError(f"--value {item!r}: expected NAME=NUMBER (e.g. sr=16000)") from None
+            raise NormactError(f"{flag} {item!r}: expected {example}") from None
     return out
+
+
+def parse_values(items: Iterable[str] | dict[str, float] | None) -> dict[str, float]:
+    """``["sr=16000"]`` (``--value``) or a dict → {input name: fill value}."""
+    return parse_assignments(items, "--value", float, "NAME=NUMBER (e.g. sr=16000)")
 
 
 def synthetic_batch(

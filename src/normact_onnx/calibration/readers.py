@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import NormactError
-from ..synthetic import meaningful
+from ..synthetic import meaningful, parse_assignments, parse_values
 
 Batch = dict[str, np.ndarray]
 Dim = int | str | None
@@ -324,20 +324,11 @@ def iterable_source(items: Iterable[Any]) -> Source:
 
 def parse_shapes(items: Iterable[str] | dict[str, Any] | None) -> dict[str, list[int]]:
     """``["x=1x3x224x224", ...]`` (CLI) or ``{"x": (1, 3, 224, 224)}`` (API) → name → shape."""
-    if not items:
-        return {}
-    if isinstance(items, dict):
-        return {k: [int(d) for d in v] for k, v in items.items()}
-    out = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            raise NormactError(f"--shape {item!r}: expected NAME=D1xD2x… (e.g. x=1x3x224x224)") from None
-    return out
+
+    def dims(v: Any) -> list[int]:
+        return [int(d) for d in (v.lower().split("x") if isinstance(v, str) else v)]
+
+    return parse_assignments(items, "--shape", dims, "NAME=D1xD2x… (e.g. x=1x3x224x224)")
 
 
 def synthetic_source(
@@ -384,8 +375,6 @@ def open_source(
     if synthetic:
         if data is not None:
             raise NormactError("give either --data or --synthetic, not both")
-        from ..synthetic import parse_values
-
         return synthetic_source(specs, parse_shapes(shapes), batches or 10, seed, parse_values(values), batch_size or 1)
     if data is None:
         raise NormactError("no calibration data: give --data PATH or --synthetic")
