@@ -438,3 +438,22 @@ def test_finetune_failure_removes_the_work_folder_it_created(tmp_path: Path) -> 
     with pytest.raises(NormactError, match="lower --lr"):
         finetune(path, {"x": x, "y": y_mse}, workdir=tmp_path / "mine", **kw)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"  # an existing --workdir is kept
+
+
+def test_export_check_keeps_inputs_named_like_savez_parameters(tmp_path: Path) -> None:
+    """export_check.npz holds every probe input by its name, also ``file`` and ``allow_pickle`` (np.savez's own
+    parameters: through ``**`` the first raised a TypeError after the training, the second was dropped)."""
+    from normact_onnx.training.loop import save_arrays
+
+    arrays = {
+        "file": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "allow_pickle": np.array([[1, 0]], np.int64),
+        "x": np.ones(4, np.float16),
+        "expected": np.linspace(0, 1, 5),
+    }
+    save_arrays(tmp_path / "export_check.npz", arrays)
+    with np.load(tmp_path / "export_check.npz") as check:
+        assert sorted(check.files) == sorted(arrays)
+        for name, value in arrays.items():
+            assert check[name].dtype == value.dtype
+            np.testing.assert_array_equal(check[name], value)

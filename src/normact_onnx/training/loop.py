@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,7 +231,8 @@ def plot_log(csv_path: Path, png_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train, val = [], []
+    train: list[tuple[int, float]] = []
+    val: list[tuple[int, float]] = []
     with open(csv_path, newline="") as fh:
         for r in csv.DictReader(fh):
             (train if r["split"] == "train" else val).append((int(r["step"]), float(r["loss"])))
@@ -484,7 +486,7 @@ def _finetune(
         export_model(
             src, base_dir, tg.sites, weights, lam, mu, alpha, out_path, provenance=provenance, fold=fold, verify=verify
         )
-        np.savez(work / "export_check.npz", **px, expected=expected)
+        save_arrays(work / "export_check.npz", {**px, "expected": expected})
         result.export_max_abs_diff = _check_export(out_path, px, tg.output, expected)
         result.output = out_path
         result.sites = [
@@ -554,7 +556,7 @@ def _run(
                 bar.set_postfix(postfix)
             bar.close()
             tr.epoch += 1
-            row = {"epoch": tr.epoch, "step": tr.step, "train_loss": run_loss / max(seen, 1)}
+            row: dict[str, float | None] = {"epoch": tr.epoch, "step": tr.step, "train_loss": run_loss / max(seen, 1)}
             if s.loss == "cross-entropy":
                 row["train_accuracy"] = run_acc / max(seen, 1)
             if val is not None:
@@ -572,6 +574,15 @@ def _run(
         log.close()
     plot_log(work / "log.csv", work / "loss.png")
     return result
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez(path, **arrays)`` without its own parameters in the way: through ``**`` an input named ``file``
+    would raise a TypeError after the whole training and one named ``allow_pickle`` would vanish from the file."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
 def _check_export(path: Path, x: dict[str, np.ndarray], output: str, expected: np.ndarray) -> float:
