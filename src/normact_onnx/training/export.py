@@ -121,6 +121,7 @@ def export_model(
     method = {"method": "anact-finetune" if provenance.get("method") == "anact" else provenance.get("method", "")}
     target = output if not fold else output.with_name(f".{output.name}.unfolded.onnx")
     out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
+    assert isinstance(out, onnx.ModelProto)  # details=False: the model (api.rewrite has no overloads for mypy yet)
     if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
         from ..io import atomic_path, clamp_ir, write_model
 

@@ -302,7 +302,7 @@ def build_train_graph(
     # function-form sites of earlier rewrites: adaptive under anact, their own constants under static
     for o in outcomes:
         rec = o.site.normalized
-        if o.action == "normalized" and _is_main(o.site) and o.site.root.domain == NORM_DOMAIN:
+        if o.action == "normalized" and rec is not None and _is_main(o.site) and o.site.root.domain == NORM_DOMAIN:
             o.action = "rewritten"
             o.affine = Affine(rec["scale"], rec["shift"], rec["slope"]) if method == "static" else Affine(1, 0, 0)
     types = infer_value_types(m)
@@ -329,6 +329,7 @@ def build_train_graph(
             ts.primed = primed is not None
             ts.input = site.input
         else:
+            assert o.affine is not None  # a rewritten outcome carries its constants
             new_nodes = _static_nodes(site, o.affine, elem, opset)
             ts = TrainSite(-1, site.name, site.kind, dict(site.params), site.output, "static", o.affine, prior)
         e.replace[id(site.root)] = new_nodes

@@ -22,7 +22,9 @@ plain inference session too (how the step-0 loss of two models is compared).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import onnx
 from onnx import TensorProto, helper
@@ -32,6 +34,8 @@ from ..errors import NormactError
 from ..graph import default_opset
 from ..passes.forms import LiteralBody
 from ..types import infer_value_types
+
+Dim = TypeVar("Dim")  # an int, or a symbolic dim (str/None) of an inferred shape
 
 LOSSES = ("cross-entropy", "bce", "mse")
 LABEL_INPUTS = {"cross-entropy": "labels", "bce": "target", "mse": "target"}
@@ -108,7 +112,7 @@ def _label_info(name: str, elem: int, rank: int | None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, [f"{name}_{i}" for i in range(rank)])
 
 
-def class_view(shape: tuple[int, ...]) -> tuple[int, ...]:
+def class_view(shape: Sequence[Dim]) -> tuple[Dim, ...]:
     """An output's shape as cross-entropy sees it: trailing singleton axes dropped ([N, C, 1, 1] → [N, C])."""
     out = tuple(shape)
     while len(out) > 2 and out[-1] == 1:

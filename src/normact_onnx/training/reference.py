@@ -45,6 +45,13 @@ class ANAct(torch.nn.Module):
     step is most of the cost of a 100-layer step).
     """
 
+    # buffers (registered in __init__, so they move with .to() and live in state_dict); declared for the type checker,
+    # which otherwise sees nn.Module's ``Tensor | Module`` attribute lookup
+    rho: torch.Tensor
+    rho_d: torch.Tensor
+    mu: torch.Tensor
+    batches: torch.Tensor
+
     def __init__(
         self,
         kind: str,
