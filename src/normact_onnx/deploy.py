@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import onnx
 
@@ -73,6 +73,75 @@ class FoldResult:
             "check": self.check,
             "notes": self.notes,
         }
+
+
+@overload
+def fold(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    padding: str = "keep-shift",
+    nodes: str | None = None,
+    verify: bool = True,
+    data: Any = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    values: Any = None,
+    batches: int = 2,
+    batch_size: int = 1,
+    seed: int = 0,
+    tolerance: float | None = None,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[False] = ...,
+    progress: bool = False,
+) -> onnx.ModelProto: ...
+
+
+@overload
+def fold(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    padding: str = "keep-shift",
+    nodes: str | None = None,
+    verify: bool = True,
+    data: Any = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    values: Any = None,
+    batches: int = 2,
+    batch_size: int = 1,
+    seed: int = 0,
+    tolerance: float | None = None,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[True],
+    progress: bool = False,
+) -> FoldResult: ...
+
+
+@overload
+def fold(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    padding: str = "keep-shift",
+    nodes: str | None = None,
+    verify: bool = True,
+    data: Any = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    values: Any = None,
+    batches: int = 2,
+    batch_size: int = 1,
+    seed: int = 0,
+    tolerance: float | None = None,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: bool = ...,
+    progress: bool = False,
+) -> onnx.ModelProto | FoldResult: ...
 
 
 def fold(
