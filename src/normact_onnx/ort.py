@@ -7,6 +7,7 @@ without the library, the model-local function bodies run instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -36,13 +37,18 @@ def kernel_library(cuda: bool = False) -> str | None:
 
 
 def make_session(
-    model: Any, providers: list[str] | None = None, optimize: bool | str = True, threads: int = 0, **config: str
+    model: Any,
+    providers: list[str] | None = None,
+    optimize: bool | str = True,
+    threads: int = 0,
+    config: Mapping[str, str] | None = None,
 ) -> Any:
     """An ORT session on ``model`` (path or bytes) with the kernel library registered when available.
 
     ``optimize=False`` (or ``"none"``) turns off graph rewrites that could fuse or erase sites;
     ``optimize="basic"`` keeps constant folding only (calibration: every site's
-    statistics stay where they were put).
+    statistics stay where they were put). ``config``: session config entries (dotted keys such as
+    ``"session.disable_prepacking"``).
     """
     ort = require_onnxruntime()
     so = ort.SessionOptions()
@@ -53,7 +59,7 @@ def make_session(
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
-    for k, v in config.items():
+    for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     providers = providers or ["CPUExecutionProvider"]
     lib = kernel_library(cuda="CUDAExecutionProvider" in providers)

@@ -33,7 +33,7 @@ def ort_load(path: Path, shown: Path | None = None) -> None:
     from .ort import make_session
 
     try:
-        make_session(str(path), **{"session.disable_prepacking": "1"})  # a load check: no packed weight copies
+        make_session(str(path), config={"session.disable_prepacking": "1"})  # a load check: no packed weight copies
     except NormactError:
         raise
     except Exception as e:
@@ -66,7 +66,8 @@ def check_sites(
     inits: dict[str, onnx.TensorProto] = {}
     inputs, outputs, feeds, refs = [], [], {}, []
     for i, o in enumerate(done):
-        s = o.site
+        s, a = o.site, o.affine
+        assert a is not None  # a rewritten outcome carries its constants
         c = by_path[s.path]
         producer = c.producer[s.output]
         if s.path not in positions:
@@ -94,12 +95,12 @@ def check_sites(
             nodes.append(copy)
         elem = types.elem_type(s.input)
         dtype = helper.tensor_dtype_to_np_dtype(elem)
-        shapes = [np.shape(v) for v in (o.affine.scale, o.affine.shift, o.affine.slope, *s.params.values())]
+        shapes = [np.shape(v) for v in (a.scale, a.shift, a.slope, *s.params.values())]
         x = (rng.standard_normal(_probe_shape(types.shape.get(s.input), shapes)) * 3).astype(dtype)
         feeds[f"x{i}"] = x
         inputs.append(helper.make_tensor_value_info(f"x{i}", elem, x.shape))
         outputs.append(helper.make_tensor_value_info(f"y{i}", elem, None))
-        refs.append((o, x))
+        refs.append((s, a, x))
     graph = helper.make_graph(nodes, "normact_verify", inputs, outputs, list(inits.values()))
     probe = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
     probe.ir_version = max(model.ir_version, 8 if model.functions else model.ir_version)
@@ -111,8 +112,7 @@ def check_sites(
     except Exception as e:
         raise NormactError(f"verification failed: rewritten sites do not run: {str(e).splitlines()[0]}") from None
     report = []
-    for (o, x), y in zip(refs, got):
-        a, s = o.affine, o.site
+    for (s, a, x), y in zip(refs, got):
         x64 = x.astype(np.float64)
         want = np.asarray(a.scale) * (s.activation.f(x64, s.params) - np.asarray(a.shift) - np.asarray(a.slope) * x64)
         tol = 1e-4 if x.dtype == np.float32 else 2e-2

@@ -54,7 +54,7 @@ def calibration_session(
     if external_locations(model) and base_dir:
         config["session.model_external_initializers_file_folder_path"] = base_dir
     try:
-        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, threads=threads, **config)
+        return make_session(model.SerializeToString(), providers, optimize=OPTIMIZATION, threads=threads, config=config)
     except Exception as e:
         raise NormactError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0]}") from None
 
