@@ -179,16 +179,17 @@ def instrument(
             skipped[site.output] = "per-channel statistics need the pre-activation's rank (shape inference gave none)"
             continue
         elem = types.elem_type(site.input)
-        normalized_here = normalize is not None and (selected is None or selected(site))
+        normalizer = normalize if normalize is not None and (selected is None or selected(site)) else None
         f = site.output
-        if normalized_here:  # the raw activation gets a new name; its old name becomes the normalized value
+        if normalizer is not None:  # the raw activation gets a new name; its old name becomes the normalized value
             f = fresh(f"{site.output}__normact_raw")
             site.root.output[0] = f
             in_situ.append(site.output)
-        use_fused = suffix is not None and _fusable(site, elem)
+        fused_suffix = suffix if suffix is not None and _fusable(site, elem) else None
+        use_fused = fused_suffix is not None
         b = StatsBody(site.container.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, {}, False)
-        if use_fused:
-            local = _fused_statistics(site, f, axis, suffix, fresh, b)
+        if fused_suffix is not None:
+            local = _fused_statistics(site, f, axis, fused_suffix, fresh, b)
         else:
             local = _site_statistics(site, f, elem, rank, axis, fresh, cache, b)
         axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
@@ -197,8 +198,8 @@ def instrument(
             local[CROSS] = _cross_statistic(b, site.input, f, elem, local, stat_elem, axes)
             if stat_elem != TensorProto.FLOAT:  # one element type for every hoisted statistic
                 local[CROSS] = b.op("Cast", local[CROSS], to=stat_elem)
-        if normalized_here:
-            batch_normalized(b, local, site.input, f, site.output, elem, normalize, stat_elem)
+        if normalizer is not None:
+            batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
         c = site.container
         inserts.setdefault(id(c), (c, {}))[1].setdefault(id(site.root), []).extend(b.nodes)
         if rank is None:
@@ -206,7 +207,7 @@ def instrument(
         else:
             keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
         outs = hoister.hoist(c, local, keep_shape, stat_elem)
-        channel_shape = [] if axis is None else [-1] + [1] * (rank - 1 - axis)
+        channel_shape = [] if axis is None or rank is None else [-1] + [1] * (rank - 1 - axis)
         probes.append(Probe(site, depth, outs, axis, channel_shape, use_fused))
     # the new nodes go right after each site (the normalized value feeds the layers after it);
     # innermost bodies first, so an outer node copied later carries its edited body with it
@@ -289,8 +290,9 @@ def _not_calibratable(site: Site, types: Any) -> str | None:
         return "inside a model-local function (its values cannot be returned); inline the function to calibrate it"
     scope = site.container
     while scope.parent is not None:
-        if scope.owner.op_type not in HOISTABLE:
-            return f"inside a {scope.owner.op_type} body (only If, Loop and Scan bodies can return statistics)"
+        owner, _ = _body(scope)
+        if owner.op_type not in HOISTABLE:
+            return f"inside a {owner.op_type} body (only If, Loop and Scan bodies can return statistics)"
         scope = scope.parent
     elem = types.elem_type(site.input)
     if elem not in FLOAT_TYPES:
@@ -335,7 +337,7 @@ class _Hoister:
 
     def __init__(self, model: onnx.ModelProto, fresh: Callable[[str], str]) -> None:
         self.model, self.fresh = model, fresh
-        self.elem = TensorProto.FLOAT
+        self.elem: int = TensorProto.FLOAT
         self.done: dict[str, str] = {}  # local value -> main-graph output (sites sharing x share its statistics)
 
     def hoist(
@@ -351,7 +353,7 @@ class _Hoister:
 
     def _hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
         while c.parent is not None:
-            owner = c.owner
+            owner, _ = _body(c)
             if owner.op_type == "If":
                 values = self._through_if(c, owner, values, keep_shape)
             else:
@@ -363,9 +365,10 @@ class _Hoister:
 
     def _through_loop(self, c: Container, owner: onnx.NodeProto, values: dict[str, str]) -> dict[str, str]:
         """New scan outputs: the body appends them last, the node stacks them per iteration."""
+        _, graph = _body(c)
         out = {}
         for stat, name in values.items():
-            c.graph.output.append(_value_info(name, stat == "size", self.elem))
+            graph.output.append(_value_info(name, stat == "size", self.elem))
             out[stat] = self.fresh(f"{name}__iters")
             owner.output.append(out[stat])
         if owner.op_type == "Scan":
@@ -381,6 +384,7 @@ class _Hoister:
         branch = c.path.rsplit(".", 1)[-1]  # graph.containers names a body <owner>.<attribute>
         other_name = "else_branch" if branch == "then_branch" else "then_branch"
         other = next(a.g for a in owner.attribute if a.name == other_name)
+        _, graph = _body(c)
         out = {}
         for stat, name in values.items():
             is_size = stat == "size"
@@ -390,11 +394,18 @@ class _Hoister:
             other.node.append(
                 helper.make_node("Constant", [], [empty], name=empty, value=numpy_helper.from_array(value, empty))
             )
-            c.graph.output.append(_value_info(name, is_size, self.elem))
+            graph.output.append(_value_info(name, is_size, self.elem))
             other.output.append(_value_info(empty, is_size, self.elem))
             out[stat] = self.fresh(f"{name}__if")
             owner.output.append(out[stat])
         return out
+
+
+def _body(c: Container) -> tuple[onnx.NodeProto, onnx.GraphProto]:
+    """The If/Loop/Scan node holding a nested container and the body graph (every nested container has both)."""
+    if c.owner is None or c.graph is None:
+        raise ValueError(f"{c.path} is not the body of a node")
+    return c.owner, c.graph
 
 
 def _value_info(name: str, is_size: bool, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
