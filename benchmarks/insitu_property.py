@@ -34,6 +34,7 @@ def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_
     from normact_onnx.calibration import calibrate
     from normact_onnx.comparison import measure_sites
     from normact_onnx.methods.anact import site_factors
+    from normact_onnx.outcome import Refusal
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
@@ -45,7 +46,7 @@ def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_
     if method == "anact":
         for s in stats.sites.values():
             f = site_factors(s, aggregate="mean")
-            if not isinstance(f, str) and float(np.max(f.rho_after)) < 0.5:
+            if not isinstance(f, Refusal) and float(np.max(f.rho_after)) < 0.5:
                 limited.add(s.name)
     held = sum(r["holds"] for r in rows)
     values = np.array([r["value"] for r in rows], dtype=np.float64)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..io import atomic_path
 from ..methods.anact import Factors
+from ..outcome import Refusal
 from .stats import CalibrationStats, SiteStats
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -28,14 +29,14 @@ def _scalar(v: np.ndarray) -> float:
     return float(np.mean(v)) if np.size(v) else float("nan")
 
 
-def terminal_table(rows: list[tuple[SiteStats, Factors | str]]) -> str:
+def terminal_table(rows: list[tuple[SiteStats, Factors | Refusal]]) -> str:
     from ..commands.common import table
 
     out = []
     for s, fac in rows:
         row = {"#": s.depth, "site": s.name, "kind": s.kind, "n": f"{int(s.x.n.sum()):,}"}
-        if isinstance(fac, str):
-            row["note"] = fac
+        if isinstance(fac, Refusal):
+            row["note"] = fac.reason
         else:
             per = f"mean of {fac.lam.size} channels" if fac.lam.size > 1 else ""
             row.update(
@@ -115,12 +116,12 @@ def line_chart(
 
 def render_html(
     stats: CalibrationStats,
-    rows: list[tuple[SiteStats, Factors | str]],
+    rows: list[tuple[SiteStats, Factors | Refusal]],
     title: str = "ANAct calibration",
     measured: list[dict] | None = None,
 ) -> str:
     """``measured``: per-site rows of :func:`normact_onnx.comparison.measure_sites` on the written model."""
-    ok = [(s, f) for s, f in rows if not isinstance(f, str)]
+    ok = [(s, f) for s, f in rows if not isinstance(f, Refusal)]
     labels = [f"{s.depth}: {s.name} ({s.kind})" for s, _ in ok]
     col = lambda attr: [_scalar(getattr(f, attr)) for _, f in ok]  # noqa: E731
     after = {r["site"]: r for r in measured or () if "value" in r}
@@ -140,8 +141,8 @@ def render_html(
     for s, f in rows:
         cells = [str(s.depth), s.name, s.kind, s.graph, f"{int(s.x.n.sum()):,}"]
         m = after.get(s.name)
-        if isinstance(f, str):
-            cells += [""] * 8 + [f]
+        if isinstance(f, Refusal):
+            cells += [""] * 8 + [f.reason]
         else:
             cells += [f"{_scalar(getattr(f, a)):.5g}" for a in ("q", "mu", "rho", "drho", "lam", "drho_after")]
             cells += [f"{m['value']:.5g} ({m['property']})" if m else "not measured", _holds(m)]

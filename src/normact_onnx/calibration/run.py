@@ -23,6 +23,7 @@ from ..graph import structure_fingerprint
 from ..io import ModelLike, check_output_path, clamp_ir, external_locations, load_model_like, model_folder
 from ..methods.anact import AGGREGATES, Factors, anact_affine, check_options, site_factors
 from ..methods.static import Affine, measured_affine
+from ..outcome import Refusal
 from ..passes.find import Site
 from ..progress import bar as progress_bar
 from .insitu import Normalizer
@@ -239,7 +240,7 @@ def anact_constants(
         if isinstance(s, str):
             return s
         fac = site_factors(s, lambda_rule, centered_rho, aggregate)
-        return fac if isinstance(fac, str) else anact_affine(s, fac)
+        return fac.reason if isinstance(fac, Refusal) else anact_affine(s, fac)
 
     return constants
 
@@ -265,8 +266,8 @@ def static_stats_constants(
         if isinstance(s, str):
             return s
         got = measured_affine(s.f.mean, s.f.var, s.x.mean, s.x.var, s.cov, variant, ratio)
-        if isinstance(got, str):
-            return got
+        if isinstance(got, Refusal):
+            return got.reason
         return _shaped(s, *got)
 
     return constants
@@ -338,7 +339,7 @@ def stats_constants(
 
 def factors_table(
     stats: CalibrationStats, lambda_rule: str, centered_rho: bool, aggregate: str
-) -> list[tuple[SiteStats, Factors | str]]:
+) -> list[tuple[SiteStats, Factors | Refusal]]:
     """Every site with its factors (or why none), in depth order: the terminal table and the report."""
     return [(s, site_factors(s, lambda_rule, centered_rho, aggregate)) for s in stats.ordered()]
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NormactError
+from ..outcome import Refusal
 from .static import Affine
 
 LAMBDA_RULES = ("anact", "xavier")
@@ -69,11 +70,13 @@ def check_options(lambda_rule: str, aggregate: str) -> None:
         raise NormactError(f"unknown --aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
 
 
-def site_factors(s: Any, lambda_rule: str = "anact", centered: bool = False, aggregate: str = "ema") -> Factors | str:
+def site_factors(
+    s: Any, lambda_rule: str = "anact", centered: bool = False, aggregate: str = "ema"
+) -> Factors | Refusal:
     """ANAct's factors of one :class:`~normact_onnx.calibration.stats.SiteStats`, or why there are none."""
     check_options(lambda_rule, aggregate)
     if not np.all(s.x.n > 0):
-        return "no data reached this site"
+        return Refusal("no data reached this site")
     q, var_f = s.x.var, s.f.var
     if aggregate == "ema" and s.ema is not None:
         rho = s.ema.rho_centered if centered else s.ema.rho
@@ -86,10 +89,10 @@ def site_factors(s: Any, lambda_rule: str = "anact", centered: bool = False, agg
     bad = ~(np.isfinite(lam) & (lam > 0))
     if np.all(bad):
         if not np.any(q > 0):
-            return "the pre-activation is constant on the calibration data (var x = 0)"
+            return Refusal("the pre-activation is constant on the calibration data (var x = 0)")
         if not np.any(drho > 0):
-            return "the activation is flat on the calibration data (f'(x) = 0 everywhere: a dead unit)"
-        return "the gains are not finite on the calibration data"
+            return Refusal("the activation is flat on the calibration data (f'(x) = 0 everywhere: a dead unit)")
+        return Refusal("the gains are not finite on the calibration data")
     if np.any(bad):  # dead channels keep their scale; the others are normalized
         lam = np.where(bad, 1.0, lam)
     return Factors(rho, drho, mu, lam, q, var_f)

@@ -15,6 +15,7 @@ import numpy as np
 from ..catalogue import Activation
 from ..errors import NormactError
 from ..moments import Moments, gaussian_moments
+from ..outcome import Refusal
 
 VARIANTS = ("center-scale", "zeta-zero", "ratio")
 
@@ -98,7 +99,7 @@ def measured_affine(
     cov: np.ndarray | None,
     variant: str = "center-scale",
     ratio: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Refusal:
     """Static normalization from a site's *measured* moments (docs/math.md §4.3), per channel, or why not.
 
     Real pre-activations are neither centred nor Gaussian, so the constants come from
@@ -114,17 +115,17 @@ def measured_affine(
     m1, v, mx, q = (np.asarray(a, dtype=np.float64) for a in (f_mean, f_var, x_mean, x_var))
     if variant == "center-scale":
         if not np.all(v > 0):
-            return "the activation's output is constant on the calibration data (Var f = 0)"
+            return Refusal("the activation's output is constant on the calibration data (Var f = 0)")
         return 1.0 / np.sqrt(v), m1, np.zeros_like(m1)
     if cov is None:
-        return f"these statistics hold no x·f co-moment: calibrate with --method static --variant {variant}"
+        return Refusal(f"these statistics hold no x·f co-moment: calibrate with --method static --variant {variant}")
     if not np.all(q > 0):
-        return "the pre-activation is constant on the calibration data (var x = 0)"
+        return Refusal("the pre-activation is constant on the calibration data (var x = 0)")
     b = np.asarray(cov, dtype=np.float64) / q
     linear = b * b * q
     resid = v - linear
     if not np.all(resid > 1e-12 * np.maximum(v, 1e-300)):
-        return "the activation is affine on the calibration data; zeta-zero/ratio variants are undefined"
+        return Refusal("the activation is affine on the calibration data; zeta-zero/ratio variants are undefined")
     r = np.zeros_like(v) if variant == "zeta-zero" else np.minimum(float(ratio or 0.0), linear / v)
     keep = 1.0 - r
     slope = b - np.sign(b) * np.sqrt(r * resid / (keep * q))
