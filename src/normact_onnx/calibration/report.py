@@ -68,8 +68,8 @@ def line_chart(
     left, right, top, bottom = 56, 12, 28, 44
     pw, ph = width - left - right, height - top - bottom
     values = [v for vs in series.values() for v in vs if math.isfinite(v) and (v > 0 or not log)]
-    if not values:
-        values = [0.0, 1.0]
+    if not values:  # nothing to draw (no site has factors): an empty frame; a log axis cannot hold 0
+        values = [1.0, 10.0] if log else [0.0, 1.0]
     tr = math.log10 if log else float
     lo, hi = min(map(tr, values)), max(map(tr, values))
     if hi - lo < 1e-12:
