@@ -15,7 +15,7 @@ over all batches; ``"ema"`` the paper's gated running values (order-dependent).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -23,8 +23,10 @@ from ..errors import NormactError
 from ..outcome import Refusal
 from .static import Affine
 
-LAMBDA_RULES = ("anact", "xavier")
-AGGREGATES = ("ema", "mean")
+LambdaRule = Literal["anact", "xavier"]
+Aggregate = Literal["ema", "mean"]  # gated running values (the paper's) or exact moments over all batches
+LAMBDA_RULES: tuple[LambdaRule, ...] = get_args(LambdaRule)
+AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -17,7 +17,8 @@ from ..errors import NormactError
 from ..moments import Moments, gaussian_moments
 from ..outcome import Refusal
 
-VARIANTS = ("center-scale", "zeta-zero", "ratio")
+Variant = Literal["center-scale", "zeta-zero", "ratio"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
 
 
 @dataclass(frozen=True)

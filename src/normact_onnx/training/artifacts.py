@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import onnx
 
@@ -25,7 +26,8 @@ from . import require_training
 from .graph import MAX_TRAIN_IR, STATS_OUTPUT, TrainGraph
 from .losses import LOSS_OUTPUT, find_head, with_loss
 
-OPTIMIZERS = ("adamw", "sgd")
+Optimizer = Literal["adamw", "sgd"]
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 
 
 @dataclass(frozen=True)

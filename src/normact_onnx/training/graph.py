@@ -22,7 +22,7 @@ A static site is the literal normalized form (fixed constants, nothing fed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -50,7 +50,9 @@ STATS_FIELDS = ("mean_f", "mean_f2", "mean_d2", "mean_x", "var_x")
 ALPHA_AMPLITUDE = 0.3  # y = (λ + 0.3·tanh α)(f − μ): the paper's bounded learnable correction
 MAX_TRAIN_IR = 10  # onnxruntime-training 1.19 reads IR ≤ 10
 MAX_TRAIN_OPSET = 21  # … and opsets ≤ 21
-METHODS = ("anact", "static", "none")
+Method = Literal["anact", "static", "none"]  # "none": fine-tune the model as it is
+SiteMethod = Literal["anact", "static"]  # how one site trains
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TrainSite:
     kind: str
     params: dict[str, Any]
     output: str  # the site's output value (same name as in the input model)
-    method: str  # "anact" | "static"
+    method: SiteMethod
     affine: Affine | None = None  # static constants
     prior: dict[str, Any] | None = None  # record of an earlier normalization (function form)
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start

@@ -30,14 +30,15 @@ import numpy as np
 
 from ..errors import NormactError
 from ..io import check_output_path, load_model
-from ..methods.anact import LAMBDA_RULES
+from ..methods.anact import LAMBDA_RULES, LambdaRule
+from ..methods.static import Variant
 from ..progress import bar as progress_bar
 from . import require_training
-from .artifacts import Artifacts, explain_ort_error, generate
+from .artifacts import Artifacts, Optimizer, explain_ort_error, generate
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
-from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
-from .losses import class_view, find_head
+from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, Method, TrainGraph, TrainSite, build_train_graph
+from .losses import Loss, class_view, find_head
 from .prepare import fix_input_shapes
 from .running import RunningStats
 
@@ -49,16 +50,16 @@ PLAN = "plan.json"
 class Settings:
     """Everything that defines a run (saved in plan.json; a resumed run keeps the graph-defining ones)."""
 
-    loss: str = "cross-entropy"
+    loss: Loss = "cross-entropy"
     epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     weight_decay: float = 0.0
-    method: str = "anact"
-    variant: str = "center-scale"
+    method: Method = "anact"
+    variant: Variant = "center-scale"
     q: float = 1.0
-    lambda_rule: str = "anact"
+    lambda_rule: LambdaRule = "anact"
     centered_rho: bool = False
     seed: int = 0
     max_steps: int | None = None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import onnx
 from onnx import TensorProto, helper
@@ -37,7 +37,8 @@ from ..types import infer_value_types
 
 Dim = TypeVar("Dim")  # an int, or a symbolic dim (str/None) of an inferred shape
 
-LOSSES = ("cross-entropy", "bce", "mse")
+Loss = Literal["cross-entropy", "bce", "mse"]
+LOSSES: tuple[Loss, ...] = get_args(Loss)
 LABEL_INPUTS = {"cross-entropy": "labels", "bce": "target", "mse": "target"}
 LOSS_OUTPUT = "normact_loss"
 HEADS = {"cross-entropy": ("Softmax", "LogSoftmax"), "bce": ("Sigmoid",)}
