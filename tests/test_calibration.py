@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from normact_onnx.calibration import CalibrationStats, calibrate, merge
+from normact_onnx.api import calibrate
+from normact_onnx.calibration import CalibrationStats, merge
 from normact_onnx.calibration.stats import Moments
 from normact_onnx.catalogue import CATALOGUE
 from normact_onnx.errors import NormactError

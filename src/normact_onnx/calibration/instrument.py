@@ -42,7 +42,7 @@ from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
 from ..passes.unfuse import split_fused_sites
-from ..types import FLOAT_TYPES, infer_value_types
+from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized
 from .stats import Moments, merge_cross
 from .stats_body import StatsBody

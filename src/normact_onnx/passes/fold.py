@@ -35,7 +35,7 @@ from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
 from ..graph import Container, const_value, containers, unique_namer
-from ..types import infer_value_types
+from ..valuetypes import infer_value_types
 from .affine import FREE, PADDING, plan_absorb, plan_produce
 from .edits import Edits
 from .find import META_SITES, Site, find_in_container, recorded_sites

@@ -21,7 +21,7 @@ from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..catalogue.fused import FUSED
 from ..graph import Container, default_opset, unique_namer
 from ..methods.static import Affine
-from ..types import infer_value_types
+from ..valuetypes import infer_value_types
 from .affine import Restore, plan_absorb
 from .edits import Edits
 from .find import META_SITES, Site, recorded_sites

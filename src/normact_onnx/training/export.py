@@ -21,6 +21,8 @@ from onnx import helper, numpy_helper
 
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
+from ..deploy import fold as fold_model
+from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
 from ..passes.find import META_SITES, Site, find_sites
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
@@ -122,14 +124,10 @@ def export_model(
     target = output if not fold else output.with_name(f".{output.name}.unfolded.onnx")
     out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
     if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
-        from ..io import atomic_path, clamp_ir, write_model
-
         clamp_ir(out)
         with atomic_path(target) as tmp:
             write_model(out, tmp)
     if fold:
-        from ..deploy import fold as fold_model
-
         try:
             out = fold_model(str(target), output, verify=verify)
         finally:

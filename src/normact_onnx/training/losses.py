@@ -31,7 +31,7 @@ from ..catalogue import CATALOGUE
 from ..errors import NormactError
 from ..graph import default_opset
 from ..passes.forms import LiteralBody
-from ..types import infer_value_types
+from ..valuetypes import infer_value_types
 
 LOSSES = ("cross-entropy", "bce", "mse")
 LABEL_INPUTS = {"cross-entropy": "labels", "bce": "target", "mse": "target"}

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .graph import gaussian_start
+
 MOMENTUM, GATE, AMPLITUDE = 0.9, (0.8, 1.2), 0.3
 
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -131,6 +133,4 @@ class Static(torch.nn.Module):
 
 
 def _gaussian_start(kind: str, centered: bool) -> tuple[float, float, float]:
-    from .graph import gaussian_start
-
     return gaussian_start(kind, {}, centered)
