@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from ..errors import NormactError
 from ..inputs import InputSpec, format_shape
-from ..synthetic import meaningful, parse_assignments, parse_values
+from ..synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
 from . import rows
 from .batches import Batch, Source
 
@@ -296,8 +296,6 @@ def synthetic_source(
     batch_size: int = 1,
 ) -> Source:
     """Synthetic inputs by the shared rules of :mod:`normact_onnx.synthetic` (N(0, 1) floats, 0/1 integers)."""
-    from ..synthetic import resolve_shapes, synthetic_batch
-
     for s in specs:
         if s.name in shapes:
             check_header([s], {s.name: (tuple(shapes[s.name]), s.dtype)}, "--shape")

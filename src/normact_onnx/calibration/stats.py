@@ -27,7 +27,10 @@ import numpy as np
 
 from .. import __version__
 from ..errors import NormactError
+from ..graph import structure_fingerprint
 from ..io import atomic_path
+from ..passes.find import find_sites
+from .stats_check import check_document
 
 FORMAT = "normact-onnx/calibration-stats"
 VERSION = 2  # 2: "fingerprint" identifies the model's graph (1: its set of sites)
@@ -296,8 +299,6 @@ class CalibrationStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "stats") -> CalibrationStats:
-        from .stats_check import check_document
-
         check_document(d, origin, FORMAT, VERSION)  # every field below is present and well-formed
         sites = {k: SiteStats.from_dict(k, v) for k, v in d["sites"].items()}
         return cls(
@@ -344,12 +345,8 @@ def check_stats_model(stats: CalibrationStats, model: Any, base_dir: str | None 
     if force or not stats.fingerprint:
         return
     if stats.version >= 2:
-        from ..graph import structure_fingerprint
-
         want = structure_fingerprint(model)
     else:
-        from ..passes.find import find_sites
-
         want = fingerprint([(s.output, s.kind) for s in find_sites(model, base_dir)])
     if stats.fingerprint != want:
         raise NormactError(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..calibration.rows import ImageOptions
 from ..errors import NormactError
 from ..io import check_output_path
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
@@ -94,8 +95,6 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def image_options(args: argparse.Namespace) -> Any:
     """The --image-* options as ImageOptions (defaults when none was given)."""
-    from ..calibration.rows import ImageOptions
-
     return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
 
 

@@ -37,7 +37,7 @@ from ..catalogue import NORM_DOMAIN
 from ..graph import Container, const_value, containers, unique_namer
 from ..valuetypes import infer_value_types
 from .affine import FREE, PADDING, plan_absorb, plan_produce
-from .edits import Edits
+from .edits import Edits, detached
 from .find import META_SITES, Site, find_in_container, recorded_sites
 from .forms import LiteralBody
 
@@ -286,9 +286,7 @@ def _drop_unused_functions(model: onnx.ModelProto) -> None:
         used.update((n.domain, n.op_type) for n in c.nodes)
     keep = [f for f in model.functions if f.domain != NORM_DOMAIN or (f.domain, f.name) in used]
     if len(keep) != len(model.functions):
-        from .edits import _detached
-
-        keep = [_detached(f) for f in keep]
+        keep = [detached(f) for f in keep]
         del model.functions[:]
         model.functions.extend(keep)
     if not any(d == NORM_DOMAIN for d, _ in used):

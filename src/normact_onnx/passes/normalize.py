@@ -19,11 +19,11 @@ from onnx import helper
 from .. import __version__
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..catalogue.fused import FUSED
-from ..graph import Container, default_opset, unique_namer
+from ..graph import Container, containers, default_opset, unique_namer
 from ..methods.static import Affine
 from ..valuetypes import infer_value_types
 from .affine import Restore, plan_absorb
-from .edits import Edits
+from .edits import Edits, detached
 from .find import META_SITES, Site, recorded_sites
 from .forms import (
     GENERIC_OPSET,
@@ -222,8 +222,6 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     """Remove main-graph initializers that only deleted pattern nodes used (their constants)."""
     if not candidates:
         return
-    from ..graph import containers
-
     used: set[str] = set()
     for c in containers(model):
         used.update(c.consumers)
@@ -235,9 +233,7 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     }
     if not dead:
         return
-    from .edits import _detached
-
-    keep = [_detached(t) for i, t in enumerate(g.initializer) if i not in dead]
+    keep = [detached(t) for i, t in enumerate(g.initializer) if i not in dead]
     del g.initializer[:]
     g.initializer.extend(keep)
 

@@ -32,8 +32,8 @@ from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES
 from ..methods.static import Affine
 from ..progress import bar as progress_bar
-from . import require_training
 from .artifacts import Artifacts, explain_ort_error, generate
+from .backend import require_training
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph, TrainSite, build_train_graph
