@@ -44,14 +44,14 @@ from .calibration.distributed import (
     require_ray,
 )
 from .calibration.readers import check_header, conform, open_source, parse_shapes
-from .calibration.stats import Moments
 from .errors import NormactError
 from .inputs import model_inputs
 from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
 from .ort import make_session
-from .passes.find import recorded_sites
 from .passes.fold import normalized_sites
 from .progress import bar as progress_bar
+from .provenance import read_records
+from .streaming import Moments
 from .synthetic import resolve_shapes
 from .texttable import table
 from .valuetypes import infer_value_types
@@ -277,36 +277,10 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     raise NormactError(f"cannot compare outputs of type {x.dtype}")
 
 
-class _Moments:
-    """Count, mean and centred sum of squares over every finite element, merged batch by batch (Chan)."""
-
-    def __init__(self) -> None:
-        self.m = Moments.empty(1)
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        x = x[np.isfinite(x)]
-        if x.size:
-            mean = float(x.mean())
-            part = Moments(np.array([float(x.size)]), np.array([mean]), np.array([float(np.square(x - mean).sum())]))
-            self.m = self.m.merge(part)
-
-    @property
-    def n(self) -> int:
-        return int(self.m.n[0])
-
-    def merge(self, other: _Moments) -> _Moments:
-        out = _Moments()
-        out.m = self.m.merge(other.m)
-        return out
-
-    @property
-    def mean(self) -> float:
-        return float(self.m.mean[0]) if self.n else float("nan")
-
-    @property
-    def var(self) -> float:
-        return float(self.m.var[0]) if self.n else float("nan")
+def _summary(m: Moments) -> tuple[int, float, float]:
+    """Count, mean and variance of a one-channel accumulator (NaN for no elements)."""
+    n = int(m.n[0])
+    return (n, float(m.mean[0]), float(m.var[0])) if n else (0, float("nan"), float("nan"))
 
 
 # What each method promises at a normalized site, measured in the model as written (on the user's data).
@@ -316,14 +290,15 @@ GAIN_RANGE = (0.5, 2.0)
 MEAN_LIMIT = 0.25
 
 
-def site_property(method: str | None, pre: _Moments, post: _Moments) -> dict[str, Any]:
+def site_property(method: str | None, pre_moments: Moments, post_moments: Moments) -> dict[str, Any]:
     """The site's measured property next to its target, and whether it holds."""
-    second = post.var + post.mean**2 if post.n else float("nan")
+    (pre_n, _, pre_var), (post_n, post_mean, post_var) = _summary(pre_moments), _summary(post_moments)
+    second = post_var + post_mean**2 if post_n else float("nan")
     lo, hi = GAIN_RANGE
     if method == "anact":
-        gain = second / pre.var if pre.n and pre.var > 0 else float("nan")
+        gain = second / pre_var if pre_n and pre_var > 0 else float("nan")
         return {"property": "E y²/Var x", "value": gain, "target": f"[{lo:g}, {hi:g}]", "holds": bool(lo <= gain <= hi)}
-    holds = bool(lo <= second <= hi and abs(post.mean) <= MEAN_LIMIT)
+    holds = bool(lo <= second <= hi and abs(post_mean) <= MEAN_LIMIT)
     return {
         "property": "E y² (|E y|)",
         "value": second,
@@ -339,16 +314,16 @@ class _SiteProbe:
     info: dict[str, Any]
     pre: str
     post: str
-    pre_stats: _Moments = field(default_factory=_Moments)
-    post_stats: _Moments = field(default_factory=_Moments)
+    pre_stats: Moments = field(default_factory=lambda: Moments.empty(1))
+    post_stats: Moments = field(default_factory=lambda: Moments.empty(1))
 
     def result(self) -> dict[str, Any]:
         return {
             **self.info,
-            "pre_mean": self.pre_stats.mean,
-            "pre_var": self.pre_stats.var,
-            "mean": self.post_stats.mean,
-            "var": self.post_stats.var,
+            "pre_mean": _summary(self.pre_stats)[1],
+            "pre_var": _summary(self.pre_stats)[2],
+            "mean": _summary(self.post_stats)[1],
+            "var": _summary(self.post_stats)[2],
             **site_property(self.info.get("method"), self.pre_stats, self.post_stats),
         }
 
@@ -356,7 +331,7 @@ class _SiteProbe:
 def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, Any]]]:
     """Normalized sites of the main graph (measurable as extra outputs), and the ones that are not."""
     probes, unreachable = [], []
-    records = {(r.get("graph"), r.get("output")): r for r in _records(model.proto)}
+    records = {(r.get("graph"), r.get("output")): r for r in read_records(model.proto)}
     for s in normalized_sites(model.proto, model.base_dir):
         post = (s.normalized or {}).get("output", s.output) if s.root.domain != "ai.normact" else s.output
         rec = records.get((s.path, post), {})
@@ -373,10 +348,6 @@ def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, A
         else:
             probes.append(_SiteProbe(info, s.input, post))
     return probes, unreachable
-
-
-def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
-    return recorded_sites(m)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -492,7 +463,7 @@ class Tally:
     """
 
     errors: dict[str, _ErrorStats]
-    sites: list[tuple[_Moments, _Moments]]  # (pre, post) per probe, in Comparison.probes order
+    sites: list[tuple[Moments, Moments]]  # (pre, post) per probe, in Comparison.probes order
     shapes: dict[str, tuple[int, ...]]
     batches: int = 0
 
@@ -530,7 +501,7 @@ class Comparison:
 
     def empty(self) -> Tally:
         return Tally({na: _ErrorStats(self.atol, self.rtol) for na, _ in self.pairs},
-                     [(_Moments(), _Moments()) for _ in self.probes], {})  # fmt: skip
+                     [(Moments.empty(1), Moments.empty(1)) for _ in self.probes], {})  # fmt: skip
 
     def tally(self, feeds: Feeds, into: Tally | None = None) -> Tally:
         """One batch measured, added into ``into`` (the single-process run) or into a fresh tally (a Ray worker's)."""
@@ -541,9 +512,9 @@ class Comparison:
             t.errors[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
             t.shapes.setdefault(na, np.shape(out_a[na]))
         outs = [out_a] * len(self.per_model["A"]) + [out_b] * len(self.per_model["B"])
-        for (pre, post), p, o in zip(t.sites, self.probes, outs):
-            pre.add(o[p.pre])
-            post.add(o[p.post])
+        for k, (p, o) in enumerate(zip(self.probes, outs)):
+            pre, post = t.sites[k]
+            t.sites[k] = (pre.merge(Moments.of(o[p.pre])), post.merge(Moments.of(o[p.post])))
         t.batches += 1
         return t
 
@@ -656,8 +627,8 @@ def measure_sites(
     for feeds in model_batches(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
-            p.pre_stats.add(outs[p.pre])
-            p.post_stats.add(outs[p.post])
+            p.pre_stats = p.pre_stats.merge(Moments.of(outs[p.pre]))
+            p.post_stats = p.post_stats.merge(Moments.of(outs[p.post]))
         n_batches += 1
     if n_batches == 0:
         raise NormactError("the data source gave no batches")

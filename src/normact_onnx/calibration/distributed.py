@@ -41,6 +41,7 @@ from ..graph import structure_fingerprint
 from ..inputs import model_inputs
 from ..io import ModelLike, load_model_like, model_folder
 from ..progress import bar as progress_bar
+from ..streaming import Moments, mean_merge, merge_cross
 from . import rows
 from .readers import (
     Batch,
@@ -53,7 +54,7 @@ from .readers import (
     has_batch_files,
 )
 from .run import SiteRecord, batch_moments, calibration_session, empty_stats, finish, prepare, run_batch
-from .stats import CalibrationStats, Moments, mean_merge, merge_cross
+from .stats import CalibrationStats
 
 INSTALL = "pip install 'normact-onnx[ray]'"
 RESTARTS = 3  # a worker that keeps dying is a bug, not a fault to retry forever

@@ -43,9 +43,9 @@ from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
 from ..passes.unfuse import split_fused_sites
 from ..runtime.library import info_at, kernel_library
+from ..streaming import Moments, merge_cross
 from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized
-from .stats import Moments, merge_cross
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")

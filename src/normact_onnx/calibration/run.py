@@ -22,10 +22,11 @@ from ..ort import make_session, require_onnxruntime
 from ..passes.find import Site
 from ..progress import bar as progress_bar
 from ..selection import SiteSelection
+from ..streaming import Moments
 from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, open_source
-from .stats import CalibrationStats, Moments, SiteStats
+from .stats import CalibrationStats, SiteStats
 
 # ORT level for calibration sessions: all of ONNX Runtime's graph optimizations. They cannot erase a site: the
 # statistics (and, in situ, the normalization) read each site's pre-activation and raw output, so those values stay

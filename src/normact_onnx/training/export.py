@@ -24,7 +24,8 @@ from ..catalogue import NORM_DOMAIN
 from ..deploy import fold as fold_model
 from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
-from ..passes.find import META_SITES, Site, find_sites
+from ..passes.find import Site, find_sites
+from ..provenance import update_constants
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
 
 META_FINETUNE = "normact.finetune"
@@ -64,7 +65,6 @@ def _with_weights(model: onnx.ModelProto, base_dir: str | None, weights: dict[st
 def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> set[str]:
     """Set scale/shift/slope on Norm<Act> nodes of earlier rewrites; returns the outputs it handled."""
     done = set()
-    records = None
     for site in find_sites(m):
         if site.normalized is None or site.root.domain != NORM_DOMAIN or site.output not in constants:
             continue
@@ -74,13 +74,7 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
                 a.f = float(getattr(aff, a.name))
         done.add(site.output)
     if done:
-        for p in m.metadata_props:
-            if p.key == META_SITES:
-                records = json.loads(p.value)
-                for r in records:
-                    if r.get("output") in done:
-                        r.update(method="anact-finetune", **constants[r["output"]].as_dict())
-                p.value = json.dumps(records, separators=(",", ":"))
+        update_constants(m, {out: constants[out].as_dict() for out in done}, "anact-finetune")
     return done
 
 

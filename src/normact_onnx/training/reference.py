@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..streaming import GATE, MOMENTUM
 from .graph import gaussian_start
 
-MOMENTUM, GATE, AMPLITUDE = 0.9, (0.8, 1.2), 0.3
+AMPLITUDE = 0.3
 
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
