@@ -45,7 +45,7 @@ from .calibration.distributed import (
 )
 from .calibration.readers import check_header, conform, open_source, parse_shapes
 from .errors import NormactError
-from .inputs import model_inputs
+from .inputs import InputSpec, model_inputs
 from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
 from .ort import make_session
 from .passes.fold import normalized_sites
@@ -78,9 +78,8 @@ class LoadedModel:
         return model_folder(self.path)
 
     @property
-    def inputs(self) -> list[onnx.ValueInfoProto]:
-        inits = {t.name for t in self.proto.graph.initializer}
-        return [i for i in self.proto.graph.input if i.name not in inits]
+    def inputs(self) -> list[InputSpec]:
+        return model_inputs(self.proto)
 
     @property
     def output_names(self) -> list[str]:
