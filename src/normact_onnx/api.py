@@ -47,7 +47,8 @@ from .policy import Constants, MethodOptions, method_constants, select
 from .progress import bar as progress_bar
 from .progress import stage
 from .selection import SiteSelection, parse_kinds
-from .writer import check_input, save_verified, verify_in_memory, whole_model_check
+from .verify import check_whole_model
+from .writer import check_input, save_verified, verify_in_memory
 
 MIN_OPSET = 7
 
@@ -251,7 +252,7 @@ def _rewrite(
     clamp_ir(m)
     if original is not None and result.rewritten:
         stage(bar, "checking the whole model")
-        result.whole_model = whole_model_check(original, m, plan.preserve_function)
+        result.whole_model = check_whole_model(original, m, plan.preserve_function)
         if "skipped" in result.whole_model:
             result.notes.append(f"whole-model check skipped: {result.whole_model['skipped']}")
     elif verify and result.rewritten:

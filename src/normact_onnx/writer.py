@@ -24,7 +24,7 @@ from .io import (
 )
 from .ort import unknown_ops
 from .passes.normalize import SiteOutcome
-from .verify import check_model_file, check_sites, check_whole_model, ort_load
+from .verify import check_model_file, check_sites, ort_load
 
 
 def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> None:
@@ -47,11 +47,6 @@ def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> 
                 f"{where}: the input model uses op {', '.join(ops)}, which onnxruntime does not know "
                 "(a custom op?), so the result cannot be verified; pass --no-verify to skip verification"
             )
-
-
-def whole_model_check(original: onnx.ModelProto, m: onnx.ModelProto, preserve: bool) -> dict[str, Any]:
-    """The rewritten model against the original on random inputs (see :func:`.verify.check_whole_model`)."""
-    return check_whole_model(original, m, preserve)
 
 
 def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:
