@@ -231,6 +231,14 @@ def method_constants(options: MethodOptions, stats: CalibrationStats | None = No
         if o.ratio is not None:
             info["ratio"] = o.ratio
         return static_constants(o.q, variant, o.ratio), info
-    factor_options = {"lambda_rule": o.lambda_rule, "centered_rho": o.centered_rho, "aggregate": o.aggregate}
-    constants, info = stats_constants(stats, o.method, variant=o.variant, q=o.q, ratio=o.ratio, **factor_options)
+    constants, info = stats_constants(
+        stats,
+        o.method,
+        lambda_rule=o.lambda_rule,
+        centered_rho=o.centered_rho,
+        aggregate=o.aggregate,
+        variant=o.variant,
+        q=o.q,
+        ratio=o.ratio,
+    )
     return constants, {**info, "stats": stats.origin} if stats.origin else info

@@ -1,10 +1,11 @@
-"""``calibrate``: sample batches → per-site statistics → ANAct constants → the calibrated model.
+"""Sample batches → per-site statistics: the measuring half of ``calibrate``.
 
 One ONNX Runtime session runs an instrumented copy of the model (see
 :mod:`.instrument`) and returns only the statistics outputs; each batch's numbers
 are folded into running moments at once, so nothing grows with the number of
-batches. The calibrated model is written by the same rewrite pass as static
-normalization (``Norm<Act>`` with scale = λ, shift = μ).
+batches. The constants (:mod:`normact_onnx.policy`) and the calibrated model (the
+same rewrite pass as static normalization: ``Norm<Act>`` with scale = λ, shift = μ)
+are the orchestrator's, :func:`normact_onnx.api.calibrate`, which this package never imports.
 """
 
 from __future__ import annotations
