@@ -131,8 +131,11 @@ def rewrite(
 
     ``method`` is ``"static"`` (default; with ``stats``, each site at its measured q) or
     ``"anact"`` (λ and μ from ``stats``: a :class:`~normact_onnx.calibration.CalibrationStats`
-    or the path of a stats JSON written by ``calibrate``). Callers with their own
-    ``constants(site)`` pass the provenance to stamp as a dict in ``method``.
+    or the path of a stats JSON written by ``calibrate``). ``lambda_rule`` (``"anact"`` or ``"xavier"``),
+    ``centered_rho`` and ``aggregate`` (``"ema"`` or ``"mean"``) choose ANAct's factors; left as None they
+    take what the calibration recorded. The choice goes through :func:`.policy.method_constants`, the
+    door the CLI uses too. Callers with their own ``constants(site)`` pass the provenance to stamp as a
+    dict in ``method``.
 
     Statistics of another model (their graph fingerprint differs) are refused unless ``force``.
     With ``output`` the file exists afterwards even when nothing changes (a verified copy), unless
