@@ -190,8 +190,9 @@ def _describe(key: str, value: Any) -> str:
 
 def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -> list[dict]:
     """Single-process vs Ray Data on the same .npz shards; per-batch and merge costs for the scaling estimate."""
+    from normact_onnx.api import calibrate
     from normact_onnx.calibration import collect, distributed
-    from normact_onnx.calibration.run import batch_moments, calibrate, calibration_session, prepare, run_batch
+    from normact_onnx.calibration.run import batch_moments, calibration_session, prepare, run_batch
     from normact_onnx.io import load_model
 
     rows = []

@@ -31,7 +31,7 @@ from tests import real_models as rm  # noqa: E402
 
 
 def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_size: int | None) -> dict:
-    from normact_onnx.calibration import calibrate
+    from normact_onnx.api import calibrate
     from normact_onnx.comparison import measure_sites
     from normact_onnx.methods.anact import site_factors
     from normact_onnx.outcome import Refusal

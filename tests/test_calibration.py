@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from normact_onnx.calibration import CalibrationStats, calibrate, merge
+from normact_onnx.api import calibrate
+from normact_onnx.calibration import CalibrationStats, merge
 from normact_onnx.calibration.stats import Moments
 from normact_onnx.catalogue import CATALOGUE
 from normact_onnx.errors import NormactError
@@ -87,8 +88,7 @@ def test_gaussian_recovery_within_one_percent(kind, aggregate):
 def test_dead_site_is_refused_with_its_reason_everywhere_it_shows(tmp_path):
     """A ReLU that never fires has no ANAct factors: the refusal's reason reaches the terminal table, the HTML
     report and the rewrite's outcome, and the site stays as it was."""
-    from normact_onnx.calibration.report import terminal_table
-    from normact_onnx.calibration.run import factors_table
+    from normact_onnx.calibration.report import factors_table, terminal_table
     from normact_onnx.outcome import Refusal
 
     why = "the activation is flat on the calibration data (f'(x) = 0 everywhere: a dead unit)"

@@ -157,15 +157,15 @@ def test_constant_tolerance_follows_the_constants_dtype():
 
 
 def test_kind_aliases_are_defined_once_and_resolve_for_every_flag():
-    from normact_onnx.api import _kinds
     from normact_onnx.catalogue import ALIASES, get, resolve
     from normact_onnx.errors import NormactError
+    from normact_onnx.selection import parse_kinds
 
     assert set(ALIASES.values()) <= set(CATALOGUE)
     assert not set(ALIASES) & set(CATALOGUE)
     assert resolve("Swish") == "silu" and resolve("relu6") == "clip" and resolve("hard-swish") == "hard_swish"
     assert resolve("HardSwish") == "hard_swish" and resolve("GELU") == "gelu" and resolve("swishy") is None
     assert get("swish") is CATALOGUE["silu"]
-    assert _kinds("swish, relu6,hardswish", "--include") == {"silu", "clip", "hard_swish"}
+    assert parse_kinds("swish, relu6,hardswish", "--include") == {"silu", "clip", "hard_swish"}
     with pytest.raises(NormactError, match=r"--exclude: unknown activation kind\(s\) nope; known: relu, .*swish=silu"):
-        _kinds(["nope"], "--exclude")
+        parse_kinds(["nope"], "--exclude")

@@ -18,7 +18,7 @@ from normact_onnx import fold
 from normact_onnx.api import rewrite
 from normact_onnx.catalogue import NORM_DOMAIN
 from normact_onnx.errors import NormactError
-from normact_onnx.passes.find import recorded_sites
+from normact_onnx.provenance import read_records as recorded_sites
 
 from .conftest import MODELS, const, fvi, random_feeds, run_model, tiny_model
 

@@ -21,8 +21,7 @@ import pytest
 from onnx import helper
 
 from normact_onnx import io as nio
-from normact_onnx.api import inspect, rewrite
-from normact_onnx.calibration import calibrate
+from normact_onnx.api import calibrate, inspect, rewrite
 from normact_onnx.errors import NormactError
 
 from .conftest import MODELS, fvi, random_feeds, run_model, tiny_model

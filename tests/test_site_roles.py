@@ -181,7 +181,8 @@ def test_quick_gelu_is_a_near_miss_with_the_reason():
 
 
 def test_calibration_measures_the_pre_activation_inside_a_fused_op():
-    from normact_onnx.calibration.run import calibrate, collect
+    from normact_onnx.api import calibrate
+    from normact_onnx.calibration.run import collect
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("BiasGelu", ["v", "bias"], ["h"], domain="com.microsoft")]

@@ -21,7 +21,7 @@ _API = {
     "RewriteResult": "normact_onnx.api",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",
-    "calibrate": "normact_onnx.calibration",
+    "calibrate": "normact_onnx.api",
     "InferenceSession": "normact_onnx.runtime",
     "get_library_path": "normact_onnx.runtime",
     "finetune": "normact_onnx.training",

@@ -1,17 +1,19 @@
-"""The Python API behind the CLI: ``inspect`` and ``rewrite``.
+"""The Python API behind the CLI: ``inspect``, ``rewrite`` and ``calibrate``, the orchestration layer.
 
-Both accept a path or an ``onnx.ModelProto``. ``rewrite`` returns the rewritten
-model and, given ``output``, writes it atomically after verifying it.
+Each accepts a path or an ``onnx.ModelProto``. ``rewrite`` returns the rewritten
+model and, given ``output``, writes it atomically after verifying it. ``calibrate``
+drives :mod:`.calibration` (measure the statistics), :mod:`.policy` (their constants)
+and ``rewrite`` (the calibrated model), as ONNX Runtime's ``quantize_static`` drives its
+calibrator: nothing in ``calibration/`` imports this module.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,29 +21,34 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .catalogue import known_kinds, resolve
+from .calibration.distributed import collect_ray, is_dataset
+from .calibration.insitu import Normalizer
+from .calibration.report import write_html
+from .calibration.run import collect
+from .calibration.stats import CalibrationStats, check_stats_model
+from .comparison import measure_sites
 from .errors import NormactError
-from .graph import default_opset
+from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
 from .io import (
     ModelLike,
     atomic_path,
-    carry_external_data,
     check_output_path,
     clamp_ir,
     external_locations,
-    externalize_computed,
     load_model_like,
-    make_folders,
     model_folder,
     refuse_overwrite,
-    remove_created,
-    write_model,
 )
-from .methods.static import VARIANTS, Affine, static_affine
+from .methods.anact import AGGREGATES, check_options
+from .ort import kernel_library
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
+from .policy import Constants, MethodOptions, method_constants, select
 from .progress import bar as progress_bar
 from .progress import stage
+from .selection import SiteSelection, parse_kinds
+from .verify import check_whole_model
+from .writer import check_input, save_verified, verify_in_memory
 
 MIN_OPSET = 7
 
@@ -57,30 +64,6 @@ def inspect(model: ModelLike) -> list[dict[str, Any]]:
     m, path = load_model_like(model)
     check_input(m, path, runtime=False)
     return [s.summary() for s in find_sites(m, model_folder(path))]
-
-
-def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> None:
-    """A model that already fails the checker is the user's problem to hear about first, not ours.
-
-    With ``runtime``, also ops onnxruntime does not know (a custom op without its library): the
-    verification of the result would fail on them, and the input, not the result, is the cause.
-    """
-    where = path or "model"
-    target = str(path) if path is not None and external_locations(m) else m
-    try:
-        onnx.checker.check_model(target)
-    except Exception as e:
-        why = " ".join(str(e).split())  # the checker's message spans lines; the reason is in all of them
-        raise NormactError(f"{where}: fails the ONNX checker: {why[:300]}") from None
-    if runtime:
-        from .ort import unknown_ops
-
-        ops = unknown_ops(m)
-        if ops:
-            raise NormactError(
-                f"{where}: the input model uses op {', '.join(ops)}, which onnxruntime does not know "
-                "(a custom op?), so the result cannot be verified; pass --no-verify to skip verification"
-            )
 
 
 @dataclass
@@ -117,107 +100,6 @@ class RewriteResult:
         return "\n".join(lines)
 
 
-def _kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None:
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
-    resolved = {n.strip(): resolve(n) for n in names}
-    unknown = sorted(n for n, kind in resolved.items() if kind is None)
-    if unknown:
-        raise NormactError(f"{flag}: unknown activation kind(s) {', '.join(unknown)}; known: {known_kinds()}")
-    return {kind for kind in resolved.values() if kind is not None}
-
-
-Constants = Callable[[Site], Affine | str]
-
-
-SiteFilter = Callable[[Site], str | None]
-
-
-def site_filter(
-    include: set[str] | None, exclude: set[str] | None, nodes: str | None, all_sites: bool
-) -> SiteFilter:
-    """Why a site is left alone by the selection flags (None: it is to be normalized).
-
-    One rule for every command: rewrite applies it, and calibration normalizes exactly
-    these sites in situ, so the statistics describe the network the rewrite will write.
-    """
-    pattern = None
-    if nodes:
-        try:
-            pattern = re.compile(nodes)
-        except re.error as e:
-            raise NormactError(f"--nodes: bad regular expression ({e})") from None
-
-    def why(s: Site) -> str | None:
-        if s.normalized is not None:
-            return "already normalized"
-        if include is not None and s.kind not in include:
-            return f"kind {s.kind} not in --include"
-        if exclude is not None and s.kind in exclude:
-            return f"kind {s.kind} in --exclude"
-        if pattern is not None and not (pattern.search(s.name) or pattern.search(s.output)):
-            return "name does not match --nodes"
-        if s.skip and not all_sites:
-            return f"{s.skip} (use --all-sites to include)"
-        return None
-
-    return why
-
-
-def select(
-    sites: list[Site],
-    include: set[str] | None,
-    exclude: set[str] | None,
-    nodes: str | None,
-    all_sites: bool,
-    constants: Constants,
-) -> list[SiteOutcome]:
-    """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
-    why = site_filter(include, exclude, nodes, all_sites)
-    out = []
-    for s in sites:
-        reason = why(s)
-        if s.normalized is not None:
-            out.append(SiteOutcome(s, "normalized", reason or "already normalized"))
-        elif reason:
-            out.append(SiteOutcome(s, "skipped", reason))
-        else:
-            aff = constants(s)
-            if isinstance(aff, str):
-                out.append(SiteOutcome(s, "skipped", aff))
-            else:
-                out.append(SiteOutcome(s, "rewritten", affine=aff))
-    return out
-
-
-def static_constants(
-    q: float = 1.0,
-    variant: str = "center-scale",
-    ratio: float | None = None,
-    q_per_site: dict[str, float] | None = None,
-) -> Constants:
-    """Static normalization (docs/math.md §1) at design variance q, or at each site's measured q."""
-    if variant not in VARIANTS:
-        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if not (math.isfinite(q) and q > 0):
-        raise NormactError(f"--q must be a positive finite number (a variance), got {q}")
-    if variant == "ratio" and ratio is None:
-        raise NormactError("--variant ratio needs --ratio r (0 = zeta-zero … q·b²/v = center-scale)")
-    if variant != "ratio" and ratio is not None:
-        raise NormactError(f"--ratio only applies to --variant ratio (got --variant {variant})")
-
-    def constants(site: Site) -> Affine | str:
-        site_q = (q_per_site or {}).get(site.output, q)
-        try:
-            return static_affine(site.activation, site.params, site_q, variant, ratio)
-        except NormactError as e:
-            return str(e)
-
-    return constants
-
-
 def rewrite(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -249,8 +131,11 @@ def rewrite(
 
     ``method`` is ``"static"`` (default; with ``stats``, each site at its measured q) or
     ``"anact"`` (λ and μ from ``stats``: a :class:`~normact_onnx.calibration.CalibrationStats`
-    or the path of a stats JSON written by ``calibrate``). Callers with their own
-    ``constants(site)`` pass the provenance to stamp as a dict in ``method``.
+    or the path of a stats JSON written by ``calibrate``). ``lambda_rule`` (``"anact"`` or ``"xavier"``),
+    ``centered_rho`` and ``aggregate`` (``"ema"`` or ``"mean"``) choose ANAct's factors; left as None they
+    take what the calibration recorded. The choice goes through :func:`.policy.method_constants`, the
+    door the CLI uses too. Callers with their own ``constants(site)`` pass the provenance to stamp as a
+    dict in ``method``.
 
     Statistics of another model (their graph fingerprint differs) are refused unless ``force``.
     With ``output`` the file exists afterwards even when nothing changes (a verified copy), unless
@@ -260,31 +145,25 @@ def rewrite(
     """
     if output is not None and not dry_run:
         check_output_path(output)
-    if isinstance(method, str) or stats is not None:
+    options = MethodOptions(
+        method if isinstance(method, str) else "static", variant, q, ratio, lambda_rule, centered_rho, aggregate
+    )
+    if isinstance(method, str) or stats is not None:  # a named method: statistics decide, or plain static below
         stats = _load_stats(stats)
-        options = {"lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
-        constants, method = _method_constants(method or "static", stats, variant, q, ratio, **options)
+        constants, method = None, None
+        if stats is not None or options.method != "static":
+            constants, method = method_constants(options, stats)
     if form not in FORMS:
         raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
-    if form == "custom-op" and verify and not dry_run:
-        from .ort import kernel_library
-
-        if kernel_library() is None:
-            raise NormactError(
-                "--form custom-op needs the kernel library to run (and to verify), and it was not built; "
-                "install the package with its kernels, or pass --no-verify"
-            )
-    inc, exc = _kinds(include, "--include"), _kinds(exclude, "--exclude")
+    if form == "custom-op" and verify and not dry_run and kernel_library() is None:
+        raise NormactError(
+            "--form custom-op needs the kernel library to run (and to verify), and it was not built; "
+            "install the package with its kernels, or pass --no-verify"
+        )
+    inc, exc = parse_kinds(include, "--include"), parse_kinds(exclude, "--exclude")
     design_q = q if constants is None and not preserve_function else None  # plain static: is q plausible?
     if constants is None:
-        variant = variant or "center-scale"
-        constants = static_constants(q, variant, ratio)
-        method = {
-            "method": "static",
-            "variant": variant,
-            "q": q,
-            **({"ratio": ratio} if ratio is not None else {}),
-        }
+        constants, method = method_constants(options)
     with progress_bar(6 if verify else 4, "rewrite", progress, unit="stage") as bar:
         stage(bar, "loading")
         return _rewrite(
@@ -337,8 +216,6 @@ def _rewrite(
     src, path = load_model_like(model)
     _check_opset(src)
     if stats is not None:
-        from .calibration.stats import check_stats_model
-
         check_stats_model(stats, src, model_folder(path), force)
     if verify:
         stage(bar, "checking the input")
@@ -378,7 +255,7 @@ def _rewrite(
     clamp_ir(m)
     if original is not None and result.rewritten:
         stage(bar, "checking the whole model")
-        result.whole_model = _whole_model_check(original, m, plan.preserve_function)
+        result.whole_model = check_whole_model(original, m, plan.preserve_function)
         if "skipped" in result.whole_model:
             result.notes.append(f"whole-model check skipped: {result.whole_model['skipped']}")
     elif verify and result.rewritten:
@@ -409,8 +286,6 @@ def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None
     in a trained network, whose weights have drifted from the initialization's scale.
     Weights are read only when small and stored inline (at most 32 layers).
     """
-    from .graph import SMALL_CONST, const_value, containers
-
     if len(sites) >= MANY_SITES:
         return f"{len(sites)} sites"
     main = containers(m)[0]
@@ -423,8 +298,6 @@ def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None
             continue
         axis = _LINEAR[node.op_type]
         if axis is None:  # Gemm: transB says which axis holds the inputs
-            from .graph import attr_value
-
             axis = 1 if attr_value(node, "transB", 0) else 0
         fan_in = w.shape[axis] * int(np.prod(w.shape[2:])) if w.ndim > 2 else w.shape[axis]
         ratios.append(float(np.var(w.astype(np.float64)) * fan_in))
@@ -440,84 +313,174 @@ def looks_pretrained(m: onnx.ModelProto, sites: list[Site], base_dir: str | None
     return None
 
 
-def _method_constants(
-    method: str, stats: Any, variant: str | None, q: float, ratio: float | None, **factor_options: Any
-) -> tuple[Any, Any]:
-    """(constants, provenance) for a named method; ``None`` constants mean plain static.
-
-    ``factor_options`` (lambda_rule, centered_rho, aggregate): None takes what the calibration asked for.
-    """
-    if stats is None:
-        if method == "static":
-            return None, None
-        raise NormactError(f"method {method!r} needs calibration statistics (stats=…; see normact-onnx calibrate)")
-    from .calibration.run import stats_constants
-
-    constants, info = stats_constants(stats, method, variant=variant, q=q, ratio=ratio, **factor_options)
-    return constants, {**info, "stats": stats.origin} if stats.origin else info
-
-
 def _load_stats(stats: Any) -> Any:
     """``stats=``: a CalibrationStats as given, or the path of a stats JSON (validated on load)."""
     if stats is None:
         return None
-    from .calibration.stats import CalibrationStats
-
     return stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
 
 
-def _whole_model_check(original: onnx.ModelProto, m: onnx.ModelProto, preserve: bool) -> dict[str, Any]:
-    from .verify import check_whole_model
+@dataclass
+class CalibrationResult:
+    """What ``calibrate(..., details=True)`` returns: the statistics, the rewrite, and timing."""
 
-    return check_whole_model(original, m, preserve)
-
-
-def verify_in_memory(m: onnx.ModelProto, outcomes: list[SiteOutcome], base_dir: str | None) -> list[dict]:
-    from .verify import check_sites
-
-    if not external_locations(m):
-        try:
-            onnx.checker.check_model(m)
-        except Exception as e:
-            raise NormactError(f"verification failed: onnx checker: {str(e).splitlines()[0]}") from None
-    return check_sites(m, outcomes, base_dir)
+    stats: CalibrationStats
+    rewrite: RewriteResult | None = None  # when a model was written
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
-def save_verified(
-    m: onnx.ModelProto,
-    dest: Path,
-    src_dir: Path | None,
-    outcomes: list[SiteOutcome],
-    verify: bool,
-    external: bool = False,
-) -> list[dict[str, Any]]:
-    """Write atomically beside ``dest``; verify the written file before it takes the final name.
+def calibrate(
+    model: ModelLike,
+    data: Any = None,
+    output: str | os.PathLike | None = None,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    seed: int = 0,
+    values: Any = None,
+    per_channel: bool = False,
+    lambda_rule: str = "anact",
+    centered_rho: bool = False,
+    aggregate: str = "ema",
+    method: str = "anact",
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    in_situ: bool = True,
+    providers: list[str] | None = None,
+    progress: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    form: str = "function",
+    verify: bool = True,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: bool = False,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
+) -> CalibrationStats | CalibrationResult:
+    """ANAct (or static) calibration (docs/math.md §2) of ``model`` on ``data``.
 
-    External data is carried (untouched weights); computed weights of a model that had external
-    data (``external``; possibly all of them replaced by now) are streamed into a new data file
-    beside ``dest``. Whatever the write created is removed again when it fails.
+    ``in_situ`` (default): every site the written model will normalize (the selection
+    flags decide which) is normalized with each batch's statistics on its way through,
+    so each site is measured where it sits, in the network as it will be written
+    (:mod:`.calibration.insitu`). ``method``: ``"anact"`` (λ, μ) or ``"static"`` (``variant`` from
+    each site's measured moments); the statistics file records which.
+
+    ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
+    object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an
+    iterable of ``{input: array}`` dicts, or None with ``synthetic=True``.
+    Parquet files and image folders (``images``: a :class:`.calibration.rows.ImageOptions`)
+    are read too, and a ``ray.data.Dataset`` (columns named after the inputs).
+    Writes the calibrated model to ``output``, the statistics to ``stats_path``
+    and an HTML report to ``report`` when given; returns the statistics (or a
+    :class:`CalibrationResult` with ``details=True``).
+
+    ``ray``: run on Ray Data (:mod:`.calibration.distributed`) with ``workers`` actors: True
+    starts a local cluster for the call, ``"auto"`` or an address joins one; a
+    Dataset as ``data`` implies it. The moments equal the single-process run's;
+    the EMA depends on batch order, so the factors use ``aggregate="mean"``.
     """
-    from .verify import check_model_file, check_sites, ort_load
+    for dest in (output, stats_path, report):
+        if dest is not None:
+            check_output_path(dest)
+    check_options(lambda_rule, aggregate)
+    if aggregate not in AGGREGATES:
+        raise NormactError(f"unknown aggregate {aggregate!r}")
+    normalizer = Normalizer(method, lambda_rule, centered_rho, variant, ratio)  # checks the options
+    start = time.perf_counter()
+    notes = []
+    normalize = normalizer if in_situ else None
+    selection = SiteSelection.parse(include, exclude, nodes, all_sites)
+    if ray not in (None, False) or is_dataset(data):
+        if synthetic:
+            raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
+        if aggregate == "ema":
+            aggregate = "mean"
+            notes.append("--ray: factors from --aggregate mean (the EMA depends on the order of the batches)")
+        stats = collect_ray(
+            model,
+            data,
+            address=None if ray in (None, True) else str(ray),
+            workers=workers,
+            batches=batches,
+            batch_size=batch_size,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            images=images,
+            normalize=normalize,
+            selection=selection,
+        )
+    else:
+        stats = collect(
+            model,
+            data,
+            batches=batches,
+            batch_size=batch_size,
+            synthetic=synthetic,
+            shapes=shapes,
+            seed=seed,
+            values=values,
+            per_channel=per_channel,
+            providers=providers,
+            progress=progress,
+            normalize=normalize,
+            selection=selection,
+            images=images,
+        )
+    stats.settings.update(
+        {"method": method, "lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
+    )
+    if method == "static":
+        stats.settings.update({"variant": variant, **({"ratio": ratio} if variant == "ratio" else {})})
+    result = CalibrationResult(stats, notes=notes)
+    if output is not None:
+        constants, info = method_constants(MethodOptions(method), stats)
+        result.rewrite = rewrite(
+            model,
+            output,
+            constants=constants,
+            method=info,
+            include=include,
+            exclude=exclude,
+            nodes=nodes,
+            all_sites=all_sites,
+            form=form,
+            verify=verify,
+            in_place=in_place,
+            write_unchanged=write_unchanged,
+            details=True,
+        )
+    if stats_path is not None:
+        stats.save(stats_path)
+    if report is not None:
+        measured = None
+        if result.rewrite is not None and result.rewrite.path is not None and _rereadable(data, synthetic):
+            measured = measure_sites(
+                result.rewrite.path,
+                data,
+                synthetic=synthetic,
+                shapes=shapes,
+                batches=batches or 10,
+                seed=seed,
+                split=batch_size,
+            )
+        write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
+    result.seconds = time.perf_counter() - start
+    return result if details else stats
 
-    dest_dir = dest.parent
-    created = make_folders(dest_dir)
-    try:
-        if src_dir is not None:
-            created += carry_external_data(m, src_dir, dest_dir)
-        if external or external_locations(m):
-            data = externalize_computed(m, dest)
-            created += [data] if data is not None else []
-        with atomic_path(dest) as tmp:
-            write_model(m, tmp)
-            report: list[dict[str, Any]] = []
-            if verify:
-                check_model_file(tmp)
-                ort_load(tmp, dest)
-                report = check_sites(m, outcomes, str(dest_dir) if external_locations(m) else None)
-    except BaseException:
-        remove_created(created)
-        raise
-    return report
+
+def _rereadable(data: Any, synthetic: bool) -> bool:
+    """Whether the data can be read a second time (the report measures the written model on it)."""
+    return synthetic or isinstance(data, str | os.PathLike | list | tuple | dict)
 
 
 def write_report(result: RewriteResult, path: str | os.PathLike) -> None:

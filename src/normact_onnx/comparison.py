@@ -14,8 +14,11 @@ first) as an independent second opinion.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import pickle
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +27,34 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper
+from onnx.inliner import inline_local_functions
+from onnx.reference import ReferenceEvaluator
 
+from .calibration.distributed import (
+    CRASH_ENV,
+    Feeder,
+    TreeMerge,
+    batch_samples,
+    check_exists,
+    cluster,
+    is_dataset,
+    map_rows,
+    maybe_crash,
+    plan_work,
+    require_ray,
+)
+from .calibration.readers import check_header, conform, open_source, parse_shapes
 from .errors import NormactError
-from .io import ModelLike, load_model_like, model_folder
+from .inputs import InputSpec, model_inputs
+from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
+from .ort import make_session
+from .passes.fold import normalized_sites
 from .progress import bar as progress_bar
-from .types import infer_value_types
+from .provenance import read_records
+from .streaming import Moments
+from .synthetic import resolve_shapes
+from .texttable import table
+from .valuetypes import infer_value_types
 
 Feeds = dict[str, np.ndarray]
 RUNTIMES = ("ort", "reference")
@@ -36,7 +62,7 @@ P99_SAMPLE = 1 << 20  # error values kept per output for the percentile
 
 
 @dataclass
-class _Model:
+class LoadedModel:
     """A model to run: its proto (weights possibly external) and where it came from."""
 
     proto: onnx.ModelProto
@@ -44,7 +70,7 @@ class _Model:
     label: str
 
     @classmethod
-    def load(cls, model: ModelLike, label: str) -> _Model:
+    def load(cls, model: ModelLike, label: str) -> LoadedModel:
         return cls(*load_model_like(model), label)
 
     @property
@@ -52,9 +78,8 @@ class _Model:
         return model_folder(self.path)
 
     @property
-    def inputs(self) -> list[onnx.ValueInfoProto]:
-        inits = {t.name for t in self.proto.graph.initializer}
-        return [i for i in self.proto.graph.input if i.name not in inits]
+    def inputs(self) -> list[InputSpec]:
+        return model_inputs(self.proto)
 
     @property
     def output_names(self) -> list[str]:
@@ -64,7 +89,7 @@ class _Model:
 class _Runner:
     """Runs one model in one runtime; ``extra`` values are fetched as additional outputs."""
 
-    def __init__(self, model: _Model, runtime: str, providers: list[str] | None, extra: list[str]) -> None:
+    def __init__(self, model: LoadedModel, runtime: str, providers: list[str] | None, extra: list[str]) -> None:
         self.model, self.runtime = model, runtime
         self.names = model.output_names + [e for e in extra if e not in model.output_names]
         proto = model.proto
@@ -78,8 +103,6 @@ class _Runner:
             raise NormactError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
     def _ort(self, proto: onnx.ModelProto, providers: list[str] | None) -> Callable[[Feeds], list[np.ndarray]]:
-        from .ort import make_session
-
         source: Any = proto.SerializeToString()
         if self.model.path is not None and proto is self.model.proto:
             source = str(self.model.path)  # external data resolves next to the file
@@ -95,11 +118,6 @@ class _Runner:
         return lambda feeds: sess.run(names, feeds)
 
     def _reference(self, proto: onnx.ModelProto) -> Callable[[Feeds], list[np.ndarray]]:
-        from onnx.inliner import inline_local_functions
-        from onnx.reference import ReferenceEvaluator
-
-        from .io import load_external_data
-
         m = onnx.ModelProto()
         m.CopyFrom(proto)
         if self.model.base_dir and _has_external(m):
@@ -118,20 +136,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def _has_external(m: onnx.ModelProto) -> bool:
-    from .io import external_locations
-
     return bool(external_locations(m))
 
 
 def _save_beside(proto: onnx.ModelProto, path: Path) -> str:
     """An instrumented copy with external data must sit next to the data it points at."""
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".compare.onnx", dir=path.parent)
     with os.fdopen(fd, "wb") as fh:
         fh.write(proto.SerializeToString())
-    import atexit
-
     atexit.register(lambda: os.path.exists(tmp) and os.unlink(tmp))
     return tmp
 
@@ -264,40 +276,10 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     raise NormactError(f"cannot compare outputs of type {x.dtype}")
 
 
-class _Moments:
-    """Count, mean and centred sum of squares over every finite element, merged batch by batch (Chan)."""
-
-    def __init__(self) -> None:
-        from .calibration.stats import Moments
-
-        self.m = Moments.empty(1)
-
-    def add(self, x: np.ndarray) -> None:
-        from .calibration.stats import Moments
-
-        x = np.asarray(x, dtype=np.float64)
-        x = x[np.isfinite(x)]
-        if x.size:
-            mean = float(x.mean())
-            part = Moments(np.array([float(x.size)]), np.array([mean]), np.array([float(np.square(x - mean).sum())]))
-            self.m = self.m.merge(part)
-
-    @property
-    def n(self) -> int:
-        return int(self.m.n[0])
-
-    def merge(self, other: _Moments) -> _Moments:
-        out = _Moments()
-        out.m = self.m.merge(other.m)
-        return out
-
-    @property
-    def mean(self) -> float:
-        return float(self.m.mean[0]) if self.n else float("nan")
-
-    @property
-    def var(self) -> float:
-        return float(self.m.var[0]) if self.n else float("nan")
+def _summary(m: Moments) -> tuple[int, float, float]:
+    """Count, mean and variance of a one-channel accumulator (NaN for no elements)."""
+    n = int(m.n[0])
+    return (n, float(m.mean[0]), float(m.var[0])) if n else (0, float("nan"), float("nan"))
 
 
 # What each method promises at a normalized site, measured in the model as written (on the user's data).
@@ -307,14 +289,15 @@ GAIN_RANGE = (0.5, 2.0)
 MEAN_LIMIT = 0.25
 
 
-def site_property(method: str | None, pre: _Moments, post: _Moments) -> dict[str, Any]:
+def site_property(method: str | None, pre_moments: Moments, post_moments: Moments) -> dict[str, Any]:
     """The site's measured property next to its target, and whether it holds."""
-    second = post.var + post.mean**2 if post.n else float("nan")
+    (pre_n, _, pre_var), (post_n, post_mean, post_var) = _summary(pre_moments), _summary(post_moments)
+    second = post_var + post_mean**2 if post_n else float("nan")
     lo, hi = GAIN_RANGE
     if method == "anact":
-        gain = second / pre.var if pre.n and pre.var > 0 else float("nan")
+        gain = second / pre_var if pre_n and pre_var > 0 else float("nan")
         return {"property": "E y²/Var x", "value": gain, "target": f"[{lo:g}, {hi:g}]", "holds": bool(lo <= gain <= hi)}
-    holds = bool(lo <= second <= hi and abs(post.mean) <= MEAN_LIMIT)
+    holds = bool(lo <= second <= hi and abs(post_mean) <= MEAN_LIMIT)
     return {
         "property": "E y² (|E y|)",
         "value": second,
@@ -330,26 +313,24 @@ class _SiteProbe:
     info: dict[str, Any]
     pre: str
     post: str
-    pre_stats: _Moments = field(default_factory=_Moments)
-    post_stats: _Moments = field(default_factory=_Moments)
+    pre_stats: Moments = field(default_factory=lambda: Moments.empty(1))
+    post_stats: Moments = field(default_factory=lambda: Moments.empty(1))
 
     def result(self) -> dict[str, Any]:
         return {
             **self.info,
-            "pre_mean": self.pre_stats.mean,
-            "pre_var": self.pre_stats.var,
-            "mean": self.post_stats.mean,
-            "var": self.post_stats.var,
+            "pre_mean": _summary(self.pre_stats)[1],
+            "pre_var": _summary(self.pre_stats)[2],
+            "mean": _summary(self.post_stats)[1],
+            "var": _summary(self.post_stats)[2],
             **site_property(self.info.get("method"), self.pre_stats, self.post_stats),
         }
 
 
-def _site_probes(model: _Model) -> tuple[list[_SiteProbe], list[dict[str, Any]]]:
+def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, Any]]]:
     """Normalized sites of the main graph (measurable as extra outputs), and the ones that are not."""
-    from .passes.fold import normalized_sites
-
     probes, unreachable = [], []
-    records = {(r.get("graph"), r.get("output")): r for r in _records(model.proto)}
+    records = {(r.get("graph"), r.get("output")): r for r in read_records(model.proto)}
     for s in normalized_sites(model.proto, model.base_dir):
         post = (s.normalized or {}).get("output", s.output) if s.root.domain != "ai.normact" else s.output
         rec = records.get((s.path, post), {})
@@ -368,27 +349,18 @@ def _site_probes(model: _Model) -> tuple[list[_SiteProbe], list[dict[str, Any]]]
     return probes, unreachable
 
 
-def _records(m: onnx.ModelProto) -> list[dict[str, Any]]:
-    from .passes.find import recorded_sites
-
-    return recorded_sites(m)
-
-
 # ---- data -----------------------------------------------------------------------------------
 
 
-def _assumed_shapes(model: _Model, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
+def _assumed_shapes(model: LoadedModel, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
     """Synthetic sizes for symbolic dims not given (the shared rules of :mod:`.synthetic`)."""
-    from .calibration.readers import model_inputs
-    from .synthetic import resolve_shapes
-
     return resolve_shapes(model_inputs(model.proto), given, batch_size)
 
 
-def _data(
+def model_batches(
     data: Any,
     synthetic: bool,
-    model: _Model,
+    model: LoadedModel,
     shapes: Any,
     batches: int,
     batch_size: int,
@@ -398,8 +370,6 @@ def _data(
     values: Any = None,
 ) -> Iterator[Feeds]:
     """Batches from the calibration package's sources, checked against model A's inputs before any run."""
-    from .calibration.readers import check_header, conform, model_inputs, open_source, parse_shapes
-
     if data is None and not synthetic:
         raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
     specs = model_inputs(model.proto)
@@ -445,8 +415,6 @@ class CompareResult:
 
     def table(self) -> str:
         """Human-readable tables (outputs, then sites)."""
-        from .commands.common import table
-
         def num(v: float | None, spec: str) -> str:
             return "n/a" if v is None else format(v, spec)
 
@@ -494,7 +462,7 @@ class Tally:
     """
 
     errors: dict[str, _ErrorStats]
-    sites: list[tuple[_Moments, _Moments]]  # (pre, post) per probe, in Comparison.probes order
+    sites: list[tuple[Moments, Moments]]  # (pre, post) per probe, in Comparison.probes order
     shapes: dict[str, tuple[int, ...]]
     batches: int = 0
 
@@ -511,7 +479,7 @@ class Comparison:
     """Two models ready to run side by side; :meth:`tally` measures one batch (the single-process and Ray runs)."""
 
     def __init__(
-        self, a: _Model, b: _Model, two: bool, sites: bool, reference: bool, providers: list[str] | None,
+        self, a: LoadedModel, b: LoadedModel, two: bool, sites: bool, reference: bool, providers: list[str] | None,
         atol: float, rtol: float,
     ) -> None:  # fmt: skip
         self.atol, self.rtol = atol, rtol
@@ -532,7 +500,7 @@ class Comparison:
 
     def empty(self) -> Tally:
         return Tally({na: _ErrorStats(self.atol, self.rtol) for na, _ in self.pairs},
-                     [(_Moments(), _Moments()) for _ in self.probes], {})  # fmt: skip
+                     [(Moments.empty(1), Moments.empty(1)) for _ in self.probes], {})  # fmt: skip
 
     def tally(self, feeds: Feeds, into: Tally | None = None) -> Tally:
         """One batch measured, added into ``into`` (the single-process run) or into a fresh tally (a Ray worker's)."""
@@ -543,9 +511,9 @@ class Comparison:
             t.errors[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
             t.shapes.setdefault(na, np.shape(out_a[na]))
         outs = [out_a] * len(self.per_model["A"]) + [out_b] * len(self.per_model["B"])
-        for (pre, post), p, o in zip(t.sites, self.probes, outs):
-            pre.add(o[p.pre])
-            post.add(o[p.post])
+        for k, (p, o) in enumerate(zip(self.probes, outs)):
+            pre, post = t.sites[k]
+            t.sites[k] = (pre.merge(Moments.of(o[p.pre])), post.merge(Moments.of(o[p.post])))
         t.batches += 1
         return t
 
@@ -609,24 +577,20 @@ def compare(
         raise NormactError("--shape sets the shapes of --synthetic inputs; data files bring their own shapes")
     if model_b is None and not reference:
         raise NormactError("give a second model, or --reference to compare one model across runtimes")
-    a = _Model.load(model_a, "A")
-    b = _Model.load(model_b if model_b is not None else model_a, "B")
+    a = LoadedModel.load(model_a, "A")
+    b = LoadedModel.load(model_b if model_b is not None else model_a, "B")
     labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
     setup = (model_b is not None, sites, reference, providers, atol, rtol)
     comparison = Comparison(a, b, *setup)
-    from .calibration.distributed import is_dataset
-
     if ray not in (None, False) or is_dataset(data):
         if synthetic:
             raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
-        from .calibration.distributed import compare_ray
-
         tally = compare_ray(comparison, (a, b), setup, data, None if ray in (None, True) else str(ray), workers, images)
         return comparison.result(tally, labels)  # type: ignore[arg-type]
     tally = comparison.empty()
     bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
     try:
-        for feeds in _data(data, synthetic, a, shapes, batches, batch_size, seed, images=images, values=values):
+        for feeds in model_batches(data, synthetic, a, shapes, batches, batch_size, seed, images=images, values=values):
             comparison.tally(feeds, tally)
             bar.update()
     finally:
@@ -655,15 +619,15 @@ def measure_sites(
     Sites inside subgraphs or functions are listed as not measurable. ``split``: cut
     files into batches of this many samples (as ``calibrate --batch-size`` does).
     """
-    m = _Model.load(model, "model")
+    m = LoadedModel.load(model, "model")
     probes, unreachable = _site_probes(m)
     runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
-    for feeds in _data(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
+    for feeds in model_batches(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
-            p.pre_stats.add(outs[p.pre])
-            p.post_stats.add(outs[p.post])
+            p.pre_stats = p.pre_stats.merge(Moments.of(outs[p.pre]))
+            p.post_stats = p.post_stats.merge(Moments.of(outs[p.post]))
         n_batches += 1
     if n_batches == 0:
         raise NormactError("the data source gave no batches")
@@ -679,7 +643,7 @@ def _run(runner: _Runner, feeds: Feeds) -> list[np.ndarray]:
         raise NormactError(f"model {runner.model.label} failed to run ({runner.runtime}): {_first_line(e)}") from None
 
 
-def _check_feeds(feeds: Feeds, model: _Model) -> Feeds:
+def _check_feeds(feeds: Feeds, model: LoadedModel) -> Feeds:
     """Model B's inputs from A's feeds (the data was checked against A); a missing one is a user error."""
     names = [i.name for i in model.inputs]
     missing = [n for n in names if n not in feeds]
@@ -695,3 +659,69 @@ def _pair_outputs(a: list[str], b: list[str]) -> list[tuple[str, str]]:
     if len(a) == len(b):
         return list(zip(a, b))
     raise NormactError(f"the models' outputs do not correspond: A has {', '.join(a)}; B has {', '.join(b)}")
+
+
+# ---- on Ray Data: workers return per-batch tallies, the driver merges them (see .calibration.distributed) ------
+
+
+class CompareWorker:
+    """A Ray Data actor holding both models (comparison.Comparison); each batch → one pickled Tally row."""
+
+    def __init__(
+        self,
+        models: list[Any],  # [ObjectRef of A's serialized proto, of B's]
+        paths: list[str | None],
+        setup: tuple,
+        kind: str,
+        images: Any,
+        crash_marker: str | None = None,
+    ) -> None:
+        ray = require_ray()
+        a, b = (
+            LoadedModel(onnx.load_from_string(ray.get(ref)), Path(p) if p else None, label)
+            for ref, p, label in zip(models, paths, ("A", "B"))
+        )
+        self.comparison = Comparison(a, b, *setup)
+        self.feeder = Feeder(kind, model_inputs(a.proto), None, images)
+        self.crash_marker = crash_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tally, samples = None, 0
+        for _, feed in self.feeder.feeds(batch):  # one call's batches in one tally (see StatsWorker.__call__)
+            tally = self.comparison.tally(feed, tally)
+            maybe_crash(self.crash_marker)
+            samples += batch_samples(feed)
+        return {"tally": np.array([pickle.dumps(tally)], dtype=object), "samples": np.array([samples], np.int64)}
+
+
+def compare_ray(
+    comparison: Comparison,
+    models: tuple[LoadedModel, LoadedModel],
+    setup: tuple,
+    data: Any,
+    address: str | None,
+    workers: int,
+    images: Any,
+) -> Tally:
+    """``compare`` over Ray Data: the driver's Comparison gives the layout, workers measure, tallies merge in a tree."""
+    if workers < 1:
+        raise NormactError(f"--workers must be ≥ 1, got {workers}")
+    a, b = models
+    check_exists(data)
+    with cluster(address, workers):
+        ray = require_ray()
+        work = plan_work(data, model_inputs(a.proto), None, None, images)
+        refs = [ray.put(m.proto.SerializeToString()) for m in (a, b)]
+        kwargs = {
+            "models": refs,
+            "paths": [str(m.path) if m.path else None for m in (a, b)],
+            "setup": setup,
+            "kind": work.kind,
+            "images": images,
+            "crash_marker": os.environ.get(CRASH_ENV),
+        }
+        tree: TreeMerge[Any] = TreeMerge(lambda x, y: x.merge(y))
+        for block in map_rows(work, CompareWorker, kwargs, workers):
+            for rec in block["tally"]:
+                tree.push(pickle.loads(rec))
+    return tree.result() or comparison.empty()

@@ -26,7 +26,7 @@ from typing import Any, Literal, overload
 
 import onnx
 
-from .api import check_input, save_verified
+from .comparison import LoadedModel, model_batches
 from .errors import NormactError
 from .io import (
     ModelLike,
@@ -37,10 +37,12 @@ from .io import (
     model_folder,
     refuse_overwrite,
 )
+from .ort import make_session
 from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 from .progress import bar as progress_bar
 from .progress import stage
+from .writer import check_input, save_verified
 
 NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
@@ -269,16 +271,13 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: _Inputs
     """Folded vs unfolded on the same inputs, each output within its allowed difference (module docstring)."""
     import numpy as np
 
-    from .comparison import _data, _Model
-    from .ort import make_session
-
     try:
         onnx.checker.check_model(after)
     except Exception as e:
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
     synthetic = inputs.synthetic or inputs.data is None
-    model = _Model(before, None, "unfolded")
-    feeds = _data(
+    model = LoadedModel(before, None, "unfolded")
+    feeds = model_batches(
         inputs.data,
         synthetic,
         model,

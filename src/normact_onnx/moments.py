@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalogue import Activation
+from .catalogue import CATALOGUE, Activation
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(48)
 _SPAN = 12.0
@@ -62,8 +62,6 @@ def _scalar_params(params: dict[str, Any]) -> tuple[tuple[str, float], ...]:
 
 @lru_cache(maxsize=4096)
 def _moments_cached(kind: str, q: float, params: tuple[tuple[str, float], ...]) -> Moments:
-    from .catalogue import CATALOGUE
-
     act = CATALOGUE[kind]
     p = dict(params)
     if act.closed_moments is not None:

@@ -16,9 +16,12 @@ from onnx import helper, numpy_helper
 
 from .errors import NormactError
 from .graph import const_value, containers
+from .inputs import model_inputs
 from .io import clamp_ir
+from .ort import make_session
 from .passes.normalize import SiteOutcome
-from .types import infer_value_types
+from .synthetic import resolve_shapes, synthetic_batch
+from .valuetypes import infer_value_types
 
 
 def check_model_file(path: Path) -> None:
@@ -30,8 +33,6 @@ def check_model_file(path: Path) -> None:
 
 def ort_load(path: Path, shown: Path | None = None) -> None:
     """ONNX Runtime loads the file at ``path`` (a temporary name; errors name ``shown``, the destination)."""
-    from .ort import make_session
-
     try:
         make_session(str(path), config={"session.disable_prepacking": "1"})  # a load check: no packed weight copies
     except NormactError:
@@ -105,8 +106,6 @@ def check_sites(
     probe = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
     probe.ir_version = max(model.ir_version, 8 if model.functions else model.ir_version)
     clamp_ir(probe)
-    from .ort import make_session
-
     try:
         got = make_session(probe.SerializeToString()).run(None, feeds)
     except Exception as e:
@@ -151,8 +150,6 @@ def float_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: l
     itself carries on these inputs: a rewrite that moves outputs by a small
     multiple of it has not changed what the model computes.
     """
-    from .ort import make_session
-
     plain = make_session(model.SerializeToString(), optimize=False).run(None, feeds)
     return [float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0)) for a, b in zip(outputs, plain)]
 
@@ -164,9 +161,6 @@ def _f64(x: np.ndarray) -> np.ndarray:
 
 def probe_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """One batch of synthetic inputs by the shared rules (:mod:`normact_onnx.synthetic`)."""
-    from .calibration.readers import model_inputs
-    from .synthetic import resolve_shapes, synthetic_batch
-
     specs = model_inputs(model)
     return synthetic_batch(specs, resolve_shapes(specs, {}, 1), np.random.default_rng(seed))
 
@@ -183,8 +177,6 @@ def check_whole_model(
     for an output that is all zeros). When the original
     does not run on synthetic inputs, the check is skipped and says so.
     """
-    from .ort import make_session
-
     try:
         feeds = probe_feeds(original)
         want = make_session(original.SerializeToString()).run(None, feeds)

@@ -1,19 +1,20 @@
-"""ANAct calibration: data readers, in-graph statistics, mergeable per-site moments, reports."""
+"""ANAct calibration: data readers, in-graph statistics, mergeable per-site moments, reports.
 
-from .readers import InputSpec, model_inputs, open_source
-from .run import CalibrationResult, anact_constants, calibrate, collect, stats_constants
+``calibrate()`` itself, which drives these and writes the calibrated model, is an orchestrator above this
+package: :func:`normact_onnx.api.calibrate` (``normact_onnx.calibrate``).
+"""
+
+from ..inputs import InputSpec, model_inputs
+from .readers import open_source
+from .run import collect
 from .stats import CalibrationStats, SiteStats, merge
 
 __all__ = [
-    "CalibrationResult",
     "CalibrationStats",
     "InputSpec",
     "SiteStats",
-    "anact_constants",
-    "calibrate",
     "collect",
     "merge",
     "model_inputs",
     "open_source",
-    "stats_constants",
 ]

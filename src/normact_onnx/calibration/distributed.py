@@ -18,7 +18,8 @@ Faults: the actors are restartable (``max_restarts``) and their calls retried
 (``max_task_retries``); Ray Data only emits a block once its task has finished, so
 the batches of a task that died with its worker are counted once, from the retry.
 
-Ray is imported here only, inside functions: nothing else in the package needs it.
+Ray is imported here only, inside functions (an optional dependency). ``compare``'s Ray workers live in
+:mod:`..comparison`, above this module, which they use for the cluster, the work plan and the tree merge.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,12 +34,27 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import onnx
 
 from ..errors import NormactError
+from ..graph import structure_fingerprint
+from ..inputs import model_inputs
 from ..io import ModelLike, load_model_like, model_folder
-from .readers import Batch, InputSpec, check_header, conform, file_batches, file_pieces, model_inputs
-from .run import SiteRecord
-from .stats import CalibrationStats, Moments, mean_merge, merge_cross
+from ..progress import bar as progress_bar
+from ..streaming import Moments, mean_merge, merge_cross
+from . import rows
+from .readers import (
+    Batch,
+    InputSpec,
+    check_header,
+    conform,
+    file_batches,
+    file_pieces,
+    file_source,
+    has_batch_files,
+)
+from .run import SiteRecord, batch_moments, calibration_session, empty_stats, finish, prepare, run_batch
+from .stats import CalibrationStats
 
 INSTALL = "pip install 'normact-onnx[ray]'"
 RESTARTS = 3  # a worker that keeps dying is a bug, not a fault to retry forever
@@ -154,8 +169,6 @@ def plan_work(
 ) -> Work:
     """The dataset for ``data``: Ray Data's own readers for Parquet and images, file lists for batch files."""
     ray = require_ray()
-    from . import rows
-
     if batch_size is not None and batch_size < 1:
         raise NormactError(f"--batch-size must be ≥ 1, got {batch_size}")
     if batches is not None and batches < 1:
@@ -177,9 +190,7 @@ def plan_work(
         if batches:
             ds, total = ds.limit(batches * size), min(total, batches)
         return Work(ds, "columns", size, f"{path} ({len(tables)} Parquet files, {sum(counts)} rows)", total)
-    from .readers import _has_batch_files
-
-    if path.is_dir() and not _has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
+    if path.is_dir() and not has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
         plan = rows.image_plan(specs, images)
         ds = ray.data.read_images(str(path), include_paths=True, mode=plan.mode)
         total = -(-len(pictures) // size)
@@ -187,8 +198,6 @@ def plan_work(
             ds, total = ds.limit(batches * size), min(total, batches)
         return Work(ds, "images", size, f"{path} ({len(pictures)} images)", total)
     pieces = file_pieces(path, specs, batch_size)
-    from .readers import file_source
-
     for i, (where, header) in enumerate(file_source(path, specs, batch_size).headers()):  # every file, before any run
         if batches is not None and i >= batches:
             break
@@ -204,7 +213,7 @@ def plan_work(
     return Work(ds, "files", 1, f"{path} ({len(pieces)} file{'s' * (len(pieces) != 1)})", sum(i["stop"] for i in items))
 
 
-def _check_exists(data: Any) -> None:
+def check_exists(data: Any) -> None:
     """A missing path is reported before a cluster is started for it."""
     if isinstance(data, str | os.PathLike) and not Path(data).exists():
         raise NormactError(f"{data}: no such file or folder")
@@ -214,14 +223,10 @@ class Feeder:
     """A worker's reader: one map_batches call's rows → (where, checked model batch) pairs."""
 
     def __init__(self, kind: str, specs: list[InputSpec], batch_size: int | None, images: Any) -> None:
-        from . import rows
-
         self.kind, self.specs, self.batch_size = kind, specs, batch_size
         self.plan = rows.image_plan(specs, images) if kind == "images" else None
 
     def feeds(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[str, Batch]]:
-        from . import rows
-
         if self.kind == "files":
             for f, start, stop in zip(batch["file"], batch["start"], batch["stop"]):
                 for where, raw in file_batches(Path(str(f)), self.specs, self.batch_size, int(start), int(stop)):
@@ -245,7 +250,7 @@ def _span(paths: list[str]) -> str:
     return files[0] if len(files) == 1 else f"{files[0]} … {files[-1]}"
 
 
-def _maybe_crash(marker: str | None) -> None:
+def maybe_crash(marker: str | None) -> None:
     """Tests only: the first call anywhere that creates the marker file kills its worker process (a lost node)."""
     if not marker:
         return
@@ -257,7 +262,7 @@ def _maybe_crash(marker: str | None) -> None:
     os._exit(17)
 
 
-def _samples(feed: Batch) -> int:
+def batch_samples(feed: Batch) -> int:
     return int(next((v.shape[0] for v in feed.values() if v.ndim), 1))
 
 
@@ -281,10 +286,6 @@ class StatsWorker:
         normalize: Any = None,
         selection: Any = None,
     ) -> None:
-        import onnx
-
-        from .run import calibration_session, prepare
-
         model = onnx.load_from_string(require_ray().get(model[0]))
         self.specs = model_inputs(model)
         self.inst = prepare(model, base_dir, per_channel, normalize, selection)
@@ -301,16 +302,14 @@ class StatsWorker:
         A call's output is all or nothing (a call that dies with its worker is run again from the start), so
         merging inside it keeps every batch counted once and cuts the driver's merges to one per call.
         """
-        from .run import batch_moments, run_batch
-
         merged, batches, samples = None, 0, 0
         for where, feed in self.feeder.feeds(batch):
             values = run_batch(self.sess, self.inst, feed, where)
-            _maybe_crash(self.crash_marker)
+            maybe_crash(self.crash_marker)
             rec = batch_moments(self.inst, values, where)
             merged = rec if merged is None else merge_records(merged, rec)
             batches += 1
-            samples += _samples(feed)
+            samples += batch_samples(feed)
         record = encode_moments(merged).tobytes() if merged is not None else b""
         return {
             "stats": np.array([record], dtype=object),
@@ -391,39 +390,6 @@ class TreeMerge(Generic[T]):
         return acc
 
 
-class RateBar:
-    """Batches and samples per second: tqdm on a terminal when installed, else the package's one-line bar."""
-
-    def __init__(self, total: int | None, enabled: bool, label: str) -> None:
-        self.samples, self.bar, self.fallback = 0, None, None
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=label, unit="batch", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            from .run import Progress
-
-            self.fallback = Progress(total, True, label=label)
-
-    def step(self, batches: int, samples: int) -> None:
-        self.samples += samples
-        if self.bar is not None:
-            self.bar.update(batches)
-            rate = self.samples / max(self.bar.format_dict.get("elapsed", 0.0), 1e-9)
-            self.bar.set_postfix_str(f"{rate:.0f} samples/s", refresh=False)
-        elif self.fallback is not None:
-            for _ in range(batches):
-                self.fallback.step()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.fallback is not None:
-            self.fallback.close()
-
-
 def map_rows(work: Work, worker: type, kwargs: dict[str, Any], workers: int) -> Iterator[dict[str, np.ndarray]]:
     """Run ``worker`` over the work on ``workers`` actors; yields the result blocks as they finish."""
     ray = require_ray()
@@ -475,8 +441,6 @@ def collect_ray(
     ``normalize``/``selection``: in-situ calibration, as in :func:`.run.collect` (each batch normalizes
     with its own statistics, so the workers' results merge exactly whatever the order).
     """
-    from .run import empty_stats, finish, prepare
-
     if workers < 1:
         raise NormactError(f"--workers must be ≥ 1, got {workers}")
     src, path = load_model_like(model)
@@ -484,11 +448,9 @@ def collect_ray(
     specs = model_inputs(src)
     # the driver's copy: the site list, and errors before any cluster starts
     inst = prepare(src, base_dir, per_channel, normalize, selection)
-    from ..graph import structure_fingerprint
-
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
     sites = [p.site.output for p in inst.probes]
-    _check_exists(data)
+    check_exists(data)
     with cluster(address, workers):
         work = plan_work(data, specs, batch_size, batches, images)
         # the model by reference, held by this driver for the run: inline (small) constructor arguments are what
@@ -508,7 +470,7 @@ def collect_ray(
             "selection": selection,
         }
         tree: TreeMerge[list[SiteRecord]] = TreeMerge(merge_records)
-        bar = RateBar(work.total, progress, "calibrating (ray)")
+        bar = progress_bar(work.total, "calibrating (ray)", progress, unit="batch")
         batches = samples = 0
         try:
             for block in map_rows(work, StatsWorker, kwargs, workers):
@@ -517,7 +479,10 @@ def collect_ray(
                         tree.push(decode_moments(np.frombuffer(rec, np.float64), len(sites)))
                     batches += int(k)
                     samples += int(n)
-                    bar.step(int(k), int(n))
+                    bar.update(int(k))
+                    if not bar.disable:  # samples per second beside the batches
+                        rate = samples / max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+                        bar.set_postfix_str(f"{rate:.0f} samples/s", refresh=False)
         finally:
             bar.close()
     merged = tree.result()
@@ -530,71 +495,3 @@ def collect_ray(
     stats.batches = batches
     stats.sources = [f"{work.describe} on Ray ({workers} workers, {samples} samples)"]
     return finish(stats, inst, normalize)
-
-
-# ---- compare: workers return per-batch tallies, the driver merges them -------------------------------------------
-
-
-class CompareWorker:
-    """A Ray Data actor holding both models (comparison.Comparison); each batch → one pickled Tally row."""
-
-    def __init__(
-        self,
-        models: list[Any],  # [ObjectRef of A's serialized proto, of B's]
-        paths: list[str | None],
-        setup: tuple,
-        kind: str,
-        images: Any,
-        crash_marker: str | None = None,
-    ) -> None:
-        import onnx
-
-        from ..comparison import Comparison, _Model
-
-        ray = require_ray()
-        a, b = (
-            _Model(onnx.load_from_string(ray.get(ref)), Path(p) if p else None, label)
-            for ref, p, label in zip(models, paths, ("A", "B"))
-        )
-        self.comparison = Comparison(a, b, *setup)
-        self.feeder = Feeder(kind, model_inputs(a.proto), None, images)
-        self.crash_marker = crash_marker
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pickle
-
-        tally, samples = None, 0
-        for _, feed in self.feeder.feeds(batch):  # one call's batches in one tally (see StatsWorker.__call__)
-            tally = self.comparison.tally(feed, tally)
-            _maybe_crash(self.crash_marker)
-            samples += _samples(feed)
-        return {"tally": np.array([pickle.dumps(tally)], dtype=object), "samples": np.array([samples], np.int64)}
-
-
-def compare_ray(
-    comparison: Any, models: tuple[Any, Any], setup: tuple, data: Any, address: str | None, workers: int, images: Any
-) -> Any:
-    """``compare`` over Ray Data: the driver's Comparison gives the layout, workers measure, tallies merge in a tree."""
-    import pickle
-
-    if workers < 1:
-        raise NormactError(f"--workers must be ≥ 1, got {workers}")
-    a, b = models
-    _check_exists(data)
-    with cluster(address, workers):
-        ray = require_ray()
-        work = plan_work(data, model_inputs(a.proto), None, None, images)
-        refs = [ray.put(m.proto.SerializeToString()) for m in (a, b)]
-        kwargs = {
-            "models": refs,
-            "paths": [str(m.path) if m.path else None for m in (a, b)],
-            "setup": setup,
-            "kind": work.kind,
-            "images": images,
-            "crash_marker": os.environ.get(CRASH_ENV),
-        }
-        tree: TreeMerge[Any] = TreeMerge(lambda x, y: x.merge(y))
-        for block in map_rows(work, CompareWorker, kwargs, workers):
-            for rec in block["tally"]:
-                tree.push(pickle.loads(rec))
-    return tree.result() or comparison.empty()

@@ -42,9 +42,10 @@ from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..graph import Container, unique_namer
 from ..passes.find import Site, find_sites
 from ..passes.unfuse import split_fused_sites
-from ..types import FLOAT_TYPES, infer_value_types
+from ..runtime.library import info_at, kernel_library
+from ..streaming import Moments, merge_cross
+from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized
-from .stats import Moments, merge_cross
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
@@ -60,15 +61,11 @@ def fused_stats_suffix() -> str | None:
     """The library's statistics-op suffix (``NormRelu`` + suffix) when calibration can use them, else None."""
     if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    from ..ort import kernel_library
-
     lib = kernel_library()
     if lib is None:
         return None
-    from ..runtime.library import _info
-
     try:
-        return _info(lib).get("stats_suffix") or None
+        return info_at(lib).get("stats_suffix") or None
     except (OSError, AttributeError, ValueError):
         return None
 

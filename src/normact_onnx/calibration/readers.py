@@ -17,53 +17,19 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..errors import NormactError
-from ..synthetic import meaningful, parse_assignments, parse_values
-
-Batch = dict[str, np.ndarray]
-Dim = int | str | None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: list[Dim] | None  # None: rank unknown
-
-    def describe(self) -> str:
-        return _fmt_shape(self.shape) if self.shape is not None else "any shape"
-
-
-def _fmt_shape(shape: Iterable[Any]) -> str:
-    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (inputs that are also initializers are optional and left out)."""
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            raise NormactError(f"input {vi.name!r} is not a tensor; calibration feeds tensors only")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        shape = None
-        if tt.HasField("shape"):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        out.append(InputSpec(vi.name, dtype, shape))
-    return out
-
+from ..inputs import InputSpec, format_shape
+from ..synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
+from . import rows
+from .batches import Batch, Source
 
 # ---- checking --------------------------------------------------------------------------------------------------
 
@@ -92,7 +58,7 @@ def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...]
         )
         if bad:
             raise NormactError(
-                f"{where}: input {spec.name!r}: expected shape {spec.describe()}, given {_fmt_shape(shape)}"
+                f"{where}: input {spec.name!r}: expected shape {spec.describe()}, given {format_shape(shape)}"
             )
         for want, got in zip(spec.shape, shape):
             if meaningful(want):  # '?', 'unk__3': unrelated sizes the exporter did not name
@@ -125,16 +91,6 @@ def conform(specs: list[InputSpec], batch: Any, where: str) -> Batch:
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """Batches from one place; ``headers`` (when the source can give them cheaply) allow checking before any run."""
-
-    describe: str
-    batches: Callable[[], Iterator[tuple[str, Batch]]]  # (where, batch)
-    headers: Callable[[], Iterator[tuple[str, dict[str, tuple[tuple[int, ...], np.dtype]]]]] | None = None
-    total: int | None = None
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -271,7 +227,7 @@ def file_pieces(path: str | os.PathLike, specs: list[InputSpec], batch_size: int
     return out
 
 
-def _has_batch_files(path: Path) -> bool:
+def has_batch_files(path: Path) -> bool:
     """Whether a folder is a batch-file source (.npz/.npy files or ONNX test data sets) rather than images."""
     return any(path.glob("input_*.pb")) or any(path.glob("test_data_set_*")) or any(
         p.suffix in (".npz", ".npy") for p in path.iterdir()
@@ -340,8 +296,6 @@ def synthetic_source(
     batch_size: int = 1,
 ) -> Source:
     """Synthetic inputs by the shared rules of :mod:`normact_onnx.synthetic` (N(0, 1) floats, 0/1 integers)."""
-    from ..synthetic import resolve_shapes, synthetic_batch
-
     for s in specs:
         if s.name in shapes:
             check_header([s], {s.name: (tuple(shapes[s.name]), s.dtype)}, "--shape")
@@ -379,12 +333,10 @@ def open_source(
     if data is None:
         raise NormactError("no calibration data: give --data PATH or --synthetic")
     if isinstance(data, str | os.PathLike):
-        from . import rows
-
         path = Path(data)
         if (tables := rows.parquet_files(path)) is not None:
             return rows.parquet_source(tables, specs, batch_size, str(path))
-        if path.is_dir() and not _has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
+        if path.is_dir() and not has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
             return rows.image_source(pictures, specs, batch_size, images, str(path))
         return file_source(data, specs, batch_size)
     if hasattr(data, "get_next"):

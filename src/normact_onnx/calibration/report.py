@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import NormactError
 from ..io import atomic_path
-from ..methods.anact import Factors
+from ..methods.anact import Factors, site_factors
 from ..outcome import Refusal
+from ..texttable import table
 from .stats import CalibrationStats, SiteStats
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -29,9 +31,14 @@ def _scalar(v: np.ndarray) -> float:
     return float(np.mean(v)) if np.size(v) else float("nan")
 
 
-def terminal_table(rows: list[tuple[SiteStats, Factors | Refusal]]) -> str:
-    from ..commands.common import table
+def factors_table(
+    stats: CalibrationStats, lambda_rule: str, centered_rho: bool, aggregate: str
+) -> list[tuple[SiteStats, Factors | Refusal]]:
+    """Every site with its factors (or why none), in depth order: the terminal table and the report."""
+    return [(s, site_factors(s, lambda_rule, centered_rho, aggregate)) for s in stats.ordered()]
 
+
+def terminal_table(rows: list[tuple[SiteStats, Factors | Refusal]]) -> str:
     out = []
     for s, fac in rows:
         row = {"#": s.depth, "site": s.name, "kind": s.kind, "n": f"{int(s.x.n.sum()):,}"}
@@ -191,12 +198,8 @@ def write_html(
     aggregate: str,
     measured: list[dict] | None = None,
 ) -> Path:
-    from .run import factors_table
-
     dest = Path(path)
     if dest.suffix.lower() not in (".html", ".htm"):
-        from ..errors import NormactError
-
         raise NormactError(f"--report {dest}: write an .html file (plots are inline SVG)")
     rows = factors_table(stats, lambda_rule, centered_rho, aggregate)
     with atomic_path(dest) as tmp:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import NormactError
-from .readers import Batch, InputSpec, Source
+from ..inputs import InputSpec
+from .batches import Batch, Source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")  # what Ray Data's read_images reads
 LAYOUTS = ("nchw", "nhwc")

@@ -1,5 +1,8 @@
 """Per-site calibration statistics: exact, mergeable moments plus ANAct's running (EMA) state.
 
+The moments and the gated rule themselves are :mod:`..streaming`'s; this module keeps them per site and
+reads and writes the statistics file.
+
 What is kept per site (per channel with ``--per-channel``) is a handful of numbers,
 never activations: the element count n, the mean and the centred sum of squares
 (M2) of the pre-activation x and of f(x), and the mean of f'(x)². Batches and
@@ -27,72 +30,14 @@ import numpy as np
 
 from .. import __version__
 from ..errors import NormactError
+from ..graph import structure_fingerprint
 from ..io import atomic_path
+from ..passes.find import find_sites
+from ..streaming import Moments, blend, gated, mean_merge, merge_cross
+from .stats_check import check_document
 
 FORMAT = "normact-onnx/calibration-stats"
 VERSION = 2  # 2: "fingerprint" identifies the model's graph (1: its set of sites)
-EMA_MOMENTUM = 0.9
-EMA_GATE = (0.8, 1.2)
-
-
-@dataclass
-class Moments:
-    """Count, mean and centred sum of squares of one quantity (arrays: one entry per channel)."""
-
-    n: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def empty(cls, channels: int) -> Moments:
-        z = np.zeros(channels)
-        return cls(z.copy(), z.copy(), z.copy())
-
-    def merge(self, other: Moments) -> Moments:
-        """Chan et al.'s pairwise combination; empty sides (n = 0) drop out exactly."""
-        n = self.n + other.n
-        safe = np.where(n > 0, n, 1.0)
-        delta = other.mean - self.mean
-        mean = np.where(n > 0, self.mean + delta * (other.n / safe), 0.0)
-        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / safe)
-        return Moments(n, mean, np.where(n > 0, m2, 0.0))
-
-    @property
-    def var(self) -> np.ndarray:
-        """Population variance M2/n (what ANAct's var(X) and the design variance q mean)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.n > 0, self.m2 / np.where(self.n > 0, self.n, 1.0), np.nan)
-
-    @property
-    def mean_square(self) -> np.ndarray:
-        return self.var + self.mean * self.mean
-
-    def pooled(self) -> Moments:
-        """All channels as one population (a scalar q for static normalization from per-channel stats)."""
-        out = Moments.empty(1)
-        for c in range(self.n.size):
-            out = out.merge(Moments(self.n[c : c + 1], self.mean[c : c + 1], self.m2[c : c + 1]))
-        return out
-
-    def as_dict(self) -> dict[str, list[float]]:
-        return {"n": self.n.tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Moments:
-        return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("n", "mean", "m2")))
-
-
-def merge_cross(xa: Moments, fa: Moments, ca: np.ndarray, xb: Moments, fb: Moments, cb: np.ndarray) -> np.ndarray:
-    """Chan's update for the co-moment C = Σ (x − mean x)(f − mean f) of two parts: C_a + C_b + δx·δf·n_a·n_b/n."""
-    n = xa.n + xb.n
-    safe = np.where(n > 0, n, 1.0)
-    return ca + cb + (xb.mean - xa.mean) * (fb.mean - fa.mean) * (xa.n * xb.n / safe)
-
-
-def mean_merge(n_a: np.ndarray, a: np.ndarray, n_b: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Count-weighted mean of two means (E f'² needs no centring: it is a mean of squares)."""
-    n = n_a + n_b
-    return np.where(n > 0, a + (b - a) * (n_b / np.where(n > 0, n, 1.0)), 0.0)
 
 
 @dataclass
@@ -109,10 +54,10 @@ class Ema:
         if self.batches == 0:
             self.rho, self.rho_centered, self.drho, self.mu = rho, rho_c, drho, mu
         else:
-            self.rho = _gated(self.rho, rho)
-            self.rho_centered = _gated(self.rho_centered, rho_c)
-            self.drho = _gated(self.drho, drho)
-            self.mu = EMA_MOMENTUM * self.mu + (1 - EMA_MOMENTUM) * mu
+            self.rho = gated(self.rho, rho)
+            self.rho_centered = gated(self.rho_centered, rho_c)
+            self.drho = gated(self.drho, drho)
+            self.mu = blend(self.mu, mu)
         self.batches += 1
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,13 +69,6 @@ class Ema:
     def from_dict(cls, d: dict[str, Any]) -> Ema:
         arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("rho", "rho_centered", "drho", "mu")}
         return cls(**arrays, batches=int(d["batches"]))
-
-
-def _gated(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    lo, hi = EMA_GATE
-    ok = np.isfinite(new) & (new >= lo * old) & (new <= hi * old)
-    blended = EMA_MOMENTUM * old + (1 - EMA_MOMENTUM) * new
-    return np.where(ok, blended, old)
 
 
 @dataclass
@@ -296,8 +234,6 @@ class CalibrationStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "stats") -> CalibrationStats:
-        from .stats_check import check_document
-
         check_document(d, origin, FORMAT, VERSION)  # every field below is present and well-formed
         sites = {k: SiteStats.from_dict(k, v) for k, v in d["sites"].items()}
         return cls(
@@ -344,12 +280,8 @@ def check_stats_model(stats: CalibrationStats, model: Any, base_dir: str | None 
     if force or not stats.fingerprint:
         return
     if stats.version >= 2:
-        from ..graph import structure_fingerprint
-
         want = structure_fingerprint(model)
     else:
-        from ..passes.find import find_sites
-
         want = fingerprint([(s.output, s.kind) for s in find_sites(model, base_dir)])
     if stats.fingerprint != want:
         raise NormactError(

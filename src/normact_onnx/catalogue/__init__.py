@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import NormactError
 from . import exponential, gated, rectifiers, sigmoidal
 from .base import Activation, Body, OpForm, Ref
 from .patterns import DecomposedForm
@@ -50,8 +51,6 @@ def resolve(name: str) -> str | None:
 
 def get(kind: str) -> Activation:
     """The entry for ``kind`` (or an alias); unknown kinds are a user error listing the known ones."""
-    from ..errors import NormactError
-
     key = resolve(kind)
     if key is None:
         raise NormactError(f"unknown activation kind {kind!r}; known: {known_kinds()}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..api import calibrate
+from ..calibration.report import factors_table, terminal_table
 from ..methods.static import VARIANTS
 from .common import (
     add_anact_options,
@@ -80,9 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration.report import terminal_table
-    from ..calibration.run import calibrate, factors_table
-
     output = None if args.stats_only and not args.output and not args.in_place else output_path(args, SUFFIX)
     model_out = output or default_output(args.model, SUFFIX)
     stats_path = args.stats or default_output(str(model_out), ".stats.json")

@@ -1,4 +1,4 @@
-"""Helpers the subcommands share: argument groups, output paths, tables, JSON."""
+"""Helpers the subcommands share: argument groups, output paths, JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..calibration.rows import ImageOptions
 from ..errors import NormactError
 from ..io import check_output_path
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
@@ -94,8 +95,6 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def image_options(args: argparse.Namespace) -> Any:
     """The --image-* options as ImageOptions (defaults when none was given)."""
-    from ..calibration.rows import ImageOptions
-
     return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
 
 
@@ -179,10 +178,3 @@ def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
-
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table (no third-party dependency)."""
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*columns), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in cells])

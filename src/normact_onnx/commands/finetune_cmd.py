@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..methods.static import VARIANTS
+from ..training import finetune, require_training
 from ..training.losses import LOSSES
 from .common import add_anact_options, add_selection, print_json
 
@@ -66,8 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import finetune, require_training
-
     require_training()
     result = finetune(
         args.model,

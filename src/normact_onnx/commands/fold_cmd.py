@@ -9,6 +9,7 @@ from pathlib import Path
 from ..deploy import EPS_FLOOR, NOISE_FACTOR, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
+from ..texttable import table
 from .common import (
     add_data_source,
     add_no_verify,
@@ -17,7 +18,6 @@ from .common import (
     check_outputs,
     output_path,
     print_json,
-    table,
 )
 
 

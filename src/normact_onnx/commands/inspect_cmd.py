@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..api import inspect
-from .common import print_json, table
+from ..texttable import table
+from .common import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:

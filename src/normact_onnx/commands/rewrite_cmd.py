@@ -8,6 +8,7 @@ import sys
 from ..api import rewrite, write_report
 from ..errors import NormactError
 from ..methods.static import VARIANTS
+from ..texttable import table
 from .common import (
     add_anact_options,
     add_form,
@@ -17,7 +18,6 @@ from .common import (
     add_selection,
     check_outputs,
     output_path,
-    table,
 )
 
 

@@ -56,14 +56,14 @@ class Edits:
             if key in self.replace:
                 new_nodes.extend(self.replace[key])
             elif key not in self.delete:
-                new_nodes.append(_detached(node))
+                new_nodes.append(detached(node))
             new_nodes.extend(self.after.get(key, ()))
         del c.nodes[:]
         c.nodes.extend(new_nodes)
         g = c.graph
         if g is not None:
             if self.drop_initializers:
-                kept = [_detached(t) for t in g.initializer if t.name not in self.drop_initializers]
+                kept = [detached(t) for t in g.initializer if t.name not in self.drop_initializers]
                 del g.initializer[:]
                 g.initializer.extend(kept)
             # replaced in place and released one at a time: a big model's new weights are never held twice
@@ -78,13 +78,13 @@ class Edits:
                 g.input.extend(self.declare)
                 self.declare = []
             if self.drop_value_info:
-                vi = [_detached(v) for v in g.value_info if v.name not in self.drop_value_info]
+                vi = [detached(v) for v in g.value_info if v.name not in self.drop_value_info]
                 del g.value_info[:]
                 g.value_info.extend(vi)
         c.index(c.opset)
 
 
-def _detached(msg):
+def detached(msg):
     """A copy that survives clearing the repeated field it came from."""
     out = type(msg)()
     out.CopyFrom(msg)

@@ -8,7 +8,6 @@ of that site, never a site of its own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +19,8 @@ from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
 from ..catalogue.fused import FUSED
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
+from ..provenance import read_records
 
-META_SITES = "normact.sites"
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -169,17 +168,6 @@ def _op_forms() -> dict[tuple[str, str], list[tuple[Activation, Any]]]:
 
 _PATTERNS = _patterns_by_size()
 _OPS = _op_forms()
-
-
-def recorded_sites(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """The per-site records earlier rewrites stamped into the model's metadata."""
-    for p in model.metadata_props:
-        if p.key == META_SITES:
-            try:
-                return list(json.loads(p.value))
-            except (ValueError, TypeError):
-                return []
-    return []
 
 
 def _is_const(c: Container, name: str, base_dir: str | None) -> bool:
@@ -477,7 +465,7 @@ def find_sites(model: onnx.ModelProto, base_dir: str | None = None, misses: list
     ``misses`` (when given) collects candidate nodes that looked like activations but did not
     qualify, with the reason (``rewrite --explain`` shows them).
     """
-    records = recorded_sites(model)
+    records = read_records(model)
     normalized = {r["act_output"]: r for r in records if r.get("act_output")}
     # a folded site is a plain activation again, but its normalization lives in the next layers' weights
     normalized.update({r["output"]: r for r in records if r.get("folded") and r.get("output")})

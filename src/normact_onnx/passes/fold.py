@@ -35,10 +35,11 @@ from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
 from ..graph import Container, const_value, containers, unique_namer
-from ..types import infer_value_types
+from ..provenance import mark_folded, read_records
+from ..valuetypes import infer_value_types
 from .affine import FREE, PADDING, plan_absorb, plan_produce
-from .edits import Edits
-from .find import META_SITES, Site, find_in_container, recorded_sites
+from .edits import Edits, detached
+from .find import Site, find_in_container
 from .forms import LiteralBody
 
 
@@ -67,7 +68,7 @@ def _jsonable(v: Any) -> Any:
 
 def normalized_sites(model: onnx.ModelProto, base_dir: str | None) -> list[Site]:
     """Every normalized site, outside the ``Norm<Act>`` function bodies (those are the definitions)."""
-    by_act_output = {r["act_output"]: r for r in recorded_sites(model) if r.get("act_output")}
+    by_act_output = {r["act_output"]: r for r in read_records(model) if r.get("act_output")}
     sites: list[Site] = []
     for c in containers(model):
         if c.function is not None and c.function.domain == NORM_DOMAIN:
@@ -143,7 +144,7 @@ def fold_sites(
         e.commit()
     if any(o.action == "folded" for o in outcomes):
         _drop_unused_functions(model)
-        _mark_records(model, [o for o in outcomes if o.action == "folded"])
+        mark_folded(model, {(o.site.path, o.output) for o in outcomes if o.action == "folded"})
     return outcomes
 
 
@@ -286,9 +287,7 @@ def _drop_unused_functions(model: onnx.ModelProto) -> None:
         used.update((n.domain, n.op_type) for n in c.nodes)
     keep = [f for f in model.functions if f.domain != NORM_DOMAIN or (f.domain, f.name) in used]
     if len(keep) != len(model.functions):
-        from .edits import _detached
-
-        keep = [_detached(f) for f in keep]
+        keep = [detached(f) for f in keep]
         del model.functions[:]
         model.functions.extend(keep)
     if not any(d == NORM_DOMAIN for d, _ in used):
@@ -303,20 +302,3 @@ def _drop_unused_functions(model: onnx.ModelProto) -> None:
                 fi = [onnx.OperatorSetIdProto(domain=i.domain, version=i.version) for i in fi]
                 del f.opset_import[:]
                 f.opset_import.extend(fi)
-
-
-def _mark_records(model: onnx.ModelProto, folded: list[FoldOutcome]) -> None:
-    """Say in the provenance which sites were folded (a later rewrite must not normalize them again)."""
-    import json
-
-    records = recorded_sites(model)
-    if not records:
-        return
-    done = {(o.site.path, o.output) for o in folded}
-    for r in records:
-        if (r.get("graph"), r.get("output")) in done:
-            r["folded"] = True
-            r.pop("act_output", None)
-    for p in model.metadata_props:
-        if p.key == META_SITES:
-            p.value = json.dumps(records, separators=(",", ":"))

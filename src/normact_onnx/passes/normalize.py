@@ -7,7 +7,6 @@ The pass knows no activation by name: constants come from a method callback
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,15 +15,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import __version__
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..catalogue.fused import FUSED
-from ..graph import Container, default_opset, unique_namer
+from ..graph import Container, containers, default_opset, unique_namer
 from ..methods.static import Affine
-from ..types import infer_value_types
+from ..provenance import read_records, stamp
+from ..valuetypes import infer_value_types
 from .affine import Restore, plan_absorb
-from .edits import Edits
-from .find import META_SITES, Site, recorded_sites
+from .edits import Edits, detached
+from .find import Site
 from .forms import (
     GENERIC_OPSET,
     MIN_FUNCTION_IR,
@@ -36,7 +35,6 @@ from .forms import (
 )
 
 FORMS = ("function", "subgraph", "custom-op")
-META_VERSION = "normact.version"
 
 
 @dataclass
@@ -100,7 +98,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
 
     functions: dict[str, onnx.FunctionProto] = {(f.domain, f.name): f for f in model.functions}
     fn_elem: dict[str, int | None] = {}
-    records = recorded_sites(model)
+    records = read_records(model)
     orphans: set[str] = set()
     need_domain: list[Any] = [model.opset_import]
     for o in todo:
@@ -155,7 +153,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         for imports in need_domain:
             if not any(i.domain == NORM_DOMAIN for i in imports):
                 imports.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
-    _stamp(model, records)
+    stamp(model, records)
 
 
 def _choose_form(
@@ -222,8 +220,6 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     """Remove main-graph initializers that only deleted pattern nodes used (their constants)."""
     if not candidates:
         return
-    from ..graph import containers
-
     used: set[str] = set()
     for c in containers(model):
         used.update(c.consumers)
@@ -235,17 +231,6 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
     }
     if not dead:
         return
-    from .edits import _detached
-
-    keep = [_detached(t) for i, t in enumerate(g.initializer) if i not in dead]
+    keep = [detached(t) for i, t in enumerate(g.initializer) if i not in dead]
     del g.initializer[:]
     g.initializer.extend(keep)
-
-
-def _stamp(model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
-    values = {META_VERSION: __version__, META_SITES: json.dumps(records, separators=(",", ":"))}
-    for p in model.metadata_props:
-        if p.key in values:
-            p.value = values.pop(p.key)
-    for k, v in values.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))

@@ -81,8 +81,17 @@ def has_library(cuda: bool = False) -> bool:
     return True
 
 
+def kernel_library(cuda: bool = False) -> str | None:
+    """Path of the kernel library, or None when it was not built (the function bodies run instead)."""
+    try:
+        return get_library_path(cuda)
+    except KernelLibraryNotFound:
+        return None
+
+
 @functools.cache
-def _info(path: str) -> dict[str, Any]:
+def info_at(path: str) -> dict[str, Any]:
+    """What the library at ``path`` was built with (its ``NormactLibraryInfo`` JSON; cached per path)."""
     lib = ctypes.CDLL(path)
     fn = lib.NormactLibraryInfo
     fn.restype = ctypes.c_char_p
@@ -92,4 +101,4 @@ def _info(path: str) -> dict[str, Any]:
 
 def library_info(cuda: bool = False) -> dict[str, Any]:
     """What the library was built with: op table (names, attribute defaults), CUDA, CPU ISA, API levels."""
-    return dict(_info(get_library_path(cuda)))
+    return dict(info_at(get_library_path(cuda)))

@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import onnx
 
 from ..errors import NormactError
-from . import require_training
+from .backend import require_training
 from .graph import MAX_TRAIN_IR, STATS_OUTPUT, TrainGraph
 from .losses import LOSS_OUTPUT, find_head, with_loss
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import NormactError
+from ..inputs import model_inputs
 from .losses import LOSSES
 
 
@@ -69,14 +69,8 @@ def _arrays(data: str | os.PathLike | Mapping[str, np.ndarray], flag: str) -> tu
 
 
 def input_specs(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[np.dtype, list[int | None]]]:
-    """dtype and shape (None for symbolic dimensions) of each named graph input."""
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in names:
-            tt = vi.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-            out[vi.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
-    return out
+    """dtype and shape (None for symbolic dimensions) of each named graph input (read by :mod:`..inputs`)."""
+    return {s.name: (s.dtype, s.fixed_shape) for s in model_inputs(model) if s.name in names}
 
 
 def load_dataset(

@@ -21,8 +21,11 @@ from onnx import helper, numpy_helper
 
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
+from ..deploy import fold as fold_model
+from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
-from ..passes.find import META_SITES, Site, find_sites
+from ..passes.find import Site, find_sites
+from ..provenance import update_constants
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
 
 META_FINETUNE = "normact.finetune"
@@ -62,7 +65,6 @@ def _with_weights(model: onnx.ModelProto, base_dir: str | None, weights: dict[st
 def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> set[str]:
     """Set scale/shift/slope on Norm<Act> nodes of earlier rewrites; returns the outputs it handled."""
     done = set()
-    records = None
     for site in find_sites(m):
         if site.normalized is None or site.root.domain != NORM_DOMAIN or site.output not in constants:
             continue
@@ -72,13 +74,7 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
                 a.f = float(getattr(aff, a.name))
         done.add(site.output)
     if done:
-        for p in m.metadata_props:
-            if p.key == META_SITES:
-                records = json.loads(p.value)
-                for r in records:
-                    if r.get("output") in done:
-                        r.update(method="anact-finetune", **constants[r["output"]].as_dict())
-                p.value = json.dumps(records, separators=(",", ":"))
+        update_constants(m, {out: constants[out].as_dict() for out in done}, "anact-finetune")
     return done
 
 
@@ -123,14 +119,10 @@ def export_model(
     out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
     assert isinstance(out, onnx.ModelProto)  # details=False: the model (api.rewrite has no overloads for mypy yet)
     if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
-        from ..io import atomic_path, clamp_ir, write_model
-
         clamp_ir(out)
         with atomic_path(target) as tmp:
             write_model(out, tmp)
     if fold:
-        from ..deploy import fold as fold_model
-
         try:
             out = fold_model(str(target), output, verify=verify)
         finally:

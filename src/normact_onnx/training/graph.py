@@ -29,7 +29,6 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
-from ..api import select, static_constants
 from ..calibration.stats_body import StatsBody
 from ..catalogue import CATALOGUE, NORM_DOMAIN
 from ..errors import NormactError
@@ -39,7 +38,9 @@ from ..moments import gaussian_moments
 from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
-from ..types import FLOAT_TYPES, infer_value_types
+from ..policy import select, static_constants
+from ..selection import parse_kinds
+from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .prepare import Preparation, is_weight_input, lift_weight_constants, prepare
 
 LAMBDA_INPUT = "normact_lambda"
@@ -279,8 +280,6 @@ def build_train_graph(
     earlier ``rewrite``/``calibrate`` normalized in the function form are
     re-normalized adaptively under ``anact`` and keep their constants otherwise.
     """
-    from ..api import _kinds
-
     if method not in METHODS:
         raise NormactError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     _check_versions(model)
@@ -300,7 +299,8 @@ def build_train_graph(
             return "inside an If/Loop/Scan body: trained as it is"
         return fixed(site) if method == "static" else Affine(1.0, 0.0, 0.0)
 
-    outcomes = select(sites, _kinds(include, "--include"), _kinds(exclude, "--exclude"), nodes, all_sites, constants)
+    inc, exc = parse_kinds(include, "--include"), parse_kinds(exclude, "--exclude")
+    outcomes = select(sites, inc, exc, nodes, all_sites, constants)
     # function-form sites of earlier rewrites: adaptive under anact, their own constants under static
     for o in outcomes:
         rec = o.site.normalized

@@ -31,14 +31,14 @@ import numpy as np
 from ..errors import NormactError
 from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES, LambdaRule
-from ..methods.static import Variant
+from ..methods.static import Affine, Variant
 from ..progress import bar as progress_bar
-from . import require_training
 from .artifacts import Artifacts, Optimizer, explain_ort_error, generate
+from .backend import require_training
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, Method, TrainGraph, TrainSite, build_train_graph
-from .losses import Loss, class_view, find_head
+from .losses import LOSSES, Loss, class_view, find_head
 from .prepare import fix_input_shapes
 from .running import RunningStats
 
@@ -298,8 +298,6 @@ def _plan(
 
 
 def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
-    from ..methods.static import Affine
-
     out = []
     for d in plan["sites"]:
         aff = Affine(d["scale"], d["shift"], d["slope"]) if "scale" in d else None
@@ -512,8 +510,6 @@ def _finetune(
 
 
 def _check_settings(s: Settings) -> None:
-    from .losses import LOSSES
-
     if s.loss not in LOSSES:
         raise NormactError(f"unknown --loss {s.loss!r}; choose one of {', '.join(LOSSES)}")
     if s.lambda_rule not in LAMBDA_RULES:

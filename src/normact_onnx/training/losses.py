@@ -33,7 +33,7 @@ from ..catalogue import CATALOGUE
 from ..errors import NormactError
 from ..graph import default_opset
 from ..passes.forms import LiteralBody
-from ..types import infer_value_types
+from ..valuetypes import infer_value_types
 
 Dim = TypeVar("Dim")  # an int, or a symbolic dim (str/None) of an inferred shape
 

@@ -42,10 +42,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..catalogue import CATALOGUE
+from ..errors import NormactError
 from ..graph import default_opset
 from ..passes.find import find_sites
 from ..passes.forms import LiteralBody
-from ..types import FLOAT_TYPES, infer_value_types
+from ..valuetypes import FLOAT_TYPES, infer_value_types
 
 # (op type) -> input positions that hold learned parameters. A float initializer is trainable by default only
 # where some node reads it at such a position: never a Resize scale, a Clip bound, a Pad value or anything that
@@ -512,8 +513,6 @@ def raise_opset(m: onnx.ModelProto, prep: Preparation) -> onnx.ModelProto:
     if opset >= MIN_TRAIN_OPSET:
         return m
     from onnx import version_converter
-
-    from ..errors import NormactError
 
     inits = {t.name for t in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]  # IR < 4 listed initializers as inputs too

@@ -20,7 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-MOMENTUM, GATE, AMPLITUDE = 0.9, (0.8, 1.2), 0.3
+from ..streaming import GATE, MOMENTUM
+from .graph import gaussian_start
+
+AMPLITUDE = 0.3
 
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -138,6 +141,4 @@ class Static(torch.nn.Module):
 
 
 def _gaussian_start(kind: str, centered: bool) -> tuple[float, float, float]:
-    from .graph import gaussian_start
-
     return gaussian_start(kind, {}, centered)

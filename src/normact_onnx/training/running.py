@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..methods.anact import lambda_of
+from ..streaming import accepted, blend, gated
 from .graph import STATS_FIELDS
 
-MOMENTUM = 0.9
-GATE = (0.8, 1.2)
 VAR_EPS = 1e-12
 
 
@@ -76,19 +75,16 @@ class RunningStats:
         return self.lam(rule).astype(np.float32), self.mu.astype(np.float32)
 
     def update(self, stats: np.ndarray, centered: bool = False) -> None:
-        """Apply one batch's statistics by the gated running rule."""
+        """Apply one batch's statistics by the gated running rule (:mod:`..streaming`)."""
         rho, rho_d, mu, ok = batch_values(stats, centered)
-        for i in np.flatnonzero(ok):
-            if self.batches == 0 and self.accepted[i] == 0:  # first batch of a site without a primed start
-                self.rho[i], self.rho_d[i], self.mu[i] = rho[i], rho_d[i], mu[i]
-                self.accepted[i] += 1
-                continue
-            if GATE[0] * self.rho[i] <= rho[i] <= GATE[1] * self.rho[i]:
-                self.rho[i] = MOMENTUM * self.rho[i] + (1 - MOMENTUM) * rho[i]
-                self.accepted[i] += 1
-            if GATE[0] * self.rho_d[i] <= rho_d[i] <= GATE[1] * self.rho_d[i]:
-                self.rho_d[i] = MOMENTUM * self.rho_d[i] + (1 - MOMENTUM) * rho_d[i]
-            self.mu[i] = MOMENTUM * self.mu[i] + (1 - MOMENTUM) * mu[i]
+        first = ok & (self.batches == 0) & (self.accepted == 0)  # first batch of a site without a primed start
+        later = ok & ~first
+        took = later & accepted(self.rho, rho)
+        with np.errstate(invalid="ignore", over="ignore"):  # sites left alone may hold NaN or Inf this batch
+            self.rho[:] = np.where(first, rho, np.where(took, blend(self.rho, rho), self.rho))
+            self.rho_d[:] = np.where(first, rho_d, np.where(later, gated(self.rho_d, rho_d), self.rho_d))
+            self.mu[:] = np.where(first, mu, np.where(later, blend(self.mu, mu), self.mu))
+        self.accepted[:] = self.accepted + (first | took)
         self.batches += 1
 
     # checkpoints keep these as flat float properties (the ORT checkpoint stores scalars)

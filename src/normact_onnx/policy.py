@@ -1,0 +1,245 @@
+"""Which sites a command normalizes, with which constants, and why not: the per-site decisions, in one place.
+
+``rewrite``, ``calibrate`` (its written model) and the fine-tuning graph all decide here, so a site is
+rewritten, or left alone with its reason, by one rule (the selection flags themselves: :mod:`.selection`).
+:func:`method_constants` is the one door from the CLI and the Python API to a method's per-site constants:
+plain static at a design variance, static from measured moments, or ANAct's λ and μ from calibration
+statistics (docs/math.md §1, §2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .calibration.stats import CalibrationStats, SiteStats
+from .errors import NormactError
+from .methods.anact import anact_affine, check_options, site_factors
+from .methods.static import VARIANTS, Affine, measured_affine, static_affine
+from .outcome import Refusal
+from .passes.find import Site
+from .passes.normalize import SiteOutcome
+from .selection import site_filter
+
+Constants = Callable[[Site], Affine | str]
+"""A site's constants, or the reason it has none (the site is then skipped with that reason)."""
+
+METHODS = ("static", "anact")
+
+
+def select(
+    sites: list[Site],
+    include: set[str] | None,
+    exclude: set[str] | None,
+    nodes: str | None,
+    all_sites: bool,
+    constants: Constants,
+) -> list[SiteOutcome]:
+    """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
+    why = site_filter(include, exclude, nodes, all_sites)
+    out = []
+    for s in sites:
+        reason = why(s)
+        if s.normalized is not None:
+            out.append(SiteOutcome(s, "normalized", reason or "already normalized"))
+        elif reason:
+            out.append(SiteOutcome(s, "skipped", reason))
+        else:
+            aff = constants(s)
+            if isinstance(aff, str):
+                out.append(SiteOutcome(s, "skipped", aff))
+            else:
+                out.append(SiteOutcome(s, "rewritten", affine=aff))
+    return out
+
+
+# ---- constants --------------------------------------------------------------------------------------------------
+
+
+def static_constants(
+    q: float = 1.0,
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    q_per_site: dict[str, float] | None = None,
+) -> Constants:
+    """Static normalization (docs/math.md §1) at design variance q, or at each site's measured q."""
+    if variant not in VARIANTS:
+        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if not (math.isfinite(q) and q > 0):
+        raise NormactError(f"--q must be a positive finite number (a variance), got {q}")
+    if variant == "ratio" and ratio is None:
+        raise NormactError("--variant ratio needs --ratio r (0 = zeta-zero … q·b²/v = center-scale)")
+    if variant != "ratio" and ratio is not None:
+        raise NormactError(f"--ratio only applies to --variant ratio (got --variant {variant})")
+
+    def constants(site: Site) -> Affine | str:
+        site_q = (q_per_site or {}).get(site.output, q)
+        try:
+            return static_affine(site.activation, site.params, site_q, variant, ratio)
+        except NormactError as e:
+            return str(e)
+
+    return constants
+
+
+def anact_constants(
+    stats: CalibrationStats, lambda_rule: str = "anact", centered_rho: bool = False, aggregate: str = "ema"
+) -> Constants:
+    """The rewrite's per-site constants: λ and μ from each site's statistics, or why there are none."""
+    check_options(lambda_rule, aggregate)
+
+    def constants(site: Site) -> Affine | str:
+        s = _site_stats(stats, site)
+        if isinstance(s, str):
+            return s
+        fac = site_factors(s, lambda_rule, centered_rho, aggregate)
+        return fac.reason if isinstance(fac, Refusal) else anact_affine(s, fac)
+
+    return constants
+
+
+def _site_stats(stats: CalibrationStats, site: Site) -> SiteStats | str:
+    s = stats.sites.get(site.output)
+    if s is None:
+        return f"no statistics: {stats.skipped.get(site.output, 'site not in the statistics file')}"
+    if s.kind != site.kind:
+        return f"the statistics are for a {s.kind} site, this one is {site.kind}"
+    if s.x.n.size == 0 or not np.all(s.x.n > 0):
+        return "no data reached this site"
+    return s
+
+
+def static_stats_constants(
+    stats: CalibrationStats, variant: str = "center-scale", ratio: float | None = None
+) -> Constants:
+    """Static constants from each site's measured moments (see :func:`.methods.static.measured_affine`)."""
+
+    def constants(site: Site) -> Affine | str:
+        s = _site_stats(stats, site)
+        if isinstance(s, str):
+            return s
+        got = measured_affine(s.f.mean, s.f.var, s.x.mean, s.x.var, s.cov, variant, ratio)
+        if isinstance(got, Refusal):
+            return got.reason
+        return _shaped(s, *got)
+
+    return constants
+
+
+def _shaped(s: SiteStats, scale: np.ndarray, shift: np.ndarray, slope: np.ndarray) -> Affine:
+    """Per-site floats, or per-channel arrays shaped to broadcast against the pre-activation."""
+    if s.channel_axis is None:
+        return Affine(float(scale[0]), float(shift[0]), float(slope[0]))
+    shape = [scale.size if d == -1 else d for d in s.channel_shape]
+    return Affine(scale.reshape(shape), shift.reshape(shape), slope.reshape(shape))
+
+
+def stats_constants(
+    stats: CalibrationStats,
+    method: str = "anact",
+    *,
+    lambda_rule: str | None = None,
+    centered_rho: bool | None = None,
+    aggregate: str | None = None,
+    variant: str | None = None,
+    q: float = 1.0,
+    ratio: float | None = None,
+) -> tuple[Constants, dict[str, Any]]:
+    """Constants and provenance for ``rewrite`` from statistics: ANAct, or static from each site's measured moments.
+
+    Options left as None take what the calibration run was asked for (stored in the file).
+    Statistics measured in situ describe the network as normalized by one method: using
+    them for another is refused (the constants would not hold in the written model).
+    """
+    settings = stats.settings
+    if method not in METHODS:
+        raise NormactError(f"unknown method {method!r}; choose static or anact")
+    if settings.get("in_situ"):
+        measured = settings.get("method", "anact")
+        if method != measured:
+            raise NormactError(
+                f"these statistics were measured in situ with {measured} sites upstream; {method} constants from "
+                f"them would not hold in the written model: run normact-onnx calibrate --method {method}"
+            )
+        if method == "static" and variant is not None and variant != settings.get("variant", "center-scale"):
+            raise NormactError(
+                f"these statistics were measured in situ with --variant {settings.get('variant')}; for {variant} "
+                f"run normact-onnx calibrate --method static --variant {variant}"
+            )
+    if method == "static":
+        variant = variant or settings.get("variant", "center-scale")
+        ratio = ratio if ratio is not None else settings.get("ratio")
+        info = {"method": "static", "variant": variant, "q": "measured", "in_situ": bool(settings.get("in_situ"))}
+        if variant == "ratio":
+            info["ratio"] = ratio
+        return static_stats_constants(stats, variant, ratio), info
+    rule = lambda_rule or settings.get("lambda_rule", "anact")
+    centered = bool(settings.get("centered_rho", False)) if centered_rho is None else centered_rho
+    agg = aggregate or settings.get("aggregate", "ema")
+    if agg == "ema" and stats.merged_from > 1:
+        agg = "mean"  # merged files carry no EMA state (it depends on batch order)
+    info = {
+        "method": "anact",
+        "lambda_rule": rule,
+        "centered_rho": centered,
+        "aggregate": agg,
+        "per_channel": stats.per_channel,
+        "batches": stats.batches,
+        "in_situ": bool(settings.get("in_situ")),
+    }
+    return anact_constants(stats, rule, centered, agg), info
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """How a method's constants are chosen: the options ``rewrite`` and ``calibrate`` take, CLI and API alike.
+
+    ``method``: ``"static"`` (Gaussian constants at the design variance ``q``; with statistics, at each site's
+    measured moments) or ``"anact"`` (λ and μ from statistics). ``variant``/``ratio``: the static variant.
+    ``lambda_rule``, ``centered_rho``, ``aggregate``: ANAct's factor options. With statistics, an option left
+    as None takes what the calibration run was asked for (recorded in the statistics).
+    """
+
+    method: str = "static"
+    variant: str | None = None
+    q: float = 1.0
+    ratio: float | None = None
+    lambda_rule: str | None = None
+    centered_rho: bool | None = None
+    aggregate: str | None = None
+
+
+def method_constants(options: MethodOptions, stats: CalibrationStats | None = None) -> tuple[Constants, dict[str, Any]]:
+    """The one door to a method's per-site constants: (constants, provenance stamped into the model).
+
+    Without ``stats`` only ``static`` applies (the design variance ``q``); with them, ``static`` uses each
+    site's measured moments and ``anact`` its λ and μ (:func:`stats_constants`).
+    """
+    o = options
+    if o.method not in METHODS:
+        raise NormactError(f"unknown method {o.method!r}; choose static or anact")
+    if stats is None:
+        if o.method != "static":
+            raise NormactError(
+                f"method {o.method!r} needs calibration statistics (stats=…; see normact-onnx calibrate)"
+            )
+        variant = o.variant or "center-scale"
+        info: dict[str, Any] = {"method": "static", "variant": variant, "q": o.q}
+        if o.ratio is not None:
+            info["ratio"] = o.ratio
+        return static_constants(o.q, variant, o.ratio), info
+    constants, info = stats_constants(
+        stats,
+        o.method,
+        lambda_rule=o.lambda_rule,
+        centered_rho=o.centered_rho,
+        aggregate=o.aggregate,
+        variant=o.variant,
+        q=o.q,
+        ratio=o.ratio,
+    )
+    return constants, {**info, "stats": stats.origin} if stats.origin else info
