@@ -391,9 +391,9 @@ def find_in_container(
 
     for node in node_list:  # ONNX Runtime's fused ops: the activation inside, when the catalogue reads it
         split = FUSED.get((node.domain, node.op_type)) if id(node) not in claimed and node.output else None
-        site = _fused_site(c, node, split, base_dir, misses) if split is not None else None
-        if site is not None:
-            sites.append(site)
+        fused = _fused_site(c, node, split, base_dir, misses) if split is not None else None
+        if fused is not None:
+            sites.append(fused)
             claimed.add(id(node))
 
     for node in node_list:
