@@ -22,6 +22,7 @@ import onnx
 from .catalogue import known_kinds, resolve
 from .errors import NormactError
 from .graph import default_opset
+from .interop import same_type
 from .io import (
     ModelLike,
     atomic_path,
@@ -218,6 +219,7 @@ def static_constants(
     return constants
 
 
+@same_type("model")
 def rewrite(
     model: ModelLike,
     output: str | os.PathLike | None = None,

@@ -28,6 +28,7 @@ import onnx
 
 from .api import check_input, save_verified
 from .errors import NormactError
+from .interop import same_type
 from .io import (
     ModelLike,
     check_output_path,
@@ -75,6 +76,7 @@ class FoldResult:
         }
 
 
+@same_type("model")
 def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,
