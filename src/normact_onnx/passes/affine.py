@@ -51,8 +51,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import Refusal
 from ..graph import Container, attr_value, const_value, renamable_in_subgraphs
+from ..outcome import Refusal
 
 Plan = Callable[[], None]  # applies the decided edits to the container, in place
 Padding = Literal["pad", "keep-shift", "refuse", "free"]

@@ -35,8 +35,8 @@ import onnx
 from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
-from ..errors import Refusal
 from ..graph import Container, const_value, containers, remove_unused, unique_namer, upstream
+from ..outcome import Refusal
 from ..types import infer_value_types
 from .affine import FREE, Padding, Plan, padding_of, plan_absorb, plan_produce
 from .find import META_SITES, Site, find_in_container, recorded_sites

@@ -19,9 +19,9 @@ from onnx import helper
 from .. import __version__
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..catalogue.fused import FUSED
-from ..errors import Refusal
 from ..graph import default_opset, remove_unused, unique_namer
 from ..methods.static import Affine
+from ..outcome import Refusal
 from ..types import infer_value_types
 from .affine import Restore, plan_absorb
 from .find import META_SITES, Site, recorded_sites
