@@ -405,9 +405,7 @@ def _plan_through_add(
     return _sequence([back, fwd])
 
 
-def _plan_producer(
-    c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights
-) -> Plan | Refusal:
+def _plan_producer(c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | Refusal:
     """Make the layer writing ``tensor`` write ``a·tensor + off`` (output channels scaled, bias a·b + off)."""
     node = c.producer.get(tensor)
     if node is None or node.domain not in ("", "ai.onnx"):
