@@ -29,6 +29,7 @@ from .calibration.stats import CalibrationStats, check_stats_model
 from .comparison import measure_sites
 from .errors import NormactError
 from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
+from .interop import same_type
 from .io import (
     ModelLike,
     atomic_path,
@@ -100,6 +101,7 @@ class RewriteResult:
         return "\n".join(lines)
 
 
+@same_type("model")
 def rewrite(
     model: ModelLike,
     output: str | os.PathLike | None = None,

@@ -28,6 +28,7 @@ import onnx
 
 from .comparison import LoadedModel, model_batches
 from .errors import NormactError
+from .interop import same_type
 from .io import (
     ModelLike,
     check_output_path,
@@ -146,6 +147,7 @@ def fold(
 ) -> onnx.ModelProto | FoldResult: ...
 
 
+@same_type("model")
 def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -31,11 +31,16 @@ from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .errors import NormactError
+from .interop import is_foreign, to_proto
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 TWO_GB = 2**31
 EXTERNAL_THRESHOLD = 1024  # bytes: computed initializers this big go to external data (onnx.save's default)
 ALIGNMENT = 4096  # offsets in the data file: page-aligned, so ONNX Runtime can map the weights
-ModelLike = str | os.PathLike | onnx.ModelProto
+# what the public API takes as a model (an onnx-graphsurgeon Graph too: untyped, so not named here)
+ModelLike = Union[str, os.PathLike, onnx.ModelProto, "onnx_ir.Model"]
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -56,9 +61,19 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def load_model_like(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
-    """A ``ModelProto`` as given (no path), or the file parsed by :func:`load_model` with its path."""
+    """A ``ModelProto`` as given (no path), or the file parsed by :func:`load_model` with its path.
+
+    An ``onnx_ir.Model`` or onnx-graphsurgeon ``Graph`` becomes a new ``ModelProto`` (:mod:`.interop`).
+    """
     if isinstance(model, onnx.ModelProto):
         return model, None
+    if is_foreign(model):
+        return to_proto(model), None
+    if not isinstance(model, (str, os.PathLike)):
+        raise NormactError(
+            f"not a model: {type(model).__name__} (give a path, an onnx.ModelProto, an onnx_ir.Model "
+            "or an onnx-graphsurgeon Graph)"
+        )
     path = Path(model)
     return load_model(path), path
 
@@ -74,10 +89,33 @@ def refuse_overwrite(output: str | os.PathLike | None, path: Path | None, in_pla
         raise NormactError(f"refusing to overwrite the input {path}; pass --in-place to do that")
 
 
-def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors
+def _graph_tensors(g: onnx.GraphProto | onnx.FunctionProto, attributes: bool) -> Iterator[TensorProto]:
+    """A graph's initializers (``attributes``: and node attribute tensors), its subgraphs' included."""
+    if isinstance(g, onnx.GraphProto):
+        yield from g.initializer
+    for node in g.node:
+        for a in node.attribute:
+            if attributes:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(a.g, attributes)
+            for sub in a.graphs:
+                yield from _graph_tensors(sub, attributes)
 
-    for t in _get_all_tensors(model):
+
+def model_tensors(model: onnx.ModelProto, attributes: bool = True) -> Iterator[TensorProto]:
+    """Every tensor a model stores: initializers of every graph and, with ``attributes``, the tensors
+    of node attributes (``Constant`` values), model-local functions' included."""
+    yield from _graph_tensors(model.graph, attributes)
+    if attributes:
+        for f in model.functions:
+            yield from _graph_tensors(f, attributes)
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    for t in model_tensors(model):
         if uses_external_data(t):
             yield t
 
@@ -349,11 +387,10 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
     None when there was nothing to move.
     """
     from onnx import numpy_helper
-    from onnx.external_data_helper import _get_initializer_tensors
 
     inline = [
         t
-        for t in _get_initializer_tensors(model)
+        for t in model_tensors(model, attributes=False)
         if not uses_external_data(t) and t.data_type != TensorProto.STRING and _nbytes(t) >= threshold
     ]
     if not inline:

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import NormactError
-from .graph import const_value, containers
+from .graph import const_value, containers, upstream
 from .inputs import model_inputs
 from .io import clamp_ir
 from .ort import make_session
@@ -124,20 +124,7 @@ def check_sites(
 
 def _chain(c: Any, x: str, root: onnx.NodeProto, order: dict[int, int]) -> list[onnx.NodeProto]:
     """The nodes between ``x`` and ``root`` (inclusive), in ``order`` (node positions): the rewritten site."""
-    wanted: list[onnx.NodeProto] = []
-    stack = [root]
-    seen: set[int] = set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        wanted.append(n)
-        for i in n.input:
-            p = c.producer.get(i)
-            if i and i != x and p is not None:
-                stack.append(p)
-    return sorted(wanted, key=lambda n: order[id(n)])
+    return sorted(upstream(c, root, x)[0], key=lambda n: order[id(n)])
 
 
 NOISE_FACTOR = 10.0  # outputs may differ by this multiple of the model's own float noise

@@ -35,26 +35,36 @@ with ``residual=True``, to carry an affine map through a residual ``Add``:
 (a·u' + c) + v = a·(u' + (v + c)/a) when the layer producing ``v`` feeds only
 that ``Add`` and absorbs (1/a, c/a); the ``Add``'s consumers then absorb ``a``.
 
-Edits compose: every weight is read through the pending ``Edits`` (what earlier
-plans already wrote), and new values are computed when a plan is applied, so a
-layer can absorb one site on its input side and another on its output side.
+A plan is decided first (every check, nothing changed; or a :class:`Refusal`) and
+edits its container in place when called (:class:`~normact_onnx.graph.Container`'s
+edit methods). Plans compose: a plan reads weights when it runs, so it sees what
+earlier plans wrote, and a layer can absorb one site on its input side and another
+on its output side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import Container, attr_value, const_value, constant_node_value
-from .edits import Edits
+from ..graph import Container, attr_value, const_value, renamable_in_subgraphs
+from ..outcome import Refusal
 
-Plan = Callable[[Edits], None]
-PADDING = ("pad", "keep-shift", "refuse")
-FREE = "free"  # plan_absorb's padding for "insert no op at all": refuse padded Convs and a MatMul without its Add
+Plan = Callable[[], None]  # applies the decided edits to the container, in place
+Padding = Literal["pad", "keep-shift", "refuse", "free"]
+PADDING: tuple[Padding, ...] = ("pad", "keep-shift", "refuse")
+FREE: Padding = "free"  # plan_absorb's "insert no op at all": refuse padded Convs and a MatMul without its Add
+
+
+def padding_of(text: str) -> Padding:
+    """``text`` as a user-facing padding strategy (one of :data:`PADDING`), or ValueError."""
+    if text not in PADDING:
+        raise ValueError(f"padding must be one of {PADDING}")
+    return text
 
 
 def _vector(v: Any) -> np.ndarray:
@@ -63,83 +73,42 @@ def _vector(v: Any) -> np.ndarray:
 
 
 class _Weights:
-    """Reads a layer's constant input (seeing pending edits) and writes its replacement (copied when shared)."""
+    """Reads a layer's constant input and writes its replacement (a copy when others read it too)."""
 
-    def __init__(
-        self, c: Container, base_dir: str | None, fresh: Callable[[str], str], edits: Edits | None = None
-    ) -> None:
-        self.c, self.base_dir, self.fresh, self.edits = c, base_dir, fresh, edits
+    def __init__(self, c: Container, base_dir: str | None, fresh: Callable[[str], str]) -> None:
+        self.c, self.base_dir, self.fresh = c, base_dir, fresh
 
-    def read(self, name: str, edits: Edits | None = None) -> np.ndarray | None:
+    def read(self, name: str) -> np.ndarray | None:
         if not name:
             return None
-        pending = _pending(edits or self.edits, name)
-        if pending is not None:
-            return pending
         return const_value(self.c, name, self.base_dir, limit=None)
 
-    def write(self, edits: Edits, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray) -> None:
+    def value(self, node: onnx.NodeProto, index: int) -> np.ndarray:
+        """A constant input the plan checked when it was made (so it is there when the plan runs)."""
+        v = self.read(node.input[index])
+        if v is None:
+            raise AssertionError(f"input {index} of {node.op_type} {node.name!r} stopped being a constant")
+        return v
+
+    def optional(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        """An optional constant input (a bias): None when the node has none."""
+        return self.value(node, index) if len(node.input) > index and node.input[index] else None
+
+    def write(self, node: onnx.NodeProto, index: int, value: np.ndarray, like: np.ndarray | None) -> None:
         value = value.astype(like.dtype if like is not None else np.float32, copy=False)
+        c = self.c
         old = node.input[index] if index < len(node.input) else ""
-        if old and old not in self.c.initializers and old not in self.c.producer:  # a constant an earlier plan made
-            if old in edits.initializers:
-                edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
-                return
-            made = _pending_node(edits, old)
-            if made is not None:
-                made.CopyFrom(_constant_node(made.name, old, value))
-                return
-        producer = self.c.producer.get(old)
-        users = self.c.consumers.get(old, [])
+        producer = c.producer.get(old)
+        users = c.consumers.get(old, [])
         # an initializer listed as a graph input is a default below IR 4 (the convention then), an override above
-        overridable = old in self.c.inputs and not (self.c.ir_version < 4 and old in self.c.initializers)
-        exclusive = old and len(users) == 1 and old not in self.c.outputs and not overridable
-        if exclusive and old in self.c.initializers:
-            edits.initializers[old] = onnx.numpy_helper.from_array(value, old)
-            return
-        if exclusive and producer is not None and producer.op_type == "Constant":
-            made = _pending_node(edits, old)
-            if made is not None:
-                made.CopyFrom(_constant_node(producer.name, old, value))
-            else:
-                edits.replace[id(producer)] = [_constant_node(producer.name, old, value)]
+        overridable = old in c.inputs and not (c.ir_version < 4 and old in c.initializers)
+        exclusive = old and len(users) == 1 and old not in c.outputs and not overridable
+        if exclusive and (old in c.initializers or (producer is not None and producer.op_type == "Constant")):
+            c.set_constant(old, value)
             return
         new = self.fresh(f"{old or node.name or node.op_type}_normact")
-        edits.add_constant(new, value, node)
-        _set_input(edits, node, index, new)
-
-
-def _constant_node(name: str, output: str, value: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [output], name=name, value=onnx.numpy_helper.from_array(value, output))
-
-
-def _pending_node(edits: Edits | None, name: str) -> onnx.NodeProto | None:
-    """The ``Constant`` node an earlier plan wrote for ``name`` (function bodies), if any."""
-    if edits is None:
-        return None
-    for group in (*edits.before.values(), *edits.replace.values(), *edits.after.values()):
-        for n in group:
-            if n.op_type == "Constant" and name in n.output:
-                return n
-    return None
-
-
-def _pending(edits: Edits | None, name: str) -> np.ndarray | None:
-    """The value an earlier plan already wrote for ``name`` (not yet committed), if any."""
-    if edits is None:
-        return None
-    if name in edits.initializers:
-        return onnx.numpy_helper.to_array(edits.initializers[name])
-    made = _pending_node(edits, name)
-    return constant_node_value(made) if made is not None else None
-
-
-def _set_input(edits: Edits, node: onnx.NodeProto, index: int, name: str) -> None:
-    """Point ``node``'s input at ``name``, and its pending copy (an earlier plan's replacement) too."""
-    for n in (node, *(r for r in edits.replace.get(id(node), ()) if r is not node and r.op_type == node.op_type)):
-        while len(n.input) <= index:
-            n.input.append("")
-        n.input[index] = name
+        c.add_constant(new, value, node)
+        c.set_input(node, index, new)
 
 
 ABSORB_BLOCK = 1 << 22  # float64 elements per block of _absorb_matmul_like (32 MB)
@@ -156,37 +125,32 @@ class Restore:
         self.types, self.fresh = types, fresh
         self.made: dict[tuple[int, str], str] = {}
 
-    def plan(self, c: Container, tensor: str, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray) -> Plan | str:
+    def plan(self, c: Container, tensor: str, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray) -> Plan | Refusal:
         label = f"{node.op_type} '{node.name or node.output[0]}'"
-        if tensor not in node.input and not _renamable_in_subgraphs(node, tensor):
-            return f"consumer {label} reads the value inside a subgraph that also defines that name"
+        if tensor not in node.input and not renamable_in_subgraphs(node, tensor):
+            return Refusal(f"consumer {label} reads the value inside a subgraph that also defines that name")
         producer = c.producer.get(tensor)
         if producer is None:
-            return f"the value read by {label} is not computed in this graph"
+            return Refusal(f"the value read by {label} is not computed in this graph")
         elem = self.types.elem_type(tensor)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
         if dtype.kind != "f":
-            return f"the value read by {label} is not a float tensor"
+            return Refusal(f"the value read by {label} is not a float tensor")
         shape = self.types.shape.get(tensor)
         if (a.ndim or off.ndim) and (shape is None or len(shape) < 2):
-            return f"per-channel constants need the rank of the value read by {label}"
+            return Refusal(f"per-channel constants need the rank of the value read by {label}")
         key = (id(c), tensor)
 
-        def apply(edits: Edits) -> None:
+        def apply() -> None:
             name = self.made.get(key)
             if name is None:
-                name = self.made[key] = self._write(edits, c, tensor, producer, a, off, dtype, shape)
-            for n in (node, *edits.replace.get(id(node), ())):
-                for i, v in enumerate(n.input):
-                    if v == tensor:
-                        n.input[i] = name
-                _rename_in_subgraphs(n, tensor, name)
+                name = self.made[key] = self._write(c, tensor, producer, a, off, dtype, shape)
+            c.rename_input(node, tensor, name)
 
         return apply
 
     def _write(
         self,
-        edits: Edits,
         c: Container,
         tensor: str,
         producer: onnx.NodeProto,
@@ -196,50 +160,23 @@ class Restore:
         shape: list | None,
     ) -> str:
         def laid_out(v: np.ndarray) -> np.ndarray:
-            return v.reshape((-1,) + (1,) * (len(shape) - 2)) if v.ndim else v
+            return v.reshape((-1,) + (1,) * (len(shape) - 2)) if v.ndim and shape is not None else v
 
         value = tensor
-        after = edits.after.setdefault(id(producer), [])
+        after: list[onnx.NodeProto] = []
         for op, v, skip in (("Mul", a, 1.0), ("Add", off, 0.0)):
             if np.all(v == skip):
                 continue
             k = self.fresh(f"{tensor}_normact_restore_{op.lower()}")
-            edits.add_constant(k, laid_out(v).astype(dtype), producer)
+            c.add_constant(k, laid_out(v).astype(dtype), producer)
             out = self.fresh(f"{tensor}_normact_restored")
             after.append(helper.make_node(op, [value, k], [out], name=self.fresh(f"{tensor}_normact_restore_{op}")))
             value = out
         if value == tensor:  # a = 1, c = 0: an Identity keeps the bookkeeping simple
             value = self.fresh(f"{tensor}_normact_restored")
             after.append(helper.make_node("Identity", [tensor], [value], name=value))
+        c.insert_after(producer, after)
         return value
-
-
-def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
-        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs
-    ]
-
-
-def _renamable_in_subgraphs(node: onnx.NodeProto, name: str) -> bool:
-    """True when no subgraph of ``node`` defines ``name`` itself (so every use there is the outer value)."""
-    for g in _subgraphs_of(node):
-        local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-        if name in local or not all(_renamable_in_subgraphs(n, name) for n in g.node):
-            return False
-    return True
-
-
-def _rename_in_subgraphs(node: onnx.NodeProto, old: str, new: str) -> None:
-    """Point every use of the outer value ``old`` inside ``node``'s subgraphs at ``new``."""
-    for g in _subgraphs_of(node):
-        for n in g.node:
-            for i, v in enumerate(n.input):
-                if v == old:
-                    n.input[i] = new
-            _rename_in_subgraphs(n, old, new)
-        for o in g.output:
-            if o.name == old:  # a branch that returns the outer value itself
-                o.name = new
 
 
 def _absorb_matmul_like(w: np.ndarray, a: np.ndarray, c: np.ndarray, k_axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,23 +239,22 @@ def plan_absorb(
     off: Any,
     base_dir: str | None,
     fresh: Callable[[str], str],
-    padding: str = "refuse",
+    padding: Padding = "refuse",
     *,
-    edits: Edits | None = None,
     residual: bool = False,
     restore: Restore | None = None,
-) -> Plan | str:
+) -> Plan | Refusal:
     """A plan that makes every consumer of ``tensor`` read ``u'`` where u = a·u' + off, or why not.
 
     Pooling, reshaping and value-moving ops in between are looked through: the
-    affine map commutes with them, and the layers after them absorb it. ``edits``:
-    the pending edits the plan will be applied to (so weights earlier plans changed
-    are read as changed). ``residual``: carry the map through an ``Add`` whose
-    other operand's layer can absorb (1/a, off/a) (see the module docstring).
-    ``restore``: consumers that cannot absorb read the map written explicitly.
+    affine map commutes with them, and the layers after them absorb it. Weights
+    earlier plans changed are read as changed (they are in the graph already).
+    ``residual``: carry the map through an ``Add`` whose other operand's layer can
+    absorb (1/a, off/a) (see the module docstring). ``restore``: consumers that
+    cannot absorb read the map written explicitly.
     """
     a, off = _vector(a), _vector(off)
-    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh, edits), fresh, padding, residual, restore)
+    return _plan_tensor(c, tensor, a, off, _Weights(c, base_dir, fresh), fresh, padding, residual, restore)
 
 
 def plan_produce(
@@ -328,9 +264,7 @@ def plan_produce(
     off: Any,
     base_dir: str | None,
     fresh: Callable[[str], str],
-    *,
-    edits: Edits | None = None,
-) -> Plan | str:
+) -> Plan | Refusal:
     """A plan that makes the layer computing ``tensor`` compute ``a·tensor + off`` instead, or why not.
 
     The caller makes sure nothing else reads ``tensor`` (every reader sees the new value).
@@ -338,7 +272,7 @@ def plan_produce(
     and a bias ``Add`` they must be scalars.
     """
     a, off = _vector(a), _vector(off)
-    return _plan_producer(c, tensor, a, off, _Weights(c, base_dir, fresh, edits))
+    return _plan_producer(c, tensor, a, off, _Weights(c, base_dir, fresh))
 
 
 def _plan_tensor(
@@ -348,22 +282,23 @@ def _plan_tensor(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    padding: str,
+    padding: Padding,
     residual: bool = False,
     restore: Restore | None = None,
-) -> Plan | str:
+) -> Plan | Refusal:
     if tensor in c.outputs:
-        return "the value is a graph output"
+        return Refusal("the value is a graph output")
     consumers = c.consumers.get(tensor, [])
     if not consumers:
-        return "the value has no consumer"
+        return Refusal("the value has no consumer")
     plans: list[Plan] = []
     unique = list({id(n): n for n in consumers}.values())  # a node reading the value twice is one consumer
     for node in unique:
         standard = node.domain in ("", "ai.onnx")
         rule = _TRANSPARENT.get(node.op_type) if standard else None
+        plan: Plan | Refusal
         if standard and node.op_type in _SHAPE_ONLY and tensor in node.input:
-            plan: Plan | str = _nothing
+            plan = _nothing
         elif rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
             plan = _transparent_blocker(node, rule, a, off) or _plan_through(
                 c, node, a, off, weights, fresh, padding, residual, restore
@@ -378,9 +313,9 @@ def _plan_tensor(
             plan = _plan_through_add(c, node, tensor, a, off, weights, fresh, padding)
         else:
             plan = _plan_one(c, node, tensor, a, off, weights, fresh, padding)
-        if isinstance(plan, str) and restore is not None:
+        if isinstance(plan, Refusal) and restore is not None:
             plan = restore.plan(c, tensor, node, a, off)
-        if isinstance(plan, str):
+        if isinstance(plan, Refusal):
             return plan
         plans.append(plan)
 
@@ -390,14 +325,14 @@ def _plan_tensor(
 def _sequence(plans: list[Plan]) -> Plan:
     """One plan that applies ``plans`` in order."""
 
-    def apply(edits: Edits) -> None:
+    def apply() -> None:
         for p in plans:
-            p(edits)
+            p()
 
     return apply
 
 
-def _nothing(edits: Edits) -> None:
+def _nothing() -> None:
     """A consumer that reads only the value's shape: nothing to change."""
 
 
@@ -408,21 +343,21 @@ def _plan_through(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    padding: str,
+    padding: Padding,
     residual: bool,
     restore: Restore | None,
-) -> Plan | str:
+) -> Plan | Refusal:
     """The map passes through ``node`` (it commutes with it): its outputs' consumers take it."""
     outputs = [o for o in node.output if o] if node.op_type == "Split" else node.output[:1]
     for extra in node.output[len(outputs) :] if node.op_type != "Split" else ():
         if extra and (c.consumers.get(extra) or extra in c.outputs):
-            return f"consumer {node.op_type} '{node.name}' has a second output in use"
+            return Refusal(f"consumer {node.op_type} '{node.name}' has a second output in use")
     plans = []
     for o in outputs:
         if not c.consumers.get(o) and o not in c.outputs:
             continue
         plan = _plan_tensor(c, o, a, off, weights, fresh, padding, residual, restore)
-        if isinstance(plan, str):
+        if isinstance(plan, Refusal):
             return plan
         plans.append(plan)
 
@@ -437,144 +372,150 @@ def _plan_through_add(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    padding: str,
-) -> Plan | str:
+    padding: Padding,
+) -> Plan | Refusal:
     """(a·u' + off) + v = a·(u' + v') with v' = (v + off)/a: v's layer (or constant) takes (1/a, off/a)."""
     label = f"consumer Add '{node.name or node.output[0]}'"
     idx = 1 if node.input[0] == tensor else 0
     other = node.input[idx]
     if np.any(a == 0):
-        return f"{label}: the scale has a zero"
+        return Refusal(f"{label}: the scale has a zero")
     k = weights.read(other)
+    back: Plan | Refusal
     if k is not None:
         if a.ndim or off.ndim:
-            return f"{label} adds a constant, and per-channel constants do not line up with it"
+            return Refusal(f"{label} adds a constant, and per-channel constants do not line up with it")
 
-        def constant(edits: Edits) -> None:
-            v = weights.read(node.input[idx], edits)
-            weights.write(edits, node, idx, (v.astype(np.float64) + off) / a, v)
+        def constant() -> None:
+            v = weights.value(node, idx)
+            weights.write(node, idx, (v.astype(np.float64) + off) / a, v)
 
-        back: Plan | str = constant
+        back = constant
     elif other in c.outputs or len(c.consumers.get(other, [])) != 1:
-        back = "its other operand is also used elsewhere"
+        back = Refusal("its other operand is also used elsewhere")
     else:
         back = _plan_producer(c, other, 1.0 / a, off / a, weights)
-    if isinstance(back, str):
-        return f"{label} is not linear in this value, and the other branch cannot absorb 1/scale: {back}"
+    if isinstance(back, Refusal):
+        return Refusal(
+            f"{label} is not linear in this value, and the other branch cannot absorb 1/scale: {back.reason}"
+        )
     fwd = _plan_tensor(c, node.output[0], a, np.zeros(()), weights, fresh, padding, True)
-    if isinstance(fwd, str):
-        return f"after {label}: {fwd}"
-
-    def apply(edits: Edits) -> None:
-        back(edits)
-        fwd(edits)
-
-    return apply
+    if isinstance(fwd, Refusal):
+        return Refusal(f"after {label}: {fwd.reason}")
+    return _sequence([back, fwd])
 
 
-def _plan_producer(c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | str:
+def _plan_producer(c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | Refusal:
     """Make the layer writing ``tensor`` write ``a·tensor + off`` (output channels scaled, bias a·b + off)."""
     node = c.producer.get(tensor)
     if node is None or node.domain not in ("", "ai.onnx"):
-        return "it is not computed by a standard layer of this graph"
+        return Refusal("it is not computed by a standard layer of this graph")
     label = f"producer {node.op_type} '{node.name or tensor}'"
     if node.op_type not in ("Conv", "Gemm", "MatMul", "Add") or node.output[0] != tensor:
-        return f"{label} is not a Conv, Gemm, MatMul or bias Add"
+        return Refusal(f"{label} is not a Conv, Gemm, MatMul or bias Add")
+    if node.op_type == "Add":  # a bias added to a layer's output, a·(v + k) + off = (a·v) + (a·k + off)
+        return _plan_bias_add(c, node, label, a, off, weights)
     per_channel = bool(a.ndim or off.ndim)
     has_off = bool(np.any(off != 0))
-    if node.op_type != "Add":
-        if len(node.input) < 2 or node.input[0] == node.input[1]:
-            return f"{label} has no constant weight"
-        w = weights.read(node.input[1])
-        if w is None:
-            return f"{label} has no constant weight"
+    if len(node.input) < 2 or node.input[0] == node.input[1]:
+        return Refusal(f"{label} has no constant weight")
+    w = weights.read(node.input[1])
+    if w is None:
+        return Refusal(f"{label} has no constant weight")
     if node.op_type == "Conv":
         if w.ndim < 3:
-            return f"{label}: unexpected weight rank"
+            return Refusal(f"{label}: unexpected weight rank")
         o = w.shape[0]
         if any(v.ndim and v.shape[0] != o for v in (a, off)):
-            return f"{label}: constants do not match its output channels"
+            return Refusal(f"{label}: constants do not match its output channels")
         if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None:
-            return f"{label}: its bias is not a constant"
+            return Refusal(f"{label}: its bias is not a constant")
 
-        def conv(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
+        def conv() -> None:
+            w = weights.value(node, 1)
             expand = (slice(None),) + (None,) * (w.ndim - 1)
-            weights.write(edits, node, 1, w.astype(np.float64) * np.broadcast_to(a, (o,))[expand], w)
-            b = weights.read(node.input[2], edits) if len(node.input) > 2 else None
+            weights.write(node, 1, w.astype(np.float64) * np.broadcast_to(a, (o,))[expand], w)
+            b = weights.optional(node, 2)
             if b is not None or has_off:
                 base = b.astype(np.float64) if b is not None else np.zeros(o)
-                weights.write(edits, node, 2, a * base + off, b if b is not None else w)
+                weights.write(node, 2, a * base + off, b if b is not None else w)
 
         return conv
     if per_channel and node.op_type != "Gemm":
-        return f"{label}: per-channel constants only fold into a Conv's or Gemm's output"
+        return Refusal(f"{label}: per-channel constants only fold into a Conv's or Gemm's output")
     if node.op_type == "Gemm":
         if w.ndim != 2:
-            return f"{label}: weight is not a 2-D matrix"
+            return Refusal(f"{label}: weight is not a 2-D matrix")
         n_axis = 0 if attr_value(node, "transB", 0) else 1
         beta = float(attr_value(node, "beta", 1.0))
         if any(v.ndim and v.shape[0] != w.shape[n_axis] for v in (a, off)):
-            return f"{label}: constants do not match its output features"
+            return Refusal(f"{label}: constants do not match its output features")
         if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None:
-            return f"{label}: its bias is not a constant"
+            return Refusal(f"{label}: its bias is not a constant")
         if has_off and beta == 0:
-            return f"{label} has beta = 0 (no bias to take the shift)"
+            return Refusal(f"{label} has beta = 0 (no bias to take the shift)")
 
-        def gemm(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
+        def gemm() -> None:
+            w = weights.value(node, 1)
             shape = [1, 1]
             shape[n_axis] = -1
-            weights.write(edits, node, 1, w.astype(np.float64) * (a.reshape(shape) if a.ndim else a), w)
-            cv = weights.read(node.input[2], edits) if len(node.input) > 2 else None
+            weights.write(node, 1, w.astype(np.float64) * (a.reshape(shape) if a.ndim else a), w)
+            cv = weights.optional(node, 2)
             if cv is not None or has_off:
                 base = cv.astype(np.float64) if cv is not None else np.zeros(())
-                weights.write(edits, node, 2, a * base + off / beta, cv if cv is not None else w)
+                weights.write(node, 2, a * base + off / beta, cv if cv is not None else w)
 
         return gemm
-    if node.op_type == "MatMul":
-        if w.ndim != 2:
-            return f"{label}: weight is not a 2-D matrix"
-        if has_off:
-            return f"{label} has no bias to take the shift"
+    # MatMul
+    if w.ndim != 2:
+        return Refusal(f"{label}: weight is not a 2-D matrix")
+    if has_off:
+        return Refusal(f"{label} has no bias to take the shift")
 
-        def matmul(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
-            weights.write(edits, node, 1, w.astype(np.float64) * a, w)
+    def matmul() -> None:
+        w = weights.value(node, 1)
+        weights.write(node, 1, w.astype(np.float64) * a, w)
 
-        return matmul
-    # Add: a bias added to a layer's output, a·(v + k) + off = (a·v) + (a·k + off)
+    return matmul
+
+
+def _plan_bias_add(
+    c: Container, node: onnx.NodeProto, label: str, a: np.ndarray, off: np.ndarray, weights: _Weights
+) -> Plan | Refusal:
+    """A bias ``Add`` after a layer: the layer takes ``a``, the bias becomes a·k + off."""
+    if a.ndim or off.ndim:
+        return Refusal(f"{label}: per-channel constants only fold into a Conv's or Gemm's output")
     if len(node.input) != 2:
-        return f"{label} is not a bias Add"
+        return Refusal(f"{label} is not a bias Add")
     known = [weights.read(i) is not None for i in node.input]
     if known.count(True) != 1:
-        return f"{label} does not add a constant to a layer's output"
+        return Refusal(f"{label} does not add a constant to a layer's output")
     k_idx = known.index(True)
     inner = node.input[1 - k_idx]
     if inner in c.outputs or len(c.consumers.get(inner, [])) != 1:
-        return f"{label}: the layer output it adds to is used elsewhere"
+        return Refusal(f"{label}: the layer output it adds to is used elsewhere")
     sub = _plan_producer(c, inner, a, np.zeros(()), weights)
-    if isinstance(sub, str):
+    if isinstance(sub, Refusal):
         return sub
 
-    def add(edits: Edits) -> None:
-        sub(edits)
-        k = weights.read(node.input[k_idx], edits)
-        weights.write(edits, node, k_idx, a * k.astype(np.float64) + off, k)
+    def add() -> None:
+        sub()
+        k = weights.value(node, k_idx)
+        weights.write(node, k_idx, a * k.astype(np.float64) + off, k)
 
     return add
 
 
-def _transparent_blocker(node: onnx.NodeProto, rule: str, a: np.ndarray, off: np.ndarray) -> str | None:
+def _transparent_blocker(node: onnx.NodeProto, rule: str, a: np.ndarray, off: np.ndarray) -> Refusal | None:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
     if rule == "positive" and np.any(a <= 0):
-        return f"a negative scale does not commute with {label}"
+        return Refusal(f"a negative scale does not commute with {label}")
     if rule == "per_tensor" and (a.ndim or off.ndim):
-        return f"per-channel constants do not pass through {label}"
+        return Refusal(f"per-channel constants do not pass through {label}")
     if rule == "pads" and any(attr_value(node, "pads", [0])) and attr_value(node, "count_include_pad", 0):
-        return f"{label} averages padded zeros (count_include_pad=1)"
+        return Refusal(f"{label} averages padded zeros (count_include_pad=1)")
     if node.op_type == "Resize" and attr_value(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
-        return f"{label} fills outside its crop with a constant"
+        return Refusal(f"{label} fills outside its crop with a constant")
     return None
 
 
@@ -586,127 +527,56 @@ def _plan_one(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    padding: str,
-) -> Plan | str:
+    padding: Padding,
+) -> Plan | Refusal:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
     linear = node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose") and node.domain in ("", "ai.onnx")
     if not linear or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
-        return f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv, ConvTranspose fold)"
+        return Refusal(
+            f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv, ConvTranspose fold)"
+        )
     w = weights.read(node.input[1])
     if w is None:
-        return f"consumer {label} has no constant weight"
-    has_shift = bool(np.any(off != 0))
+        return Refusal(f"consumer {label} has no constant weight")
     if node.op_type == "Gemm":
-        if w.ndim != 2 or (a.ndim and attr_value(node, "transA", 0)):
-            return f"consumer {label}: per-feature constants with transA are not supported"
-        k_axis = 1 if attr_value(node, "transB", 0) else 0
-        if a.ndim and a.shape[0] != w.shape[k_axis]:
-            return f"consumer {label}: constants do not match the weight's input dimension"
-        alpha, beta = float(attr_value(node, "alpha", 1.0)), float(attr_value(node, "beta", 1.0))
-        has_c = len(node.input) > 2 and bool(node.input[2])
-        if has_shift and ((has_c and weights.read(node.input[2]) is None) or beta == 0):
-            return f"consumer {label}: its bias is not a constant"
-
-        def gemm(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
-            new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
-            like = np.empty(0, w.dtype)
-            del w  # a big weight is not held while its replacement is serialized
-            weights.write(edits, node, 1, new_w, like)
-            if has_shift:
-                c_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
-                base = c_val.astype(np.float64) if c_val is not None else 0.0
-                weights.write(edits, node, 2, base + alpha * bias / beta, c_val if c_val is not None else like)
-
-        return gemm
+        return _plan_gemm(node, label, w, a, off, weights)
     if node.op_type == "MatMul":
-        if w.ndim != 2:
-            return f"consumer {label}: weight is not a 2-D matrix"
-        if a.ndim and a.shape[0] != w.shape[0]:
-            return f"consumer {label}: constants do not match the weight's input dimension"
-        out = node.output[0]
-        users = c.consumers.get(out, [])
-        add = users[0] if len(users) == 1 and users[0].op_type == "Add" and out not in c.outputs else None
-        add_idx = (1 if add.input[0] == out else 0) if add is not None else None
-        if padding == FREE and has_shift:
-            k = weights.read(add.input[add_idx]) if add is not None else None
-            if k is None or np.broadcast_shapes(k.shape, (w.shape[1],)) != k.shape:
-                return f"consumer {label} has no bias Add to take the shift (one would be inserted)"
-
-        def matmul(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
-            new_w, bias = _absorb_matmul_like(w, a, off, 0)
-            like = np.empty(0, w.dtype)
-            del w  # a big weight is not held while its replacement is serialized
-            weights.write(edits, node, 1, new_w, like)
-            if not has_shift:
-                return
-            add_val = weights.read(add.input[add_idx], edits) if add is not None else None
-            if add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
-                weights.write(edits, add, add_idx, add_val.astype(np.float64) + bias, add_val)
-                return
-            raw = fresh(f"{out}_normact_matmul")
-            bias_name = fresh(f"{out}_normact_bias")
-            edits.replace[id(node)] = [_renamed_output(node, raw)]
-            edits.add_constant(bias_name, bias.astype(like.dtype), node)
-            edits.after.setdefault(id(node), []).append(
-                helper.make_node("Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias"))
-            )
-
-        return matmul
+        return _plan_matmul(c, node, label, w, a, off, weights, fresh, padding)
     if node.op_type == "Conv":
-        if w.ndim < 3:
-            return f"consumer {label}: unexpected weight rank"
-        group = int(attr_value(node, "group", 1))
-        out_ch, cg = w.shape[0], w.shape[1]
-        if a.ndim and a.shape[0] != cg * group:
-            return f"consumer {label}: constants do not match its input channels"
-        if off.ndim and off.shape[0] != cg * group:
-            return f"consumer {label}: constants do not match its input channels"
-        pads = list(attr_value(node, "pads", []) or [])
-        auto_pad = attr_value(node, "auto_pad", "NOTSET")
-        padded = any(pads) or auto_pad not in ("NOTSET", "VALID")
-        explicit = None  # how the padded border stays exact: "pad" or "keep-shift"
-        if padded and has_shift:
-            if padding not in PADDING[:2]:
-                return f"consumer {label} pads with zeros (the shift is not exact at the borders)"
-            if auto_pad not in ("NOTSET", "VALID"):
-                return f"consumer {label} pads with auto_pad={auto_pad} (pads not explicit)"
-            if np.any(a == 0):
-                return f"consumer {label} pads with zeros and the scale has a zero"
-            zero = np.broadcast_to(-off / a, (cg * group,))  # the u' that stands for u = 0
-            explicit = "pad" if padding == "pad" and np.all(zero == zero[0]) else "keep-shift"
-            if explicit == "keep-shift":  # u = a·(u' + off/a): the Conv absorbs a, the Add keeps the shift
-                pre_add, off = -zero, np.zeros(())
-        in_channel = (np.arange(out_ch)[:, None] // (out_ch // group)) * cg + np.arange(cg)[None, :]
-        expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
-        a_w = (np.broadcast_to(a, (cg * group,))[in_channel])[expand]
-        c_w = (np.broadcast_to(off, (cg * group,))[in_channel])[expand]
-        fold_bias = bool(np.any(off != 0))
-        if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None and fold_bias:
-            return f"consumer {label}: its bias is not a constant"
-
-        def conv(edits: Edits) -> None:
-            w = weights.read(node.input[1], edits)
-            w64 = w.astype(np.float64)
-            weights.write(edits, node, 1, w64 * a_w, w)
-            if fold_bias:
-                b_val = weights.read(node.input[2], edits) if len(node.input) > 2 else None
-                base = b_val.astype(np.float64) if b_val is not None else np.zeros(out_ch)
-                bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
-                weights.write(edits, node, 2, base + bias, b_val if b_val is not None else w)
-            if explicit == "pad":
-                _explicit_pad(edits, c, node, float(zero[0]), pads, w, fresh)
-            elif explicit == "keep-shift":
-                _explicit_shift(edits, node, pre_add, w, fresh)
-
-        return conv
-    if node.op_type == "ConvTranspose":
-        return _plan_conv_transpose(node, label, w, a, off, weights, fresh, padding)
-    raise AssertionError(node.op_type)
+        return _plan_conv(c, node, label, w, a, off, weights, fresh, padding)
+    return _plan_conv_transpose(c, node, label, w, a, off, weights, fresh, padding)
 
 
-def _plan_conv_transpose(
+def _plan_gemm(
+    node: onnx.NodeProto, label: str, w: np.ndarray, a: np.ndarray, off: np.ndarray, weights: _Weights
+) -> Plan | Refusal:
+    if w.ndim != 2 or (a.ndim and attr_value(node, "transA", 0)):
+        return Refusal(f"consumer {label}: per-feature constants with transA are not supported")
+    k_axis = 1 if attr_value(node, "transB", 0) else 0
+    if a.ndim and a.shape[0] != w.shape[k_axis]:
+        return Refusal(f"consumer {label}: constants do not match the weight's input dimension")
+    alpha, beta = float(attr_value(node, "alpha", 1.0)), float(attr_value(node, "beta", 1.0))
+    has_shift = bool(np.any(off != 0))
+    has_c = len(node.input) > 2 and bool(node.input[2])
+    if has_shift and ((has_c and weights.read(node.input[2]) is None) or beta == 0):
+        return Refusal(f"consumer {label}: its bias is not a constant")
+
+    def gemm() -> None:
+        w = weights.value(node, 1)
+        new_w, bias = _absorb_matmul_like(w, a, off, k_axis)
+        like = np.empty(0, w.dtype)
+        del w  # a big weight is not held while its replacement is serialized
+        weights.write(node, 1, new_w, like)
+        if has_shift:
+            c_val = weights.optional(node, 2)
+            base = c_val.astype(np.float64) if c_val is not None else 0.0
+            weights.write(node, 2, base + alpha * bias / beta, c_val if c_val is not None else like)
+
+    return gemm
+
+
+def _plan_matmul(
+    c: Container,
     node: onnx.NodeProto,
     label: str,
     w: np.ndarray,
@@ -714,8 +584,116 @@ def _plan_conv_transpose(
     off: np.ndarray,
     weights: _Weights,
     fresh: Callable[[str], str],
-    padding: str,
-) -> Plan | str:
+    padding: Padding,
+) -> Plan | Refusal:
+    """u'·W' (+ the bias Σ c_k·W_k into the ``Add`` after it, or a new one)."""
+    if w.ndim != 2:
+        return Refusal(f"consumer {label}: weight is not a 2-D matrix")
+    if a.ndim and a.shape[0] != w.shape[0]:
+        return Refusal(f"consumer {label}: constants do not match the weight's input dimension")
+    has_shift = bool(np.any(off != 0))
+    out = node.output[0]
+    users = c.consumers.get(out, [])
+    add = users[0] if len(users) == 1 and users[0].op_type == "Add" and out not in c.outputs else None
+    add_idx = (1 if add.input[0] == out else 0) if add is not None else 0
+    if padding == FREE and has_shift:
+        k = weights.read(add.input[add_idx]) if add is not None else None
+        if k is None or np.broadcast_shapes(k.shape, (w.shape[1],)) != k.shape:
+            return Refusal(f"consumer {label} has no bias Add to take the shift (one would be inserted)")
+
+    def matmul() -> None:
+        w = weights.value(node, 1)
+        new_w, bias = _absorb_matmul_like(w, a, off, 0)
+        like = np.empty(0, w.dtype)
+        del w  # a big weight is not held while its replacement is serialized
+        weights.write(node, 1, new_w, like)
+        if not has_shift:
+            return
+        add_val = weights.read(add.input[add_idx]) if add is not None else None
+        if add is not None and add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
+            weights.write(add, add_idx, add_val.astype(np.float64) + bias, add_val)
+            return
+        raw = fresh(f"{out}_normact_matmul")
+        bias_name = fresh(f"{out}_normact_bias")
+        c.set_output(node, 0, raw)
+        c.add_constant(bias_name, bias.astype(like.dtype), node)
+        bias_add = helper.make_node("Add", [raw, bias_name], [out], name=fresh(f"{node.name or out}_normact_bias"))
+        c.insert_after(node, [bias_add])
+
+    return matmul
+
+
+def _plan_conv(
+    c: Container,
+    node: onnx.NodeProto,
+    label: str,
+    w: np.ndarray,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: Padding,
+) -> Plan | Refusal:
+    if w.ndim < 3:
+        return Refusal(f"consumer {label}: unexpected weight rank")
+    group = int(attr_value(node, "group", 1))
+    out_ch, cg = w.shape[0], w.shape[1]
+    if a.ndim and a.shape[0] != cg * group:
+        return Refusal(f"consumer {label}: constants do not match its input channels")
+    if off.ndim and off.shape[0] != cg * group:
+        return Refusal(f"consumer {label}: constants do not match its input channels")
+    pads = list(attr_value(node, "pads", []) or [])
+    auto_pad = attr_value(node, "auto_pad", "NOTSET")
+    padded = any(pads) or auto_pad not in ("NOTSET", "VALID")
+    explicit: Literal["pad", "keep-shift"] | None = None  # how the padded border stays exact
+    pre_add = zero = np.zeros(())
+    if padded and bool(np.any(off != 0)):
+        if padding not in PADDING[:2]:
+            return Refusal(f"consumer {label} pads with zeros (the shift is not exact at the borders)")
+        if auto_pad not in ("NOTSET", "VALID"):
+            return Refusal(f"consumer {label} pads with auto_pad={auto_pad} (pads not explicit)")
+        if np.any(a == 0):
+            return Refusal(f"consumer {label} pads with zeros and the scale has a zero")
+        zero = np.broadcast_to(-off / a, (cg * group,))  # the u' that stands for u = 0
+        explicit = "pad" if padding == "pad" and np.all(zero == zero[0]) else "keep-shift"
+        if explicit == "keep-shift":  # u = a·(u' + off/a): the Conv absorbs a, the Add keeps the shift
+            pre_add, off = -zero, np.zeros(())
+    in_channel = (np.arange(out_ch)[:, None] // (out_ch // group)) * cg + np.arange(cg)[None, :]
+    expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
+    a_w = (np.broadcast_to(a, (cg * group,))[in_channel])[expand]
+    c_w = (np.broadcast_to(off, (cg * group,))[in_channel])[expand]
+    fold_bias = bool(np.any(off != 0))
+    if len(node.input) > 2 and node.input[2] and weights.read(node.input[2]) is None and fold_bias:
+        return Refusal(f"consumer {label}: its bias is not a constant")
+
+    def conv() -> None:
+        w = weights.value(node, 1)
+        w64 = w.astype(np.float64)
+        weights.write(node, 1, w64 * a_w, w)
+        if fold_bias:
+            b_val = weights.optional(node, 2)
+            base = b_val.astype(np.float64) if b_val is not None else np.zeros(out_ch)
+            bias = (w64 * c_w).reshape(out_ch, -1).sum(axis=1)
+            weights.write(node, 2, base + bias, b_val if b_val is not None else w)
+        if explicit == "pad":
+            _explicit_pad(c, node, float(zero[0]), pads, w, fresh)
+        elif explicit == "keep-shift":
+            _explicit_shift(c, node, pre_add, w, fresh)
+
+    return conv
+
+
+def _plan_conv_transpose(
+    c: Container,
+    node: onnx.NodeProto,
+    label: str,
+    w: np.ndarray,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: Padding,
+) -> Plan | Refusal:
     """Weight [C_in, C_out/group, k…]: the scale runs along axis 0. The shift cannot go into the bias.
 
     Output position p sums x over the input positions whose kernel window covers
@@ -724,43 +702,44 @@ def _plan_conv_transpose(
     like ``"keep-shift"`` for a padded Conv.
     """
     if w.ndim < 3:
-        return f"consumer {label}: unexpected weight rank"
+        return Refusal(f"consumer {label}: unexpected weight rank")
     c_in = w.shape[0]
     if any(v.ndim and v.shape[0] != c_in for v in (a, off)):
-        return f"consumer {label}: constants do not match its input channels"
+        return Refusal(f"consumer {label}: constants do not match its input channels")
     has_shift = bool(np.any(off != 0))
     if has_shift and padding not in PADDING[:2]:
-        return f"consumer {label}: a shift does not fold into a ConvTranspose (one op would be inserted)"
+        return Refusal(f"consumer {label}: a shift does not fold into a ConvTranspose (one op would be inserted)")
     if has_shift and np.any(a == 0):
-        return f"consumer {label}: the scale has a zero"
+        return Refusal(f"consumer {label}: the scale has a zero")
     shift = off / a if has_shift else None
     expand = (slice(None),) + (None,) * (w.ndim - 1)
 
-    def convt(edits: Edits) -> None:
-        w = weights.read(node.input[1], edits)
-        weights.write(edits, node, 1, w.astype(np.float64) * np.broadcast_to(a, (c_in,))[expand], w)
+    def convt() -> None:
+        w = weights.value(node, 1)
+        weights.write(node, 1, w.astype(np.float64) * np.broadcast_to(a, (c_in,))[expand], w)
         if shift is not None:
-            _explicit_shift(edits, node, shift, w, fresh, channels=c_in)
+            _explicit_shift(c, node, shift, w, fresh, channels=c_in)
 
     return convt
 
 
 def _explicit_input(
-    edits: Edits, node: onnx.NodeProto, op: str, extra: list[str], fresh: Callable[[str], str], **attrs: Any
-) -> onnx.NodeProto:
+    c: Container,
+    node: onnx.NodeProto,
+    op: str,
+    extra: list[str],
+    fresh: Callable[[str], str],
+    **attrs: Any,
+) -> None:
     """Put ``op(input0, *extra)`` in front of ``node`` and make ``node`` read its result."""
     out = fresh(f"{node.input[0]}_normact_{op.lower()}")
     pre = helper.make_node(op, [node.input[0], *extra], [out], name=fresh(f"{node.name or out}_normact_{op}"), **attrs)
-    edits.before.setdefault(id(node), []).append(pre)
-    new = onnx.NodeProto()
-    new.CopyFrom(node)  # after the weight writes, which may have renamed its inputs
-    new.input[0] = out
-    edits.replace[id(node)] = [new]
-    return new
+    c.insert_before(node, [pre])
+    c.set_input(node, 0, out)
 
 
 def _explicit_shift(
-    edits: Edits,
+    c: Container,
     node: onnx.NodeProto,
     shift: np.ndarray,
     w: np.ndarray,
@@ -776,22 +755,17 @@ def _explicit_shift(
     k = w.ndim - 2
     base = node.name or node.output[0]
     names = [fresh(f"{base}_normact_shift_w"), fresh(f"{base}_normact_shift")]
-    _explicit_input(edits, node, "Conv", names, fresh, group=channels, kernel_shape=[1] * k)
-    edits.add_constant(names[0], np.ones((channels, 1) + (1,) * k, dtype=w.dtype), node)
-    edits.add_constant(names[1], np.broadcast_to(shift, (channels,)).astype(w.dtype), node)
-    _move_last_before(edits, node)
-
-
-def _move_last_before(edits: Edits, node: onnx.NodeProto) -> None:
-    """Keep the inserted op after the constants it reads (function bodies hold them as nodes)."""
-    before = edits.before[id(node)]
-    pre = next(n for n in reversed(before) if n.op_type != "Constant")
-    before.remove(pre)
-    before.append(pre)
+    # the op's own name is taken after its constants' (as it always was), and it goes after them
+    out = fresh(f"{node.input[0]}_normact_conv")
+    op_name = fresh(f"{node.name or out}_normact_Conv")
+    c.add_constant(names[0], np.ones((channels, 1) + (1,) * k, dtype=w.dtype), node)
+    c.add_constant(names[1], np.broadcast_to(shift, (channels,)).astype(w.dtype), node)
+    pre = helper.make_node("Conv", [node.input[0], *names], [out], name=op_name, group=channels, kernel_shape=[1] * k)
+    c.insert_before(node, [pre])
+    c.set_input(node, 0, out)
 
 
 def _explicit_pad(
-    edits: Edits,
     c: Container,
     node: onnx.NodeProto,
     value: float,
@@ -803,23 +777,18 @@ def _explicit_pad(
     k = w.ndim - 2
     full = [0, 0, *pads[:k], 0, 0, *pads[k:]]
     if c.opset < 11:
-        new = _explicit_input(edits, node, "Pad", [], fresh, mode="constant", pads=full, value=value)
+        _explicit_input(c, node, "Pad", [], fresh, mode="constant", pads=full, value=value)
     else:
         names = [
             fresh(f"{node.name or node.output[0]}_normact_pads"),
             fresh(f"{node.name or node.output[0]}_normact_padv"),
         ]
-        new = _explicit_input(edits, node, "Pad", names, fresh, mode="constant")
-        edits.add_constant(names[0], np.asarray(full, dtype=np.int64), node)
-        edits.add_constant(names[1], np.asarray(value, dtype=w.dtype), node)
-        _move_last_before(edits, node)
-    kept = [a for a in new.attribute if a.name != "pads"]
-    del new.attribute[:]
-    new.attribute.extend(kept)
-
-
-def _renamed_output(node: onnx.NodeProto, name: str) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    out.output[0] = name
-    return out
+        out = fresh(f"{node.input[0]}_normact_pad")
+        op_name = fresh(f"{node.name or out}_normact_Pad")
+        c.add_constant(names[0], np.asarray(full, dtype=np.int64), node)
+        c.add_constant(names[1], np.asarray(value, dtype=w.dtype), node)
+        c.insert_before(node, [helper.make_node("Pad", [node.input[0], *names], [out], name=op_name, mode="constant")])
+        c.set_input(node, 0, out)
+    for i in reversed(range(len(node.attribute))):
+        if node.attribute[i].name == "pads":
+            del node.attribute[i]

@@ -8,7 +8,7 @@ of that site, never a site of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,10 +196,36 @@ def _skip_reason(site: Site, base_dir: str | None) -> str | None:
 # Ops that carry no weights: a value passed through them to a graph output is still an output (a head)
 _WEIGHTLESS = frozenset(
     {
-        "Reshape", "Concat", "Transpose", "Slice", "Gather", "GatherElements", "GatherND", "Softmax", "LogSoftmax",
-        "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Split", "Expand", "Tile", "Resize", "Upsample",
-        "DepthToSpace", "SpaceToDepth", "Pad", "TopK", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "Dropout",
-        "ReduceMean", "ReduceSum",
+        "Reshape",
+        "Concat",
+        "Transpose",
+        "Slice",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Softmax",
+        "LogSoftmax",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Identity",
+        "Cast",
+        "Split",
+        "Expand",
+        "Tile",
+        "Resize",
+        "Upsample",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Pad",
+        "TopK",
+        "ArgMax",
+        "ArgMin",
+        "ReduceMax",
+        "ReduceMin",
+        "Dropout",
+        "ReduceMean",
+        "ReduceSum",
     }
 )
 _ARITHMETIC = frozenset(("Add", "Sub", "Mul", "Div", "Pow"))  # weightless when the other operand is a constant
@@ -327,7 +353,10 @@ def _guard_reason(site: Site, base_dir: str | None) -> str | None:
 
 
 def find_in_container(
-    c: Container, base_dir: str | None, normalized_outputs: dict[str, dict], misses: list[dict] | None = None
+    c: Container,
+    base_dir: str | None,
+    normalized_outputs: Mapping[str, Any],  # output → its SiteRecord
+    misses: list[dict] | None = None,
 ) -> list[Site]:
     """All sites of one container, in node order."""
     claimed: set[int] = set()
@@ -379,9 +408,9 @@ def find_in_container(
 
     for node in node_list:  # ONNX Runtime's fused ops: the activation inside, when the catalogue reads it
         split = FUSED.get((node.domain, node.op_type)) if id(node) not in claimed and node.output else None
-        site = _fused_site(c, node, split, base_dir, misses) if split is not None else None
-        if site is not None:
-            sites.append(site)
+        fused = _fused_site(c, node, split, base_dir, misses) if split is not None else None
+        if fused is not None:
+            sites.append(fused)
             claimed.add(id(node))
 
     for node in node_list:
@@ -420,8 +449,8 @@ def find_in_container(
     sites.sort(key=lambda s: order[id(s.root)])
     for s in sites:
         if s.normalized is None and s.output in normalized_outputs:
-            s.normalized = normalized_outputs[s.output]
-            s.written_as += " (normalized, folded)" if s.normalized.get("folded") else " (normalized, subgraph form)"
+            record = s.normalized = normalized_outputs[s.output]
+            s.written_as += " (normalized, folded)" if record.get("folded") else " (normalized, subgraph form)"
         if s.normalized is None:
             s.skip = _skip_reason(s, base_dir)
     return sites

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
-from ..graph import Container, const_value, containers, unique_namer
+from ..graph import Container, const_value, containers, remove_unused, unique_namer, upstream
+from ..outcome import Refusal
 from ..provenance import mark_folded, read_records
 from ..valuetypes import infer_value_types
-from .affine import FREE, PADDING, plan_absorb, plan_produce
-from .edits import Edits, detached
+from .affine import FREE, Padding, Plan, padding_of, plan_absorb, plan_produce
 from .find import Site, find_in_container
 from .forms import LiteralBody
 
@@ -48,10 +48,10 @@ class FoldOutcome:
     """One normalized site: folded into its consumers, or kept (with why)."""
 
     site: Site
-    action: str  # "folded" | "kept"
+    action: Literal["folded", "kept"]
     reason: str = ""
     output: str = ""  # the normalized value the consumers read
-    into: str = ""  # folded: "producer" (backward) or "consumers" (forward)
+    into: Literal["producer", "consumers", ""] = ""  # folded: backward or forward
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
@@ -81,34 +81,24 @@ def _array(record: dict[str, Any], key: str, default: float) -> np.ndarray:
     return np.asarray(record.get(key, default), dtype=np.float64)
 
 
-def _tail(c: Container, act_output: str, y: str) -> list[onnx.NodeProto] | str:
+def _tail(c: Container, act_output: str, y: str) -> list[onnx.NodeProto] | Refusal:
     """The subgraph form's affine nodes between the plain activation's output and ``y``."""
     root = c.producer.get(y)
     if root is None:
-        return f"normalized output {y!r} is not produced in this graph"
-    nodes: list[onnx.NodeProto] = []
-    stack, seen = [root], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        nodes.append(n)
-        for i in n.input:
-            p = c.producer.get(i)
-            if i and i != act_output and i not in c.initializers:
-                if p is None:
-                    return f"the affine tail reads {i!r}, which is not a constant of the site"
-                stack.append(p)
+        return Refusal(f"normalized output {y!r} is not produced in this graph")
+    nodes, reads = upstream(c, root, act_output)
+    foreign = [i for i in reads if i not in c.initializers]
+    if foreign:
+        return Refusal(f"the affine tail reads {foreign[0]!r}, which is not a constant of the site")
     if len(nodes) > 8:
-        return "the affine tail is not the one rewrite writes"
+        return Refusal("the affine tail is not the one rewrite writes")
     ids = {id(n) for n in nodes}
     for n in nodes:
         for o in n.output:
             if o != y and (o in c.outputs or any(id(u) not in ids for u in c.consumers.get(o, ()))):
-                return f"an intermediate value of the affine tail ({o!r}) is used elsewhere"
+                return Refusal(f"an intermediate value of the affine tail ({o!r}) is used elsewhere")
     if any(id(u) not in ids for u in c.consumers.get(act_output, ())) or act_output in c.outputs:
-        return "the plain activation's output is used outside the affine tail"
+        return Refusal("the plain activation's output is used outside the affine tail")
     return nodes
 
 
@@ -128,29 +118,20 @@ def fold_sites(
     model: onnx.ModelProto, base_dir: str | None, padding: str = "pad", select: Callable[[Site], bool] | None = None
 ) -> list[FoldOutcome]:
     """Fold every (selected) normalized site whose affine part moves exactly into its consumers."""
-    if padding not in PADDING:
-        raise ValueError(f"padding must be one of {PADDING}")
+    strategy = padding_of(padding)
     sites = [s for s in normalized_sites(model, base_dir) if select is None or select(s)]
     if not sites:
         return []
     fresh = unique_namer(model)
     types = infer_value_types(model)
-    edits: dict[int, Edits] = {}
-    outcomes: list[FoldOutcome] = []
-    for s in sites:
-        o = _fold_one(s, base_dir, fresh, padding, types.elem_type(s.input), edits)
-        outcomes.append(o)
-    for e in reversed(list(edits.values())):  # subgraphs first: committing a graph copies the nodes holding them
-        e.commit()
+    outcomes = [_fold_one(s, base_dir, fresh, strategy, types.elem_type(s.input)) for s in sites]
     if any(o.action == "folded" for o in outcomes):
-        _drop_unused_functions(model)
+        remove_unused(model, domain=NORM_DOMAIN)
         mark_folded(model, {(o.site.path, o.output) for o in outcomes if o.action == "folded"})
     return outcomes
 
 
-def _fold_one(
-    s: Site, base_dir: str | None, fresh: Callable[[str], str], padding: str, elem: int, edits: dict[int, Edits]
-) -> FoldOutcome:
+def _fold_one(s: Site, base_dir: str | None, fresh: Callable[[str], str], padding: Padding, elem: int) -> FoldOutcome:
     rec = s.normalized or {}
     scale, shift, slope = _array(rec, "scale", 1.0), _array(rec, "shift", 0.0), _array(rec, "slope", 0.0)
     subgraph = s.root.domain != NORM_DOMAIN
@@ -167,40 +148,48 @@ def _fold_one(
         return outcome
     c = s.container
     tail = _tail(c, s.output, y) if subgraph else []
-    if isinstance(tail, str):
-        outcome.reason = tail
+    if isinstance(tail, Refusal):
+        outcome.reason = tail.reason
         return outcome
-    e = edits.setdefault(id(c), Edits(c))
     # 1. forward when nothing is inserted (the site stays the exporter's op, e.g. Relu that ORT fuses into Gemm);
     # 2. backward into the producing layer (free whatever the consumers are); 3. forward with one op inserted
-    plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, FREE, edits=e, residual=True)
-    if isinstance(plan, str):
-        backward = _plan_backward(s, scale, shift, y, base_dir, fresh, elem, e)
-        if backward is not None and not isinstance(backward, str):
-            plan, nodes, drop = backward
-            plan(e)
-            e.replace[id(s.root)] = nodes
-            e.delete.update(id(n) for n in (*drop, *tail))
+    plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, FREE, residual=True)
+    if isinstance(plan, Refusal):
+        backward = _plan_backward(s, scale, shift, y, base_dir, fresh, elem)
+        if isinstance(backward, _Backward):
+            backward.plan()
+            c.replace(s.root, backward.nodes)
+            c.remove([*backward.drop, *tail])
             if subgraph:
-                e.drop_value_info.update([s.output, *(o for n in (*drop, *tail) for o in n.output if o != y)])
+                c.drop_value_info({s.output, *(o for n in (*backward.drop, *tail) for o in n.output if o != y)})
             outcome.action, outcome.into = "folded", "producer"
             return outcome
-        plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, padding, edits=e, residual=True)
-        if isinstance(plan, str):
-            outcome.reason = plan if backward is None else f"{plan}; backward: {backward}"
+        plan = plan_absorb(c, y, scale, -scale * shift, base_dir, fresh, padding, residual=True)
+        if isinstance(plan, Refusal):
+            outcome.reason = plan.reason if backward is None else f"{plan.reason}; backward: {backward.reason}"
             return outcome
-    plan(e)
+    plan()
     if subgraph:  # the exporter's own op writes the normalized name again; the affine tail goes
         root = onnx.NodeProto()
         root.CopyFrom(s.root)
         root.output[0] = y
-        e.replace[id(s.root)] = [root]
-        e.delete.update(id(n) for n in tail)
-        e.drop_value_info.update([s.output, *(o for n in tail for o in n.output if o != y)])
+        c.replace(s.root, [root])
+        c.remove(tail)
+        c.drop_value_info({s.output, *(o for n in tail for o in n.output if o != y)})
     else:
-        e.replace[id(s.root)] = _plain_nodes(s, elem, y)
+        c.replace(s.root, _plain_nodes(s, elem, y))
     outcome.action, outcome.into = "folded", "consumers"
     return outcome
+
+
+@dataclass
+class _Backward:
+    """A decided backward fold: the producer's plan, the nodes replacing the site's root (writing
+    ``y``), and the site's other nodes, which go."""
+
+    plan: Plan
+    nodes: list[onnx.NodeProto]
+    drop: list[onnx.NodeProto]
 
 
 def _plan_backward(
@@ -211,12 +200,8 @@ def _plan_backward(
     base_dir: str | None,
     fresh: Callable[[str], str],
     elem: int,
-    e: Edits,
-) -> tuple[Callable[[Edits], None], list[onnx.NodeProto], list[onnx.NodeProto]] | str | None:
+) -> _Backward | Refusal | None:
     """Fold into the layer computing the site's input, or why not.
-
-    Returns the plan, the nodes that replace the site's root (writing ``y``) and
-    the site's other nodes, which go.
 
     None: the activation is neither a clip of its input nor (with shift 0) homogeneous.
     """
@@ -227,78 +212,54 @@ def _plan_backward(
     if bounds is None and not homogeneous:
         return None
     if np.any(scale <= 0):
-        return "the scale is not positive"
+        return Refusal("the scale is not positive")
     c = s.container
     ids = {id(n) for n in s.nodes}
     if s.input in c.outputs or any(id(u) not in ids for u in c.consumers.get(s.input, ())):
-        return "the layer output it reads is also used elsewhere"
+        return Refusal("the layer output it reads is also used elsewhere")
     if scale.size > 1 or shift.size > 1:  # per-channel: along a Conv's output channels (axis 1 of NCHW…)
         layer = c.producer.get(s.input)
         w = const_value(c, layer.input[1], base_dir, limit=None) if layer is not None and len(layer.input) > 1 else None
         if layer is None or layer.op_type != "Conv" or w is None or w.ndim < 3:
-            return "per-channel constants fold backward only into a Conv"
+            return Refusal("per-channel constants fold backward only into a Conv")
         spatial = (1,) * (w.ndim - 2)
         if any(
             v.size > 1 and v.shape not in ((w.shape[0], *spatial), (1, w.shape[0], *spatial)) for v in (scale, shift)
         ):
-            return "per-channel constants are not laid out along the Conv's output channels"
+            return Refusal("per-channel constants are not laid out along the Conv's output channels")
     dtype = helper.tensor_dtype_to_np_dtype(elem) if elem else np.dtype(np.float32)
-    if homogeneous:  # s·f(x) = f(s·x): the producer takes the scale, the site is plain f
-        plan = plan_produce(c, s.input, scale, 0.0, base_dir, fresh, edits=e)
-        if isinstance(plan, str):
+    if homogeneous or bounds is None:  # s·f(x) = f(s·x): the producer takes the scale, the site is plain f
+        plan = plan_produce(c, s.input, scale, 0.0, base_dir, fresh)
+        if isinstance(plan, Refusal):
             return plan
         if s.root.domain == NORM_DOMAIN:
-            return plan, _plain_nodes(s, elem, y), []
+            return _Backward(plan, _plain_nodes(s, elem, y), [])
         root = onnx.NodeProto()
         root.CopyFrom(s.root)
         root.output[0] = y
-        return plan, [root], []
-    lo, hi = (scale * (b - shift) if np.isfinite(b) else np.asarray(b, np.float64) for b in bounds)
-    if not all(np.all(v == np.ravel(v)[0]) for v in (lo, hi)):
-        return "per-channel constants give per-channel bounds (Clip takes scalars)"
-    lo, hi = float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
+        return _Backward(plan, [root], [])
+    lo_v, hi_v = (scale * (b - shift) if np.isfinite(b) else np.asarray(b, np.float64) for b in bounds)
+    if not all(np.all(v == np.ravel(v)[0]) for v in (lo_v, hi_v)):
+        return Refusal("per-channel constants give per-channel bounds (Clip takes scalars)")
+    lo, hi = float(np.ravel(lo_v)[0]), float(np.ravel(hi_v)[0])
     if c.opset < 6:
-        return f"opset {c.opset} has no Clip with these bounds"
-    plan = plan_produce(c, s.input, scale, -scale * shift, base_dir, fresh, edits=e)
-    if isinstance(plan, str):
+        return Refusal(f"opset {c.opset} has no Clip with these bounds")
+    plan = plan_produce(c, s.input, scale, -scale * shift, base_dir, fresh)
+    if isinstance(plan, Refusal):
         return plan
     name = s.root.name or None
     drop = [*s.nodes[:-1], *s.const_nodes]  # the site is one new node now
     if lo == 0.0 and hi == np.inf:
-        return plan, [helper.make_node("Relu", [s.input], [y], name=name)], drop
+        return _Backward(plan, [helper.make_node("Relu", [s.input], [y], name=name)], drop)
     if c.opset < 11:
         big = float(np.finfo(np.float32).max)
-        attrs = {"min": max(lo, -big), "max": min(hi, big)}
-        return plan, [helper.make_node("Clip", [s.input], [y], name=name, **attrs)], drop
+        clip = helper.make_node("Clip", [s.input], [y], name=name, min=max(lo, -big), max=min(hi, big))
+        return _Backward(plan, [clip], drop)
     inputs = [s.input, "", ""]
     for i, (v, tag) in enumerate(((lo, "min"), (hi, "max")), start=1):
         if np.isfinite(v):
             inputs[i] = fresh(f"{y}_normact_{tag}")
-            e.add_constant(inputs[i], np.asarray(v, dtype=dtype), s.root)
+            c.add_constant(inputs[i], np.asarray(v, dtype=dtype), s.root)
     while inputs[-1] == "":
         inputs.pop()
-    return plan, [helper.make_node("Clip", inputs, [y], name=name)], drop
-
-
-def _drop_unused_functions(model: onnx.ModelProto) -> None:
-    """Remove ``Norm<Act>`` functions nothing calls any more, and the domain import once unused."""
-    used: set[tuple[str, str]] = set()
-    for c in containers(model):
-        used.update((n.domain, n.op_type) for n in c.nodes)
-    keep = [f for f in model.functions if f.domain != NORM_DOMAIN or (f.domain, f.name) in used]
-    if len(keep) != len(model.functions):
-        keep = [detached(f) for f in keep]
-        del model.functions[:]
-        model.functions.extend(keep)
-    if not any(d == NORM_DOMAIN for d, _ in used):
-        imports = [i for i in model.opset_import if i.domain != NORM_DOMAIN]
-        if len(imports) != len(model.opset_import):
-            imports = [onnx.OperatorSetIdProto(domain=i.domain, version=i.version) for i in imports]
-            del model.opset_import[:]
-            model.opset_import.extend(imports)
-        for f in model.functions:
-            fi = [i for i in f.opset_import if i.domain != NORM_DOMAIN]
-            if len(fi) != len(f.opset_import):
-                fi = [onnx.OperatorSetIdProto(domain=i.domain, version=i.version) for i in fi]
-                del f.opset_import[:]
-                f.opset_import.extend(fi)
+    return _Backward(plan, [helper.make_node("Clip", inputs, [y], name=name)], drop)

@@ -163,7 +163,9 @@ def norm_node(
         "slope": float(affine.slope),
     }
     attrs.update({k: float(v) for k, v in act.with_defaults(params).items()})
-    return helper.make_node(act.op_name, [x], [y], name=name, domain=NORM_DOMAIN, doc_string=doc, **attrs)
+    node = helper.make_node(act.op_name, [x], [y], name=name, domain=NORM_DOMAIN, doc_string=doc)
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(attrs.items()))  # as make_node orders them
+    return node
 
 
 def literal_site(

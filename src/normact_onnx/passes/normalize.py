@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeGuard, cast
 
 import numpy as np
 import onnx
@@ -17,12 +17,12 @@ from onnx import helper
 
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
 from ..catalogue.fused import FUSED
-from ..graph import Container, containers, default_opset, unique_namer
+from ..graph import default_opset, remove_unused, unique_namer
 from ..methods.static import Affine
-from ..provenance import read_records, stamp
+from ..outcome import Refusal
+from ..provenance import SiteRecord, read_records, stamp
 from ..valuetypes import infer_value_types
 from .affine import Restore, plan_absorb
-from .edits import Edits, detached
 from .find import Site
 from .forms import (
     GENERIC_OPSET,
@@ -34,7 +34,13 @@ from .forms import (
     norm_node,
 )
 
-FORMS = ("function", "subgraph", "custom-op")
+Form = Literal["function", "subgraph", "custom-op"]
+FORMS: tuple[Form, ...] = ("function", "subgraph", "custom-op")
+Action = Literal["rewritten", "skipped", "normalized"]  # "normalized": it already was
+
+
+def is_form(text: str) -> TypeGuard[Form]:
+    return text in FORMS
 
 
 @dataclass
@@ -42,10 +48,10 @@ class SiteOutcome:
     """What happened to one site: rewritten (with constants and form) or why not."""
 
     site: Site
-    action: str  # "rewritten" | "skipped" | "normalized"
+    action: Action
     reason: str = ""
     affine: Affine | None = None
-    form: str = ""
+    form: Form | Literal[""] = ""
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
@@ -61,7 +67,7 @@ class Plan:
 
     outcomes: list[SiteOutcome]
     method: dict[str, Any]
-    form: str = "function"
+    form: Form = "function"
     preserve_function: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -73,19 +79,14 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         return
     fresh = unique_namer(model)
     opset = default_opset(model.opset_import)
-    edits: dict[int, Edits] = {}
-
-    def edits_for(c: Container) -> Edits:
-        return edits.setdefault(id(c), Edits(c))
-
     types = infer_value_types(model)
     read_as: dict[int, str] = {}  # sites whose input is now the explicit inverse of an earlier site's affine
     if plan.preserve_function:
         restore = Restore(types, fresh)
         for o in todo:
-            why = _preserve(o, base_dir, fresh, edits_for, restore)
-            if why:
-                o.action, o.reason = "skipped", f"--preserve-function: {why}"
+            why = _preserve(o, base_dir, fresh, restore)
+            if why is not None:
+                o.action, o.reason = "skipped", f"--preserve-function: {why.reason}"
         todo = [o for o in todo if o.action == "rewritten"]
         by_name = {t: n for (_, t), n in restore.made.items()}
         for o in todo:
@@ -96,59 +97,61 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
                 read_as[id(o.site)] = o.site.input
                 o.site.input = restored
 
-    functions: dict[str, onnx.FunctionProto] = {(f.domain, f.name): f for f in model.functions}
+    functions = {(f.domain, f.name) for f in model.functions}
     fn_elem: dict[str, int | None] = {}
     records = read_records(model)
     orphans: set[str] = set()
     need_domain: list[Any] = [model.opset_import]
     for o in todo:
-        site, e = o.site, edits_for(o.site.container)
+        site, c, affine = o.site, o.site.container, _constants(o)
         elem = types.elem_type(site.output if site.unfused else read_as.get(id(site), site.input))
         pre: list[onnx.NodeProto] = []
         if site.unfused:  # a fused op: its layer written out, then the site (split now: preserve may have
             # pointed the fused node at a restored input)
-            pre, act = FUSED[(site.root.domain, site.root.op_type)](site.root, site.input)
+            parts = FUSED[(site.root.domain, site.root.op_type)](site.root, site.input)
+            assert not isinstance(parts, str), parts  # find_sites split it already
+            pre, act = parts
             site.unfused = (pre, act)
-        form = _choose_form(plan.form, model, opset, o, elem, fn_elem)
+        form = _choose_form(plan.form, model, opset, o, affine, elem, fn_elem)
         o.form = form
         doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
-        record = {
-            "graph": site.path,
-            "name": site.name,
-            "kind": site.kind,
-            "output": site.output,
-            "form": form,
-            **plan.method,
-            **o.affine.as_dict(),
-        }
+        record = cast(
+            SiteRecord,
+            {  # the method's own fields are spread in (see SiteRecord)
+                "graph": site.path,
+                "name": site.name,
+                "kind": site.kind,
+                "output": site.output,
+                "form": form,
+                **plan.method,
+                **affine.as_dict(),
+            },
+        )
         if form == "subgraph":
             f_name = fresh(f"{site.output}__normact_f")
             root = onnx.NodeProto()
             root.CopyFrom(site.unfused[1] if site.unfused else site.root)
             root.output[0] = f_name
-            b = LiteralBody(site.container.opset, f"{site.name}/normact_", elem, {}, False)
-            affine_literal_tail(b, site.input, f_name, o.affine, out=site.output)
-            e.replace[id(site.root)] = [*pre, root, *b.nodes]
+            b = LiteralBody(c.opset, f"{site.name}/normact_", elem, {}, False)
+            affine_literal_tail(b, site.input, f_name, affine, out=site.output)
+            c.replace(site.root, [*pre, root, *b.nodes])
             record["act_output"] = f_name
         else:
-            node = norm_node(site.activation, site.input, site.output, o.affine, site.params, site.root.name, doc)
-            e.replace[id(site.root)] = [*pre, node]
-            for n in site.nodes[:-1] + site.const_nodes:
-                e.delete.add(id(n))
-            e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
+            node = norm_node(site.activation, site.input, site.output, affine, site.params, site.root.name, doc)
+            c.replace(site.root, [*pre, node])
+            c.remove(site.nodes[:-1] + site.const_nodes)
+            c.drop_value_info({out for n in site.nodes[:-1] for out in n.output})
             if not pre:
                 orphans.update(i for n in site.nodes for i in n.input if i != site.input)
             if form == "function":
                 key = (NORM_DOMAIN, site.activation.op_name)
                 if key not in functions:
-                    functions[key] = norm_function(site.kind, opset, fn_elem.get(site.activation.op_name))
-                    model.functions.append(functions[key])
-            if site.container.function is not None:
-                need_domain.append(site.container.function.opset_import)
+                    functions.add(key)
+                    model.functions.append(norm_function(site.kind, opset, fn_elem.get(site.activation.op_name)))
+            if c.function is not None:
+                need_domain.append(c.function.opset_import)
         records.append(record)
-    for e in reversed(list(edits.values())):  # subgraphs first: committing a graph copies the nodes holding them
-        e.commit()
-    _drop_unused_initializers(model, orphans)
+    remove_unused(model, initializers=orphans)
     if any(o.form in ("function", "custom-op") for o in todo):
         for imports in need_domain:
             if not any(i.domain == NORM_DOMAIN for i in imports):
@@ -156,11 +159,23 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
     stamp(model, records)
 
 
+def _constants(o: SiteOutcome) -> Affine:
+    if o.affine is None:
+        raise AssertionError(f"site {o.site.name} is to be rewritten without constants")
+    return o.affine
+
+
 def _choose_form(
-    wanted: str, model: onnx.ModelProto, opset: int, o: SiteOutcome, elem: int, fn_elem: dict[str, int | None]
-) -> str:
+    wanted: Form,
+    model: onnx.ModelProto,
+    opset: int,
+    o: SiteOutcome,
+    affine: Affine,
+    elem: int,
+    fn_elem: dict[str, int | None],
+) -> Form:
     """The requested form, or the subgraph form where the requested one cannot express the site."""
-    scalar = o.affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
+    scalar = affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
     if wanted == "subgraph":
         return wanted
     if not scalar:
@@ -181,24 +196,18 @@ def _choose_form(
     return "function"
 
 
-def _preserve(
-    o: SiteOutcome,
-    base_dir: str | None,
-    fresh: Callable[[str], str],
-    edits_for: Callable[[Container], Edits],
-    restore: Restore,
-) -> str | None:
+def _preserve(o: SiteOutcome, base_dir: str | None, fresh: Callable[[str], str], restore: Restore) -> Refusal | None:
     """Fold the inverse of the site's affine into its consumers, or say why that is not exact.
 
     Exact everywhere: a padded Conv gets an explicit ``Pad`` with the value that
     stands for zero, and a consumer that cannot absorb the inverse (a gating
     ``Mul``, a ``Concat``, a nonlinearity) reads it written explicitly in front.
     """
-    aff = o.affine
+    aff = _constants(o)
     if np.any(np.asarray(aff.slope) != 0):
-        return "slope ≠ 0 (zeta-zero/ratio variant): the inverse needs the pre-activation"
+        return Refusal("slope ≠ 0 (zeta-zero/ratio variant): the inverse needs the pre-activation")
     if np.any(np.asarray(aff.scale) == 0):
-        return "scale is 0"
+        return Refusal("scale is 0")
     plan = plan_absorb(
         o.site.container,
         o.site.output,
@@ -207,30 +216,9 @@ def _preserve(
         base_dir,
         fresh,
         "pad",
-        edits=edits_for(o.site.container),
         restore=restore,
     )
-    if isinstance(plan, str):
+    if isinstance(plan, Refusal):
         return plan
-    plan(edits_for(o.site.container))
+    plan()
     return None
-
-
-def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove main-graph initializers that only deleted pattern nodes used (their constants)."""
-    if not candidates:
-        return
-    used: set[str] = set()
-    for c in containers(model):
-        used.update(c.consumers)
-    used.update(o.name for o in model.graph.output)
-    g = model.graph
-    inputs = {i.name for i in g.input}
-    dead = {
-        i for i, t in enumerate(g.initializer) if t.name in candidates and t.name not in used and t.name not in inputs
-    }
-    if not dead:
-        return
-    keep = [detached(t) for i, t in enumerate(g.initializer) if i not in dead]
-    del g.initializer[:]
-    g.initializer.extend(keep)

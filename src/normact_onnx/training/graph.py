@@ -32,10 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ..calibration.stats_body import StatsBody
 from ..catalogue import CATALOGUE, NORM_DOMAIN
 from ..errors import NormactError
-from ..graph import Container, containers, default_opset
+from ..graph import Container, default_opset, remove_unused
 from ..methods.static import Affine
 from ..moments import gaussian_moments
-from ..passes.edits import Edits
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..policy import select, static_constants
@@ -235,20 +234,6 @@ def _ancestors(model: onnx.ModelProto, output: str) -> set[str]:
     return seen
 
 
-def _drop_orphans(model: onnx.ModelProto) -> None:
-    used: set[str] = set()
-    for c in containers(model):
-        used.update(c.consumers)
-    used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        kept = [onnx.TensorProto() for _ in keep]
-        for dst, src in zip(kept, keep):
-            dst.CopyFrom(src)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-
-
 def _check_versions(model: onnx.ModelProto) -> None:
     opset = default_opset(model.opset_import)
     if opset > MAX_TRAIN_OPSET:
@@ -309,7 +294,6 @@ def build_train_graph(
             o.affine = Affine(rec["scale"], rec["shift"], rec["slope"]) if method == "static" else Affine(1, 0, 0)
     types = infer_value_types(m)
     opset = default_opset(m.opset_import)
-    edits: dict[int, Edits] = {}
     train_sites: list[TrainSite] = []
     stats: list[str] = []
     skipped = [(o.site.name, o.reason) for o in outcomes if o.action == "skipped"]
@@ -318,7 +302,6 @@ def build_train_graph(
             continue
         site = o.site
         c: Container = site.container
-        e = edits.setdefault(id(c), Edits(c))
         elem = types.elem_type(site.input)
         prior = site.normalized
         if method == "anact":
@@ -334,13 +317,10 @@ def build_train_graph(
             assert o.affine is not None  # a rewritten outcome carries its constants
             new_nodes = _static_nodes(site, o.affine, elem, opset)
             ts = TrainSite(-1, site.name, site.kind, dict(site.params), site.output, "static", o.affine, prior)
-        e.replace[id(site.root)] = new_nodes
-        for n in site.nodes[:-1] + site.const_nodes:
-            e.delete.add(id(n))
-        e.drop_value_info.update(out for n in site.nodes[:-1] for out in n.output)
+        c.replace(site.root, new_nodes)
+        c.remove(site.nodes[:-1] + site.const_nodes)
+        c.drop_value_info({out for n in site.nodes[:-1] for out in n.output})
         train_sites.append(ts)
-    for e in edits.values():
-        e.commit()
 
     anact = [s for s in train_sites if s.method == "anact"]
     if anact:
@@ -348,14 +328,11 @@ def build_train_graph(
     if m.functions:  # Norm<Act> functions of sites left alone, and any the rewrite no longer uses
         m = onnx.inliner.inline_local_functions(m)
         del m.functions[:]
-    if not any(n.domain == NORM_DOMAIN for c in containers(m) for n in c.nodes):
-        keep = [o for o in m.opset_import if o.domain != NORM_DOMAIN]
-        del m.opset_import[:]
-        m.opset_import.extend(keep)
+    remove_unused(m, domain=NORM_DOMAIN)  # the domain's import, once no node of it is left
     weights = _trainable(m, freeze)  # read off the ops as exported: prepare() rewrites some into plain ops
     m, prep = prepare(m, base_dir)
     prep.lifted = lifted
-    _drop_orphans(m)
+    remove_unused(m, initializers=True)
     m.ir_version = min(m.ir_version, MAX_TRAIN_IR)
     initializers = {t.name for t in m.graph.initializer}
     data_inputs = [
