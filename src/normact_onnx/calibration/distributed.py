@@ -49,8 +49,8 @@ from .readers import (
     check_header,
     conform,
     file_batches,
+    file_headers,
     file_pieces,
-    file_source,
     has_batch_files,
 )
 from .run import SiteRecord, batch_moments, calibration_session, empty_stats, finish, prepare, run_batch
@@ -198,11 +198,12 @@ def plan_work(
             ds, total = ds.limit(batches * size), min(total, batches)
         return Work(ds, "images", size, f"{path} ({len(pictures)} images)", total)
     pieces = file_pieces(path, specs, batch_size)
-    for i, (where, header) in enumerate(file_source(path, specs, batch_size).headers()):  # every file, before any run
+    for i, (where, header) in enumerate(file_headers([f for f, _ in pieces], specs, batch_size)):  # before any run
         if batches is not None and i >= batches:
             break
         check_header(specs, header, where)
-    items, left = [], batches
+    items: list[dict[str, Any]] = []
+    left = batches
     for f, n in pieces:
         take = n if left is None else min(n, left)
         if take <= 0:
@@ -368,8 +369,8 @@ class TreeMerge(Generic[T]):
     """Pairwise reduction of a stream: a binary counter of partial results (O(log n) of them held at a time)."""
 
     def __init__(self, merge: Callable[[T, T], T]) -> None:
-        self.merge, self.levels, self.count = merge, [], 0
-        self.levels: list[T | None]
+        self.merge, self.count = merge, 0
+        self.levels: list[T | None] = []
 
     def push(self, item: T) -> None:
         self.count += 1
