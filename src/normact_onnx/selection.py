@@ -56,8 +56,8 @@ class SiteSelection:
     @classmethod
     def parse(
         cls,
-        include: Iterable[str] | str | None,
-        exclude: Iterable[str] | str | None,
+        include: Iterable[str] | str | None = None,
+        exclude: Iterable[str] | str | None = None,
         nodes: str | None = None,
         all_sites: bool = False,
     ) -> SiteSelection:
