@@ -67,9 +67,11 @@ def test_bundles_write_the_same_model_as_the_keywords(two_sites, tmp_path):
         output_options=OutputOptions(form="subgraph"),
         details=True,
     )
-    assert [(o.site.name, o.action, o.reason) for o in bundled.outcomes] == [
-        (o.site.name, o.action, o.reason) for o in loose.outcomes
-    ] == [("tanh", "rewritten", ""), ("sigmoid", "skipped", "kind sigmoid in --exclude")]
+    assert (
+        [(o.site.name, o.action, o.reason) for o in bundled.outcomes]
+        == [(o.site.name, o.action, o.reason) for o in loose.outcomes]
+        == [("tanh", "rewritten", ""), ("sigmoid", "skipped", "kind sigmoid in --exclude")]
+    )
     assert _nodes(tmp_path / "bundled.onnx") == _nodes(tmp_path / "loose.onnx")
     assert not any(n.domain for n in onnx.load(tmp_path / "bundled.onnx").graph.node)  # subgraph: standard ops
     # write_unchanged=False in the bundle: nothing selected, nothing written

@@ -307,8 +307,9 @@ def _bundles(
     if output_options is None:
         output_options = loose
     elif loose != OutputOptions():
-        raise NormactError("pass the output options as output_options= or as form/verify/in_place/write_unchanged, "
-                           "not both")
+        raise NormactError(
+            "pass the output options as output_options= or as form/verify/in_place/write_unchanged, not both"
+        )
     return selection, output_options
 
 
