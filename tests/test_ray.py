@@ -113,6 +113,24 @@ def test_a_killed_worker_is_retried_and_its_batches_counted_once(cluster, shards
     assert_same_stats(reference, stats)
 
 
+def test_an_empty_shard_is_passed_over_as_in_the_single_process_run(cluster, digits, tmp_path):
+    """An empty .npz among the shards used to end Ray's work list there: the shards after it were never read
+    (and an empty first shard, or only empty ones, failed inside Ray with a traceback)."""
+    for i, (a, b) in enumerate([(0, 300), (300, 300), (300, 500)]):  # part1 holds no samples
+        np.savez(tmp_path / f"part{i}.npz", x=digits[a:b])
+    one = calibrate(CNN, tmp_path, batch_size=100, aggregate="mean")
+    many = calibrate(CNN, tmp_path, batch_size=100, ray=True, workers=2)
+    assert many.batches == one.batches == 5
+    assert site_elements(many) == site_elements(one) == 500 * FIRST_SITE
+    assert_same_stats(one, many)
+    limited = calibrate(CNN, tmp_path, batch_size=100, batches=4, ray=True)  # the limit counts batches, not files
+    assert limited.batches == 4 and site_elements(limited) == 400 * FIRST_SITE
+    for f in ("part0.npz", "part2.npz"):
+        np.savez(tmp_path / f, x=digits[:0])
+    with pytest.raises(NormactError, match=r"\(3 files\): no batches"):
+        calibrate(CNN, tmp_path, batch_size=100, ray=True)
+
+
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory, digits):
     """Two files: a fixed-shape tensor column, and flat list<float> rows (reshaped to the input's 1×28×28)."""

@@ -19,6 +19,8 @@ _API = {
     "inspect": "normact_onnx.api",
     "rewrite": "normact_onnx.api",
     "RewriteResult": "normact_onnx.api",
+    "SiteSelection": "normact_onnx.selection",
+    "OutputOptions": "normact_onnx.writer",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",
     "calibrate": "normact_onnx.api",

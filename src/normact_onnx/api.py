@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import onnx
@@ -47,9 +47,9 @@ from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
 from .policy import Constants, MethodOptions, method_constants, select
 from .progress import bar as progress_bar
 from .progress import stage
-from .selection import SiteSelection, parse_kinds
+from .selection import SiteSelection
 from .verify import check_whole_model
-from .writer import check_input, save_verified, verify_in_memory
+from .writer import OutputOptions, check_input, save_verified, verify_in_memory
 
 MIN_OPSET = 7
 
@@ -101,6 +101,102 @@ class RewriteResult:
         return "\n".join(lines)
 
 
+@overload
+def rewrite(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    q: float = 1.0,
+    ratio: float | None = None,
+    form: str = "function",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    preserve_function: bool = False,
+    constants: Constants | None = None,
+    method: str | dict[str, Any] | None = None,
+    stats: Any = None,
+    lambda_rule: str | None = None,
+    centered_rho: bool | None = None,
+    aggregate: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    in_place: bool = False,
+    dry_run: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[False] = ...,
+    progress: bool = False,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> onnx.ModelProto: ...
+
+
+@overload
+def rewrite(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    q: float = 1.0,
+    ratio: float | None = None,
+    form: str = "function",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    preserve_function: bool = False,
+    constants: Constants | None = None,
+    method: str | dict[str, Any] | None = None,
+    stats: Any = None,
+    lambda_rule: str | None = None,
+    centered_rho: bool | None = None,
+    aggregate: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    in_place: bool = False,
+    dry_run: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[True],
+    progress: bool = False,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> RewriteResult: ...
+
+
+@overload
+def rewrite(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    q: float = 1.0,
+    ratio: float | None = None,
+    form: str = "function",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    preserve_function: bool = False,
+    constants: Constants | None = None,
+    method: str | dict[str, Any] | None = None,
+    stats: Any = None,
+    lambda_rule: str | None = None,
+    centered_rho: bool | None = None,
+    aggregate: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    in_place: bool = False,
+    dry_run: bool = False,
+    write_unchanged: bool = True,
+    details: bool = ...,
+    progress: bool = False,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> onnx.ModelProto | RewriteResult: ...
+
+
 @same_type("model")
 def rewrite(
     model: ModelLike,
@@ -128,6 +224,8 @@ def rewrite(
     write_unchanged: bool = True,
     details: bool = False,
     progress: bool = False,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
 ) -> onnx.ModelProto | RewriteResult:
     """Normalize the activations of ``model``; write to ``output`` when given.
 
@@ -144,7 +242,14 @@ def rewrite(
     ``write_unchanged=False`` (the CLI without ``-o``). Returns the rewritten ``ModelProto`` (or the
     full :class:`RewriteResult` with ``details=True``). The input model object is not modified.
     ``progress``: the stages on stderr when it is a terminal.
+
+    ``selection`` (a :class:`.selection.SiteSelection`) and ``output_options`` (a :class:`.writer.OutputOptions`)
+    carry the site-selection and writing options as one value each, instead of ``include``/``exclude``/``nodes``/
+    ``all_sites`` and ``form``/``verify``/``in_place``/``write_unchanged``; pass one way or the other.
     """
+    selection, out = _bundles(
+        selection, output_options, include, exclude, nodes, all_sites, form, verify, in_place, write_unchanged
+    )
     if output is not None and not dry_run:
         check_output_path(output)
     options = MethodOptions(
@@ -155,38 +260,59 @@ def rewrite(
         constants, method = None, None
         if stats is not None or options.method != "static":
             constants, method = method_constants(options, stats)
-    if form not in FORMS:
-        raise NormactError(f"unknown --form {form!r}; choose one of {', '.join(FORMS)}")
-    if form == "custom-op" and verify and not dry_run and kernel_library() is None:
+    if out.form not in FORMS:
+        raise NormactError(f"unknown --form {out.form!r}; choose one of {', '.join(FORMS)}")
+    if out.form == "custom-op" and out.verify and not dry_run and kernel_library() is None:
         raise NormactError(
             "--form custom-op needs the kernel library to run (and to verify), and it was not built; "
             "install the package with its kernels, or pass --no-verify"
         )
-    inc, exc = parse_kinds(include, "--include"), parse_kinds(exclude, "--exclude")
     design_q = q if constants is None and not preserve_function else None  # plain static: is q plausible?
     if constants is None:
         constants, method = method_constants(options)
-    with progress_bar(6 if verify else 4, "rewrite", progress, unit="stage") as bar:
+    with progress_bar(6 if out.verify else 4, "rewrite", progress, unit="stage") as bar:
         stage(bar, "loading")
-        return _rewrite(
+        result = _rewrite(
             model,
             output,
             bar,
-            Plan([], method or {}, form, preserve_function),
-            inc=inc,
-            exc=exc,
-            nodes=nodes,
-            all_sites=all_sites,
+            Plan([], method or {}, out.form, preserve_function),
+            selection,
+            out,
             constants=constants,
-            verify=verify,
-            in_place=in_place,
             dry_run=dry_run,
-            details=details,
             design_q=design_q,
             stats=stats,
             force=force,
-            write_unchanged=write_unchanged,
         )
+    return result if details else result.model
+
+
+def _bundles(
+    selection: SiteSelection | None,
+    output_options: OutputOptions | None,
+    include: Iterable[str] | str | None,
+    exclude: Iterable[str] | str | None,
+    nodes: str | None,
+    all_sites: bool,
+    form: str,
+    verify: bool,
+    in_place: bool,
+    write_unchanged: bool,
+) -> tuple[SiteSelection, OutputOptions]:
+    """The selection and output bundles of a public call: as given, or built from the loose keywords."""
+    if selection is None:
+        selection = SiteSelection.parse(include, exclude, nodes, all_sites)
+    elif (include, exclude, nodes, all_sites) != (None, None, None, False):
+        raise NormactError("pass the site selection as selection= or as include/exclude/nodes/all_sites, not both")
+    loose = OutputOptions(form, verify, in_place, write_unchanged)
+    if output_options is None:
+        output_options = loose
+    elif loose != OutputOptions():
+        raise NormactError(
+            "pass the output options as output_options= or as form/verify/in_place/write_unchanged, not both"
+        )
+    return selection, output_options
 
 
 def _rewrite(
@@ -194,24 +320,19 @@ def _rewrite(
     output: str | os.PathLike | None,
     bar: Any,
     plan: Plan,
+    selection: SiteSelection,
+    out: OutputOptions,
     *,
-    inc: set[str] | None,
-    exc: set[str] | None,
-    nodes: str | None,
-    all_sites: bool,
     constants: Constants,
-    verify: bool,
-    in_place: bool,
     dry_run: bool,
-    details: bool,
     design_q: float | None = None,
     stats: Any = None,
     force: bool = False,
-    write_unchanged: bool = True,
-) -> onnx.ModelProto | RewriteResult:
+) -> RewriteResult:
     """:func:`rewrite` after its arguments were checked, reporting its stages on ``bar``.
 
     ``plan`` carries the method, form and preserve-function choice; its outcomes are filled here.
+    ``selection`` picks the sites, ``out`` says how the model is written (``out.form`` is the plan's).
     ``design_q``: plain static constants at this q (say so when the model looks pretrained).
     ``stats``: the statistics the constants came from (refused for another model unless ``force``).
     """
@@ -219,10 +340,10 @@ def _rewrite(
     _check_opset(src)
     if stats is not None:
         check_stats_model(stats, src, model_folder(path), force)
-    if verify:
+    if out.verify:
         stage(bar, "checking the input")
         check_input(src, path)
-    refuse_overwrite(output, path, in_place)
+    refuse_overwrite(output, path, out.in_place)
     if path is None:  # never modify the caller's object; a model we loaded ourselves is ours to edit
         m = onnx.ModelProto()
         m.CopyFrom(src)
@@ -232,7 +353,7 @@ def _rewrite(
     misses: list[dict[str, Any]] = []
     stage(bar, "finding sites")
     sites = find_sites(m, base_dir, misses)
-    outcomes = select(sites, inc, exc, nodes, all_sites, constants)
+    outcomes = select(sites, selection, constants)
     result = RewriteResult(m, outcomes, misses=misses)
     if not sites:
         result.notes.append("no activation sites found")
@@ -245,10 +366,10 @@ def _rewrite(
                 "data (normact-onnx calibrate MODEL --data …) or keep its function with --preserve-function"
             )
     if dry_run:
-        return result if details else m
+        return result
     had_external = bool(external_locations(m))  # its new weights go to external data too
     original = None
-    if verify and any(o.action == "rewritten" for o in outcomes) and not had_external:
+    if out.verify and any(o.action == "rewritten" for o in outcomes) and not had_external:
         original = onnx.ModelProto()
         original.CopyFrom(m)
     stage(bar, "rewriting")
@@ -260,20 +381,20 @@ def _rewrite(
         result.whole_model = check_whole_model(original, m, plan.preserve_function)
         if "skipped" in result.whole_model:
             result.notes.append(f"whole-model check skipped: {result.whole_model['skipped']}")
-    elif verify and result.rewritten:
+    elif out.verify and result.rewritten:
         result.notes.append("external weights: the whole-model check needs the written files; run compare")
-    stage(bar, "writing and verifying" if verify else "writing")
-    unchanged_copy = write_unchanged and not (path is not None and Path(output or "").resolve() == path.resolve())
+    stage(bar, "writing and verifying" if out.verify else "writing")
+    unchanged_copy = out.write_unchanged and not (path is not None and Path(output or "").resolve() == path.resolve())
     if output is not None and (result.rewritten or unchanged_copy):
         result.path = Path(output)
         result.verification = save_verified(
-            m, result.path, path.parent if path else None, outcomes, verify, external=had_external
+            m, result.path, path.parent if path else None, outcomes, out.verify, external=had_external
         )
         if not result.rewritten:
             result.notes.append(f"nothing to rewrite; {result.path} is an unchanged copy")
-    elif verify and result.rewritten:
+    elif out.verify and result.rewritten:
         result.verification = verify_in_memory(m, outcomes, base_dir)
-    return result if details else m
+    return result
 
 
 FRESH_INIT = (0.2, 2.5)  # var(W)·fan_in of common initializations: 1/3 (torch default), 1 (LeCun), 2 (He)
@@ -332,6 +453,129 @@ class CalibrationResult:
     notes: list[str] = field(default_factory=list)
 
 
+@overload
+def calibrate(
+    model: ModelLike,
+    data: Any = None,
+    output: str | os.PathLike | None = None,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    seed: int = 0,
+    values: Any = None,
+    per_channel: bool = False,
+    lambda_rule: str = "anact",
+    centered_rho: bool = False,
+    aggregate: str = "ema",
+    method: str = "anact",
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    in_situ: bool = True,
+    providers: list[str] | None = None,
+    progress: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    form: str = "function",
+    verify: bool = True,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[False] = ...,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> CalibrationStats: ...
+
+
+@overload
+def calibrate(
+    model: ModelLike,
+    data: Any = None,
+    output: str | os.PathLike | None = None,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    seed: int = 0,
+    values: Any = None,
+    per_channel: bool = False,
+    lambda_rule: str = "anact",
+    centered_rho: bool = False,
+    aggregate: str = "ema",
+    method: str = "anact",
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    in_situ: bool = True,
+    providers: list[str] | None = None,
+    progress: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    form: str = "function",
+    verify: bool = True,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: Literal[True],
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> CalibrationResult: ...
+
+
+@overload
+def calibrate(
+    model: ModelLike,
+    data: Any = None,
+    output: str | os.PathLike | None = None,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    synthetic: bool = False,
+    shapes: Any = None,
+    seed: int = 0,
+    values: Any = None,
+    per_channel: bool = False,
+    lambda_rule: str = "anact",
+    centered_rho: bool = False,
+    aggregate: str = "ema",
+    method: str = "anact",
+    variant: str = "center-scale",
+    ratio: float | None = None,
+    in_situ: bool = True,
+    providers: list[str] | None = None,
+    progress: bool = False,
+    include: Any = None,
+    exclude: Any = None,
+    nodes: str | None = None,
+    all_sites: bool = False,
+    form: str = "function",
+    verify: bool = True,
+    in_place: bool = False,
+    write_unchanged: bool = True,
+    details: bool = ...,
+    images: Any = None,
+    ray: bool | str | None = None,
+    workers: int = 2,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
+) -> CalibrationStats | CalibrationResult: ...
+
+
 def calibrate(
     model: ModelLike,
     data: Any = None,
@@ -367,6 +611,8 @@ def calibrate(
     images: Any = None,
     ray: bool | str | None = None,
     workers: int = 2,
+    selection: SiteSelection | None = None,
+    output_options: OutputOptions | None = None,
 ) -> CalibrationStats | CalibrationResult:
     """ANAct (or static) calibration (docs/math.md §2) of ``model`` on ``data``.
 
@@ -389,7 +635,13 @@ def calibrate(
     starts a local cluster for the call, ``"auto"`` or an address joins one; a
     Dataset as ``data`` implies it. The moments equal the single-process run's;
     the EMA depends on batch order, so the factors use ``aggregate="mean"``.
+
+    ``selection`` and ``output_options``: the site selection and the written model's options as one value
+    each, as in :func:`rewrite`.
     """
+    selection, out = _bundles(
+        selection, output_options, include, exclude, nodes, all_sites, form, verify, in_place, write_unchanged
+    )
     for dest in (output, stats_path, report):
         if dest is not None:
             check_output_path(dest)
@@ -400,7 +652,6 @@ def calibrate(
     start = time.perf_counter()
     notes = []
     normalize = normalizer if in_situ else None
-    selection = SiteSelection.parse(include, exclude, nodes, all_sites)
     if ray not in (None, False) or is_dataset(data):
         if synthetic:
             raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
@@ -451,14 +702,8 @@ def calibrate(
             output,
             constants=constants,
             method=info,
-            include=include,
-            exclude=exclude,
-            nodes=nodes,
-            all_sites=all_sites,
-            form=form,
-            verify=verify,
-            in_place=in_place,
-            write_unchanged=write_unchanged,
+            selection=selection,
+            output_options=out,
             details=True,
         )
     if stats_path is not None:

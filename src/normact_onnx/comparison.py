@@ -15,6 +15,7 @@ first) as an independent second opinion.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import pickle
@@ -139,12 +140,17 @@ def _has_external(m: onnx.ModelProto) -> bool:
     return bool(external_locations(m))
 
 
+def _remove_if_there(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _save_beside(proto: onnx.ModelProto, path: Path) -> str:
     """An instrumented copy with external data must sit next to the data it points at."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".compare.onnx", dir=path.parent)
     with os.fdopen(fd, "wb") as fh:
         fh.write(proto.SerializeToString())
-    atexit.register(lambda: os.path.exists(tmp) and os.unlink(tmp))
+    atexit.register(_remove_if_there, tmp)
     return tmp
 
 

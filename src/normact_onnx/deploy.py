@@ -43,7 +43,8 @@ from .passes.affine import PADDING
 from .passes.fold import FoldOutcome, fold_sites
 from .progress import bar as progress_bar
 from .progress import stage
-from .writer import check_input, save_verified
+from .selection import SiteSelection
+from .writer import OutputOptions, check_input, save_verified
 
 NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
@@ -98,6 +99,7 @@ def fold(
     write_unchanged: bool = True,
     details: Literal[False] = ...,
     progress: bool = False,
+    output_options: OutputOptions | None = None,
 ) -> onnx.ModelProto: ...
 
 
@@ -121,6 +123,7 @@ def fold(
     write_unchanged: bool = True,
     details: Literal[True],
     progress: bool = False,
+    output_options: OutputOptions | None = None,
 ) -> FoldResult: ...
 
 
@@ -144,6 +147,7 @@ def fold(
     write_unchanged: bool = True,
     details: bool = ...,
     progress: bool = False,
+    output_options: OutputOptions | None = None,
 ) -> onnx.ModelProto | FoldResult: ...
 
 
@@ -167,6 +171,7 @@ def fold(
     write_unchanged: bool = True,
     details: bool = False,
     progress: bool = False,
+    output_options: OutputOptions | None = None,
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
 
@@ -188,19 +193,26 @@ def fold(
     copy), unless ``write_unchanged=False``. Folded weights of a model with external
     data are written as external data beside the output. Returns the folded
     ``ModelProto`` (the input is not modified), or the :class:`FoldResult` with
-    ``details=True``. ``progress``: the stages on stderr when it is a terminal.
+    ``details=True``. ``progress``: the stages on stderr when it is a terminal. ``output_options`` (a
+    :class:`.writer.OutputOptions`) carries ``verify``/``in_place``/``write_unchanged`` as one value instead
+    (its ``form`` does not apply: a folded site is a plain activation again).
     """
+    loose = OutputOptions(verify=verify, in_place=in_place, write_unchanged=write_unchanged)
+    if output_options is None:
+        output_options = loose
+    elif loose != OutputOptions():
+        raise NormactError("pass the output options as output_options= or as verify/in_place/write_unchanged, not both")
     if output is not None:
         check_output_path(output)
     if tolerance is not None and not tolerance >= 0:
         raise NormactError(f"--tolerance must be non-negative, got {tolerance}")
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
-    pattern = _regex(nodes)
+    pattern = SiteSelection(nodes=nodes).pattern
     with progress_bar(4, "fold", progress, unit="stage") as bar:
         stage(bar, "loading")
         inputs = _Inputs(data, synthetic, shapes, values, batches, batch_size, seed)
-        result = _fold(model, output, bar, padding, pattern, verify, inputs, tolerance, in_place, write_unchanged)
+        result = _fold(model, output, bar, padding, pattern, inputs, tolerance, output_options)
     return result if details else result.model
 
 
@@ -210,17 +222,16 @@ def _fold(
     bar: Any,
     padding: str,
     pattern: re.Pattern[str] | None,
-    verify: bool,
     inputs: _Inputs,
     tolerance: float | None,
-    in_place: bool,
-    write_unchanged: bool = True,
+    out: OutputOptions,
 ) -> FoldResult:
     """:func:`fold` after its arguments were checked, reporting its stages on ``bar``."""
+    verify = out.verify
     src, path = load_model_like(model)
     if verify:
         check_input(src, path)
-    refuse_overwrite(output, path, in_place)
+    refuse_overwrite(output, path, out.in_place)
     m = onnx.ModelProto()
     m.CopyFrom(src)
     base_dir = model_folder(path)
@@ -238,22 +249,13 @@ def _fold(
             stage(bar, "checking against the unfolded model")
             result.check = _self_check(src, m, inputs, tolerance)
     same_file = path is not None and output is not None and Path(output).resolve() == path.resolve()
-    if output is not None and (result.folded or (write_unchanged and not same_file)):
+    if output is not None and (result.folded or (out.write_unchanged and not same_file)):
         stage(bar, "writing and verifying" if verify else "writing")
         result.path = Path(output)
         save_verified(m, result.path, path.parent if path else None, [], verify, external=external)
         if not result.folded:
             result.notes.append(f"nothing folded; {result.path} is an unchanged copy")
     return result
-
-
-def _regex(nodes: str | None) -> re.Pattern[str] | None:
-    if not nodes:
-        return None
-    try:
-        return re.compile(nodes)
-    except re.error as e:
-        raise NormactError(f"--nodes: bad regular expression ({e})") from None
 
 
 @dataclass

@@ -23,35 +23,31 @@ from .methods.static import VARIANTS, Affine, measured_affine, static_affine
 from .outcome import Refusal
 from .passes.find import Site
 from .passes.normalize import SiteOutcome
-from .selection import site_filter
+from .selection import SiteSelection
 
-Constants = Callable[[Site], Affine | str]
-"""A site's constants, or the reason it has none (the site is then skipped with that reason)."""
+Constants = Callable[[Site], Affine | Refusal]
+"""A site's constants, or why it has none (the site is then skipped with that reason)."""
 
 METHODS = ("static", "anact")
 
 
-def select(
-    sites: list[Site],
-    include: set[str] | None,
-    exclude: set[str] | None,
-    nodes: str | None,
-    all_sites: bool,
-    constants: Constants,
-) -> list[SiteOutcome]:
-    """Decide per site: rewrite (with constants) or skip (with the reason a person would want)."""
-    why = site_filter(include, exclude, nodes, all_sites)
+def select(sites: list[Site], selection: SiteSelection, constants: Constants) -> list[SiteOutcome]:
+    """Decide per site: rewrite (with constants) or skip (with the reason a person would want).
+
+    A ``constants`` callback of a caller's own may still give its reason as a plain string, as before
+    :class:`.outcome.Refusal` existed; it is taken as a reason all the same.
+    """
     out = []
     for s in sites:
-        reason = why(s)
+        reason = selection.why(s)
         if s.normalized is not None:
             out.append(SiteOutcome(s, "normalized", reason or "already normalized"))
         elif reason:
             out.append(SiteOutcome(s, "skipped", reason))
         else:
             aff = constants(s)
-            if isinstance(aff, str):
-                out.append(SiteOutcome(s, "skipped", aff))
+            if isinstance(aff, Refusal | str):
+                out.append(SiteOutcome(s, "skipped", str(aff)))
             else:
                 out.append(SiteOutcome(s, "rewritten", affine=aff))
     return out
@@ -76,12 +72,12 @@ def static_constants(
     if variant != "ratio" and ratio is not None:
         raise NormactError(f"--ratio only applies to --variant ratio (got --variant {variant})")
 
-    def constants(site: Site) -> Affine | str:
+    def constants(site: Site) -> Affine | Refusal:
         site_q = (q_per_site or {}).get(site.output, q)
         try:
             return static_affine(site.activation, site.params, site_q, variant, ratio)
         except NormactError as e:
-            return str(e)
+            return Refusal(str(e))
 
     return constants
 
@@ -92,24 +88,25 @@ def anact_constants(
     """The rewrite's per-site constants: λ and μ from each site's statistics, or why there are none."""
     check_options(lambda_rule, aggregate)
 
-    def constants(site: Site) -> Affine | str:
+    def constants(site: Site) -> Affine | Refusal:
         s = _site_stats(stats, site)
-        if isinstance(s, str):
+        if isinstance(s, Refusal):
             return s
         fac = site_factors(s, lambda_rule, centered_rho, aggregate)
-        return fac.reason if isinstance(fac, Refusal) else anact_affine(s, fac)
+        return fac if isinstance(fac, Refusal) else anact_affine(s, fac)
 
     return constants
 
 
-def _site_stats(stats: CalibrationStats, site: Site) -> SiteStats | str:
+def _site_stats(stats: CalibrationStats, site: Site) -> SiteStats | Refusal:
+    """The site's statistics, or why they cannot give it constants."""
     s = stats.sites.get(site.output)
     if s is None:
-        return f"no statistics: {stats.skipped.get(site.output, 'site not in the statistics file')}"
+        return Refusal(f"no statistics: {stats.skipped.get(site.output, 'site not in the statistics file')}")
     if s.kind != site.kind:
-        return f"the statistics are for a {s.kind} site, this one is {site.kind}"
+        return Refusal(f"the statistics are for a {s.kind} site, this one is {site.kind}")
     if s.x.n.size == 0 or not np.all(s.x.n > 0):
-        return "no data reached this site"
+        return Refusal("no data reached this site")
     return s
 
 
@@ -118,14 +115,12 @@ def static_stats_constants(
 ) -> Constants:
     """Static constants from each site's measured moments (see :func:`.methods.static.measured_affine`)."""
 
-    def constants(site: Site) -> Affine | str:
+    def constants(site: Site) -> Affine | Refusal:
         s = _site_stats(stats, site)
-        if isinstance(s, str):
+        if isinstance(s, Refusal):
             return s
         got = measured_affine(s.f.mean, s.f.var, s.x.mean, s.x.var, s.cov, variant, ratio)
-        if isinstance(got, Refusal):
-            return got.reason
-        return _shaped(s, *got)
+        return got if isinstance(got, Refusal) else _shaped(s, *got)
 
     return constants
 

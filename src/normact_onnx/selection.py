@@ -8,7 +8,8 @@ exactly these sites on the way, so the statistics describe the network the rewri
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from .catalogue import known_kinds, resolve
@@ -29,28 +30,34 @@ def parse_kinds(names: Iterable[str] | str | None, flag: str) -> set[str] | None
     return {kind for kind in resolved.values() if kind is not None}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteSelection:
-    """The site-selection flags (kinds already resolved); picklable, so Ray workers apply the same rule."""
+    """The site-selection flags (kinds already resolved) as one value, passed from the CLI through ``rewrite`` and
+    ``calibrate`` down to calibration instead of four loose parameters; frozen and picklable, so Ray workers apply
+    the same rule. The default selects every site the finder does not skip."""
 
-    include: set[str] | None = None
-    exclude: set[str] | None = None
+    include: AbstractSet[str] | None = None
+    exclude: AbstractSet[str] | None = None
     nodes: str | None = None
     all_sites: bool = False
-    pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+    pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("include", "exclude"):  # frozen all the way down: a caller's set cannot change it later
+            kinds = getattr(self, name)
+            if kinds is not None:
+                object.__setattr__(self, name, frozenset(kinds))
         if self.nodes:
             try:
-                self.pattern = re.compile(self.nodes)
+                object.__setattr__(self, "pattern", re.compile(self.nodes))
             except re.error as e:
                 raise NormactError(f"--nodes: bad regular expression ({e})") from None
 
     @classmethod
     def parse(
         cls,
-        include: Iterable[str] | str | None,
-        exclude: Iterable[str] | str | None,
+        include: Iterable[str] | str | None = None,
+        exclude: Iterable[str] | str | None = None,
         nodes: str | None = None,
         all_sites: bool = False,
     ) -> SiteSelection:
@@ -74,14 +81,3 @@ class SiteSelection:
     def selected(self, s: Site) -> bool:
         """Whether the site is to be normalized (what in-situ calibration normalizes on the way)."""
         return self.why(s) is None
-
-
-def site_filter(
-    include: set[str] | None, exclude: set[str] | None, nodes: str | None, all_sites: bool
-) -> Callable[[Site], str | None]:
-    """Why a site is left alone by the selection flags (None: it is to be normalized).
-
-    One rule for every command: rewrite applies it, and calibration normalizes exactly
-    these sites in situ, so the statistics describe the network the rewrite will write.
-    """
-    return SiteSelection(include, exclude, nodes, all_sites).why

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -33,7 +33,7 @@ OTHER = 16
 SAMPLE_RATE = 16000
 
 
-def meaningful(dim: Any) -> bool:
+def meaningful(dim: Any) -> TypeGuard[str]:
     """A symbolic dimension whose name identifies one size across the model's inputs."""
     return isinstance(dim, str) and not _MEANINGLESS.match(dim.strip())
 

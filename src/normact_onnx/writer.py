@@ -7,6 +7,7 @@ Whatever a failed write created is removed again; the input is never touched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,22 @@ from .io import (
 from .ort import unknown_ops
 from .passes.normalize import SiteOutcome
 from .verify import check_model_file, check_sites, ort_load
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a command writes its model, as one value from the CLI through ``rewrite``/``calibrate`` to the writer.
+
+    ``form``: how a normalized site is written (``function``, ``subgraph``, ``custom-op``; ``fold`` has none).
+    ``verify``: check the written file (checker, ONNX Runtime, site by site) before it takes its name.
+    ``in_place``: the output may be the input file. ``write_unchanged``: with an output path, write a verified
+    copy even when nothing changed (the CLI without ``-o`` does not).
+    """
+
+    form: str = "function"
+    verify: bool = True
+    in_place: bool = False
+    write_unchanged: bool = True
 
 
 def check_input(m: onnx.ModelProto, path: Path | None, runtime: bool = True) -> None:

@@ -49,8 +49,8 @@ from .readers import (
     check_header,
     conform,
     file_batches,
+    file_headers,
     file_pieces,
-    file_source,
     has_batch_files,
 )
 from .run import SiteRecord, batch_moments, calibration_session, empty_stats, finish, prepare, run_batch
@@ -198,19 +198,35 @@ def plan_work(
             ds, total = ds.limit(batches * size), min(total, batches)
         return Work(ds, "images", size, f"{path} ({len(pictures)} images)", total)
     pieces = file_pieces(path, specs, batch_size)
-    for i, (where, header) in enumerate(file_source(path, specs, batch_size).headers()):  # every file, before any run
+    for i, (where, header) in enumerate(file_headers([f for f, _ in pieces], specs, batch_size)):  # before any run
         if batches is not None and i >= batches:
             break
         check_header(specs, header, where)
-    items, left = [], batches
+    items = file_items(pieces, batches)
+    describe = f"{path} ({len(pieces)} file{'s' * (len(pieces) != 1)})"
+    if not items:  # every file empty: the single-process run's refusal, not Ray's error about zero blocks
+        raise NormactError(f"{describe}: no batches")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return Work(ds, "files", 1, describe, sum(i["stop"] for i in items))
+
+
+def file_items(pieces: list[tuple[Path, int]], batches: int | None) -> list[dict[str, Any]]:
+    """The work list of batch files: each file with the batches to take from it, at most ``batches`` in all.
+
+    A file with no batches (an empty shard) is passed over, as the single-process run passes over it; only
+    the ``batches`` limit ends the list early.
+    """
+    items: list[dict[str, Any]] = []
+    left = batches
     for f, n in pieces:
         take = n if left is None else min(n, left)
-        if take <= 0:
-            break
-        items.append({"file": str(f), "start": 0, "stop": take})
-        left = None if left is None else left - take
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return Work(ds, "files", 1, f"{path} ({len(pieces)} file{'s' * (len(pieces) != 1)})", sum(i["stop"] for i in items))
+        if take > 0:
+            items.append({"file": str(f), "start": 0, "stop": take})
+        if left is not None:
+            left -= take
+            if left <= 0:
+                break
+    return items
 
 
 def check_exists(data: Any) -> None:
@@ -368,8 +384,8 @@ class TreeMerge(Generic[T]):
     """Pairwise reduction of a stream: a binary counter of partial results (O(log n) of them held at a time)."""
 
     def __init__(self, merge: Callable[[T, T], T]) -> None:
-        self.merge, self.levels, self.count = merge, [], 0
-        self.levels: list[T | None]
+        self.merge, self.count = merge, 0
+        self.levels: list[T | None] = []
 
     def push(self, item: T) -> None:
         self.count += 1

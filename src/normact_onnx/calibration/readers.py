@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..errors import NormactError
 from ..inputs import InputSpec, format_shape
 from ..synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
 from . import rows
-from .batches import Batch, Source
+from .batches import Batch, Header, Source
 
 # ---- checking --------------------------------------------------------------------------------------------------
 
@@ -234,6 +234,12 @@ def has_batch_files(path: Path) -> bool:
     )
 
 
+def file_headers(files: list[Path], specs: list[InputSpec], batch_size: int | None) -> Iterator[tuple[str, Header]]:
+    """Each file's batch header (shapes and dtypes, read without the arrays): what is checked before any run."""
+    for f in files:
+        yield str(f), _split_header(_file_header(f, specs), batch_size)
+
+
 def file_source(path: str | os.PathLike, specs: list[InputSpec], batch_size: int | None = None) -> Source:
     files = _files(Path(path))
 
@@ -241,9 +247,8 @@ def file_source(path: str | os.PathLike, specs: list[InputSpec], batch_size: int
         for f in files:
             yield from file_batches(f, specs, batch_size)
 
-    def headers() -> Iterator[tuple[str, dict]]:
-        for f in files:
-            yield str(f), _split_header(_file_header(f, specs), batch_size)
+    def headers() -> Iterator[tuple[str, Header]]:
+        return file_headers(files, specs, batch_size)
 
     total = None
     if batch_size:
@@ -274,7 +279,7 @@ def iterable_source(items: Iterable[Any]) -> Source:
         for i, b in enumerate(items):
             yield f"batch {i}", b
 
-    total = len(items) if hasattr(items, "__len__") else None
+    total = len(items) if isinstance(items, Sized) else None
     return Source("batches", batches, total=total)
 
 

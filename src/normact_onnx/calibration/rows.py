@@ -20,6 +20,7 @@ single-process run imports them only when such a source is given.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,15 +102,10 @@ def _nested(v: Any) -> np.ndarray:
 
 def _reshape(a: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Flat rows (a ``list<float>`` column) take the input's per-sample shape when it is fully known."""
-    per_sample = spec.shape[1:] if spec.shape else None
-    if (
-        a.ndim == 2
-        and per_sample
-        and len(per_sample) > 1
-        and all(isinstance(d, int) and d > 0 for d in per_sample)
-        and a.shape[1] == int(np.prod(per_sample))
-    ):
-        return a.reshape(a.shape[0], *per_sample)
+    per_sample = spec.shape[1:] if spec.shape else []
+    dims = [d for d in per_sample if isinstance(d, int) and d > 0]  # only a fully known shape
+    if a.ndim == 2 and len(per_sample) > 1 and len(dims) == len(per_sample) and a.shape[1] == math.prod(dims):
+        return a.reshape(a.shape[0], *dims)
     return a
 
 

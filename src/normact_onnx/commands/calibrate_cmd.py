@@ -19,7 +19,9 @@ from .common import (
     check_outputs,
     default_output,
     image_options,
+    output_options,
     output_path,
+    site_selection,
 )
 from .rewrite_cmd import finish
 
@@ -109,18 +111,12 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         in_situ=args.in_situ,
         progress=not args.quiet,
-        include=args.include,
-        exclude=args.exclude,
-        nodes=args.nodes,
-        all_sites=args.all_sites,
-        form=args.form,
-        verify=not args.no_verify,
-        in_place=args.in_place,
-        write_unchanged=args.output is not None,
         details=True,
         images=image_options(args),
         ray=args.ray,
         workers=args.workers,
+        selection=site_selection(args),
+        output_options=output_options(args),
     )
     stats = result.stats
     for note in result.notes:

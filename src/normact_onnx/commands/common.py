@@ -13,6 +13,8 @@ from ..errors import NormactError
 from ..io import check_output_path
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
 from ..passes.normalize import FORMS
+from ..selection import SiteSelection
+from ..writer import OutputOptions
 
 Arguments = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -28,6 +30,19 @@ def add_selection(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also rewrite graph outputs and multiplicative gates (skipped by default)",
     )
+
+
+def site_selection(args: argparse.Namespace) -> SiteSelection:
+    """The flags of :func:`add_selection` as the one value ``rewrite`` and ``calibrate`` take."""
+    return SiteSelection.parse(args.include, args.exclude, args.nodes, args.all_sites)
+
+
+def output_options(args: argparse.Namespace) -> OutputOptions:
+    """``--form``, ``--no-verify``, ``--in-place`` and ``-o`` as the one value ``rewrite`` and ``calibrate`` take.
+
+    Without ``-o`` (a default output name) an unchanged model is not copied.
+    """
+    return OutputOptions(args.form, not args.no_verify, args.in_place, args.output is not None)
 
 
 def add_data_source(

@@ -10,6 +10,7 @@ from ..deploy import EPS_FLOOR, NOISE_FACTOR, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
 from ..texttable import table
+from ..writer import OutputOptions
 from .common import (
     add_data_source,
     add_no_verify,
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         dest,
         padding=args.padding,
         nodes=args.nodes,
-        verify=not args.no_verify,
         data=args.data,
         synthetic=args.synthetic,
         shapes=args.shape,
@@ -80,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         tolerance=args.tolerance,
-        in_place=args.in_place,
-        write_unchanged=args.output is not None,
         details=True,
         progress=not args.quiet,
+        output_options=OutputOptions(
+            verify=not args.no_verify, in_place=args.in_place, write_unchanged=args.output is not None
+        ),
     )
     report = result.report()
     if args.report:

@@ -17,7 +17,9 @@ from .common import (
     add_quiet,
     add_selection,
     check_outputs,
+    output_options,
     output_path,
+    site_selection,
 )
 
 
@@ -118,11 +120,6 @@ def run(args: argparse.Namespace) -> int:
         variant=args.variant,
         q=args.q,
         ratio=args.ratio,
-        form=args.form,
-        include=args.include,
-        exclude=args.exclude,
-        nodes=args.nodes,
-        all_sites=args.all_sites,
         preserve_function=args.preserve_function,
         method=args.method if args.stats is not None else None,
         stats=args.stats,
@@ -130,11 +127,10 @@ def run(args: argparse.Namespace) -> int:
         centered_rho=args.centered_rho,
         aggregate=args.aggregate,
         force=args.force,
-        verify=not args.no_verify,
-        in_place=args.in_place,
         dry_run=args.explain,
-        write_unchanged=args.output is not None,
         details=True,
         progress=not args.quiet,
+        selection=site_selection(args),
+        output_options=output_options(args),
     )
     return finish(args, result)

@@ -24,6 +24,7 @@ from ..catalogue import NORM_DOMAIN
 from ..deploy import fold as fold_model
 from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
+from ..outcome import Refusal
 from ..passes.find import Site, find_sites
 from ..provenance import update_constants
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
@@ -109,15 +110,14 @@ def export_model(
         onnx.StringStringEntryProto(key=META_FINETUNE, value=json.dumps({**provenance, "sites": per_site}))
     )
 
-    def pick(site: Site) -> Affine | str:
+    def pick(site: Site) -> Affine | Refusal:
         if site.output in updated:
-            return "already normalized"
-        return constants.get(site.output, "not trained as a normalized site")
+            return Refusal("already normalized")
+        return constants[site.output] if site.output in constants else Refusal("not trained as a normalized site")
 
     method = {"method": "anact-finetune" if provenance.get("method") == "anact" else provenance.get("method", "")}
     target = output if not fold else output.with_name(f".{output.name}.unfolded.onnx")
     out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
-    assert isinstance(out, onnx.ModelProto)  # details=False: the model (api.rewrite has no overloads for mypy yet)
     if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
         clamp_ir(out)
         with atomic_path(target) as tmp:

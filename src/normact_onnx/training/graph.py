@@ -35,10 +35,11 @@ from ..errors import NormactError
 from ..graph import Container, default_opset, remove_unused
 from ..methods.static import Affine
 from ..moments import gaussian_moments
+from ..outcome import Refusal
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..policy import select, static_constants
-from ..selection import parse_kinds
+from ..selection import SiteSelection
 from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .prepare import Preparation, is_weight_input, lift_weight_constants, prepare
 
@@ -279,13 +280,12 @@ def build_train_graph(
     sites = find_sites(m, base_dir) if method != "none" else []
     fixed = static_constants(q, variant)
 
-    def constants(site: Site) -> Affine | str:
+    def constants(site: Site) -> Affine | Refusal:
         if not _is_main(site):
-            return "inside an If/Loop/Scan body: trained as it is"
+            return Refusal("inside an If/Loop/Scan body: trained as it is")
         return fixed(site) if method == "static" else Affine(1.0, 0.0, 0.0)
 
-    inc, exc = parse_kinds(include, "--include"), parse_kinds(exclude, "--exclude")
-    outcomes = select(sites, inc, exc, nodes, all_sites, constants)
+    outcomes = select(sites, SiteSelection.parse(include, exclude, nodes, all_sites), constants)
     # function-form sites of earlier rewrites: adaptive under anact, their own constants under static
     for o in outcomes:
         rec = o.site.normalized
