@@ -1,5 +1,5 @@
-// kernels.h -- the interface between the op registration (ops.cc) and the
-// compute kernels (CPU: cpu_kernels.inc, CUDA: cuda_kernels.cuh).
+// kernels.h -- the interface between the ONNX Runtime ops (norm_op.cc,
+// stats_op.cc) and the compute kernels (CPU: cpu_kernels.inc, CUDA: cuda_kernels.cuh).
 //
 // Kernels are plain function pointers in [op][dtype] tables generated from the
 // op table, so registration never names an activation.
@@ -43,7 +43,7 @@ inline bool stats_row_mode(const StatsShape& s) {
 }
 
 // The same loops compiled three times: for the baseline ISA (SSE2 on x86-64),
-// AVX2+FMA+F16C and AVX-512; ops.cc picks one at kernel creation (see
+// AVX2+FMA+F16C and AVX-512; cpu_dispatch.cc picks one at kernel creation (see
 // select_cpu_table).  On non-x86 builds all three are baseline code.
 namespace cpu_generic {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
