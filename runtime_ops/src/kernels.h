@@ -28,6 +28,22 @@ struct Moments6 {
   double n, mx, m2x, mf, m2f, d2;
 };
 
+// a becomes the moments of a's and b's elements together (Chan, Golub &
+// LeVeque's pairwise update; the sums of f'^2 just add).  The one copy of the
+// merge: the CPU loops fold blocks into channels with it, the statistics op
+// folds the tasks' partial results.
+inline void merge_moments(Moments6& a, const Moments6& b) {
+  if (b.n == 0) return;
+  const double total = a.n + b.n;
+  const double w = b.n / total, dx = b.mx - a.mx, df = b.mf - a.mf;
+  a.m2x += b.m2x + dx * dx * a.n * w;
+  a.m2f += b.m2f + df * df * a.n * w;
+  a.mx += dx * w;
+  a.mf += df * w;
+  a.d2 += b.d2;
+  a.n = total;
+}
+
 // Adds elements [begin, end) of x (and of f, the activation's output, when f is
 // not null; else f is computed from x) to acc[channels].  `scratch` holds
 // kStatsScratch doubles.  When channels * inner <= kStatsRowMax and inner <

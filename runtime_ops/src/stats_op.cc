@@ -139,18 +139,7 @@ OrtStatusPtr ORT_API_CALL compute_stats(void* kernel, OrtKernelContext* ctx) {
   }
   for (size_t c = 0; c < channels; ++c) {
     Moments6 a = acc[c];
-    for (size_t t = 1; t < tasks; ++t) {
-      const Moments6& b = acc[t * channels + c];
-      if (b.n == 0) continue;
-      const double total = a.n + b.n;
-      const double w = b.n / total, dx = b.mx - a.mx, df = b.mf - a.mf;
-      a.m2x += b.m2x + dx * dx * a.n * w;
-      a.m2f += b.m2f + df * df * a.n * w;
-      a.mx += dx * w;
-      a.mf += df * w;
-      a.d2 += b.d2;
-      a.n = total;
-    }
+    for (size_t t = 1; t < tasks; ++t) merge_moments(a, acc[t * channels + c]);
     outs[0][c] = a.mx;
     outs[1][c] = a.m2x;
     outs[2][c] = a.mf;
