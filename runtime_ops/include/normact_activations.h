@@ -10,12 +10,13 @@
 #pragma once
 
 #include "normact_approx.h"
+#include "normact_op_table.h"
 
 namespace normact {
 
 // ------------------------------------------------------------- activations
-// Each functor: f(x, a, b) with the activation's own attributes a, b (see the
-// op table in normact_ops.h for which attribute is which), and its derivative
+// Each functor: f(x, a, b) with the activation's own attributes a, b: the
+// catalogue entry's params in order (normact_op_table.h, generated from it), and its derivative
 // df(x, a, b) as the catalogue's `derivative`/`derivative_body` define it
 // (docs/math.md §2.1's f'): at a kink the one-sided value the ONNX body gives (strict
 // comparisons, e.g. relu'(0) = 0), and the limits at +-inf rather than NaN.
@@ -33,10 +34,11 @@ struct Relu {
   static NA_HD float f(float x, float, float) { return x < 0.0f ? 0.0f : x; }
   static NA_HD float df(float x, float, float) { return x > 0.0f ? 1.0f : 0.0f; }
 };
-struct LeakyRelu {  // also PRelu with a scalar slope
+struct LeakyRelu {
   static NA_HD float f(float x, float alpha, float) { return x < 0.0f ? alpha * x : x; }
   static NA_HD float df(float x, float alpha, float) { return x > 0.0f ? 1.0f : alpha; }
 };
+using PRelu = LeakyRelu;  // PRelu with a scalar slope: the same math
 struct Elu {
   static NA_HD float f(float x, float alpha, float) {
     return x > 0.0f ? x : alpha * na_expm1(x);
@@ -164,13 +166,13 @@ struct Gelu {
     xc = xc < -13.4f ? -13.4f : xc;
     const float h = na_phi_lower(na_abs(xc));
     const float cdf = xc < 0.0f ? h : 1.0f - h;
-    return cdf + xc * (0.3989422804014327f * na_exp(-0.5f * xc * xc));
+    return cdf + xc * (NORMACT_INV_SQRT_2PI * na_exp(-0.5f * xc * xc));
   }
 };
 struct GeluTanh {
   // 0.5 x (1 + tanh(u)) == x * sigmoid(2u): no cancellation for x << 0.
   static NA_HD float f(float x, float, float) {
-    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const float u = NORMACT_SQRT_2_OVER_PI * (x + NORMACT_GELU_CUBIC * x * x * x);
     const float r = x / (1.0f + na_exp(-2.0f * u));
     return x == -na_inf() ? 0.0f : r;
   }
@@ -181,8 +183,8 @@ struct GeluTanh {
     float xc = x > 10.0f ? 10.0f : x;  // NaN passes both clamps
     xc = xc < -10.0f ? -10.0f : xc;
     const float x2 = xc * xc;
-    const float u = 0.7978845608028654f * (xc + 0.044715f * x2 * xc);
-    const float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x2);
+    const float u = NORMACT_SQRT_2_OVER_PI * (xc + NORMACT_GELU_CUBIC * x2 * xc);
+    const float du = NORMACT_SQRT_2_OVER_PI * (1.0f + 3.0f * NORMACT_GELU_CUBIC * x2);
     const float e = na_exp(-2.0f * u);
     const float s = 1.0f / (1.0f + e);
     return s + 2.0f * xc * (s * (e * s)) * du;

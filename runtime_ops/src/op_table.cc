@@ -3,7 +3,7 @@
 
 namespace normact {
 
-#define NORMACT_DESC(name, functor, an, ad, bn, bd) {#name, an, ad, bn, bd},
+#define NORMACT_DESC(name, functor, kind, an, ad, bn, bd) {#name, kind, an, ad, bn, bd},
 const OpDesc kOps[kNumOps] = {NORMACT_OP_TABLE(NORMACT_DESC)};
 #undef NORMACT_DESC
 

@@ -147,7 +147,8 @@ NORMACT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 // as JSON, so the tests can check it against the Python catalogue.
 NORMACT_EXPORT const char* NormactLibraryInfo() {
   static std::string json = [] {
-    std::string s = "{\"domain\": \"ai.normact\", \"opset\": 1, \"min_ort_api\": " + std::to_string(kMinApiVersion);
+    std::string s = std::string("{\"domain\": \"") + kDomain + "\", \"opset\": ";
+    s += std::to_string(NORMACT_DOMAIN_VERSION) + ", \"min_ort_api\": " + std::to_string(kMinApiVersion);
     s += ", \"header_api\": " + std::to_string(ORT_API_VERSION);
 #if defined(NORMACT_WITH_CUDA)
     s += ", \"cuda\": true";
@@ -173,6 +174,10 @@ NORMACT_EXPORT const char* NormactLibraryInfo() {
       }
       s += "}";
     }
+    // The catalogue kind of each op (the table is generated from the catalogue).
+    s += "}, \"kinds\": {";
+    for (int i = 0; i < kNumOps; ++i)
+      s += (i ? ", \"" : "\"") + std::string(kOps[i].name) + "\": \"" + kOps[i].kind + "\"";
     s += "}}";
     return s;
   }();
