@@ -61,6 +61,9 @@ BODY_TOL = {np.float32: (1e-4, 1e-6), np.float16: (1.5e-2, 2e-3)}
 
 def session(model, *, library: bool, providers=("CPUExecutionProvider",), **opts):
     so = ort.SessionOptions()
+    # Every tensor its own allocation rather than a slice of ONNX Runtime's arena, so that under
+    # AddressSanitizer (scripts/sanitize_kernels.sh) a kernel touching past its output's end is reported.
+    so.enable_cpu_mem_arena = False
     for k, v in opts.items():
         setattr(so, k, v)
     if library:
