@@ -144,7 +144,7 @@ def test_kernel_vs_reference_vs_body(kind, variant, dtype, cpu_isa):
         )
 
 
-# Where each approximation in normact_math.h keeps its relative accuracy down the tail.
+# Where each approximation in normact_approx.h keeps its relative accuracy down the tail.
 TAIL_RANGE = {"sigmoid": 88.0, "silu": 88.0, "tanh": 10.0, "gelu": 13.0}
 
 
