@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#include "kernels.h"
+#include "normact_ops.h"
 #include "onnxruntime_c_api.h"
 
 namespace normact {
