@@ -89,4 +89,4 @@ const char* launch(const void* xv, void* yv, size_t n, const Params& p, void* st
   const CudaFn kColumn_##suffix[kNumOps] = {NORMACT_OP_TABLE(NORMACT_CUDA_CELL)}; \
   }                                                                              \
   }
-#define NORMACT_CUDA_CELL(name, functor, an, ad, bn, bd) launch<act::functor, NORMACT_CUDA_T>,
+#define NORMACT_CUDA_CELL(name, functor, kind, an, ad, bn, bd) launch<act::functor, NORMACT_CUDA_T>,

@@ -1,5 +1,5 @@
-// kernels.h -- the interface between the op registration (ops.cc) and the
-// compute kernels (CPU: cpu_kernels.inc, CUDA: cuda_kernels.cuh).
+// kernels.h -- the interface between the ONNX Runtime ops (norm_op.cc,
+// stats_op.cc) and the compute kernels (CPU: cpu_kernels.inc, CUDA: cuda_kernels.cuh).
 //
 // Kernels are plain function pointers in [op][dtype] tables generated from the
 // op table, so registration never names an activation.
@@ -28,6 +28,22 @@ struct Moments6 {
   double n, mx, m2x, mf, m2f, d2;
 };
 
+// a becomes the moments of a's and b's elements together (Chan, Golub &
+// LeVeque's pairwise update; the sums of f'^2 just add).  The one copy of the
+// merge: the CPU loops fold blocks into channels with it, the statistics op
+// folds the tasks' partial results.
+inline void merge_moments(Moments6& a, const Moments6& b) {
+  if (b.n == 0) return;
+  const double total = a.n + b.n;
+  const double w = b.n / total, dx = b.mx - a.mx, df = b.mf - a.mf;
+  a.m2x += b.m2x + dx * dx * a.n * w;
+  a.m2f += b.m2f + df * df * a.n * w;
+  a.mx += dx * w;
+  a.mf += df * w;
+  a.d2 += b.d2;
+  a.n = total;
+}
+
 // Adds elements [begin, end) of x (and of f, the activation's output, when f is
 // not null; else f is computed from x) to acc[channels].  `scratch` holds
 // kStatsScratch doubles.  When channels * inner <= kStatsRowMax and inner <
@@ -43,7 +59,7 @@ inline bool stats_row_mode(const StatsShape& s) {
 }
 
 // The same loops compiled three times: for the baseline ISA (SSE2 on x86-64),
-// AVX2+FMA+F16C and AVX-512; ops.cc picks one at kernel creation (see
+// AVX2+FMA+F16C and AVX-512; cpu_dispatch.cc picks one at kernel creation (see
 // select_cpu_table).  On non-x86 builds all three are baseline code.
 namespace cpu_generic {
 extern const CpuFn kTable[kNumOps][kNumDTypes];

@@ -1,4 +1,4 @@
-"""Derive the polynomial / rational coefficients of runtime_ops/include/normact_math.h.
+"""Derive the polynomial / rational coefficients of runtime_ops/include/normact_approx.h.
 
     /work/venv/bin/python runtime_ops/tools/fit_approx.py          # prints the C constants
 
