@@ -202,7 +202,11 @@ def instrument(
             keep_shape = [1]
         else:
             keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
-        outs = hoister.hoist(c, local, keep_shape, stat_elem)
+        # the statistics' shape as far as it is known (a symbolic channel count stays symbolic), for Scan bodies
+        stat_shape: list[int | str | None] | None = None
+        if rank is not None:
+            stat_shape = [channels if d == axis else 1 for d in range(rank)]
+        outs = hoister.hoist(c, local, keep_shape, stat_elem, stat_shape)
         channel_shape = [] if axis is None or rank is None else [-1] + [1] * (rank - 1 - axis)
         probes.append(Probe(site, depth, outs, axis, channel_shape, use_fused))
     any_fused = any(p.fused for p in probes)
@@ -314,34 +318,59 @@ class _Hoister:
         self.done: dict[str, str] = {}  # local value -> main-graph output (sites sharing x share its statistics)
 
     def hoist(
-        self, c: Container, values: dict[str, str], keep_shape: list[int], elem: int = TensorProto.FLOAT
+        self,
+        c: Container,
+        values: dict[str, str],
+        keep_shape: list[int],
+        elem: int = TensorProto.FLOAT,
+        shape: list[int | str | None] | None = None,
     ) -> dict[str, str]:
-        """``elem``: the element type of the statistics other than size (int64)."""
+        """``elem``: the element type of the statistics other than size (int64); ``shape``: theirs, when known."""
         new = {stat: name for stat, name in values.items() if name not in self.done}
         if new:
             self.elem = elem
-            out = self._hoist(c, new, keep_shape)
+            out = self._hoist(c, new, keep_shape, shape)
             self.done.update({new[stat]: out[stat] for stat in new})
         return {stat: self.done[name] for stat, name in values.items()}
 
-    def _hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
+    def _hoist(
+        self, c: Container, values: dict[str, str], keep_shape: list[int], shape: list[int | str | None] | None
+    ) -> dict[str, str]:
+        stacked = 0  # the Loop/Scan levels the values have passed, each stacking them per iteration
         while c.parent is not None:
             owner, _ = _body(c)
             if owner.op_type == "If":
                 values = self._through_if(c, owner, values, keep_shape)
             else:
-                values = self._through_loop(c, owner, values)
+                values = self._through_loop(c, owner, values, shape, stacked)
+                stacked += 1
             c = c.parent
         for stat, name in values.items():
             c.add_output(_value_info(name, stat == "size", self.elem))
         return dict(values)
 
-    def _through_loop(self, c: Container, owner: onnx.NodeProto, values: dict[str, str]) -> dict[str, str]:
-        """New scan outputs: the body appends them last, the node stacks them per iteration."""
+    def _through_loop(
+        self,
+        c: Container,
+        owner: onnx.NodeProto,
+        values: dict[str, str],
+        shape: list[int | str | None] | None,
+        stacked: int,
+    ) -> dict[str, str]:
+        """New scan outputs: the body appends them last, the node stacks them per iteration.
+
+        ONNX Runtime runs a Scan only when every body output has a shape (a Loop does without): the
+        statistics declare theirs there, size one fewer dimension (a scalar per record). Shape
+        inference cannot give it when a statistic comes from the library's op, which has none. Each
+        Loop/Scan the values passed on the way adds a leading dimension of unknown length.
+        """
         parent = _parent(c)
         out = {}
         for stat, name in values.items():
-            c.add_output(_value_info(name, stat == "size", self.elem))
+            dims: list[int | str | None] | None = None
+            if owner.op_type == "Scan" and shape is not None:
+                dims = [None] * stacked + ([] if stat == "size" else shape)
+            c.add_output(_value_info(name, stat == "size", self.elem, dims))
             out[stat] = self.fresh(f"{name}__iters")
             parent.set_output(owner, len(owner.output), out[stat])
         if owner.op_type == "Scan":
@@ -387,5 +416,7 @@ def _body(c: Container) -> tuple[onnx.NodeProto, onnx.GraphProto]:
     return c.owner, c.graph
 
 
-def _value_info(name: str, is_size: bool, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else elem, None)
+def _value_info(
+    name: str, is_size: bool, elem: int = TensorProto.FLOAT, shape: list[int | str | None] | None = None
+) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else elem, shape)
