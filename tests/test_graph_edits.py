@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 from normact_onnx.graph import containers, remove_unused, upstream
@@ -99,3 +100,31 @@ def test_upstream_walks_back_to_the_stop_value():
     found, reads = upstream(c, c.producer["y"], "a")
     assert [n.op_type for n in found] == ["Sub", "Mul"]
     assert reads == ["h", "s"]
+
+
+def test_a_node_and_its_graph_gain_outputs_and_a_scan_its_axes():
+    """What calibration's hoister uses: a new node output, a new graph output, a non-graph attribute."""
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["x_t"], ["r"]), helper.make_node("Neg", ["r"], ["n"])],
+        "step",
+        [fvi("x_t", [3])],
+        [fvi("r", [3])],
+    )
+    scan = helper.make_node("Scan", ["xs"], ["rs"], num_scan_inputs=1, body=body, scan_output_axes=[0])
+    m = tiny_model([scan], [fvi("xs", [4, 3])], [fvi("rs", [4, 3])])
+    main, inner = containers(m)
+    scan = main.nodes[0]  # the node in the model (make_graph copied it)
+    inner.add_output(fvi("n", [3]))
+    main.set_output(scan, 1, "ns")  # one past the last output: a new output
+    main.set_attribute(scan, "scan_output_axes", [0, 0])
+    main.add_output(fvi("ns", [4, 3]))
+    assert main.producer["ns"] is scan and "ns" in main.outputs and "n" in inner.outputs
+    _index_is_true(main)
+    _index_is_true(inner)
+    xs = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    rs, ns = run_model(m, {"xs": xs})
+    np.testing.assert_array_equal(rs, np.maximum(xs, 0))
+    np.testing.assert_array_equal(ns, -np.maximum(xs, 0))
+    assert [a.name for a in scan.attribute].count("scan_output_axes") == 1  # replaced in place
+    with pytest.raises(ValueError, match="subgraph attribute"):
+        main.set_attribute(scan, "body", body)

@@ -194,3 +194,35 @@ def test_calibration_measures_the_pre_activation_inside_a_fused_op():
     (site,) = stats.sites.values()
     assert abs(float(np.mean(site.x.mean)) - float(bias.mean())) < 0.1  # v ~ N(0, 1), plus the fused bias
     assert calibrate(m, synthetic=True, batches=2) is not None
+
+
+def _refused_op_cases():
+    """Activation ops the catalogue reads and refuses, with the reason a user sees (one site's worth each)."""
+    head = helper.make_node("MatMul", ["h", "g"], ["y"])
+    io = ([fvi("v", [2, 4])], [fvi("y", [2, 4])])
+    g = const("g", np.eye(4))
+    yield "Clip", [helper.make_node("Clip", ["v"], ["h"]), head], *io, [g], "Clip without bounds is the identity"
+    clip = helper.make_node("Clip", ["v", "lo", "hi"], ["h"])
+    inverted = [g, const("lo", 1.0), const("hi", 0.0)]
+    yield "Clip", [clip, head], *io, inverted, "Clip bounds are empty or inverted"
+    per_channel = [g, const("lo", [0.0, 0.0, 0.0, 0.0]), const("hi", 6.0)]
+    yield "Clip", [clip, head], *io, per_channel, "Clip bounds are not constant scalars"
+    prelu = helper.make_node("PRelu", ["v", "slope"], ["h"])
+    yield "PRelu", [prelu, head], [*io[0], fvi("slope", [4])], io[1], [g], "PRelu slope is not a constant"
+    gemm = helper.make_node("FusedGemm", ["v", "g", "c"], ["h"], domain="com.microsoft", activation="Softsign")
+    yield (
+        "FusedGemm",
+        [gemm, head],
+        *io,
+        [g, const("c", np.zeros(4))],
+        "FusedGemm activation 'Softsign' is not split (only Relu, Sigmoid, Tanh, LeakyRelu, HardSigmoid)",
+    )
+
+
+@pytest.mark.parametrize("case", list(_refused_op_cases()), ids=lambda c: c[-1])
+def test_an_activation_op_the_catalogue_refuses_is_a_near_miss_with_its_reason(case):
+    op, nodes, inputs, outputs, inits, why = case
+    res = rewrite(_ms_model(nodes, inputs, outputs, inits), dry_run=True, details=True)
+    assert not res.outcomes
+    (miss,) = res.misses
+    assert miss["op"] == op and miss["why"] == why

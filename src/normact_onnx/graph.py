@@ -134,12 +134,33 @@ class Container:
             self.consumers[name].append(node)
 
     def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """Make ``node`` write ``name`` as its output ``index``; one past its last output adds an output."""
+        if index == len(node.output):
+            node.output.append("")
         old = node.output[index]
         if self.producer.get(old) is node:
             del self.producer[old]
         node.output[index] = name
         if name:
             self.producer[name] = node
+
+    def set_attribute(self, node: onnx.NodeProto, name: str, value: Any) -> None:
+        """Give ``node``'s attribute ``name`` a new value (in place, or added); not for subgraph attributes."""
+        attr = helper.make_attribute(name, value)
+        if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+            raise ValueError("a subgraph attribute needs its containers rebuilt: edit the body's nodes instead")
+        for a in node.attribute:
+            if a.name == name:
+                a.CopyFrom(attr)
+                return
+        node.attribute.append(attr)
+
+    def add_output(self, info: onnx.ValueInfoProto) -> None:
+        """Return one more value from this graph (a body's new output, or the model's)."""
+        if self.graph is None:
+            raise ValueError(f"{self.path} is a function: its outputs are fixed by its callers")
+        self.graph.output.append(info)
+        self.outputs.add(info.name)
 
     def rename_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
         """Every read of ``old`` by ``node`` reads ``new``: its inputs and, as an outer value, in its subgraphs.

@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..catalogue import NORM_DOMAIN, NORM_DOMAIN_VERSION
-from ..graph import Container, unique_namer
+from ..graph import Container, attr_value, unique_namer
 from ..passes.find import Site, find_sites
 from ..passes.unfuse import split_fused_sites
 from ..runtime.library import info_at, kernel_library
@@ -156,11 +156,10 @@ def instrument(
     sites = find_sites(m, base_dir)
     types = infer_value_types(m)
     fresh = unique_namer(m)
-    hoister = _Hoister(m, fresh)
+    hoister = _Hoister(fresh)
     probes: list[Probe] = []
     skipped: dict[str, str] = {}
     in_situ: list[str] = []
-    inserts: dict[int, tuple[Container, dict[int, list[onnx.NodeProto]]]] = {}
     cache: dict[tuple[int, str, int | None], dict[str, str]] = {}  # (container, x, axis): x statistics already built
     cross = normalize is not None and normalize.needs_cross
     for depth, site in enumerate(sites):
@@ -180,7 +179,7 @@ def instrument(
         f = site.output
         if normalizer is not None:  # the raw activation gets a new name; its old name becomes the normalized value
             f = fresh(f"{site.output}__normact_raw")
-            site.root.output[0] = f
+            site.container.set_output(site.root, 0, f)
             in_situ.append(site.output)
         fused_suffix = suffix if suffix is not None and _fusable(site, elem) else None
         use_fused = fused_suffix is not None
@@ -198,41 +197,22 @@ def instrument(
         if normalizer is not None:
             batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
         c = site.container
-        inserts.setdefault(id(c), (c, {}))[1].setdefault(id(site.root), []).extend(b.nodes)
+        c.insert_after(site.root, b.nodes)  # right after the site: the normalized value feeds the layers after it
         if rank is None:
             keep_shape = [1]
         else:
             keep_shape = [channels if d == axis and isinstance(channels, int) else 1 for d in range(rank)]
-        outs = hoister.hoist(c, local, keep_shape, stat_elem)
+        # the statistics' shape as far as it is known (a symbolic channel count stays symbolic), for Scan bodies
+        stat_shape: list[int | str | None] | None = None
+        if rank is not None:
+            stat_shape = [channels if d == axis else 1 for d in range(rank)]
+        outs = hoister.hoist(c, local, keep_shape, stat_elem, stat_shape)
         channel_shape = [] if axis is None or rank is None else [-1] + [1] * (rank - 1 - axis)
         probes.append(Probe(site, depth, outs, axis, channel_shape, use_fused))
-    # the new nodes go right after each site (the normalized value feeds the layers after it);
-    # innermost bodies first, so an outer node copied later carries its edited body with it
-    for c, after in sorted(inserts.values(), key=lambda ca: -_depth(ca[0])):
-        _insert_after(c, after)
     any_fused = any(p.fused for p in probes)
     if any_fused and not any(o.domain == NORM_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
     return Instrumented(m, probes, skipped, sites, any_fused, in_situ)
-
-
-def _depth(c: Container) -> int:
-    d = 0
-    while c.parent is not None:
-        c, d = c.parent, d + 1
-    return d
-
-
-def _insert_after(c: Container, after: dict[int, list[onnx.NodeProto]]) -> None:
-    """Rebuild the container's node list once, with ``after[id(node)]`` following each node."""
-    rebuilt: list[onnx.NodeProto] = []
-    for node in c.nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        rebuilt.append(copy)
-        rebuilt.extend(after.get(id(node), ()))
-    del c.nodes[:]
-    c.nodes.extend(rebuilt)
 
 
 def _fusable(site: Site, elem: int) -> bool:
@@ -330,72 +310,103 @@ def _site_statistics(
 
 
 class _Hoister:
-    """Makes values of a (nested) subgraph available as main-graph outputs."""
+    """Makes values of a (nested) subgraph available as main-graph outputs, through the containers' edits."""
 
-    def __init__(self, model: onnx.ModelProto, fresh: Callable[[str], str]) -> None:
-        self.model, self.fresh = model, fresh
+    def __init__(self, fresh: Callable[[str], str]) -> None:
+        self.fresh = fresh
         self.elem: int = TensorProto.FLOAT
         self.done: dict[str, str] = {}  # local value -> main-graph output (sites sharing x share its statistics)
 
     def hoist(
-        self, c: Container, values: dict[str, str], keep_shape: list[int], elem: int = TensorProto.FLOAT
+        self,
+        c: Container,
+        values: dict[str, str],
+        keep_shape: list[int],
+        elem: int = TensorProto.FLOAT,
+        shape: list[int | str | None] | None = None,
     ) -> dict[str, str]:
-        """``elem``: the element type of the statistics other than size (int64)."""
+        """``elem``: the element type of the statistics other than size (int64); ``shape``: theirs, when known."""
         new = {stat: name for stat, name in values.items() if name not in self.done}
         if new:
             self.elem = elem
-            out = self._hoist(c, new, keep_shape)
+            out = self._hoist(c, new, keep_shape, shape)
             self.done.update({new[stat]: out[stat] for stat in new})
         return {stat: self.done[name] for stat, name in values.items()}
 
-    def _hoist(self, c: Container, values: dict[str, str], keep_shape: list[int]) -> dict[str, str]:
+    def _hoist(
+        self, c: Container, values: dict[str, str], keep_shape: list[int], shape: list[int | str | None] | None
+    ) -> dict[str, str]:
+        stacked = 0  # the Loop/Scan levels the values have passed, each stacking them per iteration
         while c.parent is not None:
             owner, _ = _body(c)
             if owner.op_type == "If":
                 values = self._through_if(c, owner, values, keep_shape)
             else:
-                values = self._through_loop(c, owner, values)
+                values = self._through_loop(c, owner, values, shape, stacked)
+                stacked += 1
             c = c.parent
         for stat, name in values.items():
-            self.model.graph.output.append(_value_info(name, stat == "size", self.elem))
+            c.add_output(_value_info(name, stat == "size", self.elem))
         return dict(values)
 
-    def _through_loop(self, c: Container, owner: onnx.NodeProto, values: dict[str, str]) -> dict[str, str]:
-        """New scan outputs: the body appends them last, the node stacks them per iteration."""
-        _, graph = _body(c)
+    def _through_loop(
+        self,
+        c: Container,
+        owner: onnx.NodeProto,
+        values: dict[str, str],
+        shape: list[int | str | None] | None,
+        stacked: int,
+    ) -> dict[str, str]:
+        """New scan outputs: the body appends them last, the node stacks them per iteration.
+
+        ONNX Runtime runs a Scan only when every body output has a shape (a Loop does without): the
+        statistics declare theirs there, size one fewer dimension (a scalar per record). Shape
+        inference cannot give it when a statistic comes from the library's op, which has none. Each
+        Loop/Scan the values passed on the way adds a leading dimension of unknown length.
+        """
+        parent = _parent(c)
         out = {}
         for stat, name in values.items():
-            graph.output.append(_value_info(name, stat == "size", self.elem))
+            dims: list[int | str | None] | None = None
+            if owner.op_type == "Scan" and shape is not None:
+                dims = [None] * stacked + ([] if stat == "size" else shape)
+            c.add_output(_value_info(name, stat == "size", self.elem, dims))
             out[stat] = self.fresh(f"{name}__iters")
-            owner.output.append(out[stat])
+            parent.set_output(owner, len(owner.output), out[stat])
         if owner.op_type == "Scan":
-            for a in owner.attribute:
-                if a.name in ("scan_output_axes", "scan_output_directions"):
-                    a.ints.extend([0] * len(values))
+            for attr in ("scan_output_axes", "scan_output_directions"):
+                given = attr_value(owner, attr)
+                if given is not None:  # absent: every scan output stacks along axis 0, forwards
+                    parent.set_attribute(owner, attr, [*given, *[0] * len(values)])
         return out
 
     def _through_if(
         self, c: Container, owner: onnx.NodeProto, values: dict[str, str], keep_shape: list[int]
     ) -> dict[str, str]:
         """Both branches must return the same outputs: the other one returns empty records (n = 0)."""
+        parent = _parent(c)
         branch = c.path.rsplit(".", 1)[-1]  # graph.containers names a body <owner>.<attribute>
         other_name = "else_branch" if branch == "then_branch" else "then_branch"
-        other = next(a.g for a in owner.attribute if a.name == other_name)
-        _, graph = _body(c)
+        other = next(k for k in parent.children if k.owner is owner and k.path.rsplit(".", 1)[-1] == other_name)
         out = {}
         for stat, name in values.items():
             is_size = stat == "size"
             empty = self.fresh(f"{name}__empty")
             dtype = helper.tensor_dtype_to_np_dtype(self.elem)
             value = np.zeros((), np.int64) if is_size else np.zeros(keep_shape, dtype)
-            other.node.append(
-                helper.make_node("Constant", [], [empty], name=empty, value=numpy_helper.from_array(value, empty))
-            )
-            graph.output.append(_value_info(name, is_size, self.elem))
-            other.output.append(_value_info(empty, is_size, self.elem))
+            tensor = numpy_helper.from_array(value, empty)
+            other.insert(len(other.nodes), [helper.make_node("Constant", [], [empty], name=empty, value=tensor)])
+            c.add_output(_value_info(name, is_size, self.elem))
+            other.add_output(_value_info(empty, is_size, self.elem))
             out[stat] = self.fresh(f"{name}__if")
-            owner.output.append(out[stat])
+            parent.set_output(owner, len(owner.output), out[stat])
         return out
+
+
+def _parent(c: Container) -> Container:
+    if c.parent is None:
+        raise ValueError(f"{c.path} is the main graph, not a body")
+    return c.parent
 
 
 def _body(c: Container) -> tuple[onnx.NodeProto, onnx.GraphProto]:
@@ -405,5 +416,7 @@ def _body(c: Container) -> tuple[onnx.NodeProto, onnx.GraphProto]:
     return c.owner, c.graph
 
 
-def _value_info(name: str, is_size: bool, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else elem, None)
+def _value_info(
+    name: str, is_size: bool, elem: int = TensorProto.FLOAT, shape: list[int | str | None] | None = None
+) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.INT64 if is_size else elem, shape)

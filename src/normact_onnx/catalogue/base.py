@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..outcome import Refusal
 from .patterns import DecomposedForm
 
 Params = Mapping[str, Any]  # parameter name -> float (or ndarray for per-channel PRelu slopes)
@@ -50,10 +51,10 @@ class Body(Protocol):
 
 @dataclass(frozen=True)
 class OpForm:
-    """A single ONNX op that computes the activation (``read`` returns its params, or a reason string)."""
+    """A single ONNX op that computes the activation (``read`` returns its params, or why this node is not one)."""
 
     op_type: str
-    read: Callable[[Any], dict[str, Any] | str]
+    read: Callable[[Any], dict[str, Any] | Refusal]
     domain: str = ""
     min_opset: int = 1
 

@@ -17,15 +17,18 @@ from collections.abc import Callable
 import onnx
 from onnx import helper
 
+from ..outcome import Refusal
+
 MS = "com.microsoft"
 Split = tuple[list[onnx.NodeProto], onnx.NodeProto]
+NO_BIAS = "no bias to split off"  # FastGelu without a bias is a standalone activation, not a miss
 
 
 def _attrs(node: onnx.NodeProto, drop: tuple[str, ...]) -> list[onnx.AttributeProto]:
     return [a for a in node.attribute if a.name not in drop]
 
 
-def _activation(node: onnx.NodeProto, x: str, out: str) -> onnx.NodeProto | str:
+def _activation(node: onnx.NodeProto, x: str, out: str) -> onnx.NodeProto | Refusal:
     """The standard node for an ``activation``/``activation_params`` attribute pair."""
     act = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "activation"), b"")
     act = act.decode() if isinstance(act, bytes) else act
@@ -42,13 +45,13 @@ def _activation(node: onnx.NodeProto, x: str, out: str) -> onnx.NodeProto | str:
         alpha, beta = (params + [0.2, 0.5][len(params) :])[:2]
         return helper.make_node(act, [x], [out], name=name, alpha=alpha, beta=beta)
     known = "Relu, Sigmoid, Tanh, LeakyRelu, HardSigmoid"
-    return f"{node.op_type} activation {act or '(none)'!r} is not split (only {known})"
+    return Refusal(f"{node.op_type} activation {act or '(none)'!r} is not split (only {known})")
 
 
-def _fused_layer(op: str, n_inputs: int) -> Callable[[onnx.NodeProto, str], Split | str]:
+def _fused_layer(op: str, n_inputs: int) -> Callable[[onnx.NodeProto, str], Split | Refusal]:
     """FusedConv (X, W, B, Z: Z added before the activation) and FusedGemm (A, B, C)."""
 
-    def split(node: onnx.NodeProto, pre: str) -> Split | str:
+    def split(node: onnx.NodeProto, pre: str) -> Split | Refusal:
         inputs = list(node.input)
         extra = inputs[n_inputs:] if len(inputs) > n_inputs else []
         drop = ("activation", "activation_params", "activation_alpha", "activation_beta", "activation_gamma")
@@ -59,17 +62,17 @@ def _fused_layer(op: str, n_inputs: int) -> Callable[[onnx.NodeProto, str], Spli
         if any(extra):  # FusedConv's Z: y = act(conv + Z)
             nodes.append(helper.make_node("Add", [layer.output[0], extra[0]], [pre], name=f"{node.name}/sum"))
         act = _activation(node, pre, node.output[0])
-        return act if isinstance(act, str) else (nodes, act)
+        return act if isinstance(act, Refusal) else (nodes, act)
 
     return split
 
 
-def _bias_then(act_op: str) -> Callable[[onnx.NodeProto, str], Split | str]:
+def _bias_then(act_op: str) -> Callable[[onnx.NodeProto, str], Split | Refusal]:
     """BiasGelu(A, B) = Gelu(A + B); FastGelu(X, bias) = FastGelu(X + bias)."""
 
-    def split(node: onnx.NodeProto, pre: str) -> Split | str:
+    def split(node: onnx.NodeProto, pre: str) -> Split | Refusal:
         if len(node.input) < 2 or not node.input[1]:
-            return "no bias to split off"
+            return Refusal(NO_BIAS)
         add = helper.make_node("Add", [node.input[0], node.input[1]], [pre], name=f"{node.name}/bias")
         act = helper.make_node(act_op, [pre], [node.output[0]], name=node.name or None, domain=MS)
         return [add], act
@@ -77,12 +80,12 @@ def _bias_then(act_op: str) -> Callable[[onnx.NodeProto, str], Split | str]:
     return split
 
 
-def _quick_gelu(node: onnx.NodeProto, pre: str) -> Split | str:
+def _quick_gelu(node: onnx.NodeProto, pre: str) -> Split | Refusal:
     alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.702)
-    return f"QuickGelu is x·Sigmoid({alpha:g}·x): a Swish with β ≠ 1 is not in the catalogue"
+    return Refusal(f"QuickGelu is x·Sigmoid({alpha:g}·x): a Swish with β ≠ 1 is not in the catalogue")
 
 
-FUSED: dict[tuple[str, str], Callable[[onnx.NodeProto, str], Split | str]] = {
+FUSED: dict[tuple[str, str], Callable[[onnx.NodeProto, str], Split | Refusal]] = {
     (MS, "QuickGelu"): _quick_gelu,
     (MS, "FusedConv"): _fused_layer("Conv", 3),
     (MS, "FusedGemm"): _fused_layer("Gemm", 3),

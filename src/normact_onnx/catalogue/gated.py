@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..outcome import Refusal
 from .base import Activation, Body, OpForm, erf, no_params, one_minus_square, sigmoid, softplus, step
 from .exponential import softplus_body
 from .patterns import Attr, C, DecomposedForm, N, Pattern, X, alt, node
@@ -62,9 +63,9 @@ _HARD_SWISH_FORMS = (
 
 
 def _read_gelu(approximate: str) -> Any:
-    def read(view: Any) -> dict[str, Any] | str:
+    def read(view: Any) -> dict[str, Any] | Refusal:
         got = view.attr("approximate", "none")
-        return {} if got == approximate else f"Gelu approximate={got!r}"
+        return {} if got == approximate else Refusal(f"Gelu approximate={got!r}")
 
     return read
 
@@ -152,9 +153,13 @@ def _mish_derivative(x: np.ndarray) -> np.ndarray:
     return t + x * sigmoid(x) * (1.0 - t * t)
 
 
-def _read_swish(view: Any) -> dict[str, Any] | str:
+def _read_fast_gelu(view: Any) -> dict[str, Any] | Refusal:
+    return {} if not view.has_input(1) else Refusal("FastGelu with bias")
+
+
+def _read_swish(view: Any) -> dict[str, Any] | Refusal:
     alpha = float(view.attr("alpha", 1.0))
-    return {} if alpha == 1.0 else f"Swish alpha={alpha} (only alpha=1 is SiLU)"
+    return {} if alpha == 1.0 else Refusal(f"Swish alpha={alpha} (only alpha=1 is SiLU)")
 
 
 SILU = Activation(
@@ -221,7 +226,7 @@ GELU_TANH = Activation(
     body=_gelu_tanh_body,
     ops=(
         OpForm("Gelu", _read_gelu("tanh"), min_opset=20),
-        OpForm("FastGelu", lambda v: {} if not v.has_input(1) else "FastGelu with bias", domain="com.microsoft"),
+        OpForm("FastGelu", _read_fast_gelu, domain="com.microsoft"),
     ),
     patterns=tuple(DecomposedForm("tanh chain", p) for p in _half_x_times(_TANH_ONE_PLUS)),
     summary="0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..outcome import Refusal
 from .base import Activation, Body, OpForm, attrs_reader, no_params, step
 from .patterns import C, DecomposedForm, X, node
 
@@ -53,17 +54,17 @@ def _clip_derivative_body(b: Body, x: str) -> str:
     return b.op("Mul", step(b, x, b.param("min")), step(b, x, b.param("max"), "Less"))
 
 
-def _read_prelu(view: Any) -> dict[str, Any] | str:
+def _read_prelu(view: Any) -> dict[str, Any] | Refusal:
     slope = view.const_input(1)
     if slope is None:
-        return "PRelu slope is not a constant"
+        return Refusal("PRelu slope is not a constant")
     slope = np.asarray(slope, dtype=np.float64)
     if slope.size and np.all(slope == slope.flat[0]):
         return {"alpha": float(slope.flat[0])}
     return {"alpha": slope}
 
 
-def _read_clip(view: Any) -> dict[str, Any] | str:
+def _read_clip(view: Any) -> dict[str, Any] | Refusal:
     if view.opset < 11:
         lo, hi = float(view.attr("min", -FLT_MAX)), float(view.attr("max", FLT_MAX))
     else:
@@ -74,13 +75,13 @@ def _read_clip(view: Any) -> dict[str, Any] | str:
                 continue
             v = view.const_input(i)
             if v is None or np.size(v) != 1:
-                return "Clip bounds are not constant scalars"
+                return Refusal("Clip bounds are not constant scalars")
             bounds.append(float(np.asarray(v).reshape(())))
         lo, hi = bounds
     if lo <= -FLT_MAX and hi >= FLT_MAX:
-        return "Clip without bounds is the identity"
+        return Refusal("Clip without bounds is the identity")
     if not lo < hi:
-        return "Clip bounds are empty or inverted"
+        return Refusal("Clip bounds are empty or inverted")
     return {"min": lo, "max": hi}
 
 

@@ -8,7 +8,7 @@ of that site, never a site of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 
 from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
-from ..catalogue.fused import FUSED
+from ..catalogue.fused import FUSED, NO_BIAS, Split
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
+from ..outcome import Refusal
 from ..provenance import read_records
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -421,8 +422,8 @@ def find_in_container(
             if c.opset < form.min_opset and form.domain == "":
                 continue
             params = form.read(_View(node, c, base_dir))
-            if isinstance(params, str):
-                reasons.append(params)
+            if isinstance(params, Refusal):
+                reasons.append(params.reason)
                 continue
             site = Site(c, act.kind, params, [node], node.input[0], node.output[0], f"op {node.op_type}")
             site.const_nodes = _exclusive_const_nodes(c, tuple(node.input[1:]), [node])  # e.g. Clip's min/max
@@ -457,22 +458,26 @@ def find_in_container(
 
 
 def _fused_site(
-    c: Container, node: onnx.NodeProto, split: Any, base_dir: str | None, misses: list[dict] | None
+    c: Container,
+    node: onnx.NodeProto,
+    split: Callable[[onnx.NodeProto, str], Split | Refusal],
+    base_dir: str | None,
+    misses: list[dict] | None,
 ) -> Site | None:
     """The activation inside a fused op as a site whose input is the (not yet written) pre-activation."""
     parts = split(node, f"{node.output[0]}__normact_pre")
-    why = parts if isinstance(parts, str) else None
-    if why is None:
+    why = parts.reason if isinstance(parts, Refusal) else None
+    if not isinstance(parts, Refusal):
         pre, act = parts
         for a, form in _OPS.get((act.domain or "", act.op_type), ()):
             params = form.read(_View(act, c, base_dir))
-            if isinstance(params, str):
-                why = params
+            if isinstance(params, Refusal):
+                why = params.reason
                 continue
             site = Site(c, a.kind, params, [node], act.input[0], node.output[0], f"fused {node.op_type}({act.op_type})")
             site.unfused = (pre, act)
             return site
-    if why and misses is not None and not (node.op_type == "FastGelu" and why == "no bias to split off"):
+    if why and misses is not None and not (node.op_type == "FastGelu" and why == NO_BIAS):
         misses.append({"graph": c.path, "name": node.name or node.output[0], "op": node.op_type, "why": why})
     return None
 

@@ -109,7 +109,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         if site.unfused:  # a fused op: its layer written out, then the site (split now: preserve may have
             # pointed the fused node at a restored input)
             parts = FUSED[(site.root.domain, site.root.op_type)](site.root, site.input)
-            assert not isinstance(parts, str), parts  # find_sites split it already
+            assert not isinstance(parts, Refusal), parts  # find_sites split it already
             pre, act = parts
             site.unfused = (pre, act)
         form = _choose_form(plan.form, model, opset, o, affine, elem, fn_elem)
