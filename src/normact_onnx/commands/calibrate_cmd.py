@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..methods.static import VARIANTS
+from ..methods.static import MEASURED_VARIANTS as VARIANTS
 from .common import (
     add_anact_options,
     add_data_source,
@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--variant",
         choices=VARIANTS,
         default="center-scale",
-        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (also remove the linear part)",
+        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (this project's own; "
+        "both also remove the linear part)",
     )
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
     add_anact_options(m)
