@@ -242,6 +242,13 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
     p.add_argument("--report", action="store_true", help="only rebuild tables and plots from <name>.json")
     p.add_argument("--resume", action="store_true", help="keep the runs already in <name>.json, run the rest")
+    p.add_argument(
+        "--order",
+        choices=("centre-first", "seed"),
+        default="centre-first",
+        help="centre-first: the first factor on every seed, then the rest seed by seed; seed: seed by seed",
+    )
+    p.add_argument("--merge", default="", help="with --report: also the runs of these stems (comma-separated)")
     args = p.parse_args()
     parse_lr(args.lr)
     methods = [m.strip() for m in args.methods.split(",")]
@@ -250,6 +257,10 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         saved = json.loads((out / f"{args.name}.json").read_text())
+        for stem in filter(None, args.merge.split(",")):
+            more = json.loads((out / f"{stem}.json").read_text())
+            saved["runs"] += more["runs"]
+            saved["theory"] = {**more["theory"], **saved["theory"]}
         report(saved, out, args.name)
         return
     torch.set_num_threads(args.threads)
@@ -275,6 +286,8 @@ def main() -> None:
     # sweep still has every depth and method on several seeds
     first = [(d, m, s, factors[0]) for s in range(args.seeds) for d in depths for m in methods]
     rest = [(d, m, s, f) for s in range(args.seeds) for f in factors[1:] for d in depths for m in methods]
+    if args.order == "seed":
+        first, rest = [], [(d, m, s, f) for s in range(args.seeds) for f in factors for d in depths for m in methods]
     for d, m, s, f in first + rest:
         if (d, m, s, _r(f)) in done:
             continue
@@ -303,7 +316,20 @@ def tables(saved: dict) -> str:
     runs, args = saved["runs"], saved["args"]
     depths = [int(d) for d in args["depths"].split(",")]
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    out = ["Test accuracy (%) at each depth's best rate (mean ± std over seeds; rate in brackets):", ""]
+    out = ["Test accuracy (%) at the centre rate (mean ± std over seeds; final training loss):", ""]
+    out += ["| method (rate) | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+    for m in methods:
+        cells, rate = [], None
+        for d in depths:
+            rs = [r for r in runs if r["method"] == m and r["depth"] == d and r["lr_factor"] == 1.0]
+            if not rs:
+                cells.append("–")
+                continue
+            rate = rs[0]["lr"]
+            loss = [r["final_loss"] for r in rs if r["final_loss"] is not None]
+            cells.append(f"{_cell(rs)} ({_g(float(np.mean(loss))) if loss else '–'}; {len(rs)} seeds)")
+        out.append(f"| {LABELS[m]} ({_g(rate)}) | " + " | ".join(cells) + " |")
+    out += ["", "Test accuracy (%) at each depth's best rate (mean ± std over seeds; rate in brackets):", ""]
     out += ["| method | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
     for m in methods:
         cells = []
@@ -327,27 +353,29 @@ def tables(saved: dict) -> str:
             rs = [r for r in runs if r["method"] == m and r["depth"] == d]
             cells.append(f"{sum(r['converged'] for r in rs)} / {len(rs)}" if rs else "–")
         out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    deep = max(depths)
-    out += ["", f"Signal propagation at init (depth {deep}, seed 0; theory: mean field at σ_w² = 1):", ""]
+    have = sorted({r["depth"] for r in runs if r["seed"] == 0})
+    out += ["", "Signal propagation at init, seed 0 (theory: mean field at σ_w² = 1, He folded into φ; measured:", ""]
+    out[-2] += " probes on 256 test images; Jacobian: hidden stack, mean over 4 images):"
     out += [
-        "| method | theory q* | theory χ at q* | correlation depth ξ (c*) | measured gain (geo. mean) "
+        "| depth | method | theory q* | theory χ at q* | ξ (c*) | measured gain (geo. mean) "
         "| q at layer 1 / last | Jacobian σ_max / σ_median init | after training |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in methods:
-        th = saved["theory"][m]
-        rs = [r for r in runs if r["method"] == m and r["depth"] == deep and r["seed"] == 0]
-        if not rs:
-            continue
-        pi = rs[0]["probe_init"]
-        gains = np.array([g for g in pi["backward_gain"] if g], dtype=float)
-        geo = float(np.exp(np.mean(np.log(gains)))) if gains.size else float("nan")
-        pe = next((r["probe_end"] for r in rs if r["probe_end"] and r["probe_end"]["jacobian_sv"]), None)
-        out.append(
-            f"| {LABELS[m]} | {_g(th['q_star'])} | {_g(th['chi'])} | {_g(th['depth'])} ({_g(th['c_star'])}) "
-            f"| {_g(geo)} | {_g(pi['q'][0])} / {_g(pi['q'][-1])} | {_sv(pi['jacobian_sv'])} "
-            f"| {_sv(pe['jacobian_sv']) if pe else '–'} |"
-        )
+    for deep in have[-2:]:
+        for m in methods:
+            th = saved["theory"][m]
+            rs = [r for r in runs if r["method"] == m and r["depth"] == deep and r["seed"] == 0]
+            if not rs:
+                continue
+            pi = rs[0]["probe_init"]
+            gains = np.array([g for g in pi["backward_gain"] if g], dtype=float)
+            geo = float(np.exp(np.mean(np.log(gains)))) if gains.size else float("nan")
+            pe = next((r["probe_end"] for r in rs if r["probe_end"] and r["probe_end"]["jacobian_sv"]), None)
+            out.append(
+                f"| {deep} | {LABELS[m]} | {_g(th['q_star'])} | {_g(th['chi'])} | {_g(th['depth'])} "
+                f"({_g(th['c_star'])}) | {_g(geo)} | {_g(pi['q'][0])} / {_g(pi['q'][-1])} "
+                f"| {_sv(pi['jacobian_sv'])} | {_sv(pe['jacobian_sv']) if pe else '–'} |"
+            )
     return "\n".join(out)
 
 
@@ -397,9 +425,9 @@ def report(saved: dict, out: Path, name: str) -> None:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{name}_curves.png", dpi=80)
+    fig.savefig(out / f"{name}_curves.png", dpi=70)
     plt.close(fig)
-    deep = max(depths)
+    deep = max(r["depth"] for r in runs if r["seed"] == 0)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for m in methods:
         rs = [r for r in runs if r["method"] == m and r["depth"] == deep and r["seed"] == 0]
@@ -422,7 +450,7 @@ def report(saved: dict, out: Path, name: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{name}_spectra.png", dpi=80)
+    fig.savefig(out / f"{name}_spectra.png", dpi=70)
     plt.close(fig)
 
 
