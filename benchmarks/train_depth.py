@@ -357,9 +357,9 @@ def tables(saved: dict) -> str:
     out += ["", "Signal propagation at init, seed 0 (theory: mean field at σ_w² = 1, He folded into φ; measured:", ""]
     out[-2] += " probes on 256 test images; Jacobian: hidden stack, mean over 4 images):"
     out += [
-        "| depth | method | theory q* | theory χ at q* | ξ (c*) | measured gain (geo. mean) "
+        "| depth | method | theory q* | theory χ at q* | ξ (c*) | measured gain (geo. mean) | measured ξ "
         "| q at layer 1 / last | Jacobian σ_max / σ_median init | after training |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for deep in have[-2:]:
         for m in methods:
@@ -373,10 +373,26 @@ def tables(saved: dict) -> str:
             pe = next((r["probe_end"] for r in rs if r["probe_end"] and r["probe_end"]["jacobian_sv"]), None)
             out.append(
                 f"| {deep} | {LABELS[m]} | {_g(th['q_star'])} | {_g(th['chi'])} | {_g(th['depth'])} "
-                f"({_g(th['c_star'])}) | {_g(geo)} | {_g(pi['q'][0])} / {_g(pi['q'][-1])} "
+                f"({_g(th['c_star'])}) | {_g(geo)} | {_g(measured_correlation_depth(pi['correlation'], th['c_star']))} "
+                f"| {_g(pi['q'][0])} / {_g(pi['q'][-1])} "
                 f"| {_sv(pi['jacobian_sv'])} | {_sv(pe['jacobian_sv']) if pe else '–'} |"
             )
     return "\n".join(out)
+
+
+def measured_correlation_depth(corr: list[float], c_star: float) -> float | None:
+    """−1/slope of ln(c_l − c*) against l, over the layers before c_l is within 0.05 of c* (None if < 3 points).
+
+    Only for a stable c* < 1 (the chaotic sites); ReLU's approach to c* = 1 is a power law, not exponential.
+    """
+    if c_star is None or c_star > 0.5:
+        return None
+    gap = [c - c_star for c in corr]
+    stop = next((i for i, g in enumerate(gap) if g < 0.05), len(gap))
+    if stop < 3:
+        return None
+    slope = np.polyfit(np.arange(stop), np.log(gap[:stop]), 1)[0]
+    return float(-1.0 / slope) if slope < 0 else math.inf
 
 
 def _g(v) -> str:
