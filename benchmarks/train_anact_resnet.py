@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import fashion_mnist
+from machine import machine
 from significance import paired_test
 
 from normact_onnx.training.reference import ANAct, commit_all
@@ -187,7 +188,13 @@ def main() -> None:
         (torch.from_numpy((x - mean) / std), torch.from_numpy(y)),
         (torch.from_numpy((xt - mean) / std), torch.from_numpy(yt)),
     )
-    record: dict = {"args": vars(args), "data": "Fashion-MNIST (Debian dataset-fashion-mnist)", "runs": []}
+    record: dict = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "args": vars(args),
+        "data": "Fashion-MNIST (Debian dataset-fashion-mnist)",
+        "runs": [],
+    }
     for seed in range(args.seeds):  # seed-major: a stopped run still holds complete pairs
         for config in CONFIGS:
             record["runs"].append(run(config, seed, data, args))

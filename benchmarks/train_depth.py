@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import depth_probes as probes
 from datasets import mnist
+from machine import machine
 
 from normact_onnx.catalogue import CATALOGUE
 from normact_onnx.methods.static import static_affine
@@ -274,6 +275,8 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     factors = [float(f) for f in args.lr_factors.split(",")]
     record = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "args": vars(args),
         "theory": {m: _r(theory(m, args.init)) for m in methods},
         "runs": [],
@@ -313,8 +316,8 @@ def _cell(rs: list[dict]) -> str:
 
 def tables(saved: dict) -> str:
     """Best-rate accuracy per depth, robustness, and the probes' backward gain, as markdown."""
-    runs, args = saved["runs"], saved["args"]
-    depths = [int(d) for d in args["depths"].split(",")]
+    runs = saved["runs"]
+    depths = sorted({r["depth"] for r in runs})
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     out = ["Test accuracy (%) at the centre rate (mean ± std over seeds; final training loss):", ""]
     out += ["| method (rate) | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
@@ -416,8 +419,8 @@ def report(saved: dict, out: Path, name: str) -> None:
     except ImportError:
         print("(matplotlib not installed: no plots)")
         return
-    runs, args = saved["runs"], saved["args"]
-    depths = [int(d) for d in args["depths"].split(",")]
+    runs = saved["runs"]
+    depths = sorted({r["depth"] for r in runs})
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     fig, axes = plt.subplots(2, len(depths), figsize=(4.2 * len(depths), 7), squeeze=False)
     for j, d in enumerate(depths):
