@@ -380,6 +380,16 @@ def tables(saved: dict) -> str:
                 f"| {_g(pi['q'][0])} / {_g(pi['q'][-1])} "
                 f"| {_sv(pi['jacobian_sv'])} | {_sv(pe['jacobian_sv']) if pe else '–'} |"
             )
+    out += ["", "Hidden-to-hidden weight singular values, seed 0, mean over layers (init → after training):", ""]
+    out += ["| depth | method | σ_max | σ_median | σ_min |", "|---|---|---|---|---|"]
+    for deep in have[-2:]:
+        for m in methods:
+            rs = [r for r in runs if r["method"] == m and r["depth"] == deep and r["seed"] == 0 and r["probe_end"]]
+            if not rs:
+                continue
+            a, b = rs[0]["probe_init"]["weights"], rs[0]["probe_end"]["weights"]
+            cells = [f"{_g(np.mean(a[k]))} → {_g(np.mean(b[k]))}" for k in ("max", "median", "min")]
+            out.append(f"| {deep} | {LABELS[m]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -463,7 +473,7 @@ def report(saved: dict, out: Path, name: str) -> None:
             axes[2].plot(pe["jacobian_sv"], color=col)
     axes[0].set(xlabel="layer", ylabel="pre-activation E z² at init", yscale="log", title=f"depth {deep}, seed 0")
     axes[1].set(xlabel="layer", ylabel="backward gain E δ_l² / E δ_l+1²", yscale="log", ylim=(0.1, 10))
-    axes[2].set(xlabel="index", ylabel="Jacobian singular value", yscale="log",
+    axes[2].set(xlabel="index", ylabel="Jacobian singular value", yscale="log", ylim=(1e-12, 1e14),
                 title="dashed: init, solid: after training")
     for ax in axes:
         ax.grid(alpha=0.3)
