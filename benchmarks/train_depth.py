@@ -454,7 +454,7 @@ def report(saved: dict, out: Path, name: str) -> None:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{name}_curves.png", dpi=70)
+    fig.savefig(out / f"{name}_curves.png", dpi=50)
     plt.close(fig)
     deep = max(r["depth"] for r in runs if r["seed"] == 0)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
