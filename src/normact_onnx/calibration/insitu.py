@@ -25,7 +25,7 @@ from onnx import TensorProto
 
 from ..errors import NormactError
 from ..methods.anact import LAMBDA_RULES
-from ..methods.static import VARIANTS
+from ..methods.static import MEASURED_VARIANTS as VARIANTS
 from .stats_body import StatsBody
 
 EPS = 1e-12

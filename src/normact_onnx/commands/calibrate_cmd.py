@@ -7,7 +7,7 @@ import sys
 
 from ..api import calibrate
 from ..calibration.report import factors_table, terminal_table
-from ..methods.static import VARIANTS
+from ..methods.static import MEASURED_VARIANTS as VARIANTS
 from .common import (
     add_anact_options,
     add_data_source,
@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--variant",
         choices=VARIANTS,
         default="center-scale",
-        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (also remove the linear part)",
+        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (this project's own; "
+        "both also remove the linear part)",
     )
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
     add_anact_options(m)

@@ -119,7 +119,7 @@ def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = Tru
         "--lambda-rule",
         choices=LAMBDA_RULES,
         default="anact" if defaults else None,
-        help="λ = √((ρ+ρ')/(2ρρ')) (anact, default) or √(2/(ρ+ρ')) (xavier)",
+        help="λ = √((ρ+ρ')/(2ρρ')) (anact, the paper's; default) or √(2/(ρ+ρ')) (xavier, this project's own)",
     )
     g.add_argument(
         "--centered-rho",

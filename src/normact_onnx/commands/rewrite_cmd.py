@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--variant",
         choices=VARIANTS,
         help="center-scale: zero mean, unit variance (default; with --stats: the variant calibrate measured); "
-        "zeta-zero: also zero mean slope; ratio: slope between the two (--ratio)",
+        "zeta-zero: also zero mean slope; zeta-zero-unscaled: zeta-zero without the variance rescale "
+        "(unit backward gain; ReLU: |x| − √(2q/π)); ratio (this project's own): slope between the two (--ratio)",
     )
     m.add_argument("--q", type=float, default=1.0, help="design variance of the pre-activation (default 1)")
     m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")

@@ -2,6 +2,10 @@
 
 A fixed transform computed once from Gaussian integrals at the design variance q:
 no data needed. Every variant is ``y = scale·(f(x) − shift − slope·x)``.
+
+``center-scale`` and ``zeta-zero`` follow the paper; ``zeta-zero-unscaled`` is the
+ζ = 0 form without the variance rescale (for ReLU |x| − √(2q/π), the form the
+paper's public code uses); ``ratio`` is this project's own interpolation between them.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from ..errors import NormactError
 from ..moments import Moments, gaussian_moments
 from ..outcome import Refusal
 
-Variant = Literal["center-scale", "zeta-zero", "ratio"]
+Variant = Literal["center-scale", "zeta-zero", "zeta-zero-unscaled", "ratio"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
+# From measured statistics (calibrate, in situ): the unscaled form needs E f'², which the statistics do not hold.
+MEASURED_VARIANTS: tuple[Variant, ...] = ("center-scale", "zeta-zero", "ratio")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ def affine_from_moments(m: Moments, variant: str = "center-scale", ratio: float 
             raise NormactError("activation has zero variance at this q; center-scale is undefined")
         return Affine(1.0 / math.sqrt(v), m.m1, 0.0)
     residual = v - q * b * b  # variance left after removing the linear part (Poincaré: ≥ 0)
+    if variant == "zeta-zero-unscaled":
+        return _unit_gain_zeta_zero(m)
     if variant == "zeta-zero":
         ratio = 0.0
     elif variant != "ratio":
@@ -62,6 +70,20 @@ def affine_from_moments(m: Moments, variant: str = "center-scale", ratio: float 
     scale = math.sqrt((1.0 - ratio) / residual)
     slope = b - math.copysign(math.sqrt(ratio * residual / ((1.0 - ratio) * q)), b) if ratio else b
     return Affine(scale, m.m1, slope)
+
+
+def _unit_gain_zeta_zero(m: Moments) -> Affine:
+    """ζ = 0 without the variance rescale (docs/math.md §1.3.1): s·(f − E f − b·x), s = 1/√(E f'² − b²).
+
+    The only factor left makes the derivative's second moment one, E(s·(f' − b))² = 1, so
+    the backward gain at σ_w² = 1 is exactly 1 at the design q; the forward variance
+    s²·(v − q·b²) is then at most q (Gaussian Poincaré), and the variance map contracts.
+    For ReLU s = 2: y = |x| − √(2q/π).
+    """
+    spread = m.d2 - m.b * m.b  # Var f'(x) under the Gaussian; zero only when f' is constant (f affine)
+    if not spread > 1e-12 * max(m.d2, 1e-300):
+        raise NormactError("activation is affine at this q (f' constant); zeta-zero-unscaled is undefined")
+    return Affine(1.0 / math.sqrt(spread), m.m1, m.b)
 
 
 def static_affine(
@@ -111,8 +133,10 @@ def measured_affine(
     r_max = q·b²/v gives center-scale there (where the family ends).
     Returns (scale, shift, slope) arrays.
     """
-    if variant not in VARIANTS:
-        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant not in MEASURED_VARIANTS:
+        if variant in VARIANTS:
+            return Refusal(f"variant {variant} needs E f'², which measured statistics do not hold: use the Gaussian constants")
+        raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(MEASURED_VARIANTS)}")
     m1, v, mx, q = (np.asarray(a, dtype=np.float64) for a in (f_mean, f_var, x_mean, x_var))
     if variant == "center-scale":
         if not np.all(v > 0):
