@@ -133,8 +133,11 @@ def run(config: str, seed: int, data, args: argparse.Namespace) -> dict:
         tl, ta = evaluate(net, xt[sub], yt[sub])
         for k, v in zip(curve, (epoch + 1, float(np.mean(losses)), tl, ta), strict=True):
             curve[k].append(v)
-        print(f"  {config} seed {seed} epoch {epoch + 1}: train loss {curve['train_loss'][-1]:.4f} "
-              f"test acc (2k) {ta:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"  {config} seed {seed} epoch {epoch + 1}: train loss {curve['train_loss'][-1]:.4f} "
+            f"test acc (2k) {ta:.4f} ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     test_loss, test_acc = evaluate(net, xt, yt)
     return {
         "config": config,
@@ -211,12 +214,16 @@ def report(saved: dict, path: Path) -> None:
         acc = np.array([r["test_accuracy"] for r in rows if r["config"] == c])
         tl = np.array([r["final_train_loss"] for r in rows if r["config"] == c])
         if acc.size:
-            print(f"| {LABELS[c]} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1 if acc.size > 1 else 0):.2f}% "
-                  f"| {tl.mean():.4f} ± {tl.std(ddof=1 if tl.size > 1 else 0):.4f} | {acc.size} |")
+            print(
+                f"| {LABELS[c]} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1 if acc.size > 1 else 0):.2f}% "
+                f"| {tl.mean():.4f} ± {tl.std(ddof=1 if tl.size > 1 else 0):.4f} | {acc.size} |"
+            )
     for key, s in saved.get("summary", {}).items():
         lo, hi = s["ci95"]
-        print(f"NSwish − Swish, {key}: {s['mean_diff']:+.4g} (95% CI {lo:+.4g} … {hi:+.4g}), paired t p = "
-              f"{s['p_paired']:.3g}, Welch p = {s['p_welch']:.3g}, d_z = {s['cohen_dz']:.2f}, n = {s['n']}")
+        print(
+            f"NSwish − Swish, {key}: {s['mean_diff']:+.4g} (95% CI {lo:+.4g} … {hi:+.4g}), paired t p = "
+            f"{s['p_paired']:.3g}, Welch p = {s['p_welch']:.3g}, d_z = {s['cohen_dz']:.2f}, n = {s['n']}"
+        )
     try:
         import matplotlib
 

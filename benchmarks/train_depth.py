@@ -446,8 +446,14 @@ def report(saved: dict, out: Path, name: str) -> None:
                 for i, r in enumerate(rs):
                     c = r["curve"]
                     vals = [100 * v if key == "test_acc" else v for v in c[key]]
-                    ax.plot(c["step"], vals, color=f"C{METHODS.index(m)}", alpha=0.8, lw=1,
-                            label=f"{LABELS[m]} ({lr:.2g})" if i == 0 and k == 0 else None)
+                    ax.plot(
+                        c["step"],
+                        vals,
+                        color=f"C{METHODS.index(m)}",
+                        alpha=0.8,
+                        lw=1,
+                        label=f"{LABELS[m]} ({lr:.2g})" if i == 0 and k == 0 else None,
+                    )
         axes[0, j].set(title=f"depth {d} (best rate per method)", yscale="log", ylabel="training loss")
         axes[1, j].set(xlabel="step", ylabel="test accuracy (%, 2k subset)", ylim=(0, 100))
         for ax in axes[:, j]:
@@ -473,8 +479,13 @@ def report(saved: dict, out: Path, name: str) -> None:
             axes[2].plot(pe["jacobian_sv"], color=col)
     axes[0].set(xlabel="layer", ylabel="pre-activation E z² at init", yscale="log", title=f"depth {deep}, seed 0")
     axes[1].set(xlabel="layer", ylabel="backward gain E δ_l² / E δ_l+1²", yscale="log", ylim=(0.1, 10))
-    axes[2].set(xlabel="index", ylabel="Jacobian singular value", yscale="log", ylim=(1e-12, 1e14),
-                title="dashed: init, solid: after training")
+    axes[2].set(
+        xlabel="index",
+        ylabel="Jacobian singular value",
+        yscale="log",
+        ylim=(1e-12, 1e14),
+        title="dashed: init, solid: after training",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -89,8 +89,7 @@ def test_include_accepts_the_common_aliases(cli, file, alias, kind):
     proc = cli("rewrite", MODELS / file, "--include", alias, "--explain")
     assert proc.returncode == 0, proc.stderr
     actions = {
-        m.group(1): m.group(2)
-        for m in re.finditer(r"^\S+\s+(\w+)\s+main\s+(rewritten|skipped)", proc.stdout, re.M)
+        m.group(1): m.group(2) for m in re.finditer(r"^\S+\s+(\w+)\s+main\s+(rewritten|skipped)", proc.stdout, re.M)
     }
     assert actions.get(kind) == "rewritten", proc.stdout
     assert all(a == "skipped" for k, a in actions.items() if k != kind), actions
@@ -348,4 +347,3 @@ def test_bench_latency_uses_the_installed_package_and_says_when_the_kernel_varia
     else:
         assert "kernel" in result["skipped"] and "kernel variant skipped" in proc.stderr
     assert np.isfinite(result["ms"]["folded"])
-

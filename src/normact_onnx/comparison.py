@@ -421,6 +421,7 @@ class CompareResult:
 
     def table(self) -> str:
         """Human-readable tables (outputs, then sites)."""
+
         def num(v: float | None, spec: str) -> str:
             return "n/a" if v is None else format(v, spec)
 

@@ -104,8 +104,9 @@ def params(ids: list[str] | None = None, marks_by_id: dict[str, Any] | None = No
 def require_path(e: dict[str, Any], path: Path | None) -> Path:
     """The path, or a failure naming the fetch step (the CI case of :func:`params`)."""
     if path is None:
-        raise AssertionError(f"real model {e['id']} not in {cache_dir()} although NORMACT_REQUIRE_REAL_MODELS is set: "
-                             f"{FETCH_HINT}")
+        raise AssertionError(
+            f"real model {e['id']} not in {cache_dir()} although NORMACT_REQUIRE_REAL_MODELS is set: {FETCH_HINT}"
+        )
     return path
 
 
@@ -302,4 +303,3 @@ def write_batches(
         np.savez(path, **feeds)
         paths.append(path)
     return paths
-

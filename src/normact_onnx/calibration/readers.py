@@ -229,8 +229,10 @@ def file_pieces(path: str | os.PathLike, specs: list[InputSpec], batch_size: int
 
 def has_batch_files(path: Path) -> bool:
     """Whether a folder is a batch-file source (.npz/.npy files or ONNX test data sets) rather than images."""
-    return any(path.glob("input_*.pb")) or any(path.glob("test_data_set_*")) or any(
-        p.suffix in (".npz", ".npy") for p in path.iterdir()
+    return (
+        any(path.glob("input_*.pb"))
+        or any(path.glob("test_data_set_*"))
+        or any(p.suffix in (".npz", ".npy") for p in path.iterdir())
     )
 
 

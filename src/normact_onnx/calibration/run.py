@@ -206,5 +206,3 @@ def empty_stats(inst: Instrumented, per_channel: bool, fp: str) -> CalibrationSt
             Moments.empty(0), Moments.empty(0), np.zeros(0),
         )  # fmt: skip
     return CalibrationStats(sites, per_channel, 0, fp, [], dict(inst.skipped))
-
-

@@ -192,4 +192,3 @@ def default_output(src: str, suffix: str = ".normact.onnx") -> Path:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
-

@@ -135,7 +135,9 @@ def measured_affine(
     """
     if variant not in MEASURED_VARIANTS:
         if variant in VARIANTS:
-            return Refusal(f"variant {variant} needs E f'², which measured statistics do not hold: use the Gaussian constants")
+            return Refusal(
+                f"variant {variant} needs E f'², which measured statistics do not hold: use the Gaussian constants"
+            )
         raise NormactError(f"unknown variant {variant!r}; choose one of {', '.join(MEASURED_VARIANTS)}")
     m1, v, mx, q = (np.asarray(a, dtype=np.float64) for a in (f_mean, f_var, x_mean, x_var))
     if variant == "center-scale":

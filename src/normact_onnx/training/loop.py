@@ -453,9 +453,7 @@ def _finetune(
                 shutil.rmtree(work / "artifacts", ignore_errors=True)
                 shutil.rmtree(work / "checkpoints", ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
-            generate(
-                tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(train.labels.shape)
-            )
+            generate(tg, art.folder, settings.loss, settings.optimizer, settings.weight_decay, len(train.labels.shape))
             plan_text = json.dumps(_plan(tg, settings, selection, str(path), shapes), indent=2, default=str)
             (work / PLAN).write_text(plan_text)
             checkpoint = art.checkpoint
