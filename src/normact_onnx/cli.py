@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("normact-onnx: interrupted; nothing was written", file=sys.stderr)
+        if argv is None and "ray" in sys.modules:
+            _leave_now(130)
         return 130
     except BrokenPipeError:
         return _broken_pipe()
@@ -55,6 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NORMACT_DEBUG"):
             raise
         return 1
+
+
+def _leave_now(code: int) -> None:
+    """End the program without the interpreter's teardown, after the exit handlers ran.
+
+    After Ctrl-C in a ``--ray`` run the cluster is already shut down (the command's own cleanup), but Ray's
+    native threads may still call into Python while the interpreter finalizes, which can end the process with
+    SIGSEGV instead of the exit code (a known Ray problem). Only the program does this (``argv`` None), never
+    a caller of :func:`main` in its own process.
+    """
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # temporary files registered for removal, Ray's own shutdown (a no-op by now)
+    os._exit(code)
 
 
 def _broken_pipe() -> int:
