@@ -121,11 +121,11 @@ def plain_inference(path: Path, reader: Reader) -> float:
 
 
 def normact_calibration(path: Path, reader: Reader, in_situ: bool = True) -> float:
-    from normact_onnx.calibration import collect
+    from normact_onnx.calibration import DataOptions, collect
     from normact_onnx.calibration.insitu import Normalizer
 
     start = time.perf_counter()
-    collect(path, reader, normalize=Normalizer() if in_situ else None)
+    collect(path, DataOptions(reader), normalize=Normalizer() if in_situ else None)
     return time.perf_counter() - start
 
 
@@ -165,10 +165,10 @@ import json, resource, sys
 sys.path.insert(0, {bench!r})
 from bench_calibration import Reader, model_and_batch
 from pathlib import Path
-from normact_onnx.calibration import collect
+from normact_onnx.calibration import DataOptions, collect
 from normact_onnx.calibration.insitu import Normalizer
 path, spec = model_and_batch({name!r}, Path({workdir!r}))
-collect(path, Reader(spec, {n}), normalize=Normalizer())
+collect(path, DataOptions(Reader(spec, {n})), normalize=Normalizer())
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 """
 
@@ -191,7 +191,7 @@ def _describe(key: str, value: Any) -> str:
 def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -> list[dict]:
     """Single-process vs Ray Data on the same .npz shards; per-batch and merge costs for the scaling estimate."""
     from normact_onnx.api import calibrate
-    from normact_onnx.calibration import collect, distributed
+    from normact_onnx.calibration import DataOptions, collect, distributed
     from normact_onnx.calibration.run import batch_moments, calibration_session, prepare, run_batch
     from normact_onnx.io import load_model
 
@@ -217,7 +217,7 @@ def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -
                     np.savez(shards / f"part{i:05d}.npz", **{k: np.concatenate(v) for k, v in pending.items()})
                     pending = {}
             size = next(iter(spec.values()))[0][0]
-            one = min(_timed(collect, path, shards, batch_size=size) for _ in range(repeats))
+            one = min(_timed(collect, path, DataOptions(shards, batch_size=size)) for _ in range(repeats))
             many = min(
                 _timed(calibrate, path, shards, batch_size=size, ray=True, workers=workers) for _ in range(repeats)
             )

@@ -1,9 +1,10 @@
-"""The option bundles (``SiteSelection``, ``OutputOptions``) and reasons as values (``Refusal``) at the API.
+"""The option bundles (``SiteSelection``, ``OutputOptions``, ``DataOptions``) and reasons as values at the API.
 
-``rewrite``, ``calibrate`` and ``fold`` take the site selection and the writing options either as their
-documented keywords or as one value each (what the CLI passes); both give the same model, and both at once is
-refused rather than one silently winning. The selection is frozen all the way down, so a Ray worker or a later
-call sees the rule it was given. A site without constants carries its reason as a :class:`Refusal`.
+``rewrite``, ``calibrate`` and ``fold`` take the site selection, the writing options and (``calibrate``, ``fold``)
+the data source either as their documented keywords or as one value each (what the CLI passes); both give the
+same model, and both at once is refused rather than one silently winning. The selection is frozen all the way
+down, so a Ray worker or a later call sees the rule it was given. A site without constants carries its reason as
+a :class:`Refusal`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from normact_onnx import fold
 from normact_onnx.api import calibrate, rewrite
+from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.calibration.stats import CalibrationStats
 from normact_onnx.errors import NormactError
 from normact_onnx.methods.static import Affine
@@ -103,6 +105,40 @@ def test_both_ways_at_once_are_refused(two_sites, tmp_path):
         fold(normalized, in_place=True, output_options=OutputOptions())
     out = fold(normalized, tmp_path / "f.onnx", output_options=OutputOptions(verify=False), details=True)
     assert out.check is None and out.path == tmp_path / "f.onnx"  # no self-check without verify
+
+
+def test_data_options_read_the_same_batches_as_the_keywords(two_sites, tmp_path):
+    path, batches = two_sites
+    loose = calibrate(path, batches, tmp_path / "loose.onnx", batches=4, batch_size=32, details=True)
+    bundled = calibrate(path, output=tmp_path / "bundled.onnx", data_options=DataOptions(batches, 4, 32), details=True)
+    assert loose.stats.batches == bundled.stats.batches == 4  # 4 of the 12 half-batches: both stopped there
+    assert loose.stats.as_dict()["sites"] == bundled.stats.as_dict()["sites"]
+    assert _nodes(tmp_path / "bundled.onnx") == _nodes(tmp_path / "loose.onnx")
+    synthetic = calibrate(path, data_options=DataOptions(synthetic=True, batches=3, seed=7))
+    assert synthetic.batches == 3 and synthetic.sources[0].startswith("synthetic N(0,1) x=1x32")
+    # fold's self-check: the same inputs either way (a list of feed dicts is read whole)
+    normalized = rewrite(path, tmp_path / "n.onnx")
+    by_keywords = fold(normalized, tmp_path / "k.onnx", data=batches, details=True)
+    by_bundle = fold(normalized, tmp_path / "b.onnx", data_options=DataOptions(batches), details=True)
+    assert by_keywords.check is not None and by_bundle.check is not None
+    assert by_bundle.check == by_keywords.check and by_bundle.check["batches"] == len(batches)
+    default = fold(normalized, data_options=DataOptions(synthetic=True), details=True)
+    assert default.check is not None and default.check["batches"] == 2  # None: the self-check's two batches
+    three = fold(normalized, data_options=DataOptions(synthetic=True, batches=3, shapes=["x=5x32"]), details=True)
+    assert three.check is not None and three.check["batches"] == 3 and three.check["synthetic"]
+
+
+def test_data_both_ways_at_once_is_refused(two_sites, tmp_path):
+    path, batches = two_sites
+    with pytest.raises(NormactError, match="data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/"):
+        calibrate(path, batches, data_options=DataOptions(batches))
+    with pytest.raises(NormactError, match="data_options= or as data/batches"):
+        calibrate(path, seed=1, data_options=DataOptions(synthetic=True))
+    normalized = rewrite(path, tmp_path / "n.onnx")
+    with pytest.raises(NormactError, match="self-check inputs as data_options= or as data/synthetic/shapes/values/"):
+        fold(normalized, batches=3, data_options=DataOptions(synthetic=True))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DataOptions().seed = 1  # type: ignore[misc]
 
 
 def test_site_selection_is_a_frozen_value():

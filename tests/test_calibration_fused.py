@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from normact_onnx.calibration import collect
+from normact_onnx.calibration import DataOptions, collect
 from normact_onnx.calibration.instrument import fused_stats_suffix, instrument
 from normact_onnx.calibration.stats import Moments
 from normact_onnx.catalogue import CATALOGUE, NORM_DOMAIN
@@ -187,9 +187,9 @@ def close(a, b, rtol, what):
 def test_fused_matches_reference_and_standard(name, per_channel, monkeypatch):
     model, batches = model_batches(name)
     assert all(p.fused for p in instrument(model, None, per_channel).probes)
-    fused = collect(model, batches, per_channel=per_channel)
+    fused = collect(model, DataOptions(batches), per_channel=per_channel)
     monkeypatch.setenv("NORMACT_FUSED_STATS", "0")
-    standard = collect(model, batches, per_channel=per_channel)
+    standard = collect(model, DataOptions(batches), per_channel=per_channel)
     ref = reference(model, batches, per_channel)
     assert set(fused.sites) == set(standard.sites) == set(ref)
     for key, s in fused.sites.items():
@@ -227,9 +227,9 @@ def test_fused_hoisted_sites_match_standard(name, monkeypatch):
     inst = instrument(model, None)
     if not any(p.fused for p in inst.probes):
         pytest.skip("no hoisted site")
-    fused = collect(model, feeds)
+    fused = collect(model, DataOptions(feeds))
     monkeypatch.setenv("NORMACT_FUSED_STATS", "0")
-    standard = collect(model, feeds)
+    standard = collect(model, DataOptions(feeds))
     assert set(fused.sites) == set(standard.sites)
     for key, s in fused.sites.items():
         t = standard.sites[key]

@@ -182,7 +182,7 @@ def test_quick_gelu_is_a_near_miss_with_the_reason():
 
 def test_calibration_measures_the_pre_activation_inside_a_fused_op():
     from normact_onnx.api import calibrate
-    from normact_onnx.calibration.run import collect
+    from normact_onnx.calibration import DataOptions, collect
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("BiasGelu", ["v", "bias"], ["h"], domain="com.microsoft")]
@@ -190,7 +190,7 @@ def test_calibration_measures_the_pre_activation_inside_a_fused_op():
     bias = rng.standard_normal(4) + 3.0
     inits = [const("bias", bias), const("g", rng.standard_normal((4, 3)))]
     m = _ms_model(nodes, [fvi("v", ["N", 4])], [fvi("y", ["N", 3])], inits)
-    stats = collect(m, synthetic=True, batches=4, batch_size=256)
+    stats = collect(m, DataOptions(synthetic=True, batches=4, batch_size=256))
     (site,) = stats.sites.values()
     assert abs(float(np.mean(site.x.mean)) - float(bias.mean())) < 0.1  # v ~ N(0, 1), plus the fused bias
     assert calibrate(m, synthetic=True, batches=2) is not None

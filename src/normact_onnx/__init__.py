@@ -21,6 +21,7 @@ _API = {
     "RewriteResult": "normact_onnx.api",
     "SiteSelection": "normact_onnx.selection",
     "OutputOptions": "normact_onnx.writer",
+    "DataOptions": "normact_onnx.calibration.batches",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",
     "calibrate": "normact_onnx.api",

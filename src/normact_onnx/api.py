@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import onnx
 
+from .calibration.batches import DataOptions
 from .calibration.distributed import collect_ray, is_dataset
 from .calibration.insitu import Normalizer
 from .calibration.report import write_html
@@ -315,6 +316,18 @@ def _bundles(
     return selection, output_options
 
 
+def _data_bundle(data_options: DataOptions | None, loose: DataOptions) -> DataOptions:
+    """The data-source bundle of a public call: as given, or built from the loose keywords (``loose``)."""
+    if data_options is None:
+        return loose
+    if loose != DataOptions():
+        raise NormactError(
+            "pass the data source as data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/images,"
+            " not both"
+        )
+    return data_options
+
+
 def _rewrite(
     model: ModelLike,
     output: str | os.PathLike | None,
@@ -491,6 +504,7 @@ def calibrate(
     workers: int = 2,
     selection: SiteSelection | None = None,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> CalibrationStats: ...
 
 
@@ -532,6 +546,7 @@ def calibrate(
     workers: int = 2,
     selection: SiteSelection | None = None,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> CalibrationResult: ...
 
 
@@ -573,6 +588,7 @@ def calibrate(
     workers: int = 2,
     selection: SiteSelection | None = None,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> CalibrationStats | CalibrationResult: ...
 
 
@@ -613,6 +629,7 @@ def calibrate(
     workers: int = 2,
     selection: SiteSelection | None = None,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> CalibrationStats | CalibrationResult:
     """ANAct (or static) calibration (docs/math.md §2) of ``model`` on ``data``.
 
@@ -637,11 +654,13 @@ def calibrate(
     the EMA depends on batch order, so the factors use ``aggregate="mean"``.
 
     ``selection`` and ``output_options``: the site selection and the written model's options as one value
-    each, as in :func:`rewrite`.
+    each, as in :func:`rewrite`. ``data_options`` (a :class:`.calibration.batches.DataOptions`): ``data``,
+    ``batches``, ``batch_size``, ``synthetic``, ``shapes``, ``values``, ``seed`` and ``images`` as one value.
     """
     selection, out = _bundles(
         selection, output_options, include, exclude, nodes, all_sites, form, verify, in_place, write_unchanged
     )
+    source = _data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
     for dest in (output, stats_path, report):
         if dest is not None:
             check_output_path(dest)
@@ -652,42 +671,32 @@ def calibrate(
     start = time.perf_counter()
     notes = []
     normalize = normalizer if in_situ else None
-    if ray not in (None, False) or is_dataset(data):
-        if synthetic:
+    if ray not in (None, False) or is_dataset(source.data):
+        if source.synthetic:
             raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
         if aggregate == "ema":
             aggregate = "mean"
             notes.append("--ray: factors from --aggregate mean (the EMA depends on the order of the batches)")
         stats = collect_ray(
             model,
-            data,
+            source,
             address=None if ray in (None, True) else str(ray),
             workers=workers,
-            batches=batches,
-            batch_size=batch_size,
             per_channel=per_channel,
             providers=providers,
             progress=progress,
-            images=images,
             normalize=normalize,
             selection=selection,
         )
     else:
         stats = collect(
             model,
-            data,
-            batches=batches,
-            batch_size=batch_size,
-            synthetic=synthetic,
-            shapes=shapes,
-            seed=seed,
-            values=values,
+            source,
             per_channel=per_channel,
             providers=providers,
             progress=progress,
             normalize=normalize,
             selection=selection,
-            images=images,
         )
     stats.settings.update(
         {"method": method, "lambda_rule": lambda_rule, "centered_rho": centered_rho, "aggregate": aggregate}
@@ -710,24 +719,24 @@ def calibrate(
         stats.save(stats_path)
     if report is not None:
         measured = None
-        if result.rewrite is not None and result.rewrite.path is not None and _rereadable(data, synthetic):
+        if result.rewrite is not None and result.rewrite.path is not None and _rereadable(source):
             measured = measure_sites(
                 result.rewrite.path,
-                data,
-                synthetic=synthetic,
-                shapes=shapes,
-                batches=batches or 10,
-                seed=seed,
-                split=batch_size,
+                source.data,
+                synthetic=source.synthetic,
+                shapes=source.shapes,
+                batches=source.batches or 10,
+                seed=source.seed,
+                split=source.batch_size,
             )
         write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
     result.seconds = time.perf_counter() - start
     return result if details else stats
 
 
-def _rereadable(data: Any, synthetic: bool) -> bool:
+def _rereadable(source: DataOptions) -> bool:
     """Whether the data can be read a second time (the report measures the written model on it)."""
-    return synthetic or isinstance(data, str | os.PathLike | list | tuple | dict)
+    return source.synthetic or isinstance(source.data, str | os.PathLike | list | tuple | dict)
 
 
 def write_report(result: RewriteResult, path: str | os.PathLike) -> None:

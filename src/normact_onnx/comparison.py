@@ -31,6 +31,7 @@ from onnx import helper
 from onnx.inliner import inline_local_functions
 from onnx.reference import ReferenceEvaluator
 
+from .calibration.batches import DataOptions
 from .calibration.distributed import (
     CRASH_ENV,
     Feeder,
@@ -381,9 +382,8 @@ def model_batches(
     specs = model_inputs(model.proto)
     if synthetic:
         shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    source = open_source(
-        data, specs, split, synthetic=synthetic, shapes=shapes, batches=batches, seed=seed, values=values, images=images
-    )
+    options = DataOptions(data, batches, split, synthetic, shapes, values, seed, images)
+    source = open_source(options, specs)
     if source.headers is not None:
         for where, header in source.headers():
             check_header(specs, header, where)

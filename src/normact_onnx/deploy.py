@@ -26,6 +26,7 @@ from typing import Any, Literal, overload
 
 import onnx
 
+from .calibration.batches import DataOptions
 from .comparison import LoadedModel, model_batches
 from .errors import NormactError
 from .interop import same_type
@@ -48,6 +49,9 @@ from .writer import OutputOptions, check_input, save_verified
 
 NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
+# the self-check's inputs by default: two synthetic batches of one sample (a field left None takes these)
+SELF_CHECK_BATCHES, SELF_CHECK_BATCH_SIZE = 2, 1
+SELF_CHECK_DATA = DataOptions(batches=SELF_CHECK_BATCHES, batch_size=SELF_CHECK_BATCH_SIZE)
 
 
 @dataclass
@@ -100,6 +104,7 @@ def fold(
     details: Literal[False] = ...,
     progress: bool = False,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> onnx.ModelProto: ...
 
 
@@ -124,6 +129,7 @@ def fold(
     details: Literal[True],
     progress: bool = False,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> FoldResult: ...
 
 
@@ -148,6 +154,7 @@ def fold(
     details: bool = ...,
     progress: bool = False,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> onnx.ModelProto | FoldResult: ...
 
 
@@ -172,6 +179,7 @@ def fold(
     details: bool = False,
     progress: bool = False,
     output_options: OutputOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
 
@@ -195,13 +203,23 @@ def fold(
     ``ModelProto`` (the input is not modified), or the :class:`FoldResult` with
     ``details=True``. ``progress``: the stages on stderr when it is a terminal. ``output_options`` (a
     :class:`.writer.OutputOptions`) carries ``verify``/``in_place``/``write_unchanged`` as one value instead
-    (its ``form`` does not apply: a folded site is a plain activation again).
+    (its ``form`` does not apply: a folded site is a plain activation again). ``data_options`` (a
+    :class:`.calibration.batches.DataOptions`) carries ``data``/``synthetic``/``shapes``/``values``/``batches``/
+    ``batch_size``/``seed`` as one value instead (its ``images`` is not read: the self-check reads no image folders).
     """
     loose = OutputOptions(verify=verify, in_place=in_place, write_unchanged=write_unchanged)
     if output_options is None:
         output_options = loose
     elif loose != OutputOptions():
         raise NormactError("pass the output options as output_options= or as verify/in_place/write_unchanged, not both")
+    loose_data = DataOptions(data, batches, batch_size, synthetic, shapes, values, seed)
+    if data_options is None:
+        data_options = loose_data
+    elif loose_data != SELF_CHECK_DATA:
+        raise NormactError(
+            "pass the self-check inputs as data_options= or as data/synthetic/shapes/values/batches/batch_size/seed, "
+            "not both"
+        )
     if output is not None:
         check_output_path(output)
     if tolerance is not None and not tolerance >= 0:
@@ -211,8 +229,7 @@ def fold(
     pattern = SiteSelection(nodes=nodes).pattern
     with progress_bar(4, "fold", progress, unit="stage") as bar:
         stage(bar, "loading")
-        inputs = _Inputs(data, synthetic, shapes, values, batches, batch_size, seed)
-        result = _fold(model, output, bar, padding, pattern, inputs, tolerance, output_options)
+        result = _fold(model, output, bar, padding, pattern, data_options, tolerance, output_options)
     return result if details else result.model
 
 
@@ -222,7 +239,7 @@ def _fold(
     bar: Any,
     padding: str,
     pattern: re.Pattern[str] | None,
-    inputs: _Inputs,
+    inputs: DataOptions,
     tolerance: float | None,
     out: OutputOptions,
 ) -> FoldResult:
@@ -258,20 +275,7 @@ def _fold(
     return result
 
 
-@dataclass
-class _Inputs:
-    """Where the self-check's inputs come from (the options ``compare`` takes)."""
-
-    data: Any
-    synthetic: bool
-    shapes: Any
-    values: Any
-    batches: int
-    batch_size: int
-    seed: int
-
-
-def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: _Inputs, tolerance: float | None) -> dict:
+def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: DataOptions, tolerance: float | None) -> dict:
     """Folded vs unfolded on the same inputs, each output within its allowed difference (module docstring)."""
     import numpy as np
 
@@ -286,8 +290,8 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: _Inputs
         synthetic,
         model,
         inputs.shapes,
-        inputs.batches,
-        inputs.batch_size,
+        SELF_CHECK_BATCHES if inputs.batches is None else inputs.batches,
+        SELF_CHECK_BATCH_SIZE if inputs.batch_size is None else inputs.batch_size,
         inputs.seed,
         values=inputs.values,
     )

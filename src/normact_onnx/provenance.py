@@ -8,8 +8,8 @@ export updates their constants, and ``find``/``compare`` read them, all through 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import Any, TypedDict
+from collections.abc import Iterable, Mapping
+from typing import Any, TypedDict, cast
 
 import onnx
 
@@ -36,6 +36,20 @@ class SiteRecord(TypedDict, total=False):
     scale: Any  # floats, or per-channel lists
     shift: Any
     slope: Any
+
+
+def site_record(
+    graph: str, name: str, kind: str, output: str, form: str, method: Mapping[str, Any], constants: Mapping[str, Any]
+) -> SiteRecord:
+    """The record of a site ``rewrite`` just wrote: where it is and how, then the method's fields, then its constants.
+
+    The method's fields are an open set (each method names its own), so a ``TypedDict`` cannot list them all; this
+    is the one place that spreads them into a record. The key order is the order written into the model.
+    """
+    fields: dict[str, Any] = {"graph": graph, "name": name, "kind": kind, "output": output, "form": form}
+    fields.update(method)
+    fields.update(constants)
+    return cast(SiteRecord, fields)
 
 
 def read_records(model: onnx.ModelProto) -> list[SiteRecord]:

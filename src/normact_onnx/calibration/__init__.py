@@ -5,12 +5,14 @@ package: :func:`normact_onnx.api.calibrate` (``normact_onnx.calibrate``).
 """
 
 from ..inputs import InputSpec, model_inputs
+from .batches import DataOptions
 from .readers import open_source
 from .run import collect
 from .stats import CalibrationStats, SiteStats, merge
 
 __all__ = [
     "CalibrationStats",
+    "DataOptions",
     "InputSpec",
     "SiteStats",
     "collect",

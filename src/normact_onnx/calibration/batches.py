@@ -1,13 +1,15 @@
 """What every data source yields: named model batches, and cheap headers to check them before any run.
 
 The readers of whole-batch files (:mod:`.readers`) and of row-per-sample data (:mod:`.rows`) both build a
-:class:`Source`; they share these types from here rather than from each other.
+:class:`Source`; they share these types from here rather than from each other. What the user asked for, the
+data or the synthetic inputs and how many batches of what size, travels as one :class:`DataOptions`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,3 +25,25 @@ class Source:
     batches: Callable[[], Iterator[tuple[str, Batch]]]  # (where, batch)
     headers: Callable[[], Iterator[tuple[str, Header]]] | None = None
     total: int | None = None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where sample inputs come from: one value from the command line (or the API's keywords) down to the readers.
+
+    ``data``: a path, a reader with ``get_next()``, an iterable of feed dicts, or a ``ray.data.Dataset``; or
+    ``synthetic`` inputs, with ``shapes`` for symbolic dimensions, ``values`` for inputs filled with one value and
+    ``seed``. ``batches``: at most this many (None: all; synthetic: the reader's default). ``batch_size``: split
+    files into batches of this many samples (synthetic: the batch dimension). ``images``: an
+    :class:`.rows.ImageOptions` for image folders. What each field defaults to is the caller's choice (``fold``
+    checks on two batches of one sample), so the defaults here are those of ``calibrate``.
+    """
+
+    data: Any = None
+    batches: int | None = None
+    batch_size: int | None = None
+    synthetic: bool = False
+    shapes: Any = None
+    values: Any = None
+    seed: int = 0
+    images: Any = None

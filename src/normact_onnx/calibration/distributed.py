@@ -43,6 +43,7 @@ from ..io import ModelLike, load_model_like, model_folder
 from ..progress import bar as progress_bar
 from ..streaming import Moments, mean_merge, merge_cross
 from . import rows
+from .batches import DataOptions
 from .readers import (
     Batch,
     InputSpec,
@@ -439,20 +440,20 @@ def map_rows(work: Work, worker: type, kwargs: dict[str, Any], workers: int) -> 
 
 def collect_ray(
     model: ModelLike,
-    data: Any,
+    source: DataOptions,
     *,
     address: str | None = None,
     workers: int = 2,
-    batches: int | None = None,
-    batch_size: int | None = None,
     per_channel: bool = False,
     providers: list[str] | None = None,
     progress: bool = False,
-    images: Any = None,
     normalize: Any = None,
     selection: Any = None,
 ) -> CalibrationStats:
     """:func:`.run.collect` over Ray Data: same instrumented model and statistics, merged in a tree (no EMA).
+
+    ``source``: its ``data`` (files, Parquet, an image folder with ``images``, a Dataset), ``batches`` and
+    ``batch_size``; synthetic inputs are the single-process run's (``calibrate`` refuses them here).
 
     ``normalize``/``selection``: in-situ calibration, as in :func:`.run.collect` (each batch normalizes
     with its own statistics, so the workers' results merge exactly whatever the order).
@@ -466,9 +467,9 @@ def collect_ray(
     inst = prepare(src, base_dir, per_channel, normalize, selection)
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
     sites = [p.site.output for p in inst.probes]
-    check_exists(data)
+    check_exists(source.data)
     with cluster(address, workers):
-        work = plan_work(data, specs, batch_size, batches, images)
+        work = plan_work(source.data, specs, source.batch_size, source.batches, source.images)
         # the model by reference, held by this driver for the run: inline (small) constructor arguments are what
         # Ray can replay when it restarts an actor (see Ray issue 53727)
         model_ref = require_ray().put(src.SerializeToString())
@@ -478,8 +479,8 @@ def collect_ray(
             "per_channel": per_channel,
             "providers": providers,
             "kind": work.kind,
-            "batch_size": batch_size,
-            "images": images,
+            "batch_size": source.batch_size,
+            "images": source.images,
             "sites": sites,
             "crash_marker": os.environ.get(CRASH_ENV),
             "normalize": normalize,

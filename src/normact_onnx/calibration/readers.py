@@ -29,7 +29,7 @@ from ..errors import NormactError
 from ..inputs import InputSpec, format_shape
 from ..synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
 from . import rows
-from .batches import Batch, Header, Source
+from .batches import Batch, DataOptions, Header, Source
 
 # ---- checking --------------------------------------------------------------------------------------------------
 
@@ -317,26 +317,18 @@ def synthetic_source(
     return Source(f"synthetic N(0,1) {desc}", gen, total=batches)
 
 
-def open_source(
-    data: Any,
-    specs: list[InputSpec],
-    batch_size: int | None = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    batches: int | None = None,
-    seed: int = 0,
-    values: Any = None,
-    images: Any = None,
-) -> Source:
-    """Whatever the user gave → a :class:`Source` (``images``: a rows.ImageOptions for image folders)."""
+def open_source(options: DataOptions, specs: list[InputSpec]) -> Source:
+    """Whatever the user gave (:class:`.batches.DataOptions`) → a :class:`Source` for the model's ``specs``."""
+    data, batch_size, batches = options.data, options.batch_size, options.batches
     if batch_size is not None and batch_size < 1:
         raise NormactError(f"--batch-size must be ≥ 1, got {batch_size}")
     if batches is not None and batches < 1:
         raise NormactError(f"--batches must be ≥ 1, got {batches}")
-    if synthetic:
+    if options.synthetic:
         if data is not None:
             raise NormactError("give either --data or --synthetic, not both")
-        return synthetic_source(specs, parse_shapes(shapes), batches or 10, seed, parse_values(values), batch_size or 1)
+        shapes, values = parse_shapes(options.shapes), parse_values(options.values)
+        return synthetic_source(specs, shapes, batches or 10, options.seed, values, batch_size or 1)
     if data is None:
         raise NormactError("no calibration data: give --data PATH or --synthetic")
     if isinstance(data, str | os.PathLike):
@@ -344,7 +336,7 @@ def open_source(
         if (tables := rows.parquet_files(path)) is not None:
             return rows.parquet_source(tables, specs, batch_size, str(path))
         if path.is_dir() and not has_batch_files(path) and (pictures := rows.image_files(path)) is not None:
-            return rows.image_source(pictures, specs, batch_size, images, str(path))
+            return rows.image_source(pictures, specs, batch_size, options.images, str(path))
         return file_source(data, specs, batch_size)
     if hasattr(data, "get_next"):
         return reader_source(data)

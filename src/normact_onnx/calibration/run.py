@@ -24,6 +24,7 @@ from ..passes.find import Site
 from ..progress import bar as progress_bar
 from ..selection import SiteSelection
 from ..streaming import Moments
+from .batches import DataOptions
 from .insitu import Normalizer
 from .instrument import Instrumented, instrument
 from .readers import check_header, conform, open_source
@@ -56,22 +57,15 @@ def calibration_session(
 
 def collect(
     model: ModelLike,
-    data: Any = None,
+    source: DataOptions,
     *,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    seed: int = 0,
-    values: Any = None,
     per_channel: bool = False,
     providers: list[str] | None = None,
     progress: bool = False,
     normalize: Normalizer | None = None,
     selection: SiteSelection | None = None,
-    images: Any = None,
 ) -> CalibrationStats:
-    """Run the batches through the instrumented model and return the merged per-site statistics.
+    """Run the batches ``source`` names through the instrumented model and return the merged per-site statistics.
 
     ``normalize``: calibrate in situ (:mod:`.insitu`): the sites the ``selection`` flags
     (when None: a default rewrite's) leave to be normalized are normalized with each batch's
@@ -81,20 +75,21 @@ def collect(
     src, path = load_model_like(model)
     base_dir = model_folder(path)
     specs = model_inputs(src)
-    source = open_source(data, specs, batch_size, synthetic, shapes, batches, seed, values, images=images)
-    if source.headers is not None:  # files: every batch checked before the first run
-        for i, (where, header) in enumerate(source.headers()):
+    batches = source.batches
+    reader = open_source(source, specs)
+    if reader.headers is not None:  # files: every batch checked before the first run
+        for i, (where, header) in enumerate(reader.headers()):
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where)
     inst = prepare(src, base_dir, per_channel, normalize, selection)
     sess = calibration_session(inst.model, base_dir, providers)
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
-    total = min(source.total, batches) if source.total and batches else (batches or source.total)
+    total = min(reader.total, batches) if reader.total and batches else (batches or reader.total)
     bar = progress_bar(total, "calibrating", progress, unit="batch")
     n = 0
     try:
-        for where, raw in source.batches():
+        for where, raw in reader.batches():
             if batches is not None and n >= batches:
                 break
             fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where), where), where)
@@ -103,9 +98,9 @@ def collect(
     finally:
         bar.close()
     if n == 0:
-        raise NormactError(f"{source.describe}: no batches")
+        raise NormactError(f"{reader.describe}: no batches")
     stats.batches = n
-    stats.sources = [source.describe]
+    stats.sources = [reader.describe]
     return finish(stats, inst, normalize)
 
 

@@ -17,8 +17,8 @@ from .common import (
     add_quiet,
     add_selection,
     check_outputs,
+    data_options,
     default_output,
-    image_options,
     output_options,
     output_path,
     site_selection,
@@ -93,16 +93,9 @@ def run(args: argparse.Namespace) -> int:
         output = None
     result = calibrate(
         args.model,
-        args.data,
-        output,
+        output=output,
         stats_path=stats_path,
         report=args.html_report,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        synthetic=args.synthetic,
-        shapes=args.shape,
-        seed=args.seed,
-        values=args.value,
         per_channel=args.per_channel,
         lambda_rule=args.lambda_rule,
         centered_rho=args.centered_rho,
@@ -113,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
         in_situ=args.in_situ,
         progress=not args.quiet,
         details=True,
-        images=image_options(args),
         ray=args.ray,
         workers=args.workers,
         selection=site_selection(args),
         output_options=output_options(args),
+        data_options=data_options(args),
     )
     stats = result.stats
     for note in result.notes:

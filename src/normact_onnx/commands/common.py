@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..calibration.batches import DataOptions
 from ..calibration.rows import ImageOptions
 from ..errors import NormactError
 from ..io import check_output_path
@@ -111,6 +112,23 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 def image_options(args: argparse.Namespace) -> Any:
     """The --image-* options as ImageOptions (defaults when none was given)."""
     return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
+
+
+def data_options(args: argparse.Namespace, images: bool = True) -> DataOptions:
+    """The flags of :func:`add_data_source` as the one value ``calibrate`` and ``fold`` take.
+
+    ``images=False``: leave the --image-* options out (``fold``'s self-check reads no image folders).
+    """
+    return DataOptions(
+        args.data,
+        args.batches,
+        args.batch_size,
+        args.synthetic,
+        args.shape,
+        args.value,
+        args.seed,
+        image_options(args) if images else None,
+    )
 
 
 def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = True) -> None:

@@ -17,6 +17,7 @@ from .common import (
     add_output_path,
     add_quiet,
     check_outputs,
+    data_options,
     output_path,
     print_json,
 )
@@ -72,19 +73,13 @@ def run(args: argparse.Namespace) -> int:
         dest,
         padding=args.padding,
         nodes=args.nodes,
-        data=args.data,
-        synthetic=args.synthetic,
-        shapes=args.shape,
-        values=args.value,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        seed=args.seed,
         tolerance=args.tolerance,
         details=True,
         progress=not args.quiet,
         output_options=OutputOptions(
             verify=not args.no_verify, in_place=args.in_place, write_unchanged=args.output is not None
         ),
+        data_options=data_options(args, images=False),
     )
     report = result.report()
     if args.report:

@@ -20,7 +20,7 @@ from ..catalogue.fused import FUSED, NO_BIAS, Split
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
 from ..outcome import Refusal
-from ..provenance import read_records
+from ..provenance import SiteRecord, read_records
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -37,7 +37,7 @@ class Site:
     output: str
     written_as: str  # "op Relu", "pattern x·Sigmoid(x)", "normalized NormRelu"
     const_nodes: list[onnx.NodeProto] = field(default_factory=list)  # Constant nodes only this site reads
-    normalized: dict[str, Any] | None = None  # prior rewrite's record, when already normalized
+    normalized: SiteRecord | None = None  # prior rewrite's record, when already normalized
     skip: str | None = None  # why it is not rewritten by default (gate, graph output)
     unfused: tuple[list[onnx.NodeProto], onnx.NodeProto] | None = None  # a fused op's (pre-activation, activation)
 
@@ -356,7 +356,7 @@ def _guard_reason(site: Site, base_dir: str | None) -> str | None:
 def find_in_container(
     c: Container,
     base_dir: str | None,
-    normalized_outputs: Mapping[str, Any],  # output → its SiteRecord
+    normalized_outputs: Mapping[str, SiteRecord],  # output → its record
     misses: list[dict] | None = None,
 ) -> list[Site]:
     """All sites of one container, in node order."""
@@ -374,7 +374,11 @@ def find_in_container(
         if node.domain == NORM_DOMAIN and node.op_type in BY_OP_NAME:
             act = BY_OP_NAME[node.op_type]
             params = {k: float(attr_value(node, k, v)) for k, v in act.params.items()}
-            record = {k: float(attr_value(node, k, d)) for k, d in (("scale", 1.0), ("shift", 0.0), ("slope", 0.0))}
+            record = SiteRecord(
+                scale=float(attr_value(node, "scale", 1.0)),
+                shift=float(attr_value(node, "shift", 0.0)),
+                slope=float(attr_value(node, "slope", 0.0)),
+            )
             sites.append(
                 Site(
                     c,

@@ -36,7 +36,7 @@ from onnx import helper
 from ..catalogue import NORM_DOMAIN
 from ..graph import Container, const_value, containers, remove_unused, unique_namer, upstream
 from ..outcome import Refusal
-from ..provenance import mark_folded, read_records
+from ..provenance import SiteRecord, mark_folded, read_records
 from ..valuetypes import infer_value_types
 from .affine import FREE, Padding, Plan, padding_of, plan_absorb, plan_produce
 from .find import Site, find_in_container
@@ -77,7 +77,7 @@ def normalized_sites(model: onnx.ModelProto, base_dir: str | None) -> list[Site]
     return sites
 
 
-def _array(record: dict[str, Any], key: str, default: float) -> np.ndarray:
+def _array(record: SiteRecord, key: Literal["scale", "shift", "slope"], default: float) -> np.ndarray:
     return np.asarray(record.get(key, default), dtype=np.float64)
 
 

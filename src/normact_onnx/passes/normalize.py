@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeGuard, cast
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ from ..catalogue.fused import FUSED
 from ..graph import default_opset, remove_unused, unique_namer
 from ..methods.static import Affine
 from ..outcome import Refusal
-from ..provenance import SiteRecord, read_records, stamp
+from ..provenance import read_records, site_record, stamp
 from ..valuetypes import infer_value_types
 from .affine import Restore, plan_absorb
 from .find import Site
@@ -115,18 +115,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         form = _choose_form(plan.form, model, opset, o, affine, elem, fn_elem)
         o.form = form
         doc = f"normact {plan.method.get('method', '')} {plan.method.get('variant', '')}".strip()
-        record = cast(
-            SiteRecord,
-            {  # the method's own fields are spread in (see SiteRecord)
-                "graph": site.path,
-                "name": site.name,
-                "kind": site.kind,
-                "output": site.output,
-                "form": form,
-                **plan.method,
-                **affine.as_dict(),
-            },
-        )
+        record = site_record(site.path, site.name, site.kind, site.output, form, plan.method, affine.as_dict())
         if form == "subgraph":
             f_name = fresh(f"{site.output}__normact_f")
             root = onnx.NodeProto()

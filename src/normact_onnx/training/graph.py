@@ -39,6 +39,7 @@ from ..outcome import Refusal
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..policy import select, static_constants
+from ..provenance import SiteRecord
 from ..selection import SiteSelection
 from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .prepare import Preparation, is_weight_input, lift_weight_constants, prepare
@@ -67,7 +68,7 @@ class TrainSite:
     output: str  # the site's output value (same name as in the input model)
     method: SiteMethod
     affine: Affine | None = None  # static constants
-    prior: dict[str, Any] | None = None  # record of an earlier normalization (function form)
+    prior: SiteRecord | None = None  # record of an earlier normalization (function form)
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
     input: str = ""  # the pre-activation value
     primed: bool = False  # the running statistics start at an earlier normalization's constants (prior_start)
@@ -113,7 +114,7 @@ def gaussian_start(kind: str, params: dict[str, Any], centered: bool = False) ->
     return float(rho), float(m.d2), float(m.m1)
 
 
-def prior_start(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
+def prior_start(record: SiteRecord | None) -> tuple[float, float, float] | None:
     """Running statistics that reproduce an earlier normalization's constants at step 0 (or None).
 
     A site that ``rewrite`` (with ``--preserve-function``: the next layers absorb the inverse) left as
