@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -62,6 +62,20 @@ def tiny_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir: int
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], functions=list(functions))
     m.ir_version = ir
     return m
+
+
+def tanh_sigmoid_mlp(width: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """x → Tanh → MatMul → Sigmoid → MatMul → y: two hidden sites of different kinds (λ differs by kind and rule)."""
+    w1 = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    w2 = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+        helper.make_node("MatMul", ["t", "w1"], ["h"]),
+        helper.make_node("Sigmoid", ["h"], ["s"], name="sigmoid"),
+        helper.make_node("MatMul", ["s", "w2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    return tiny_model(nodes, [fvi("x", ["N", width])], [fvi("y", ["N", width])], inits)
 
 
 def fvi(name: str, shape) -> onnx.ValueInfoProto:

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from normact_onnx.api import calibrate, rewrite
 from normact_onnx.errors import NormactError
@@ -20,7 +19,7 @@ from normact_onnx.methods.anact import site_factors
 from normact_onnx.policy import MethodOptions, method_constants
 from normact_onnx.provenance import read_records
 
-from .conftest import fvi, tiny_model
+from .conftest import tanh_sigmoid_mlp
 
 WIDTH = 64
 
@@ -29,16 +28,7 @@ WIDTH = 64
 def two_sites(tmp_path_factory):
     """x → Tanh → MatMul → Sigmoid → MatMul → y: two hidden sites whose λ differ between the two rules."""
     rng = np.random.default_rng(3)
-    w1 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
-    w2 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
-    nodes = [
-        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
-        helper.make_node("MatMul", ["t", "w1"], ["h"]),
-        helper.make_node("Sigmoid", ["h"], ["s"], name="sigmoid"),
-        helper.make_node("MatMul", ["s", "w2"], ["y"]),
-    ]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
-    model = tiny_model(nodes, [fvi("x", ["N", WIDTH])], [fvi("y", ["N", WIDTH])], inits)
+    model = tanh_sigmoid_mlp(WIDTH, rng)
     folder = tmp_path_factory.mktemp("methods")
     path = folder / "two.onnx"
     onnx.save(model, path)

@@ -15,7 +15,6 @@ import pickle
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from normact_onnx import fold
 from normact_onnx.api import calibrate, rewrite
@@ -29,7 +28,7 @@ from normact_onnx.policy import anact_constants, select, static_constants
 from normact_onnx.selection import SiteSelection
 from normact_onnx.writer import OutputOptions
 
-from .conftest import fvi, tiny_model
+from .conftest import tanh_sigmoid_mlp
 
 WIDTH = 32
 
@@ -38,16 +37,7 @@ WIDTH = 32
 def two_sites(tmp_path_factory):
     """x → Tanh → MatMul → Sigmoid → MatMul → y, saved, with six batches of samples."""
     rng = np.random.default_rng(5)
-    w1 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
-    w2 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
-    nodes = [
-        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
-        helper.make_node("MatMul", ["t", "w1"], ["h"]),
-        helper.make_node("Sigmoid", ["h"], ["s"], name="sigmoid"),
-        helper.make_node("MatMul", ["s", "w2"], ["y"]),
-    ]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
-    model = tiny_model(nodes, [fvi("x", ["N", WIDTH])], [fvi("y", ["N", WIDTH])], inits)
+    model = tanh_sigmoid_mlp(WIDTH, rng)
     path = tmp_path_factory.mktemp("options") / "two.onnx"
     onnx.save(model, path)
     batches = [{"x": rng.standard_normal((64, WIDTH)).astype(np.float32)} for _ in range(6)]
