@@ -45,7 +45,7 @@ from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
-from .policy import Constants, MethodOptions, method_constants, select
+from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, select
 from .progress import bar as progress_bar
 from .progress import stage
 from .selection import SiteSelection
@@ -388,6 +388,7 @@ def _rewrite(
     stage(bar, "rewriting")
     plan.outcomes = outcomes
     apply_plan(m, plan, base_dir)
+    check_some_rewritten(outcomes)
     clamp_ir(m)
     if original is not None and result.rewritten:
         stage(bar, "checking the whole model")

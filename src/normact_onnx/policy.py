@@ -47,10 +47,30 @@ def select(sites: list[Site], selection: SiteSelection, constants: Constants) ->
         else:
             aff = constants(s)
             if isinstance(aff, Refusal | str):
-                out.append(SiteOutcome(s, "skipped", str(aff)))
+                out.append(SiteOutcome(s, "skipped", str(aff), refused=True))
             else:
                 out.append(SiteOutcome(s, "rewritten", affine=aff))
     return out
+
+
+def check_some_rewritten(outcomes: list[SiteOutcome]) -> None:
+    """Sites were selected but every one was refused: an error, not an "unchanged copy" that looks like success.
+
+    Options that no site can honour (``--ratio -3``, ``--variant zeta-zero --preserve-function``, another
+    model's statistics with ``--force``) would otherwise exit 0 having done nothing. A model that simply has
+    no sites (or none the selection picks) still gets its unchanged copy.
+    """
+    refused = [o for o in outcomes if o.refused]
+    if refused and not any(o.action == "rewritten" for o in outcomes):
+        first = refused[0]
+        raise NormactError(
+            f"no site could be rewritten: {_count(len(refused))} refused (first, {first.site.name}: {first.reason}); "
+            "nothing written"
+        )
+
+
+def _count(n: int) -> str:
+    return "the one selected site was" if n == 1 else f"all {n} selected sites were"
 
 
 # ---- constants --------------------------------------------------------------------------------------------------

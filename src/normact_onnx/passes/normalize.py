@@ -52,6 +52,7 @@ class SiteOutcome:
     reason: str = ""
     affine: Affine | None = None
     form: Form | Literal[""] = ""
+    refused: bool = False  # selected, but its constants (or --preserve-function) could not be had: ``reason`` says why
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
@@ -86,7 +87,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         for o in todo:
             why = _preserve(o, base_dir, fresh, restore)
             if why is not None:
-                o.action, o.reason = "skipped", f"--preserve-function: {why.reason}"
+                o.action, o.reason, o.refused = "skipped", f"--preserve-function: {why.reason}", True
         todo = [o for o in todo if o.action == "rewritten"]
         by_name = {t: n for (_, t), n in restore.made.items()}
         for o in todo:
