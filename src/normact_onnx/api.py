@@ -45,7 +45,7 @@ from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
-from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, select
+from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from .progress import bar as progress_bar
 from .progress import stage
 from .selection import SiteSelection
@@ -716,6 +716,9 @@ def calibrate(
             output_options=out,
             details=True,
         )
+        missed = missed_targets(stats, result.rewrite.outcomes, method)
+        if missed:
+            notes.append(missed)
     if stats_path is not None:
         stats.save(stats_path)
     if report is not None:
