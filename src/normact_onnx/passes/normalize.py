@@ -155,6 +155,9 @@ def _constants(o: SiteOutcome) -> Affine:
     return o.affine
 
 
+DOUBLE_REASON = "float64: written as standard ops (the Norm<Act> functions are typed for float, float16, bfloat16)"
+
+
 def _choose_form(
     wanted: Form,
     model: onnx.ModelProto,
@@ -168,6 +171,9 @@ def _choose_form(
     scalar = affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
     if wanted == "subgraph":
         return wanted
+    if elem == onnx.TensorProto.DOUBLE:
+        o.reason = DOUBLE_REASON
+        return "subgraph"
     if not scalar:
         o.reason = "per-channel constants: written as standard ops"
         return "subgraph"
