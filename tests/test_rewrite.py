@@ -170,8 +170,8 @@ def test_preserve_function_covers_padded_convs_and_residual_adds_exactly(tmp_pat
         feeds = random_feeds(path, batch=3)
         for a, b in zip(run_model(path, feeds), run_model(tmp_path / name, feeds)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
-    res = rewrite(MODELS / "mlp_relu.torchscript.onnx", preserve_function=True, variant="zeta-zero", details=True)
-    assert all("slope" in o.reason for o in res.outcomes)
+    with pytest.raises(NormactError, match=r"all 2 selected sites were refused .*slope"):  # issue 20: no silent copy
+        rewrite(MODELS / "mlp_relu.torchscript.onnx", preserve_function=True, variant="zeta-zero", details=True)
 
 
 def test_shared_weight_is_copied_not_corrupted():

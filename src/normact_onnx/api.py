@@ -44,8 +44,8 @@ from .io import (
 from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library
 from .passes.find import Site, find_sites
-from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
-from .policy import Constants, MethodOptions, method_constants, select
+from .passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
+from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from .progress import bar as progress_bar
 from .progress import stage
 from .selection import SiteSelection
@@ -388,6 +388,9 @@ def _rewrite(
     stage(bar, "rewriting")
     plan.outcomes = outcomes
     apply_plan(m, plan, base_dir)
+    check_some_rewritten(outcomes)
+    if any(o.reason == DOUBLE_REASON for o in outcomes):
+        result.notes.append(f"{sum(o.reason == DOUBLE_REASON for o in outcomes)} site(s) {DOUBLE_REASON}")
     clamp_ir(m)
     if original is not None and result.rewritten:
         stage(bar, "checking the whole model")
@@ -715,6 +718,9 @@ def calibrate(
             output_options=out,
             details=True,
         )
+        missed = missed_targets(stats, result.rewrite.outcomes, method)
+        if missed:
+            notes.append(missed)
     if stats_path is not None:
         stats.save(stats_path)
     if report is not None:

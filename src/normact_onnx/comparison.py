@@ -51,6 +51,7 @@ from .inputs import InputSpec, model_inputs
 from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
 from .ort import make_session
 from .passes.fold import normalized_sites
+from .policy import GAIN_RANGE
 from .progress import bar as progress_bar
 from .provenance import read_records
 from .streaming import Moments
@@ -284,15 +285,31 @@ def _as_float(x: np.ndarray) -> np.ndarray:
 
 
 def _summary(m: Moments) -> tuple[int, float, float]:
-    """Count, mean and variance of a one-channel accumulator (NaN for no elements)."""
-    n = int(m.n[0])
-    return (n, float(m.mean[0]), float(m.var[0])) if n else (0, float("nan"), float("nan"))
+    """Count, mean and variance of an accumulator (NaN for no elements).
+
+    With several channels (a per-channel site's pre-activation) the variance is the one *within*
+    channels, Σ M2 / Σ n: what per-channel constants normalize. The spread of the channel means is
+    no part of it (pooled, it made per-channel sites look 20× off their target).
+    """
+    n = float(m.n.sum())
+    if not n:
+        return (0, float("nan"), float("nan"))
+    return (int(n), float((m.n * m.mean).sum() / n), float(m.m2.sum() / n))
 
 
-# What each method promises at a normalized site, measured in the model as written (on the user's data).
-# static: E y ≈ 0 and E y² ≈ 1; ANAct: the forward gain E y² / Var x near 1 (λ is a compromise with the
-# backward gain, so a factor of two either way is what "holds" means).
-GAIN_RANGE = (0.5, 2.0)
+def per_channel_moments(values: Any, channels: tuple[int, ...]) -> Moments:
+    """Moments per channel of ``values``, whose channel axis is where ``channels`` (constants broadcast against
+    it, e.g. (C, 1, 1) for NCHW) puts it; pooled when the shapes do not line up or values are not finite."""
+    x = np.asarray(values, dtype=np.float64)
+    axis = x.ndim - len(channels)
+    if axis < 0 or x.shape[axis] != channels[0] or not np.isfinite(x).all():
+        return Moments.of(x)
+    rows = np.moveaxis(x, axis, -1).reshape(-1, channels[0])
+    mean = rows.mean(axis=0)
+    return Moments(np.full(channels[0], float(rows.shape[0])), mean, np.square(rows - mean).sum(axis=0))
+
+
+# What each method promises at a normalized site (policy.GAIN_RANGE), measured in the model as written.
 MEAN_LIMIT = 0.25
 
 
@@ -322,6 +339,11 @@ class _SiteProbe:
     post: str
     pre_stats: Moments = field(default_factory=lambda: Moments.empty(1))
     post_stats: Moments = field(default_factory=lambda: Moments.empty(1))
+    channels: tuple[int, ...] | None = None  # the constants' shape when they are per channel (e.g. (C, 1, 1))
+
+    def pre_moments(self, x: np.ndarray) -> Moments:
+        """The pre-activation's moments: per channel when the site's constants are (see :func:`_summary`)."""
+        return per_channel_moments(x, self.channels) if self.channels else Moments.of(x)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -349,10 +371,13 @@ def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, A
             "method": rec.get("method"),
             "design_q": rec.get("q"),
         }
+        scale = np.asarray(rec.get("scale", 0.0), dtype=np.float64)
+        if rec.get("per_channel") and scale.ndim:
+            info["property_of"] = "within channels"
         if s.container.parent is not None or s.container.function is not None:
             unreachable.append({**info, "note": "inside a subgraph or function: not measurable as a graph output"})
         else:
-            probes.append(_SiteProbe(info, s.input, post))
+            probes.append(_SiteProbe(info, s.input, post, channels=scale.shape if scale.ndim else None))
     return probes, unreachable
 
 
@@ -520,7 +545,7 @@ class Comparison:
         outs = [out_a] * len(self.per_model["A"]) + [out_b] * len(self.per_model["B"])
         for k, (p, o) in enumerate(zip(self.probes, outs)):
             pre, post = t.sites[k]
-            t.sites[k] = (pre.merge(Moments.of(o[p.pre])), post.merge(Moments.of(o[p.post])))
+            t.sites[k] = (pre.merge(p.pre_moments(o[p.pre])), post.merge(Moments.of(o[p.post])))
         t.batches += 1
         return t
 
@@ -633,7 +658,7 @@ def measure_sites(
     for feeds in model_batches(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
-            p.pre_stats = p.pre_stats.merge(Moments.of(outs[p.pre]))
+            p.pre_stats = p.pre_stats.merge(p.pre_moments(outs[p.pre]))
             p.post_stats = p.post_stats.merge(Moments.of(outs[p.post]))
         n_batches += 1
     if n_batches == 0:

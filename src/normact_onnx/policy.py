@@ -47,10 +47,79 @@ def select(sites: list[Site], selection: SiteSelection, constants: Constants) ->
         else:
             aff = constants(s)
             if isinstance(aff, Refusal | str):
-                out.append(SiteOutcome(s, "skipped", str(aff)))
+                out.append(SiteOutcome(s, "skipped", str(aff), refused=True))
             else:
                 out.append(SiteOutcome(s, "rewritten", affine=aff))
     return out
+
+
+def check_some_rewritten(outcomes: list[SiteOutcome]) -> None:
+    """Sites were selected but every one was refused: an error, not an "unchanged copy" that looks like success.
+
+    Options that no site can honour (``--ratio -3``, ``--variant zeta-zero --preserve-function``, another
+    model's statistics with ``--force``) would otherwise exit 0 having done nothing. A model that simply has
+    no sites (or none the selection picks) still gets its unchanged copy.
+    """
+    refused = [o for o in outcomes if o.refused]
+    if refused and not any(o.action == "rewritten" for o in outcomes):
+        first = refused[0]
+        raise NormactError(
+            f"no site could be rewritten: {_count(len(refused))} refused (first, {first.site.name}: {first.reason}); "
+            "nothing written"
+        )
+
+
+def _count(n: int) -> str:
+    return "the one selected site was" if n == 1 else f"all {n} selected sites were"
+
+
+# What each method promises at a normalized site (compare --sites measures it in the written model): static,
+# E y ≈ 0 and E y² ≈ 1; ANAct, the forward gain E y² / Var x near 1 (λ is a compromise with the backward gain,
+# so a factor of two either way is what "holds" means).
+GAIN_RANGE = (0.5, 2.0)
+
+
+def predicted_property(s: SiteStats, affine: Affine, method: str) -> float | None:
+    """The property a site's constants give on its own calibration data (within channels), or None if unknown.
+
+    y = a·(f − b − c·x), so E y = a·(E f − b − c·E x) and Var y = a²·(Var f − 2c·Cov(x, f) + c²·Var x) per
+    channel; ANAct's is Σ E y² / Σ Var x over the channels, static's Σ E y² / channels.
+    """
+    a, b, c = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (affine.scale, affine.shift, affine.slope))
+    cov = s.cov
+    if np.any(c != 0) and cov is None:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_y = a * (s.f.mean - b - c * s.x.mean)
+        var_y = a * a * (s.f.var - 2 * c * (cov if cov is not None else 0.0) + c * c * s.x.var)
+        second = np.broadcast_to(var_y + mean_y * mean_y, s.x.n.shape)
+        value = second.sum() / s.x.var.sum() if method == "anact" else second.mean()
+    return float(value) if np.isfinite(value) else None
+
+
+def missed_targets(stats: CalibrationStats, outcomes: list[SiteOutcome], method: str) -> str | None:
+    """One warning line naming the rewritten sites whose constants miss their own target on the calibration data.
+
+    A result that does not hold where it was measured will not hold anywhere: better said at once than
+    printed as "verified" (per-channel ANAct on mostly-dead channels, for one).
+    """
+    lo, hi = GAIN_RANGE
+    missed = []
+    for o in outcomes:
+        s = stats.sites.get(o.site.output)
+        if o.action != "rewritten" or o.affine is None or s is None:
+            continue
+        v = predicted_property(s, o.affine, method)
+        if v is not None and not lo <= v <= hi:
+            missed.append(f"{o.site.name} {v:.3g}")
+    if not missed:
+        return None
+    what = "E y²/Var x" if method == "anact" else "E y²"
+    who = "1 site misses its" if len(missed) == 1 else f"{len(missed)} sites miss their"
+    return (
+        f"warning: {who} target ({what} in [{lo:g}, {hi:g}]) on "
+        f"the calibration data: {', '.join(missed)}; check with compare --sites, or exclude them (--nodes)"
+    )
 
 
 # ---- constants --------------------------------------------------------------------------------------------------

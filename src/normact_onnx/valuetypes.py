@@ -68,8 +68,114 @@ def _collect(g: onnx.GraphProto, out: ValueTypes) -> None:
                     _collect(sg, out)
 
 
+# Element types a node's outputs have whatever its inputs, and ops whose output has their data input's type:
+# enough to carry types through shape arithmetic where ONNX's inference gave up (an op it does not know,
+# a subgraph it could not type), so an int64 ``Abs`` is never taken for an activation.
+_FIXED = {
+    **dict.fromkeys(("Shape", "Size", "NonZero", "ArgMax", "ArgMin", "NonMaxSuppression"), TensorProto.INT64),
+    **dict.fromkeys(
+        ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"),
+        TensorProto.BOOL,
+    ),
+}
+_SAME_AS_INPUT = {"Where": 1, "CastLike": 1}  # which input gives the type (default: the first)
+_KEEPS_TYPE = frozenset(
+    [
+        "Abs",
+        "Neg",
+        "Relu",
+        "LeakyRelu",
+        "Clip",
+        "Max",
+        "Min",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Mod",
+        "Pow",
+        "Sign",
+        "Ceil",
+        "Floor",
+        "Round",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Expand",
+        "Tile",
+        "Slice",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Concat",
+        "Split",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceSum",
+        "ReduceProd",
+        "CumSum",
+        "Range",
+        "Where",
+        "CastLike",
+        "Sigmoid",
+        "Tanh",
+        "Erf",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+    ]
+)
+
+
+def _attr_type(node: onnx.NodeProto) -> int | None:
+    """The element type a Constant or Cast states in its attributes."""
+    for a in node.attribute:
+        if node.op_type == "Cast" and a.name == "to":
+            return int(a.i)
+        if node.op_type == "Constant":
+            if a.name in ("value", "sparse_value"):
+                return int(a.t.data_type if a.name == "value" else a.sparse_tensor.values.data_type)
+            if a.name in ("value_int", "value_ints"):
+                return TensorProto.INT64
+            if a.name in ("value_float", "value_floats"):
+                return TensorProto.FLOAT
+    return None
+
+
+def _propagate(g: onnx.GraphProto, out: ValueTypes) -> None:
+    """Fill the element types inference left out, node by node (subgraphs included; known types are kept)."""
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _propagate(a.g, out)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    _propagate(sg, out)
+        if not n.output or n.output[0] in out.elem:
+            continue
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        elem = _attr_type(n) if n.op_type in ("Constant", "Cast") else _FIXED.get(n.op_type)
+        if elem is None and n.op_type in _KEEPS_TYPE:
+            i = _SAME_AS_INPUT.get(n.op_type, 0)
+            elem = out.elem.get(n.input[i]) if len(n.input) > i else None
+        if elem:
+            outputs = n.output if n.op_type == "Split" else n.output[:1]
+            for name in outputs:
+                if name:
+                    out.elem.setdefault(name, elem)
+
+
 def infer_value_types(model: onnx.ModelProto) -> ValueTypes:
-    """Types of every value ONNX can infer (missing entries mean unknown)."""
+    """Types of every value ONNX can infer (missing entries mean unknown).
+
+    ONNX's shape inference first (subgraphs included); where it fails, in part or whole, the types are carried
+    forward from what is stated (inputs, initializers, Constant, Cast, Shape, comparisons) by :func:`_propagate`.
+    """
     out = ValueTypes()
     _collect(model.graph, out)
     try:
@@ -77,4 +183,5 @@ def infer_value_types(model: onnx.ModelProto) -> ValueTypes:
         _collect(inferred.graph, out)
     except Exception:
         pass
+    _propagate(model.graph, out)
     return out

@@ -128,6 +128,16 @@ def _chain(c: Any, x: str, root: onnx.NodeProto, order: dict[int, int]) -> list[
 
 
 NOISE_FACTOR = 10.0  # outputs may differ by this multiple of the model's own float noise
+ULP_FACTOR = 8.0  # a preserved output may differ by this many of its type's epsilons (of the output's scale)
+
+
+def type_tolerance(dtype: np.dtype, tolerance: float) -> float:
+    """``tolerance`` or, for a type coarser than that (float16: ε = 9.8e-4), ULP_FACTOR·ε of the type.
+
+    The inverse folded into the next layer rounds once more in the model's own precision: float16 cannot
+    hold a 1e-4 agreement, and its rounding is not seen as "float noise" (ORT's fusions do not change it).
+    """
+    return max(tolerance, ULP_FACTOR * float(np.finfo(dtype).eps)) if np.issubdtype(dtype, np.floating) else tolerance
 
 
 def float_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> list[float]:
@@ -193,9 +203,10 @@ def check_whole_model(
             err = float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0))
             rel = err / max(scale, 1e-30)
             worst = max(worst, rel)
-            if err > max(tolerance * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
+            tol = type_tolerance(a.dtype, tolerance)
+            if err > max(tol * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
-                    f"(tolerance {tolerance:g}, float noise {n:.3g}); nothing written"
+                    f"(tolerance {tol:g} for {a.dtype}, float noise {n:.3g}); nothing written"
                 )
     return {"outputs": names, "max_rel_to_scale": worst} if preserve else {"outputs": names}

@@ -49,6 +49,10 @@ def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...]
     sizes: dict[str, tuple[int, str]] = {}
     for spec in specs:
         shape, dtype = header[spec.name]
+        if len(shape) and shape[0] == 0:  # statistics of nothing are empty, a comparison of nothing is no check
+            raise NormactError(
+                f"{where}: input {spec.name!r} holds no samples (shape {format_shape(shape)}); give data with rows"
+            )
         if _kind(dtype) != _kind(spec.dtype):
             raise NormactError(f"{where}: input {spec.name!r}: expected dtype {spec.dtype}, given {dtype}")
         if spec.shape is None:

@@ -290,16 +290,63 @@ def check_stats_model(stats: CalibrationStats, model: Any, base_dir: str | None 
         )
 
 
+MEASURED_WITH = ("method", "in_situ", "normalized_in_situ", "lambda_rule", "centered_rho", "variant", "ratio")
+"""Settings that change what a file's numbers mean: files that differ in any of them do not merge."""
+
+
+def measured_with(stats: CalibrationStats) -> dict[str, Any]:
+    """How a file's statistics were measured, field by field (what :func:`merge` compares).
+
+    ``aggregate`` is the factor rule the run was asked for (a merge turns ``ema`` into ``mean`` and
+    remembers the request as ``asked_aggregate``, so merging a merged file with another shard still works).
+    """
+    s = stats.settings
+    out: dict[str, Any] = {"fingerprint": stats.fingerprint, "per_channel": stats.per_channel}
+    out.update({k: s.get(k) for k in MEASURED_WITH})
+    out["aggregate"] = s.get("asked_aggregate", s.get("aggregate"))
+    if isinstance(out["normalized_in_situ"], list):
+        out["normalized_in_situ"] = sorted(out["normalized_in_situ"])
+    return out
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, list):
+        return f"{len(v)} sites" if v else "no sites"
+    return "unknown" if v is None else json.dumps(v)
+
+
+def _check_mergeable(parts: list[CalibrationStats]) -> None:
+    """One line naming the first field two files differ in, or a file that does not record how it was measured."""
+    for p in parts:
+        if "method" not in p.settings or "in_situ" not in p.settings:
+            raise NormactError(
+                f"merge-stats: {p.origin or 'a file'} does not record how it was measured (method, in situ; written "
+                "by an older normact-onnx), so it cannot be merged safely: calibrate that shard again"
+            )
+    first = measured_with(parts[0])
+    for p in parts[1:]:
+        other = measured_with(p)
+        for field_name, value in first.items():
+            if other[field_name] != value:
+                a, b = parts[0].origin or "the first file", p.origin or "another file"
+                why = "come from different models" if field_name == "fingerprint" else "were measured differently"
+                raise NormactError(
+                    f"merge-stats: the files {why}: {field_name} is {_shown(value)} in {a} "
+                    f"but {_shown(other[field_name])} in {b}; merge only shards of one calibration setting"
+                )
+
+
 def merge(parts: list[CalibrationStats]) -> CalibrationStats:
-    """Exact merge of shards (moments); the EMA state is dropped because it depends on batch order."""
+    """Exact merge of shards (moments); the EMA state is dropped because it depends on batch order.
+
+    Shards must have been measured the same way (:data:`MEASURED_WITH`, the model, per-channel, the
+    aggregate asked for): otherwise the result would carry the first file's label over numbers that
+    mean something else, so the merge is refused naming the field.
+    """
     if not parts:
         raise NormactError("merge-stats: nothing to merge")
+    _check_mergeable(parts)
     first = parts[0]
-    for p in parts[1:]:
-        if p.fingerprint != first.fingerprint:
-            raise NormactError("merge-stats: the files come from different models (site lists differ)")
-        if p.per_channel != first.per_channel:
-            raise NormactError("merge-stats: cannot merge per-channel with per-site statistics")
     sites: dict[str, SiteStats] = {}
     for p in parts:
         for k, s in p.sites.items():
@@ -308,6 +355,7 @@ def merge(parts: list[CalibrationStats]) -> CalibrationStats:
     settings = dict(first.settings)
     if settings.get("aggregate") == "ema":
         settings["aggregate"] = "mean"  # the only aggregate a merge reproduces exactly
+        settings["asked_aggregate"] = "ema"
     return CalibrationStats(
         sites,
         first.per_channel,

@@ -21,6 +21,7 @@ from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
 from ..outcome import Refusal
 from ..provenance import SiteRecord, read_records
+from ..valuetypes import FLOAT_TYPES, infer_value_types
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -508,8 +509,16 @@ def find_sites(model: onnx.ModelProto, base_dir: str | None = None, misses: list
     # a folded site is a plain activation again, but its normalization lives in the next layers' weights
     normalized.update({r["output"]: r for r in records if r.get("folded") and r.get("output")})
     sites: list[Site] = []
+    types = infer_value_types(model)
     for c in containers(model):
         if c.function is not None and c.function.domain == NORM_DOMAIN:
             continue  # our own Norm<Act> bodies are the implementation of sites, not sites
-        sites.extend(find_in_container(c, base_dir, normalized, misses))
+        for s in find_in_container(c, base_dir, normalized, misses):
+            elem = None if c.function is not None else types.elem.get(s.input)  # function values are typed per call
+            if elem is None or elem in FLOAT_TYPES:
+                sites.append(s)
+            elif misses is not None:
+                kind = onnx.helper.tensor_dtype_to_np_dtype(elem).name
+                why = f"its input is {kind}, not floating point (shape arithmetic, not an activation)"
+                misses.append({"graph": c.path, "name": s.name, "op": s.root.op_type, "why": why})
     return sites

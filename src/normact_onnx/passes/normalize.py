@@ -52,6 +52,7 @@ class SiteOutcome:
     reason: str = ""
     affine: Affine | None = None
     form: Form | Literal[""] = ""
+    refused: bool = False  # selected, but its constants (or --preserve-function) could not be had: ``reason`` says why
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
@@ -86,7 +87,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
         for o in todo:
             why = _preserve(o, base_dir, fresh, restore)
             if why is not None:
-                o.action, o.reason = "skipped", f"--preserve-function: {why.reason}"
+                o.action, o.reason, o.refused = "skipped", f"--preserve-function: {why.reason}", True
         todo = [o for o in todo if o.action == "rewritten"]
         by_name = {t: n for (_, t), n in restore.made.items()}
         for o in todo:
@@ -154,6 +155,9 @@ def _constants(o: SiteOutcome) -> Affine:
     return o.affine
 
 
+DOUBLE_REASON = "float64: written as standard ops (the Norm<Act> functions are typed for float, float16, bfloat16)"
+
+
 def _choose_form(
     wanted: Form,
     model: onnx.ModelProto,
@@ -167,6 +171,9 @@ def _choose_form(
     scalar = affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
     if wanted == "subgraph":
         return wanted
+    if elem == onnx.TensorProto.DOUBLE:
+        o.reason = DOUBLE_REASON
+        return "subgraph"
     if not scalar:
         o.reason = "per-channel constants: written as standard ops"
         return "subgraph"
