@@ -7,6 +7,7 @@ left ``~/.ray/auth_token``. Before issue 20 the command connected without the to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,10 +84,8 @@ def head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             p.kill()
         for pid in _processes_under(temp):  # anything of this head's that outlived it
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, 9)
-            except OSError:
-                pass
         shutil.rmtree(temp, ignore_errors=True)
 
 
