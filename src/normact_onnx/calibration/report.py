@@ -92,7 +92,8 @@ def line_chart(
     band: tuple[float, float] | None = None,
     nonnegative: bool = False,
 ) -> str:
-    """A small SVG line chart: x = site depth, one polyline per series, a legend and round y ticks.
+    """A small SVG line chart: x = site depth (each label starts "depth:"), one polyline per series, a legend
+    and round y ticks.
 
     ``band``: a target range drawn as a shaded strip (and kept in view). ``nonnegative``: the quantity cannot
     be below zero, so the axis does not start below it. The axis ends on round ticks (powers of ten on a log axis).
@@ -143,7 +144,8 @@ def line_chart(
     for i, lab in enumerate(labels):
         if i % step == 0:
             parts.append(
-                f'<text x="{x_of(i):.1f}" y="{top + ph + 14}" text-anchor="middle">{i}</text>'
+                f'<text x="{x_of(i):.1f}" y="{top + ph + 14}" text-anchor="middle">'
+                f"{html.escape(lab.split(':', 1)[0])}</text>"
                 f"<title>{html.escape(lab)}</title>"
             )
     parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">site (depth order)</text>')
