@@ -308,7 +308,6 @@ BAD = [
     (["--data", "{wrong_shape}"], "input 'x': expected shape [N, 16], given [4, 15]"),
     (["--data", "{wrong_dtype}"], "input 'x': expected dtype float32, given int64"),
     (["--data", "{missing}"], "missing input 'x'"),
-    (["--data", "{unknown}"], "unknown input 'z'"),
     (["--data", "{not_npz}"], "not a readable .npz"),
     (["--data", "{empty_dir}"], "no .npz/.npy files"),
     (["--data", "{nowhere}"], "no such file or folder"),
@@ -330,7 +329,6 @@ def test_bad_input_is_one_clear_line(tmp_path, cli, args, message):
         "wrong_shape": {"x": np.zeros((4, 15), np.float32)},
         "wrong_dtype": {"x": np.zeros((4, 16), np.int64)},
         "missing": {"w": np.zeros((4, 16), np.float32)},
-        "unknown": {"x": np.zeros((4, 16), np.float32), "z": np.zeros(1)},
     }
     paths = {"empty_dir": tmp_path / "empty", "nowhere": tmp_path / "nowhere", "not_npz": tmp_path / "bad.npz"}
     (tmp_path / "empty").mkdir()

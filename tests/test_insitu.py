@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from normact_onnx.api import calibrate
 from normact_onnx.calibration import CalibrationStats, merge
+from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.comparison import measure_sites
 from normact_onnx.errors import NormactError
 
@@ -73,7 +74,7 @@ CASES = [
 def test_deep_network_holds_its_property_in_situ(deep, tmp_path, opts):
     out = tmp_path / "out.onnx"
     stats = calibrate(deep / "deep.onnx", deep / "data.npz", out, **{"batch_size": 128, **opts})
-    rows = measure_sites(out, deep / "data.npz")
+    rows = measure_sites(out, DataOptions(deep / "data.npz"))
     held, measured = _held(rows)
     assert measured == 24
     # every site of the written model sees the pre-activation calibration measured for it
@@ -95,7 +96,7 @@ def test_measuring_the_original_network_compounds_with_depth(deep, tmp_path, met
     """The baseline in situ replaces: statistics of the original network miss in the written model."""
     out = tmp_path / "out.onnx"
     calibrate(deep / "deep.onnx", deep / "data.npz", out, batch_size=128, method=method, in_situ=False)
-    held, measured = _held(measure_sites(out, deep / "data.npz"))
+    held, measured = _held(measure_sites(out, DataOptions(deep / "data.npz")))
     assert held <= measured - 3
 
 
@@ -173,7 +174,7 @@ def test_bundled_models_hold_their_property(tmp_path, name, shape, method):
     out = tmp_path / "out.onnx"
     opts = {"aggregate": "mean", "method": method}
     stats = calibrate(MODELS / name, synthetic=True, shapes=shape, batches=4, output=out, **opts)
-    rows = measure_sites(out, synthetic=True, shapes=shape, batches=4)
+    rows = measure_sites(out, DataOptions(synthetic=True, shapes=shape, batches=4))
     held, measured = _held(rows)
     assert measured > 0
     if method == "static":
@@ -286,7 +287,7 @@ def test_real_networks_hold_their_property_in_situ(case, tmp_path):
         out = tmp_path / f"{method}.onnx"
         res = calibrate(path, data, out, method=method, aggregate="mean", verify=False, details=True)
         stats = res.stats
-        rows = [r for r in measure_sites(out, data) if "holds" in r]
+        rows = [r for r in measure_sites(out, DataOptions(data)) if "holds" in r]
         hidden = sum(e["sites"]["hidden"].values())
         # every rewritten site is measured; a site left alone says why (ANAct: a unit dead on this data)
         assert len(rows) == len(res.rewrite.rewritten) >= 0.9 * hidden

@@ -221,6 +221,7 @@ def test_ray_only_reads_paths_and_datasets(cluster):
         calibrate(CNN, synthetic=True, ray=True)
 
 
+@pytest.mark.slow  # a cluster of its own in a subprocess
 def test_cli_starts_and_stops_its_own_cluster(cli, shards, tmp_path):
     """No ray.init in the subprocess: the command starts a local cluster and shuts it down."""
     stats_ray = tmp_path / "ray.json"
@@ -238,6 +239,7 @@ def test_cli_starts_and_stops_its_own_cluster(cli, shards, tmp_path):
     assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a cluster of its own in a subprocess
 def test_ctrl_c_stops_the_cluster_the_command_started(tmp_path, digits):
     """SIGINT mid-run: exit 130, nothing written, and the Ray processes the command started are gone."""
     import os

@@ -726,18 +726,25 @@ def calibrate(
     if report is not None:
         measured = None
         if result.rewrite is not None and result.rewrite.path is not None and _rereadable(source):
-            measured = measure_sites(
-                result.rewrite.path,
-                source.data,
-                synthetic=source.synthetic,
-                shapes=source.shapes,
-                batches=source.batches or 10,
-                seed=source.seed,
-                split=source.batch_size,
-            )
-        write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
+            measured = measure_sites(result.rewrite.path, source)
+        write_html(stats, report, lambda_rule, centered_rho, aggregate, measured, _left_alone(stats, result))
     result.seconds = time.perf_counter() - start
     return result if details else stats
+
+
+def _left_alone(stats: CalibrationStats, result: CalibrationResult) -> dict[str, str]:
+    """Calibrated sites the rewrite leaves as they are (gates, graph outputs), with why: the report marks them.
+
+    From the written model's outcomes; without one, from the in-situ run's record of the sites it normalized.
+    """
+    if result.rewrite is not None:
+        return {o.site.output: o.reason for o in result.rewrite.outcomes if o.action != "rewritten" and
+                o.site.output in stats.sites}  # fmt: skip
+    normalized = stats.settings.get("normalized_in_situ")
+    if not isinstance(normalized, list):
+        return {}
+    why = "not selected (a multiplicative gate or a graph output; --all-sites includes it)"
+    return {k: why for k in stats.sites if k not in normalized}
 
 
 def _rereadable(source: DataOptions) -> bool:

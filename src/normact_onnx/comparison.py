@@ -21,7 +21,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from .calibration.distributed import (
     plan_work,
     require_ray,
 )
-from .calibration.readers import check_header, conform, open_source, parse_shapes
+from .calibration.readers import check_header, conform, open_source
 from .errors import NormactError
 from .inputs import InputSpec, model_inputs
 from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
@@ -55,7 +55,6 @@ from .policy import GAIN_RANGE
 from .progress import bar as progress_bar
 from .provenance import read_records
 from .streaming import Moments
-from .synthetic import resolve_shapes
 from .texttable import table
 from .valuetypes import infer_value_types
 
@@ -384,36 +383,55 @@ def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, A
 # ---- data -----------------------------------------------------------------------------------
 
 
-def _assumed_shapes(model: LoadedModel, given: dict[str, list[int]], batch_size: int) -> dict[str, list[int]]:
-    """Synthetic sizes for symbolic dims not given (the shared rules of :mod:`.synthetic`)."""
-    return resolve_shapes(model_inputs(model.proto), given, batch_size)
+# What compare reads when the options leave it open (calibrate's are the readers' own: all batches of the data; 10
+# synthetic batches of one sample): every batch of the data as stored, or 4 synthetic batches of 2 samples.
+SYNTHETIC_BATCHES, SYNTHETIC_BATCH_SIZE = 4, 2
 
 
 def model_batches(
-    data: Any,
-    synthetic: bool,
     model: LoadedModel,
-    shapes: Any,
-    batches: int,
-    batch_size: int,
-    seed: int,
-    split: int | None = None,
-    images: Any = None,
-    values: Any = None,
+    options: DataOptions,
+    synthetic_batches: int = SYNTHETIC_BATCHES,
+    synthetic_batch_size: int = SYNTHETIC_BATCH_SIZE,
 ) -> Iterator[Feeds]:
-    """Batches from the calibration package's sources, checked against model A's inputs before any run."""
-    if data is None and not synthetic:
+    """The batches ``options`` names, read as ``calibrate`` reads them, checked against ``model``'s inputs first.
+
+    ``options.batch_size`` splits data files into batches of that many samples (synthetic: the batch
+    dimension, default ``synthetic_batch_size``); ``options.batches`` caps the number of batches (default:
+    all of the data; ``synthetic_batches`` synthetic ones). Arrays that name no input are left out, with one note.
+    """
+    if options.data is None and not options.synthetic:
         raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
     specs = model_inputs(model.proto)
-    if synthetic:
-        shapes = _assumed_shapes(model, parse_shapes(shapes), batch_size)
-    options = DataOptions(data, batches, split, synthetic, shapes, values, seed, images)
+    if options.synthetic:
+        options = replace(
+            options,
+            batches=options.batches or synthetic_batches,
+            batch_size=options.batch_size or synthetic_batch_size,
+        )
     source = open_source(options, specs)
-    if source.headers is not None:
-        for where, header in source.headers():
-            check_header(specs, header, where)
-    for where, batch in source.batches():
-        yield conform(specs, batch, where)
+    limit, noted = options.batches, set[str]()
+    if source.headers is not None:  # files: every batch that will run is checked before the first run
+        for i, (where, header) in enumerate(source.headers()):
+            if limit is not None and i >= limit:
+                break
+            check_header(specs, header, where, noted)
+    for i, (where, batch) in enumerate(source.batches()):
+        if limit is not None and i >= limit:
+            return
+        yield conform(specs, batch, where, noted)
+
+
+def data_bundle(data_options: DataOptions | None, loose: DataOptions) -> DataOptions:
+    """The data source of a call: ``data_options`` as given, or built from the loose keywords (``loose``)."""
+    if data_options is None:
+        return loose
+    if loose != DataOptions():
+        raise NormactError(
+            "pass the data source as data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/images,"
+            " not both"
+        )
+    return data_options
 
 
 # ---- the comparison -------------------------------------------------------------------------
@@ -430,7 +448,7 @@ class CompareResult:
     rtol: float
     batches: int
     runtimes: tuple[str, str]
-    models: tuple[str, str]
+    models: tuple[str, str | None]  # B None: one model's sites measured, no outputs compared
 
     def report(self) -> dict[str, Any]:
         return {
@@ -439,7 +457,7 @@ class CompareResult:
             "rtol": self.rtol,
             "batches": self.batches,
             "a": {"model": self.models[0], "runtime": self.runtimes[0]},
-            "b": {"model": self.models[1], "runtime": self.runtimes[1]},
+            "b": None if self.models[1] is None else {"model": self.models[1], "runtime": self.runtimes[1]},
             "outputs": self.outputs,
             "sites": self.sites,
         }
@@ -464,7 +482,7 @@ class CompareResult:
             for o in self.outputs
         ]
         cols = ["output", "max_abs", "mean_abs", "max_rel", "mean_rel", "p99_abs", "cosine", "result"]
-        text = table(rows, cols)
+        text = table(rows, cols) if self.models[1] is not None else f"{self.models[0]}: one model, outputs not compared"
         if self.sites:
             fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
             srows = [{k: fmt(v) for k, v in s.items()} for s in self.sites]
@@ -480,6 +498,8 @@ class CompareResult:
             text += f"\n{measured - missed} of {measured} measured sites hold their property"
             if missed:
                 text += f"; {missed} MISSED (calibrate on representative data, in situ, to fix)"
+        if self.models[1] is None:
+            return text + f"\n\nmeasured on {self.batches} batch(es)"
         verdict = "PASS" if self.passed else "FAIL"
         text += f"\n\n{verdict}: atol={self.atol:g} rtol={self.rtol:g}, {self.batches} batch(es)"
         return text
@@ -508,27 +528,30 @@ class Tally:
 
 
 class Comparison:
-    """Two models ready to run side by side; :meth:`tally` measures one batch (the single-process and Ray runs)."""
+    """Two models ready to run side by side; :meth:`tally` measures one batch (the single-process and Ray runs).
+
+    ``b`` None: model A alone, its sites measured and no outputs compared (``compare A --sites``).
+    """
 
     def __init__(
-        self, a: LoadedModel, b: LoadedModel, two: bool, sites: bool, reference: bool, providers: list[str] | None,
-        atol: float, rtol: float,
+        self, a: LoadedModel, b: LoadedModel | None, two: bool, sites: bool, reference: bool,
+        providers: list[str] | None, atol: float, rtol: float,
     ) -> None:  # fmt: skip
         self.atol, self.rtol = atol, rtol
         self.runtimes = ("ort", "reference" if reference else "ort")
         self.unreachable: list[dict[str, Any]] = []
         self.per_model: dict[str, list[_SiteProbe]] = {"A": [], "B": []}
         if sites:
-            for m in (a, b) if two else (a,):
+            for m in (a, b) if two and b is not None else (a,):
                 p, u = _site_probes(m)
                 self.per_model[m.label] = p
                 self.unreachable += u
         self.probes = self.per_model["A"] + self.per_model["B"]
         extra = {lbl: [n for p in self.per_model[lbl] for n in (p.pre, p.post)] for lbl in self.per_model}
         self.run_a = _Runner(a, self.runtimes[0], providers, extra["A"])
-        self.run_b = _Runner(b, self.runtimes[1], providers, extra["B"])
+        self.run_b = None if b is None else _Runner(b, self.runtimes[1], providers, extra["B"])
         self.b = b
-        self.pairs = _pair_outputs(a.output_names, b.output_names)
+        self.pairs = [] if b is None else _pair_outputs(a.output_names, b.output_names)
 
     def empty(self) -> Tally:
         return Tally({na: _ErrorStats(self.atol, self.rtol) for na, _ in self.pairs},
@@ -538,7 +561,9 @@ class Comparison:
         """One batch measured, added into ``into`` (the single-process run) or into a fresh tally (a Ray worker's)."""
         t = self.empty() if into is None else into
         out_a = dict(zip(self.run_a.names, _run(self.run_a, feeds)))
-        out_b = dict(zip(self.run_b.names, _run(self.run_b, _check_feeds(feeds, self.b))))
+        out_b: dict[str, np.ndarray] = {}
+        if self.run_b is not None and self.b is not None:
+            out_b = dict(zip(self.run_b.names, _run(self.run_b, _check_feeds(feeds, self.b))))
         for na, nb in self.pairs:
             t.errors[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
             t.shapes.setdefault(na, np.shape(out_a[na]))
@@ -549,7 +574,7 @@ class Comparison:
         t.batches += 1
         return t
 
-    def result(self, t: Tally, labels: tuple[str, str]) -> CompareResult:
+    def result(self, t: Tally, labels: tuple[str, str | None]) -> CompareResult:
         if t.batches == 0:
             raise NormactError("the data source gave no batches")
         outputs = [
@@ -574,27 +599,31 @@ def compare(
     reference: bool = False,
     providers: list[str] | None = None,
     shapes: Any = None,
-    batches: int = 4,
-    batch_size: int = 2,
+    batches: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
     images: Any = None,
     ray: bool | str | None = None,
     workers: int = 2,
     values: Any = None,
+    data_options: DataOptions | None = None,
 ) -> CompareResult:
     """Run A and B on the same inputs and compare every output (A is the reference).
 
-    ``model_b=None`` compares A with itself in the other runtime (needs
-    ``reference=True``). ``reference=True`` runs B (or A's second copy) in
-    ``onnx.reference`` instead of ONNX Runtime. ``data``: an iterable of feed
-    dicts, a ``CalibrationDataReader``, a path the calibration readers accept
-    (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``, Parquet, image
-    folders with ``images`` options), or None with
-    ``synthetic=True``: ``batches`` Gaussian batches, symbolic dims from
-    ``shapes`` (``{"x": [1, 3, 224, 224]}`` or ``["x=1x3x224x224"]``), else
-    ``batch_size`` for the first and 8 for the others, by the rules of :mod:`.synthetic` (``values``:
-    ``{"sr": 16000}`` fills an input). ``progress``: a bar on stderr when it is a terminal.
+    ``model_b=None`` compares A with itself in the other runtime (``reference=True``), or
+    with ``sites=True`` only measures A's normalized sites (no outputs compared). ``reference=True`` runs B
+    (or A's second copy) in ``onnx.reference`` instead of ONNX Runtime.
+
+    The inputs are read as ``calibrate`` reads them: ``data_options`` (a
+    :class:`.calibration.batches.DataOptions`), or the same fields as keywords. ``data``: an iterable of feed
+    dicts, a ``CalibrationDataReader``, a path the calibration readers accept (``.npz``, folders of
+    ``.npy``/``.npz``, ``test_data_set_*``, Parquet, image folders with ``images`` options), or None with
+    ``synthetic=True``. ``batch_size`` splits data files into batches of that many samples (synthetic: the
+    batch dimension, default 2); ``batches`` caps the number of batches (default: all of the data, 4
+    synthetic). Synthetic symbolic dims come from ``shapes`` (``{"x": [1, 3, 224, 224]}`` or
+    ``["x=1x3x224x224"]``), by the rules of :mod:`.synthetic` (``values``: ``{"sr": 16000}`` fills an input).
+    ``progress``: a bar on stderr when it is a terminal.
 
     ``ray`` (or a ``ray.data.Dataset`` as ``data``): the batches run on Ray Data
     actors (``workers``), each holding both models; their tallies merge exactly
@@ -602,60 +631,67 @@ def compare(
     """
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
         raise NormactError(f"--atol and --rtol must be non-negative finite numbers, got {atol:g} and {rtol:g}")
-    for flag, n in (("--batches", batches), ("--batch-size", batch_size)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    source = data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
+    for flag, n in (("--batches", source.batches), ("--batch-size", source.batch_size)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise NormactError(f"{flag} must be a positive integer, got {n}")
-    if shapes and not synthetic:
+    if source.shapes and not source.synthetic:
         raise NormactError("--shape sets the shapes of --synthetic inputs; data files bring their own shapes")
-    if model_b is None and not reference:
-        raise NormactError("give a second model, or --reference to compare one model across runtimes")
+    if model_b is None and not reference and not sites:
+        raise NormactError(
+            "give a second model, --reference to compare one model across runtimes, or --sites to measure its sites"
+        )
     a = LoadedModel.load(model_a, "A")
-    b = LoadedModel.load(model_b if model_b is not None else model_a, "B")
-    labels = tuple(str(m.path) if m.path else "<in-memory model>" for m in (a, b))
+    one = model_b is None and not reference  # A's sites alone
+    b = None if one else LoadedModel.load(model_b if model_b is not None else model_a, "B")
+    labels = (_label(a), None if b is None else _label(b))
     setup = (model_b is not None, sites, reference, providers, atol, rtol)
     comparison = Comparison(a, b, *setup)
-    if ray not in (None, False) or is_dataset(data):
-        if synthetic:
+    if ray not in (None, False) or is_dataset(source.data):
+        if source.synthetic:
             raise NormactError("--synthetic runs single-process; --ray reads --data (files, Parquet, images)")
-        tally = compare_ray(comparison, (a, b), setup, data, None if ray in (None, True) else str(ray), workers, images)
-        return comparison.result(tally, labels)  # type: ignore[arg-type]
+        address = None if ray in (None, True) else str(ray)
+        tally = compare_ray(comparison, (a, b), setup, source, address, workers)
+        return comparison.result(tally, labels)
     tally = comparison.empty()
-    bar = progress_bar(batches if data is None else None, "compare", progress, unit="batch")
+    total = (source.batches or SYNTHETIC_BATCHES) if source.synthetic else source.batches
+    bar = progress_bar(total, "compare", progress, unit="batch")
     try:
-        for feeds in model_batches(data, synthetic, a, shapes, batches, batch_size, seed, images=images, values=values):
+        for feeds in model_batches(a, source):
             comparison.tally(feeds, tally)
             bar.update()
     finally:
         bar.close()
-    return comparison.result(tally, labels)  # type: ignore[arg-type]
+    return comparison.result(tally, labels)
+
+
+def _label(m: LoadedModel) -> str:
+    return str(m.path) if m.path else "<in-memory model>"
+
+
+# calibrate's synthetic defaults: the report measures the written model on the very batches it was calibrated on
+CALIBRATE_BATCHES, CALIBRATE_BATCH_SIZE = 10, 1
 
 
 def measure_sites(
     model: ModelLike,
-    data: Any = None,
+    data_options: DataOptions,
     *,
-    synthetic: bool = False,
-    shapes: Any = None,
-    batches: int = 4,
-    batch_size: int = 2,
-    seed: int = 0,
-    split: int | None = None,
-    values: Any = None,
     providers: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each normalized site's property measured in ``model`` as written, on ``data``.
+    """Each normalized site's property measured in ``model`` as written, on the data ``data_options`` names.
 
-    One row per site: the pre-activation's mean and variance, the normalized output's
+    The data is read as ``calibrate`` reads it (same defaults: every batch of the data; 10 synthetic batches
+    of one sample). One row per site: the pre-activation's mean and variance, the normalized output's
     mean and variance, the property its method promises (static: E y² near 1 and E y
     near 0; ANAct: the forward gain E y²/Var x), the target, and whether it holds.
-    Sites inside subgraphs or functions are listed as not measurable. ``split``: cut
-    files into batches of this many samples (as ``calibrate --batch-size`` does).
+    Sites inside subgraphs or functions are listed as not measurable.
     """
     m = LoadedModel.load(model, "model")
     probes, unreachable = _site_probes(m)
     runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
-    for feeds in model_batches(data, synthetic, m, shapes, batches, batch_size, seed, split, values=values):
+    for feeds in model_batches(m, data_options, CALIBRATE_BATCHES, CALIBRATE_BATCH_SIZE):
         outs = dict(zip(runner.names, _run(runner, feeds)))
         for p in probes:
             p.pre_stats = p.pre_stats.merge(p.pre_moments(outs[p.pre]))
@@ -701,20 +737,21 @@ class CompareWorker:
 
     def __init__(
         self,
-        models: list[Any],  # [ObjectRef of A's serialized proto, of B's]
+        models: list[Any],  # [ObjectRef of A's serialized proto, of B's (absent: A's sites alone)]
         paths: list[str | None],
         setup: tuple,
         kind: str,
+        batch_size: int | None,
         images: Any,
         crash_marker: str | None = None,
     ) -> None:
         ray = require_ray()
-        a, b = (
+        a, *b = (
             LoadedModel(onnx.load_from_string(ray.get(ref)), Path(p) if p else None, label)
             for ref, p, label in zip(models, paths, ("A", "B"))
         )
-        self.comparison = Comparison(a, b, *setup)
-        self.feeder = Feeder(kind, model_inputs(a.proto), None, images)
+        self.comparison = Comparison(a, b[0] if b else None, *setup)
+        self.feeder = Feeder(kind, model_inputs(a.proto), batch_size, images)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -728,28 +765,32 @@ class CompareWorker:
 
 def compare_ray(
     comparison: Comparison,
-    models: tuple[LoadedModel, LoadedModel],
+    models: tuple[LoadedModel, LoadedModel | None],
     setup: tuple,
-    data: Any,
+    source: DataOptions,
     address: str | None,
     workers: int,
-    images: Any,
 ) -> Tally:
-    """``compare`` over Ray Data: the driver's Comparison gives the layout, workers measure, tallies merge in a tree."""
+    """``compare`` over Ray Data: the driver's Comparison gives the layout, workers measure, tallies merge in a tree.
+
+    ``source``'s ``batch_size`` and ``batches`` cut and cap the data as in the single-process run.
+    """
     if workers < 1:
         raise NormactError(f"--workers must be ≥ 1, got {workers}")
-    a, b = models
-    check_exists(data)
+    a = models[0]
+    loaded = [m for m in models if m is not None]
+    check_exists(source.data)
     with cluster(address, workers):
         ray = require_ray()
-        work = plan_work(data, model_inputs(a.proto), None, None, images)
-        refs = [ray.put(m.proto.SerializeToString()) for m in (a, b)]
+        work = plan_work(source.data, model_inputs(a.proto), source.batch_size, source.batches, source.images)
+        refs = [ray.put(m.proto.SerializeToString()) for m in loaded]
         kwargs = {
             "models": refs,
-            "paths": [str(m.path) if m.path else None for m in (a, b)],
+            "paths": [str(m.path) if m.path else None for m in loaded],
             "setup": setup,
             "kind": work.kind,
-            "images": images,
+            "batch_size": source.batch_size,
+            "images": source.images,
             "crash_marker": os.environ.get(CRASH_ENV),
         }
         tree: TreeMerge[Any] = TreeMerge(lambda x, y: x.merge(y))

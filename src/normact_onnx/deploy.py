@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -51,7 +51,6 @@ NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
 # the self-check's inputs by default: two synthetic batches of one sample (a field left None takes these)
 SELF_CHECK_BATCHES, SELF_CHECK_BATCH_SIZE = 2, 1
-SELF_CHECK_DATA = DataOptions(batches=SELF_CHECK_BATCHES, batch_size=SELF_CHECK_BATCH_SIZE)
 
 
 @dataclass
@@ -95,8 +94,8 @@ def fold(
     synthetic: bool = False,
     shapes: Any = None,
     values: Any = None,
-    batches: int = 2,
-    batch_size: int = 1,
+    batches: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     in_place: bool = False,
@@ -120,8 +119,8 @@ def fold(
     synthetic: bool = False,
     shapes: Any = None,
     values: Any = None,
-    batches: int = 2,
-    batch_size: int = 1,
+    batches: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     in_place: bool = False,
@@ -145,8 +144,8 @@ def fold(
     synthetic: bool = False,
     shapes: Any = None,
     values: Any = None,
-    batches: int = 2,
-    batch_size: int = 1,
+    batches: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     in_place: bool = False,
@@ -170,8 +169,8 @@ def fold(
     synthetic: bool = False,
     shapes: Any = None,
     values: Any = None,
-    batches: int = 2,
-    batch_size: int = 1,
+    batches: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     in_place: bool = False,
@@ -195,8 +194,9 @@ def fold(
     unpadded; slower on ONNX Runtime CPU, whose NCHWc layout cannot fuse it), or
     ``"refuse"`` (leave such sites normalized). ``nodes``: a regular expression
     on site names/outputs. ``data`` (as for ``compare``: a path, a reader, feed
-    dicts) or synthetic inputs (``shapes``, ``values``, ``batches``) feed the
-    self-check; ``tolerance`` overrides its noise-derived rule (module docstring).
+    dicts, read as ``calibrate`` reads them: ``batch_size`` splits files, ``batches`` caps them; default all)
+    or synthetic inputs (``shapes``, ``values``; default 2 batches of 1 sample) feed the self-check;
+    ``tolerance`` overrides its noise-derived rule (module docstring).
     With ``output`` the file exists afterwards even when nothing folds (a verified
     copy), unless ``write_unchanged=False``. Folded weights of a model with external
     data are written as external data beside the output. Returns the folded
@@ -215,7 +215,7 @@ def fold(
     loose_data = DataOptions(data, batches, batch_size, synthetic, shapes, values, seed)
     if data_options is None:
         data_options = loose_data
-    elif loose_data != SELF_CHECK_DATA:
+    elif loose_data != DataOptions():
         raise NormactError(
             "pass the self-check inputs as data_options= or as data/synthetic/shapes/values/batches/batch_size/seed, "
             "not both"
@@ -285,16 +285,7 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: DataOpt
         raise NormactError(f"verification failed: onnx checker: {str(e).strip().splitlines()[0]}") from None
     synthetic = inputs.synthetic or inputs.data is None
     model = LoadedModel(before, None, "unfolded")
-    feeds = model_batches(
-        inputs.data,
-        synthetic,
-        model,
-        inputs.shapes,
-        SELF_CHECK_BATCHES if inputs.batches is None else inputs.batches,
-        SELF_CHECK_BATCH_SIZE if inputs.batch_size is None else inputs.batch_size,
-        inputs.seed,
-        values=inputs.values,
-    )
+    feeds = model_batches(model, replace(inputs, synthetic=synthetic), SELF_CHECK_BATCHES, SELF_CHECK_BATCH_SIZE)
     ref, plain = make_session(before.SerializeToString()), make_session(before.SerializeToString(), optimize=False)
     new = make_session(after.SerializeToString())
     names = [o.name for o in before.graph.output]

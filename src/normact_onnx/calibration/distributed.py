@@ -91,20 +91,56 @@ def cluster(address: str | None, workers: int) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    token = False
     try:
         if address is None:
             # a CPU per worker plus one for Ray Data's read tasks (else the actors hold every CPU and reads wait)
             ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         else:
+            token = _token_auth(address)
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as e:
         what = "start a local Ray cluster" if address is None else f"connect to the Ray cluster at {address!r}"
-        raise NormactError(f"cannot {what}: {_first_line(e)}") from None
+        hint = "" if address is None else _join_hint(token)
+        raise NormactError(f"cannot {what}: {_first_line(e)}{hint}") from None
     try:
         _quiet(ray)
         yield
     finally:
         ray.shutdown()
+
+
+def _token_auth(address: str) -> bool:
+    """Join with Ray's token authentication (Ray ≥ 2.52) when a token is at hand: whether it is on.
+
+    ``ray start --head`` turns authentication on when it finds a token (``~/.ray/auth_token``, which a local
+    ``ray.init`` of Ray ≥ 2.59 creates, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``), and ``ray.init``
+    sends the token for ``address="auto"`` only; for ``HOST:PORT`` it would connect without one and
+    fail after ~20 s of retries. So an explicit address is joined the way Ray joins ``auto``: with the token
+    when one is found. ``RAY_AUTH_MODE`` set by the user (``token`` or ``disabled``) is left as it is.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return os.environ["RAY_AUTH_MODE"].lower() == "token"
+    try:  # Ray's own rule for "auto" (module private to Ray; absent before 2.52, which has no authentication)
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return False
+    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+
+
+def _join_hint(token: bool) -> str:
+    """What to check when joining failed, by whether this side sent a token."""
+    if token:
+        return (
+            " (this side sent the authentication token it found; if the cluster runs without token "
+            "authentication, set RAY_AUTH_MODE=disabled; if its token differs, copy the head's: `ray get-auth-token`)"
+        )
+    return (
+        " (is it running, and reachable? a cluster with token authentication needs its token here: "
+        "`ray get-auth-token` on the head, saved as ~/.ray/auth_token or set as RAY_AUTH_TOKEN)"
+    )
 
 
 def _quiet(ray: Any) -> None:
@@ -199,10 +235,11 @@ def plan_work(
             ds, total = ds.limit(batches * size), min(total, batches)
         return Work(ds, "images", size, f"{path} ({len(pictures)} images)", total)
     pieces = file_pieces(path, specs, batch_size)
+    noted: set[str] = set()  # arrays no input takes: said once here, the workers leave them out silently
     for i, (where, header) in enumerate(file_headers([f for f, _ in pieces], specs, batch_size)):  # before any run
         if batches is not None and i >= batches:
             break
-        check_header(specs, header, where)
+        check_header(specs, header, where, noted)
     items = file_items(pieces, batches)
     describe = f"{path} ({len(pieces)} file{'s' * (len(pieces) != 1)})"
     if not items:  # every file empty: the single-process run's refusal, not Ray's error about zero blocks

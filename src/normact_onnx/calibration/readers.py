@@ -15,6 +15,7 @@ expected shape and the given one.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from collections.abc import Iterable, Iterator, Sized
@@ -31,21 +32,32 @@ from ..synthetic import meaningful, parse_assignments, parse_values, resolve_sha
 from . import rows
 from .batches import Batch, DataOptions, Header, Source
 
+# Notes about the data (arrays ignored) go to the ``normact_onnx`` logger: without logging configured, Python prints
+# a warning's message alone on stderr (one line), and a program that embeds the package can route or silence them.
+LOG = logging.getLogger("normact_onnx")
+
 # ---- checking --------------------------------------------------------------------------------------------------
 
 
-def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...], np.dtype]], where: str) -> None:
-    """Names, dtypes and shapes of one batch against the model's inputs (arrays not needed)."""
+def check_header(
+    specs: list[InputSpec],
+    header: dict[str, tuple[tuple[int, ...], np.dtype]],
+    where: str,
+    noted: set[str] | None = None,
+) -> None:
+    """Names, dtypes and shapes of one batch against the model's inputs (arrays not needed).
+
+    Arrays that name no input (a fine-tuning file's labels) are ignored; ``noted`` (one set per run) makes the
+    note that says so appear once for each such name (None: ignored silently, as a Ray worker does after the
+    driver's check).
+    """
     by_name = {s.name: s for s in specs}
     for spec in specs:
         if spec.name not in header:
             given = f"; given {', '.join(map(repr, header))}" if header else ""
             raise NormactError(f"{where}: missing input {spec.name!r} ({spec.describe()} {spec.dtype}){given}")
-    unknown = sorted(set(header) - set(by_name))
-    if unknown:
-        raise NormactError(
-            f"{where}: unknown input {unknown[0]!r}; the model's inputs are {', '.join(map(repr, by_name))}"
-        )
+    if noted is not None:
+        note_extra_arrays([k for k in header if k not in by_name], specs, where, noted)
     sizes: dict[str, tuple[int, str]] = {}
     for spec in specs:
         shape, dtype = header[spec.name]
@@ -74,18 +86,33 @@ def check_header(specs: list[InputSpec], header: dict[str, tuple[tuple[int, ...]
                     )
 
 
+def note_extra_arrays(names: list[str], specs: list[InputSpec], where: str, noted: set[str]) -> None:
+    """One note on stderr (the ``normact_onnx`` logger) for arrays in the data that no model input takes.
+
+    They are left out of every batch; ``noted`` holds the names already reported in this run.
+    """
+    new = sorted(set(names) - noted)
+    if not new:
+        return
+    noted.update(new)
+    plural = "s" * (len(new) != 1)
+    inputs = ", ".join(repr(s.name) for s in specs)
+    listed = ", ".join(map(repr, new))
+    LOG.warning(f"note: {where}: ignoring array{plural} {listed} (not an input of the model; its inputs: {inputs})")
+
+
 def _kind(dtype: np.dtype) -> str:
     """Same kind = castable without surprise: float64 data for a float32 input is fine, floats for int ids are not."""
     dtype = np.dtype(dtype)
     return "f" if dtype.kind == "f" else ("i" if dtype.kind in "iu" else dtype.kind)
 
 
-def conform(specs: list[InputSpec], batch: Any, where: str) -> Batch:
-    """Check one loaded batch and cast it to the model's dtypes."""
+def conform(specs: list[InputSpec], batch: Any, where: str, noted: set[str] | None = None) -> Batch:
+    """Check one loaded batch and cast it to the model's dtypes (arrays no input takes left out, see check_header)."""
     if not isinstance(batch, dict):
         raise NormactError(f"{where}: a batch must be a dict of input name → array, got {type(batch).__name__}")
     arrays = {k: np.asarray(v) for k, v in batch.items()}
-    check_header(specs, {k: (v.shape, v.dtype) for k, v in arrays.items()}, where)
+    check_header(specs, {k: (v.shape, v.dtype) for k, v in arrays.items()}, where, noted)
     out = {s.name: np.ascontiguousarray(arrays[s.name], dtype=s.dtype) for s in specs}
     for name, arr in out.items():  # NaN/Inf would turn every statistic into NaN (and "constant" sites)
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():

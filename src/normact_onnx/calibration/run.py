@@ -77,11 +77,12 @@ def collect(
     specs = model_inputs(src)
     batches = source.batches
     reader = open_source(source, specs)
+    noted: set[str] = set()  # arrays no input takes, said once
     if reader.headers is not None:  # files: every batch checked before the first run
         for i, (where, header) in enumerate(reader.headers()):
             if batches is not None and i >= batches:
                 break
-            check_header(specs, header, where)
+            check_header(specs, header, where, noted)
     inst = prepare(src, base_dir, per_channel, normalize, selection)
     sess = calibration_session(inst.model, base_dir, providers)
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
@@ -92,7 +93,7 @@ def collect(
         for where, raw in reader.batches():
             if batches is not None and n >= batches:
                 break
-            fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where), where), where)
+            fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where, noted), where), where)
             n += 1
             bar.update()
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import add_data_source, add_quiet, image_options, print_json
+from .common import add_data_source, add_quiet, data_options, print_json
 
 EXIT_MISMATCH = 1
 
@@ -15,17 +15,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="compare two models' outputs (and normalized sites' statistics)",
         description="Run model A and model B on the same inputs and compare every output "
-        "(A is the reference: pass when |A−B| ≤ atol + rtol·|A| everywhere). Exit 1 on failure.",
+        "(A is the reference: pass when |A−B| ≤ atol + rtol·|A| everywhere). Exit 1 on failure. "
+        "With --sites and no B: measure each normalized site of A on the inputs.",
     )
     p.add_argument("model_a", help="reference .onnx model")
-    p.add_argument("model_b", nargs="?", help="model to check (omit with --reference to check A across runtimes)")
+    p.add_argument(
+        "model_b",
+        nargs="?",
+        help="model to check (omit it with --reference to check A across runtimes, or with --sites to measure "
+        "A's normalized sites alone)",
+    )
     add_data_source(
         p,
-        "inputs",
-        batches=4,
-        batch_size=2,
-        batches_help="synthetic batches (default 4)",
-        batch_size_help="synthetic batch size for symbolic dims (default 2)",
+        "inputs (read as calibrate reads them)",
+        batches_help="use at most this many batches (default: all of --data; synthetic: 4)",
+        batch_size_help="split each --data file along axis 0 into batches of this many samples; "
+        "the batch size of --synthetic inputs (default 2)",
         shape_default=" (default: a dimension's name fixes its size across inputs; the leading one is the batch "
         "size, image axes 64, others 16)",
     )
@@ -48,22 +53,15 @@ def run(args: argparse.Namespace) -> int:
     result = compare(
         args.model_a,
         args.model_b,
-        args.data,
-        synthetic=args.synthetic,
         atol=args.atol,
         rtol=args.rtol,
         sites=args.sites,
         reference=args.reference,
         providers=providers,
-        shapes=args.shape,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        seed=args.seed,
         progress=not args.quiet,
-        images=image_options(args),
         ray=args.ray,
         workers=args.workers,
-        values=args.value,
+        data_options=data_options(args),
     )
     if args.json:
         print_json(result.report())

@@ -45,10 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_source(
         p,
         "self-check inputs (default: synthetic)",
-        batches=2,
-        batch_size=1,
-        batches_help="batches for the self-check (default 2)",
-        batch_size_help="synthetic batch size for symbolic dims (default 1)",
+        batches_help="use at most this many batches (default: all of --data; synthetic: 2)",
+        batch_size_help="split each --data file along axis 0 into batches of this many samples; "
+        "the batch size of --synthetic inputs (default 1)",
     )
     p.add_argument(
         "--tolerance",
