@@ -86,22 +86,25 @@ def test_gaussian_recovery_within_one_percent(kind, aggregate):
 
 
 def test_dead_site_is_refused_with_its_reason_everywhere_it_shows(tmp_path):
-    """A ReLU that never fires has no ANAct factors: the refusal's reason reaches the terminal table, the HTML
-    report and the rewrite's outcome, and the site stays as it was."""
+    """A ReLU that never fires has no ANAct factors: the refusal's reason reaches the terminal table and the HTML
+    report; asked to write a model whose only site is refused, calibrate fails with that reason and writes
+    nothing (an "unchanged copy" would look like success)."""
     from normact_onnx.calibration.report import factors_table, terminal_table
+    from normact_onnx.errors import NormactError
     from normact_onnx.outcome import Refusal
 
     why = "the activation is flat on the calibration data (f'(x) = 0 everywhere: a dead unit)"
     dead = [{"x": -np.abs(b["x"]) - 0.1} for b in gaussian_batches(3, rows=64)]
     src = tmp_path / "relu.onnx"
     onnx.save(single_site("relu"), src)
-    res = calibrate(src, dead, tmp_path / "out.onnx", report=tmp_path / "r.html", details=True)
+    res = calibrate(src, dead, report=tmp_path / "r.html", details=True)
     assert site_factors(only_site(res.stats), "anact", False, "ema") == Refusal(why)
     assert why in terminal_table(factors_table(res.stats, "anact", False, "ema"))
     assert why in (tmp_path / "r.html").read_text(encoding="utf-8").replace("&#x27;", "'")
-    (o,) = res.rewrite.outcomes
-    assert (o.action, o.reason) == ("skipped", why)
-    assert [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node] == ["Relu", "MatMul"]
+    with pytest.raises(NormactError, match="refused") as err:
+        calibrate(src, dead, tmp_path / "out.onnx")
+    assert why in str(err.value)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_recovered_factors_are_written_into_the_model(tmp_path):
