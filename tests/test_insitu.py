@@ -244,7 +244,7 @@ def test_report_shows_the_property_measured_in_the_written_model(deep, tmp_path)
     out, report = tmp_path / "out.onnx", tmp_path / "r.html"
     calibrate(deep / "deep.onnx", deep / "data.npz", out, batch_size=128, report=report, method="static")
     text = report.read_text()
-    assert "24 of 24 sites hold their property" in text and "measured in the written model" in text
+    assert "24 of 24 normalized sites hold their property" in text and "measured in the written model" in text
     bad = tmp_path / "bad.html"
     calibrate(deep / "deep.onnx", deep / "data.npz", out, batch_size=128, report=bad, method="static", in_situ=False)
     assert "MISSED" in bad.read_text()
