@@ -16,9 +16,10 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
-    check_outputs,
+    check_paths,
     data_options,
     default_output,
+    output_label,
     output_options,
     output_path,
     site_selection,
@@ -88,7 +89,15 @@ def run(args: argparse.Namespace) -> int:
     output = None if args.stats_only and not args.output and not args.in_place else output_path(args, SUFFIX)
     model_out = output or default_output(args.model, SUFFIX)
     stats_path = args.stats or default_output(str(model_out), ".stats.json")
-    check_outputs(stats=str(stats_path), report=args.html_report)
+    check_paths(
+        args,
+        {
+            output_label(args): None if args.stats_only else output,
+            "--stats" if args.stats else "the statistics file beside the output": stats_path,
+            "--report": args.html_report,
+        },
+        ("--data", args.data),
+    )
     if args.stats_only:
         output = None
     result = calibrate(

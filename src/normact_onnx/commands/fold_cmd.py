@@ -16,8 +16,9 @@ from .common import (
     add_no_verify,
     add_output_path,
     add_quiet,
-    check_outputs,
+    check_paths,
     data_options,
+    output_label,
     output_path,
     print_json,
 )
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dest = output_path(args, ".folded.onnx")
-    check_outputs(report=args.report)
+    check_paths(args, {output_label(args): dest, "--report": args.report}, ("--data", args.data))
     result = fold(
         args.model,
         dest,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..calibration.stats import CalibrationStats, merge
-from ..io import check_output_path
+from ..outpaths import Named, check_run_paths
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_path(args.output)
+    check_run_paths({"-o": args.output}, [Named("the input", Path(p)) for p in args.inputs])
     merged = merge([CalibrationStats.load(p) for p in args.inputs])
     merged.save(args.output)
     print(f"merged {len(args.inputs)} files: {merged.batches} batches, {len(merged.sites)} sites → {args.output}")

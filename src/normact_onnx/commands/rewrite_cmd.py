@@ -16,7 +16,8 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
-    check_outputs,
+    check_paths,
+    output_label,
     output_options,
     output_path,
     site_selection,
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stats is None and args.method == "anact":
         raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
     output = None if args.explain else output_path(args)
-    check_outputs(report=args.report)
+    check_paths(args, {output_label(args): output, "--report": args.report}, ("--stats", args.stats))
     result = rewrite(
         args.model,
         output,
