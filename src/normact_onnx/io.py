@@ -296,11 +296,16 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
     """Refuse an output path that cannot be written, before any work starts; one line each.
 
-    A folder (or a name ending in a slash), a location under /proc or /sys, a parent that is a
-    file, or a folder this process may not create files in.
+    A name that is not valid UTF-8, a folder (or a name ending in a slash), a location under /proc or
+    /sys, a parent that is a file, or a folder this process may not create files in.
     """
     text = os.fspath(path)
     p = Path(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name (surrogate escapes): ONNX's C++ side cannot open it
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise NormactError(f"{flag} {shown}: the name is not valid UTF-8; choose a UTF-8 file name") from None
     if text.endswith(("/", os.sep)) or p.is_dir():
         raise NormactError(f"{flag} {text}: is a folder; give a file name (e.g. {p / 'model.onnx'})")
     resolved = p.resolve()

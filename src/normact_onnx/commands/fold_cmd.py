@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if result.path is not None:
         what = "" if result.folded else "an unchanged copy, "
-        print(f"wrote {what}{result.path}" + ("" if args.no_verify else " (verified)"))
+        checked = "checker, ONNX Runtime load" + (", folded against unfolded" if result.check else "")
+        print(f"wrote {what}{result.path}" + ("" if args.no_verify else f" (verified: {checked})"))
     else:
         print("nothing folded; nothing written")
     return 0
