@@ -67,10 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_training()
     output = args.output or default_output(args.model, ".tuned.onnx")
     work = args.workdir or default_output(str(output), ".train")
     check_paths(args, {output_label(args): output, "--workdir": work}, ("--data", args.data), ("--val", args.val))
+    require_training()
     result = finetune(
         args.model,
         args.data,
