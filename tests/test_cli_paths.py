@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from .conftest import MODELS
-from .test_hardening_io import SYN, external_copy, main_in, one_line_error  # noqa: F401 (main_in: a fixture)
+from .test_hardening_io import SYN, external_copy, one_line_error
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 
@@ -68,10 +68,13 @@ CASES = [
 
 
 def _snapshot(folder: Path) -> dict[str, bytes | str]:
-    return {
-        str(p.relative_to(folder)): (f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes() if p.is_file() else "")
-        for p in sorted(folder.rglob("*"))
-    }
+    """Every entry's bytes (a link: its target), so a replaced input or a new file shows."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(folder.rglob("*")):
+        out[str(p.relative_to(folder))] = (
+            f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes() if p.is_file() else ""
+        )
+    return out
 
 
 @pytest.mark.parametrize("args, needle", CASES, ids=[" ".join(a) for a, _ in CASES])

@@ -43,20 +43,6 @@ def run_cli(*args, cwd: Path, umask: int | None = None) -> subprocess.CompletedP
     )
 
 
-@pytest.fixture
-def main_in(capsys, monkeypatch):
-    """The CLI's ``main`` in this process (for the many quick refusals): returns a CompletedProcess like run_cli."""
-    from normact_onnx.cli import main
-
-    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        rc = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out.out, out.err)
-
-    return run
-
-
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit 2, exactly one stderr line, no traceback, containing every needle."""
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
