@@ -16,8 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from .errors import NormactError
-from .io import check_output_path
+from .io import check_output_path, external_locations
 
 PathLike = str | os.PathLike
 MODEL = "the input model"
@@ -50,7 +52,7 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def model_inputs(model: PathLike, label: str = MODEL) -> list[Named]:
+def model_files(model: PathLike, label: str = MODEL) -> list[Named]:
     """The model file and the external data files it reads (what no output of the run may replace).
 
     A model that cannot be read is left to the command's own loading, which says why in one line.
@@ -60,10 +62,6 @@ def model_inputs(model: PathLike, label: str = MODEL) -> list[Named]:
     if not p.is_file():
         return found
     try:
-        import onnx
-
-        from .io import external_locations
-
         m = onnx.load(str(p), load_external_data=False)
     except Exception:  # not a model: the command's loader reports it
         return found

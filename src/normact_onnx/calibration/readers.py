@@ -19,7 +19,7 @@ import os
 import zipfile
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -93,7 +93,7 @@ def conform(specs: list[InputSpec], batch: Any, where: str) -> Batch:
 # ---- sources ---------------------------------------------------------------------------------------------------
 
 
-def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+def _load_npy(path: Path, mmap_mode: Literal["r"] | None = None) -> np.ndarray:
     """An .npy array, or one line saying why not (object arrays need pickle, which is never loaded)."""
     try:
         arr: np.ndarray = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)

@@ -12,7 +12,7 @@ from ..calibration.batches import DataOptions
 from ..calibration.rows import ImageOptions
 from ..errors import NormactError
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
-from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_inputs
+from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_files
 from ..passes.normalize import FORMS
 from ..selection import SiteSelection
 from ..writer import OutputOptions
@@ -185,7 +185,7 @@ def check_paths(
     ``outputs``: label → path this run writes; ``inputs``: (label, path) of further files it reads
     (``--data``, ``--stats``), besides the model and its external data files.
     """
-    model = model_inputs(args.model)
+    model = model_files(args.model)
     outputs = dict(outputs)
     dest = outputs.get(output_label(args)) if hasattr(args, "in_place") else None
     if dest is not None and len(model) > 1:  # external data: the files written beside the model output
