@@ -345,7 +345,7 @@ def test_cli_fold_writes_and_reports(cli, tmp_path):
     assert [s["action"] for s in rep["sites"]] == ["folded", "folded", "folded"]
     assert rep["sites"][0]["folded_into"] == "producer"
     r = cli("fold", "m.normact.onnx", "-o", "m.normact.onnx")
-    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert r.returncode == 2 and "would overwrite the input model" in r.stderr and "--in-place" in r.stderr
     r = cli("fold", "missing.onnx")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
