@@ -8,7 +8,6 @@ nothing; ``--quiet`` turns them off on a terminal too. Stages of one command
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -53,8 +52,8 @@ def stage(b: tqdm, name: str) -> None:
 def quiet_libraries(verbose: bool = False) -> Iterator[None]:
     """Keep what libraries print off the terminal unless ``verbose``: the command's own lines are the output.
 
-    ONNX Runtime logs errors only, numpy's floating-point RuntimeWarnings are not shown, and Ray's
-    native processes log errors only to their files. With ``verbose`` all of them print as usual.
+    ONNX Runtime logs errors only and numpy's floating-point RuntimeWarnings are not shown (Ray's Python
+    loggers are quieted where Ray starts, :mod:`.calibration.distributed`). With ``verbose`` they print as usual.
     Warnings of this tool (printed as lines, not through :mod:`warnings`) are never affected.
     """
     if verbose:
@@ -62,7 +61,6 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
         yield
         return
     set_log_severity(QUIET)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # read by Ray's processes when they start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
