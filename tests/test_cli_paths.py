@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from .conftest import MODELS
@@ -105,3 +106,18 @@ def test_distinct_outputs_and_in_place_still_work(tmp_path, main_in):
     r = main_in("calibrate", "m.onnx", *SYN, "-o", "c.onnx", "--stats", "c.json", "--report", "c.html", cwd=folder)
     assert r.returncode == 0, r.stderr
     assert {"r.onnx", "r.json", "c.onnx", "c.json", "c.html"} <= set(os.listdir(folder))
+
+
+def test_external_data_named_like_the_output_is_no_collision(tmp_path, main_in):
+    """Exporters name the data ``model.onnx.data``: the writer's own files beside an output never block a run."""
+    (tmp_path / "in").mkdir()
+    onnx.save(onnx.load(str(MLP)), str(tmp_path / "in/model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # fmt: skip
+    for args in (
+        ["rewrite", "in/model.onnx", "-o", "out/model.onnx"],
+        ["rewrite", "in/model.onnx", "--preserve-function", "-o", "pf/model.onnx"],
+        ["fold", "out/model.onnx", "-o", "in/model.folded.onnx"],
+        ["rewrite", "in/model.onnx", "--in-place"],
+    ):
+        r = main_in(*args, cwd=tmp_path)
+        assert r.returncode == 0, (args, r.stderr)

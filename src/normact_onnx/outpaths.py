@@ -74,12 +74,15 @@ def check_run_paths(
     *,
     offers_in_place: bool = False,
     folders: Iterable[str] = (),
+    beside_model: Mapping[str, PathLike] | None = None,
 ) -> None:
     """Refuse (one line, before any work) outputs that name each other or an input, or cannot be written.
 
     ``outputs``: label → path (None: not written this run), each also checked by :func:`.io.check_output_path`
     except the work folders labelled in ``folders`` (compared as a path only). An output labelled
     ``--in-place`` may be the input model; with ``offers_in_place`` the refusal of ``-o MODEL`` names that flag.
+    ``beside_model``: files the writer puts beside the model output (carried or repacked external data); the
+    writer never overwrites an input or another of them, so they are checked against the other outputs only.
     """
     outs: list[Named] = []
     for label, path in outputs.items():
@@ -107,6 +110,9 @@ def check_run_paths(
                 raise NormactError(
                     f"{a.describe()} would overwrite {inp.describe()}, which this run reads; choose another path{other}"
                 )
+        for label, path in (beside_model or {}).items():
+            if a.label not in (*MODEL_OUTPUT, IN_PLACE) and _same(a.path, Path(path)):
+                raise NormactError(f"{a.describe()} would overwrite {label} {path}; choose another path")
 
 
 def beside(path: PathLike, suffix: str) -> Path:

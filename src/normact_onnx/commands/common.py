@@ -186,15 +186,16 @@ def check_paths(
     (``--data``, ``--stats``), besides the model and its external data files.
     """
     model = model_files(args.model)
-    outputs = dict(outputs)
     dest = outputs.get(output_label(args)) if hasattr(args, "in_place") else None
+    beside_model: dict[str, str | Path] = {}
     if dest is not None and len(model) > 1:  # external data: the files written beside the model output
-        outputs["the data file beside the output"] = f"{dest}.data"
-        if Path(dest).parent.resolve() != Path(args.model).parent.resolve():
-            for ext in model[1:]:
-                outputs[f"the copy of {ext.path.name} beside the output"] = Path(dest).parent / ext.path.name
+        beside_model["the data file beside the output"] = f"{dest}.data"
+        for ext in model[1:]:
+            beside_model[f"the copy of {ext.path.name} beside the output"] = Path(dest).parent / ext.path.name
     read = model + [Named(label, Path(p)) for label, p in inputs if p]
-    check_run_paths(outputs, read, offers_in_place=hasattr(args, "in_place"), folders=("--workdir",))
+    check_run_paths(
+        outputs, read, offers_in_place=hasattr(args, "in_place"), folders=("--workdir",), beside_model=beside_model
+    )
 
 
 def add_form(g: Arguments) -> None:
