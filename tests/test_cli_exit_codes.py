@@ -60,7 +60,7 @@ def test_a_full_disk_is_one_line_and_exit_2_and_leaves_nothing(tmp_path):
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path)
     stdout_lines = r.stdout.strip().splitlines()
     assert stdout_lines[-1] == "rc=2", r.stdout  # ls -A printed nothing: no temporary file left on the full disk
-    assert r.stderr.count("\n") == 1 and "no space left" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "full/out.onnx: no space left" in r.stderr, r.stderr
 
 
 def test_an_object_array_npy_is_one_line_and_exit_2(tmp_path, main_in):

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import filecmp
 import itertools
 import os
@@ -324,7 +325,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest``, renamed onto it only if the block succeeds.
 
     The file gets the mode of :func:`new_file_mode`; folders created for it are removed again
-    when the block fails.
+    when the block fails (a full disk is then one line naming ``dest``).
     """
     dest = Path(dest)
     created = make_folders(dest.parent)
@@ -336,9 +337,11 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         remove_created(created)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NormactError(f"{dest}: no space left on the device (or quota exceeded); free space or write elsewhere") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
