@@ -341,7 +341,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         remove_created(created)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NormactError(f"{dest}: no space left on the device (or quota exceeded); free space or write elsewhere") from None
+            why = "no space left on the device (or quota exceeded); free space or write elsewhere"
+            raise NormactError(f"{dest}: {why}") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
