@@ -106,6 +106,9 @@ def test_distinct_outputs_and_in_place_still_work(tmp_path, main_in):
     r = main_in("calibrate", "m.onnx", *SYN, "-o", "c.onnx", "--stats", "c.json", "--report", "c.html", cwd=folder)
     assert r.returncode == 0, r.stderr
     assert {"r.onnx", "r.json", "c.onnx", "c.json", "c.html"} <= set(os.listdir(folder))
+    shutil.copy(MLP, folder / "ip.onnx")
+    r = main_in("calibrate", "ip.onnx", *SYN, "--in-place", "--stats", "ip.json", cwd=folder)
+    assert r.returncode == 0 and "wrote ip.onnx" in r.stdout, r.stderr
 
 
 def test_external_data_named_like_the_output_is_no_collision(tmp_path, main_in):

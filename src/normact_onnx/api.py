@@ -43,7 +43,7 @@ from .io import (
 )
 from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library
-from .outpaths import check_run_paths, model_files
+from .outpaths import IN_PLACE, check_run_paths, model_files
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
 from .policy import Constants, MethodOptions, method_constants, select
@@ -663,7 +663,8 @@ def calibrate(
     )
     source = _data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
     read = model_files(model) if isinstance(model, str | os.PathLike) else []
-    check_run_paths({"output": output, "stats_path": stats_path, "report": report}, read)  # one rule, before work
+    where = IN_PLACE if out.in_place else "output"  # in place: the output may be the model
+    check_run_paths({where: output, "stats_path": stats_path, "report": report}, read)  # one rule, before work
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")
