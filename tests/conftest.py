@@ -102,6 +102,20 @@ def cli(tmp_path):
     return run
 
 
+@pytest.fixture
+def main_in(capsys, monkeypatch):
+    """The CLI's ``main`` in this process (for the many quick refusals): returns a CompletedProcess like run_cli."""
+    from normact_onnx.cli import main
+
+    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return run
+
+
 def to_low_precision(model: onnx.ModelProto, elem: int = TensorProto.FLOAT16) -> onnx.ModelProto:
     """The model with every float32 tensor (weights, constants, inputs, outputs, casts) in ``elem``.
 

@@ -43,20 +43,6 @@ def run_cli(*args, cwd: Path, umask: int | None = None) -> subprocess.CompletedP
     )
 
 
-@pytest.fixture
-def main_in(capsys, monkeypatch):
-    """The CLI's ``main`` in this process (for the many quick refusals): returns a CompletedProcess like run_cli."""
-    from normact_onnx.cli import main
-
-    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        rc = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out.out, out.err)
-
-    return run
-
-
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit 2, exactly one stderr line, no traceback, containing every needle."""
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
@@ -94,8 +80,8 @@ def test_every_output_follows_the_umask(tmp_path, umask, want):
                 umask=umask)  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    # the model, the report, the carried external data and the weights the rewrite computed
-    assert sorted(os.listdir(out)) == ["n.onnx", "n.onnx.data", "r.json", "weights.bin"]
+    # the model, the report, and one data file: the weights the rewrite computed and those it still uses
+    assert sorted(os.listdir(out)) == ["n.onnx", "n.onnx.data", "r.json"]  # weights.bin: only its used tensors
     assert {p.name: mode(p) for p in out.iterdir()} == dict.fromkeys(os.listdir(out), want)
     r = run_cli("calibrate", MLP, *SYN, "-o", "c/m.onnx", "--report", "c/m.html", cwd=tmp_path, umask=umask)
     assert r.returncode == 0, r.stderr

@@ -26,7 +26,7 @@ PACKAGE = "normact_onnx"
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "synthetic", "runtime", "runtime.*"]),
     ("catalogue", ["catalogue", "catalogue.*"]),
-    ("model", ["io", "interop", "graph", "inputs", "provenance", "ort"]),
+    ("model", ["io", "outpaths", "interop", "graph", "inputs", "provenance", "ort"]),
     ("methods", ["moments", "streaming", "methods", "methods.*"]),
     ("passes", ["passes", "passes.*", "selection"]),
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),

@@ -83,10 +83,10 @@ def test_fold_cli_with_data(item, tmp_path, cli):
     for i, feeds in enumerate(_feeds(e, path, 2)):
         np.savez(tmp_path / f"batch_{i}.npz", **feeds)
     r = cli("rewrite", path, "-o", tmp_path / "p.onnx", "--preserve-function")
-    assert r.returncode == 0 and "(verified)" in r.stdout, r.stderr
+    assert r.returncode == 0 and "(verified" in r.stdout, r.stderr
     r = cli("rewrite", path, "-o", tmp_path / "n.onnx")
     assert r.returncode == 0, r.stderr
     r = cli("fold", tmp_path / "n.onnx", "-o", tmp_path / "f.onnx", "--data", tmp_path)
-    assert r.returncode == 0 and "(verified)" in r.stdout, r.stderr
+    assert r.returncode == 0 and "(verified" in r.stdout, r.stderr
     onnx.checker.check_model(str(tmp_path / "f.onnx"))
     assert onnx.load(str(tmp_path / "f.onnx")).ir_version == onnx.load(str(path)).ir_version

@@ -398,7 +398,7 @@ def test_finetune_outside_train_env_says_how(tmp_path: Path) -> None:
         text=True,
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
     )
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "[train]" in r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "scripts/make_train_env.sh" in r.stderr
 
 
 @needs_training

@@ -43,6 +43,7 @@ from .io import (
 )
 from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library
+from .outpaths import IN_PLACE, check_run_paths, model_files
 from .passes.find import Site, find_sites
 from .passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
 from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
@@ -664,9 +665,9 @@ def calibrate(
         selection, output_options, include, exclude, nodes, all_sites, form, verify, in_place, write_unchanged
     )
     source = _data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
-    for dest in (output, stats_path, report):
-        if dest is not None:
-            check_output_path(dest)
+    read = model_files(model) if isinstance(model, str | os.PathLike) else []
+    where = IN_PLACE if out.in_place else "output"  # in place: the output may be the model
+    check_run_paths({where: output, "stats_path": stats_path, "report": report}, read)  # one rule, before work
     check_options(lambda_rule, aggregate)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown aggregate {aggregate!r}")

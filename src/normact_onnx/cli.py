@@ -8,39 +8,60 @@ one line on stderr with a non-zero exit code (never a traceback).
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 
 from . import __version__
 from .commands import COMMANDS
 from .errors import NormactError
+from .progress import quiet_libraries
 
-EXIT_USER_ERROR = 2
+EXIT_OK = 0
+EXIT_MISMATCH = 1  # compare: the models differ beyond the tolerance
+EXIT_USER_ERROR = 2  # bad input or environment: a file, an option, memory, disk; one line on stderr
+EXIT_INTERNAL = 3  # a bug in normact-onnx: one line, the traceback with --verbose or NORMACT_DEBUG=1
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
+EPILOG = (
+    "exit codes: 0 ok; 1 compare found a difference; 2 bad input (a file, an option, memory, disk: one line "
+    "on stderr, nothing written); 3 internal error (a bug: --verbose or NORMACT_DEBUG=1 shows the traceback); "
+    "130 interrupted"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normact-onnx",
         description="Normalized activations for ONNX models: find, rewrite, calibrate, fold, compare.",
+        epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"normact-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
         module.register(sub)
+    for command in sub.choices.values():
+        command.epilog = EPILOG
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show what libraries log (ONNX Runtime, Ray), numpy warnings and an internal error's traceback",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False) or os.environ.get("NORMACT_DEBUG"))
     try:
-        code = int(args.handler(args) or 0)
+        with quiet_libraries(verbose):
+            code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a reader gone before the last buffered lines: handled here, not at exit
         return code
     except NormactError as e:
-        print(f"normact-onnx: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _error(str(e))
     except KeyboardInterrupt:
         print("normact-onnx: interrupted; nothing was written", file=sys.stderr)
         if argv is None and "ray" in sys.modules:
@@ -48,15 +69,37 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _broken_pipe()
+    except MemoryError as e:
+        return _error(
+            f"out of memory ({str(e) or 'an allocation failed'}); use a smaller --batch-size or fewer/smaller inputs"
+        )
+    except UnicodeError as e:
+        return _error(f"text that is not valid UTF-8 (a file name or a file's content): {e}")
+    except OSError as e:
+        return _error(_os_error(e))
     except Exception as e:
         print(
-            f"normact-onnx: internal error: {type(e).__name__}: {e} (set NORMACT_DEBUG=1 for details)", file=sys.stderr
+            f"normact-onnx: internal error (a bug in normact-onnx): {type(e).__name__}: {e} "
+            "(rerun with --verbose or NORMACT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
         )
-        import os
+        if verbose:
+            traceback.print_exc()
+        return EXIT_INTERNAL
 
-        if os.environ.get("NORMACT_DEBUG"):
-            raise
-        return 1
+
+def _error(message: str) -> int:
+    """Bad input or environment: one line on stderr (however many lines the cause's text had)."""
+    print(f"normact-onnx: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _os_error(e: OSError) -> str:
+    """A file-system failure in the user's words: which file, what happened, what to do about a full disk."""
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}no space left on the device (or quota exceeded); free some space or write elsewhere"
+    return f"{where}{e.strerror or e}"
 
 
 def _leave_now(code: int) -> None:
@@ -68,7 +111,6 @@ def _leave_now(code: int) -> None:
     a caller of :func:`main` in its own process.
     """
     import atexit
-    import os
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -82,7 +124,6 @@ def _broken_pipe() -> int:
     Python would report the pipe again when it flushes stdout at exit, so stdout is pointed
     at /dev/null first; the exit code is the shell's for a process ended by SIGPIPE.
     """
-    import os
 
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import filecmp
 import itertools
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -230,9 +233,58 @@ def new_file_mode(dest: Path) -> int:
         return 0o666 & ~_umask()
 
 
+TEMP_MARK = "normact-"  # in every temporary name: ``.<name>.normact-<pid>.<random>.tmp``
+_TEMP_NAME = re.compile(r"^\..+\.normact-(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_swept: set[str] = set()
+_STARTED = time.time()  # (about) when this process started: a leftover was last written before it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process (or a name we did not write)
+        return True
+    return True
+
+
+def sweep_temporaries(folder: Path) -> list[Path]:
+    """Remove what a killed run of this tool left in ``folder``: our temporary files whose process is gone.
+
+    Only regular files named the way :func:`temp_beside` names them, with the id of a process that no
+    longer exists, last written before this process started, are removed (a live writer's, or anything
+    another program named, is never touched).
+    Once per folder and process. Returns the files removed.
+    """
+    key = os.path.normcase(str(folder.resolve()))
+    if key in _swept:
+        return []
+    _swept.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for e in entries:
+        m = _TEMP_NAME.match(e.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < _STARTED:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
+
+
 def temp_beside(dest: Path, mode: int | None = None) -> Path:
-    """A new, uniquely named temporary file beside ``dest`` (concurrent writers never share one)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    """A new, uniquely named temporary file beside ``dest`` (concurrent writers never share one).
+
+    The name carries this process's id, so a later run can tell a killed run's leftovers
+    (:func:`sweep_temporaries`, done here first) from a live writer's file.
+    """
+    sweep_temporaries(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{TEMP_MARK}{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     try:
         os.fchmod(fd, new_file_mode(dest) if mode is None else mode)
     finally:
@@ -273,7 +325,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest``, renamed onto it only if the block succeeds.
 
     The file gets the mode of :func:`new_file_mode`; folders created for it are removed again
-    when the block fails.
+    when the block fails (a full disk is then one line naming ``dest``).
     """
     dest = Path(dest)
     created = make_folders(dest.parent)
@@ -285,9 +337,12 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         remove_created(created)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = "no space left on the device (or quota exceeded); free space or write elsewhere"
+            raise NormactError(f"{dest}: {why}") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -296,11 +351,16 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
     """Refuse an output path that cannot be written, before any work starts; one line each.
 
-    A folder (or a name ending in a slash), a location under /proc or /sys, a parent that is a
-    file, or a folder this process may not create files in.
+    A name that is not valid UTF-8, a folder (or a name ending in a slash), a location under /proc or
+    /sys, a parent that is a file, or a folder this process may not create files in.
     """
     text = os.fspath(path)
     p = Path(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name (surrogate escapes): ONNX's C++ side cannot open it
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise NormactError(f"{flag} {shown}: the name is not valid UTF-8; choose a UTF-8 file name") from None
     if text.endswith(("/", os.sep)) or p.is_dir():
         raise NormactError(f"{flag} {text}: is a folder; give a file name (e.g. {p / 'model.onnx'})")
     resolved = p.resolve()
@@ -323,16 +383,19 @@ def check_output_path(path: str | os.PathLike, flag: str = "-o") -> Path:
     return p
 
 
-def carry_external_data(model: onnx.ModelProto, src_dir: Path, dest_dir: Path) -> list[Path]:
+def carry_external_data(
+    model: onnx.ModelProto, src_dir: Path, dest_dir: Path, skip: set[str] | frozenset[str] = frozenset()
+) -> list[Path]:
     """Copy the model's external data files next to the output (hard links are refused by onnx's checker).
 
-    Returns the files it created (for cleanup when the write fails). Each copy goes through its own
+    ``skip``: locations not to copy (repacked instead). Returns the files it created (for cleanup when
+    the write fails). Each copy goes through its own
     unique temporary name, so concurrent writers into one folder never collide.
     """
     created: list[Path] = []
     if src_dir.resolve() == dest_dir.resolve():
         return created
-    for loc in sorted(external_locations(model)):
+    for loc in sorted(external_locations(model) - set(skip)):
         src, dst = src_dir / loc, dest_dir / loc
         if dst.exists():
             if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
@@ -376,15 +439,55 @@ def _nbytes(t: TensorProto) -> int:
     return item * (int(np.prod(t.dims)) if len(t.dims) else 1)
 
 
-def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EXTERNAL_THRESHOLD) -> Path | None:
+def partly_used(model: onnx.ModelProto, src_dir: Path) -> set[str]:
+    """Data files the model references only in part (a pass replaced some of their tensors).
+
+    Copied whole beside an output they would carry bytes nothing reads (gigabytes, for a big model's
+    ``fold`` or ``--preserve-function``); their tensors are repacked by :func:`externalize_computed`.
+    """
+    used: dict[str, int] = {}
+    for t in _external_tensors(model):
+        info = ExternalDataInfo(t)
+        used[info.location] = used.get(info.location, 0) + (info.length or _nbytes(t))
+    out = set()
+    for loc, n in used.items():
+        try:
+            if n < (src_dir / loc).stat().st_size:
+                out.add(loc)
+        except OSError:
+            continue
+    return out
+
+
+def _copy_range(src: Path, offset: int, length: int, fh: Any) -> None:
+    """``length`` bytes of ``src`` from ``offset`` onto ``fh``, in pieces (never a whole weight in memory)."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            piece = f.read(min(left, 16 << 20))
+            if not piece:
+                raise NormactError(f"external data file {src.name!r} is shorter than its tensors say")
+            fh.write(piece)
+            left -= len(piece)
+
+
+def externalize_computed(
+    model: onnx.ModelProto,
+    dest: Path,
+    threshold: int = EXTERNAL_THRESHOLD,
+    src_dir: Path | None = None,
+    repack: set[str] | frozenset[str] = frozenset(),
+) -> Path | None:
     """Move the inline initializers of a model that uses external data into a new data file beside ``dest``.
 
     Weights a pass rewrote (``fold``, ``--preserve-function``) are inline tensors in memory; left
     inline they would make a big model's protobuf exceed 2 GB. Each tensor is written and its
-    bytes dropped from the proto at once, so nothing is held twice. The file is named
-    ``<output>.data`` (``<output>.<k>.data`` when that name is taken) and created exclusively,
-    so concurrent writers and carried data files are never overwritten. Returns the file, or
-    None when there was nothing to move.
+    bytes dropped from the proto at once, so nothing is held twice. Tensors stored in the data files
+    named in ``repack`` (in ``src_dir``; see :func:`partly_used`) are streamed into the same file, so
+    the output carries only the bytes it references. The file is named ``<output>.data``
+    (``<output>.<k>.data`` when that name is taken) and created exclusively, so concurrent writers and
+    carried data files are never overwritten. Returns the file, or None when there was nothing to move.
     """
     from onnx import numpy_helper
 
@@ -393,7 +496,8 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
         for t in model_tensors(model, attributes=False)
         if not uses_external_data(t) and t.data_type != TensorProto.STRING and _nbytes(t) >= threshold
     ]
-    if not inline:
+    moved = [t for t in _external_tensors(model) if src_dir is not None and ExternalDataInfo(t).location in repack]
+    if not inline and not moved:
         return None
     taken = external_locations(model)
     for k in itertools.count():
@@ -406,6 +510,13 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
             continue
         break
     path = dest.parent / name
+
+    def point(t: TensorProto, offset: int, length: int) -> None:
+        del t.external_data[:]
+        for key, value in (("location", name), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
+        t.data_location = TensorProto.EXTERNAL
+
     try:
         with fh:
             for t in inline:
@@ -415,11 +526,15 @@ def externalize_computed(model: onnx.ModelProto, dest: Path, threshold: int = EX
                 fh.write(raw)
                 for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     t.ClearField(f)
-                del t.external_data[:]
-                for key, value in (("location", name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    t.external_data.add(key=key, value=value)
-                t.data_location = TensorProto.EXTERNAL
+                point(t, offset, len(raw))
                 del raw
+            for t in moved:
+                info = ExternalDataInfo(t)
+                length = info.length or _nbytes(t)
+                fh.write(b"\0" * (-fh.tell() % ALIGNMENT))
+                offset = fh.tell()
+                _copy_range(Path(src_dir or ".") / info.location, info.offset or 0, length, fh)
+                point(t, offset, length)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -7,10 +7,15 @@ nothing; ``--quiet`` turns them off on a terminal too. Stages of one command
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
+
+from .runtime.session import QUIET, VERBOSE, set_log_severity
 
 
 def shown(enabled: bool = True) -> bool:
@@ -41,3 +46,21 @@ def stage(b: tqdm, name: str) -> None:
     if getattr(b, "postfix", None):  # the previous stage is done (a disabled bar keeps no postfix)
         b.update()
     b.set_postfix_str(name, refresh=True)
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Keep what libraries print off the terminal unless ``verbose``: the command's own lines are the output.
+
+    ONNX Runtime logs errors only and numpy's floating-point RuntimeWarnings are not shown (Ray's Python
+    loggers are quieted where Ray starts, :mod:`.calibration.distributed`). With ``verbose`` they print as usual.
+    Warnings of this tool (printed as lines, not through :mod:`warnings`) are never affected.
+    """
+    if verbose:
+        set_log_severity(VERBOSE)
+        yield
+        return
+    set_log_severity(QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield

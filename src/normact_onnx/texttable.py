@@ -15,3 +15,10 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*columns), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in cells])
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 site``, ``2 sites``: a count with its noun in the right number (``many``: an irregular plural)."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {many or (word + 'es' if word.endswith(('s', 'ch')) else word + 's')}"

@@ -20,6 +20,7 @@ from .io import (
     external_locations,
     externalize_computed,
     make_folders,
+    partly_used,
     remove_created,
     write_model,
 )
@@ -86,17 +87,20 @@ def save_verified(
 ) -> list[dict[str, Any]]:
     """Write atomically beside ``dest``; verify the written file before it takes the final name.
 
-    External data is carried (untouched weights); computed weights of a model that had external
-    data (``external``; possibly all of them replaced by now) are streamed into a new data file
-    beside ``dest``. Whatever the write created is removed again when it fails.
+    External data files the output uses whole are carried (untouched weights); computed weights of a
+    model that had external data (``external``; possibly all of them replaced by now), and the tensors
+    of data files the output uses only in part, are streamed into a new data file beside ``dest``.
+    Whatever the write created is removed again when it fails.
     """
     dest_dir = dest.parent
     created = make_folders(dest_dir)
     try:
+        elsewhere = src_dir is not None and src_dir.resolve() != dest_dir.resolve()
+        repack = partly_used(m, src_dir) if src_dir is not None and elsewhere else set()
         if src_dir is not None:
-            created += carry_external_data(m, src_dir, dest_dir)
-        if external or external_locations(m):
-            data = externalize_computed(m, dest)
+            created += carry_external_data(m, src_dir, dest_dir, skip=repack)  # files the output uses whole
+        if external or external_locations(m):  # computed weights, and those of files only partly used now
+            data = externalize_computed(m, dest, src_dir=src_dir, repack=repack)
             created += [data] if data is not None else []
         with atomic_path(dest) as tmp:
             write_model(m, tmp)

@@ -20,7 +20,7 @@ import os
 import zipfile
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -124,8 +124,18 @@ def conform(specs: list[InputSpec], batch: Any, where: str, noted: set[str] | No
 # ---- sources ---------------------------------------------------------------------------------------------------
 
 
+def _load_npy(path: Path, mmap_mode: Literal["r"] | None = None) -> np.ndarray:
+    """An .npy array, or one line saying why not (object arrays need pickle, which is never loaded)."""
+    try:
+        arr: np.ndarray = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        why = "it holds Python objects (not numbers)" if "object" in str(e).lower() else str(e)
+        raise NormactError(f"{path}: not a readable numeric .npy: {why}") from None
+    return arr
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    arr = _load_npy(path, mmap_mode="r")
     return arr.shape, arr.dtype
 
 
@@ -204,7 +214,7 @@ def _file_batch(path: Path, specs: list[InputSpec]) -> Batch:
     if path.suffix == ".npz":
         return _load_npz(path)
     if path.suffix == ".npy":
-        return {_single_input(specs, f"{path}: an .npy file"): np.load(path, allow_pickle=False)}
+        return {_single_input(specs, f"{path}: an .npy file"): _load_npy(path)}
     return _pb_tensors(path, specs)
 
 

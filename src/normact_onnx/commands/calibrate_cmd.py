@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..api import calibrate
+from ..api import calibrate, inspect, rewrite
 from ..calibration.report import factors_table, terminal_table
 from ..methods.static import MEASURED_VARIANTS as VARIANTS
+from ..texttable import plural
 from .common import (
     add_anact_options,
     add_data_source,
@@ -16,9 +17,10 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
-    check_outputs,
+    check_paths,
     data_options,
     default_output,
+    output_label,
     output_options,
     output_path,
     site_selection,
@@ -88,9 +90,22 @@ def run(args: argparse.Namespace) -> int:
     output = None if args.stats_only and not args.output and not args.in_place else output_path(args, SUFFIX)
     model_out = output or default_output(args.model, SUFFIX)
     stats_path = args.stats or default_output(str(model_out), ".stats.json")
-    check_outputs(stats=str(stats_path), report=args.html_report)
+    check_paths(
+        args,
+        {
+            output_label(args): None if args.stats_only else output,
+            "--stats" if args.stats else "the statistics file beside the output": stats_path,
+            "--report": args.html_report,
+        },
+        ("--data", args.data),
+    )
     if args.stats_only:
         output = None
+    elif not inspect(args.model):  # nothing to measure: the verified unchanged copy, as rewrite and fold leave
+        args.explain, args.report = False, None
+        copy = rewrite(args.model, output, details=True, progress=not args.quiet, output_options=output_options(args))
+        print("no activation sites found: nothing to calibrate, no statistics written")
+        return finish(args, copy)
     result = calibrate(
         args.model,
         output=output,
@@ -119,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     print(terminal_table(factors_table(stats, args.lambda_rule, args.centered_rho, aggregate)))
     for out, why in stats.skipped.items():
         print(f"not calibrated: {out}: {why}", file=sys.stderr)
-    print(f"\n{stats.batches} batches, {len(stats.sites)} sites in {result.seconds:.2f} s")
+    print(f"\n{plural(stats.batches, 'batch')}, {plural(len(stats.sites), 'site')} in {result.seconds:.2f} s")
     print(f"wrote {stats_path}")
     if args.html_report:
         print(f"wrote {args.html_report}")

@@ -11,8 +11,8 @@ from typing import Any
 from ..calibration.batches import DataOptions
 from ..calibration.rows import ImageOptions
 from ..errors import NormactError
-from ..io import check_output_path
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
+from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_files
 from ..passes.normalize import FORMS
 from ..selection import SiteSelection
 from ..writer import OutputOptions
@@ -166,19 +166,36 @@ def add_output_path(g: Arguments, what: str = "output path", suffix: str = ".nor
 
 
 def output_path(args: argparse.Namespace, suffix: str = ".normact.onnx") -> str | Path:
-    """Where ``add_output_path``'s flags say the model goes, checked before any work starts."""
+    """Where ``add_output_path``'s flags say the model goes (checked with the others by :func:`check_paths`)."""
     if args.in_place and args.output:
         raise NormactError("--in-place and -o conflict: --in-place overwrites the input; pass one of them")
-    dest = args.model if args.in_place else (args.output or default_output(args.model, suffix))
-    check_output_path(dest, "--in-place" if args.in_place else "-o" if args.output else "output")
-    return dest
+    return args.model if args.in_place else (args.output or default_output(args.model, suffix))
 
 
-def check_outputs(**paths: str | None) -> None:
-    """Check further output files (``--report=path``) the way ``-o`` is checked, before any work starts."""
-    for flag, path in paths.items():
-        if path:
-            check_output_path(path, "--" + flag.replace("_", "-"))
+def output_label(args: argparse.Namespace) -> str:
+    """How messages name the model output: the flag that chose it, or ``output`` for the default name."""
+    return IN_PLACE if getattr(args, "in_place", False) else "-o" if args.output else "output"
+
+
+def check_paths(
+    args: argparse.Namespace, outputs: dict[str, str | Path | None], *inputs: tuple[str, str | None]
+) -> None:
+    """The one output-path rule (:mod:`..outpaths`) for a command reading ``args.model``, before any work starts.
+
+    ``outputs``: label → path this run writes; ``inputs``: (label, path) of further files it reads
+    (``--data``, ``--stats``), besides the model and its external data files.
+    """
+    model = model_files(args.model)
+    dest = outputs.get(output_label(args)) if hasattr(args, "in_place") else None
+    beside_model: dict[str, str | Path] = {}
+    if dest is not None and len(model) > 1:  # external data: the files written beside the model output
+        beside_model["the data file beside the output"] = f"{dest}.data"
+        for ext in model[1:]:
+            beside_model[f"the copy of {ext.path.name} beside the output"] = Path(dest).parent / ext.path.name
+    read = model + [Named(label, Path(p)) for label, p in inputs if p]
+    check_run_paths(
+        outputs, read, offers_in_place=hasattr(args, "in_place"), folders=("--workdir",), beside_model=beside_model
+    )
 
 
 def add_form(g: Arguments) -> None:
@@ -201,10 +218,8 @@ def add_no_verify(g: Arguments, checks: str = "checker, ORT load and per-site nu
 
 
 def default_output(src: str, suffix: str = ".normact.onnx") -> Path:
-    """``model.onnx`` → ``model.normact.onnx`` beside it."""
-    p = Path(src)
-    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
-    return p.with_name(stem + suffix)
+    """``model.onnx`` (or ``MODEL.ONNX``) → ``model.normact.onnx`` beside it."""
+    return beside(src, suffix)
 
 
 def print_json(obj: Any) -> None:

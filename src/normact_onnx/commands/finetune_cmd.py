@@ -11,7 +11,7 @@ import argparse
 from ..methods.static import VARIANTS
 from ..training import finetune, require_training
 from ..training.losses import LOSSES
-from .common import add_anact_options, add_selection, print_json
+from .common import add_anact_options, add_selection, check_paths, default_output, output_label, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output = args.output or default_output(args.model, ".tuned.onnx")
+    work = args.workdir or default_output(str(output), ".train")
+    check_paths(args, {output_label(args): output, "--workdir": work}, ("--data", args.data), ("--val", args.val))
     require_training()
     result = finetune(
         args.model,

@@ -16,8 +16,9 @@ from .common import (
     add_no_verify,
     add_output_path,
     add_quiet,
-    check_outputs,
+    check_paths,
     data_options,
+    output_label,
     output_path,
     print_json,
 )
@@ -66,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dest = output_path(args, ".folded.onnx")
-    check_outputs(report=args.report)
+    check_paths(args, {output_label(args): dest, "--report": args.report}, ("--data", args.data))
     result = fold(
         args.model,
         dest,
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if result.path is not None:
         what = "" if result.folded else "an unchanged copy, "
-        print(f"wrote {what}{result.path}" + ("" if args.no_verify else " (verified)"))
+        checked = "checker, ONNX Runtime load" + (", folded against unfolded" if result.check else "")
+        print(f"wrote {what}{result.path}" + ("" if args.no_verify else f" (verified: {checked})"))
     else:
         print("nothing folded; nothing written")
     return 0

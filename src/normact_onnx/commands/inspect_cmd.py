@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..api import inspect
-from ..texttable import table
+from ..texttable import plural, table
 from .common import print_json
 
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, ["name", "kind", "params", "written_as", "graph", "normalized", "note"]))
     n_norm = sum(s["normalized"] for s in sites)
     print(
-        f"\n{len(sites)} sites, {n_norm} already normalized, "
+        f"\n{plural(len(sites), 'site')}, {n_norm} already normalized, "
         f"{sum(1 for s in sites if s['skipped'] and not s['normalized'])} skipped by default"
     )
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..calibration.stats import CalibrationStats, merge
-from ..io import check_output_path
+from ..outpaths import Named, check_run_paths
+from ..texttable import plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_path(args.output)
+    check_run_paths({"-o": args.output}, [Named("the input", Path(p)) for p in args.inputs])
     merged = merge([CalibrationStats.load(p) for p in args.inputs])
     merged.save(args.output)
-    print(f"merged {len(args.inputs)} files: {merged.batches} batches, {len(merged.sites)} sites → {args.output}")
+    counts = f"{plural(merged.batches, 'batch')}, {plural(len(merged.sites), 'site')}"
+    print(f"merged {plural(len(args.inputs), 'file')}: {counts} → {args.output}")
     return 0

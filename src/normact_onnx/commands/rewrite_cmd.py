@@ -8,7 +8,7 @@ import sys
 from ..api import rewrite, write_report
 from ..errors import NormactError
 from ..methods.static import VARIANTS
-from ..texttable import table
+from ..texttable import plural, table
 from .common import (
     add_anact_options,
     add_form,
@@ -16,7 +16,8 @@ from .common import (
     add_output_path,
     add_quiet,
     add_selection,
-    check_outputs,
+    check_paths,
+    output_label,
     output_options,
     output_path,
     site_selection,
@@ -90,7 +91,7 @@ def finish(args: argparse.Namespace, result) -> int:
         }
         for o in result.outcomes
     ]
-    for note in [] if getattr(args, "quiet", False) else result.notes:  # --quiet: results only
+    for note in result.notes:  # warnings too ("looks pretrained"): --quiet silences progress only
         print(f"note: {note}", file=sys.stderr)
     if args.explain or len(rows) <= 200:
         print(table(rows, ["site", "kind", "graph", "action", "form", "scale", "shift", "why"]))
@@ -104,17 +105,29 @@ def finish(args: argparse.Namespace, result) -> int:
     if args.explain:
         print("\n(dry run: nothing written)")
     elif result.path is not None:
-        print(f"\nwrote {result.path}" + ("" if args.no_verify else " (verified)"))
+        print(f"\nwrote {result.path}" + ("" if args.no_verify else f" ({verified(result)})"))
     elif not result.rewritten:
         print("\nnothing to rewrite; nothing written (with -o the output is written as an unchanged copy)")
     return 0
+
+
+def verified(result) -> str:
+    """What the verification of a written model checked, in words ("verified" alone would claim too much)."""
+    checks = ["checker", "ONNX Runtime load"]
+    if result.verification:
+        checks.append(f"{plural(len(result.verification), 'site')} against the numpy reference")
+    if not result.rewritten:
+        return "verified: " + ", ".join(checks)
+    if result.whole_model and "skipped" not in result.whole_model:
+        return "verified: " + ", ".join([*checks, "whole model against the original"])
+    return "verified: " + ", ".join(checks) + "; whole model not checked (see the note)"
 
 
 def run(args: argparse.Namespace) -> int:
     if args.stats is None and args.method == "anact":
         raise NormactError("--method anact needs --stats STATS.json (from normact-onnx calibrate)")
     output = None if args.explain else output_path(args)
-    check_outputs(report=args.report)
+    check_paths(args, {output_label(args): output, "--report": args.report}, ("--stats", args.stats))
     result = rewrite(
         args.model,
         output,

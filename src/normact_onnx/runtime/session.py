@@ -23,6 +23,23 @@ from .library import get_library_path, kernel_library
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 LibraryPolicy = Literal["if-built", "required"]
+QUIET, VERBOSE = 3, 2  # ONNX Runtime severities: errors only (the default), or warnings too (--verbose)
+_severity = QUIET
+
+
+def set_log_severity(level: int) -> None:
+    """What ONNX Runtime may print: sessions opened from now on and its process-wide default logger.
+
+    Its warnings are about the user's model or the machine (providers, unused initializers), not
+    results; the command line shows them with ``--verbose`` only.
+    """
+    global _severity
+    _severity = level
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    ort.set_default_logger_severity(level)
 
 
 def require_onnxruntime() -> Any:
@@ -56,7 +73,7 @@ def session_options(optimize: bool | str = True, threads: int = 0, config: Mappi
     """
     ort = require_onnxruntime()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = _severity
     if optimize == "basic":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     elif optimize in (False, "none"):

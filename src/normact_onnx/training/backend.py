@@ -11,8 +11,8 @@ from typing import Any
 from ..errors import NormactError
 
 TRAIN_ENV_HINT = (
-    "fine-tuning needs onnxruntime-training, which cannot share an environment with onnxruntime: "
-    'python3.11 -m venv train-env && train-env/bin/pip install "normact-onnx[train]"'
+    "fine-tuning needs onnxruntime-training, which cannot share an environment with onnxruntime; "
+    "from the repository's folder: scripts/make_train_env.sh train-env && train-env/bin/normact-onnx finetune …"
 )
 
 

@@ -32,6 +32,7 @@ from ..errors import NormactError
 from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES, LambdaRule
 from ..methods.static import Affine, Variant
+from ..outpaths import beside
 from ..progress import bar as progress_bar
 from .artifacts import Artifacts, Optimizer, explain_ort_error, generate
 from .backend import require_training
@@ -326,8 +327,8 @@ def finetune(model: str | os.PathLike, data: DataLike, **kwargs: Any) -> Finetun
 
 def _paths(path: Path, output: str | os.PathLike | None, workdir: str | os.PathLike | None) -> tuple[Path, Path]:
     """The inference model's path (default ``<model>.tuned.onnx``) and the work folder (``<output>.train``)."""
-    out_path = Path(output) if output is not None else path.with_name(path.name.removesuffix(".onnx") + ".tuned.onnx")
-    work = Path(workdir) if workdir is not None else out_path.with_name(out_path.name.removesuffix(".onnx") + ".train")
+    out_path = Path(output) if output is not None else beside(path, ".tuned.onnx")
+    work = Path(workdir) if workdir is not None else beside(out_path, ".train")
     return out_path, work
 
 
