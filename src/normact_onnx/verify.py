@@ -128,6 +128,7 @@ def _chain(c: Any, x: str, root: onnx.NodeProto, order: dict[int, int]) -> list[
 
 
 NOISE_FACTOR = 10.0  # outputs may differ by this multiple of the model's own float noise
+CHECK_CAP = 1e-2  # ...but never by more than this fraction of their scale (a wider check catches nothing)
 
 
 def float_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> list[float]:
@@ -161,7 +162,8 @@ def check_whole_model(
     normalized by mistake does that), and, for a function-preserving rewrite,
     when an output differs by more than ``tolerance`` of its scale and more
     than ``NOISE_FACTOR`` times the model's own float noise (absolute ``tolerance``
-    for an output that is all zeros). When the original
+    for an output that is all zeros), and always when it differs by more than
+    ``CHECK_CAP`` of its scale (then the message asks for real inputs). When the original
     does not run on synthetic inputs, the check is skipped and says so.
     """
     try:
@@ -193,9 +195,18 @@ def check_whole_model(
             err = float(np.max(np.abs(_f64(a) - _f64(b)), initial=0.0))
             rel = err / max(scale, 1e-30)
             worst = max(worst, rel)
-            if err > max(tolerance * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
+            derived = max(tolerance * (scale or 1.0), NOISE_FACTOR * n)  # an all-zero output: absolute
+            if err > min(derived, CHECK_CAP * (scale or 1.0)):
+                noisy = derived > CHECK_CAP * (scale or 1.0)
+                hint = (
+                    f"; the model's own float noise on synthetic inputs ({n / max(scale, 1e-30):.3g} of the scale) "
+                    f"is above the {CHECK_CAP:g} a check may allow: check the result on real inputs "
+                    "(normact-onnx compare MODEL OUT --data …) and write it with --no-verify"
+                    if noisy
+                    else ""
+                )
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
-                    f"(tolerance {tolerance:g}, float noise {n:.3g}); nothing written"
+                    f"(tolerance {tolerance:g}, float noise {n:.3g}){hint}; nothing written"
                 )
     return {"outputs": names, "max_rel_to_scale": worst} if preserve else {"outputs": names}

@@ -802,7 +802,14 @@ def _plan_matmul(
             return
         add_val = weights.read(add.input[add_idx]) if add is not None else None
         if add is not None and add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
-            weights.write(add, add_idx, add_val.astype(np.float64) + bias, add_val)
+            total = add_val.astype(np.float64) + bias
+            eps = float(np.finfo(add_val.dtype).eps) if add_val.dtype.kind == "f" else 0.0
+            terms = np.abs(add_val) + np.max(np.abs(off)) * _column_abs_sums(node, weights) if is_helper(add) else None
+            if terms is not None and np.all(np.abs(total) <= ROUNDING_ULPS * eps * terms):
+                c.remove([add])  # the bias Add an earlier move wrote, cancelled by this one: it goes
+                c.set_output(node, 0, add.output[0])
+                return
+            weights.write(add, add_idx, total, add_val)
             return
         raw = fresh(f"{out}_normact_matmul")
         bias_name = fresh(f"{out}_normact_bias")
@@ -812,6 +819,11 @@ def _plan_matmul(
         c.insert_after(node, [bias_add])
 
     return matmul
+
+
+def _column_abs_sums(node: onnx.NodeProto, weights: _Weights) -> np.ndarray:
+    """Σ_k |W[k, j]| of a MatMul's constant weight: the size of the terms its bias sum cancels."""
+    return np.abs(weights.value(node, 1).astype(np.float64)).sum(axis=0)
 
 
 def _plan_conv(
