@@ -9,6 +9,7 @@ calibrator: nothing in ``calibration/`` imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,7 +28,7 @@ from .calibration.insitu import Normalizer
 from .calibration.report import write_html
 from .calibration.run import collect
 from .calibration.stats import CalibrationStats, check_stats_model
-from .comparison import measure_sites
+from .comparison import LoadedModel, measure_sites, model_batches
 from .errors import NormactError
 from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
 from .interop import same_type
@@ -42,7 +43,7 @@ from .io import (
     refuse_overwrite,
 )
 from .methods.anact import AGGREGATES, check_options
-from .ort import kernel_library
+from .ort import kernel_library, make_session
 from .passes.find import Site, find_sites
 from .passes.normalize import FORMS, Plan, SiteOutcome, apply_plan
 from .policy import Constants, MethodOptions, method_constants, select
@@ -753,11 +754,6 @@ def _departure(
     ANAct's per-site gain compounds with a pretrained network's own weight gains: a deep detector's last sites
     reach variances of 1e16 while every site's normalization "holds" (issue 21); the user is told what to use.
     """
-    import dataclasses
-
-    from .comparison import LoadedModel, model_batches
-    from .ort import make_session
-
     original = LoadedModel.load(model, "original")
     one = dataclasses.replace(source, batches=1)
     feeds = next(
