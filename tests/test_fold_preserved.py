@@ -151,3 +151,23 @@ def test_calibrate_on_a_healthy_model_does_not_warn(file, tmp_path):
     res = calibrate(MODELS / file, synthetic=True, batches=2, output=tmp_path / "c.onnx", details=True)
     assert res.rewrite is not None and res.rewrite.rewritten
     assert not [n for n in res.notes if "departs from the original" in n]
+
+
+@pytest.mark.parametrize("file", ["cnn_relu.dynamo.onnx", "mobilenet_like.dynamo.onnx", "resblock.torchscript.onnx"])
+def test_fold_of_a_per_channel_preserved_model_gives_the_model_back(file, tmp_path):
+    """Per-channel ANAct constants: the zero of a padded Conv differs per channel, so preserve wrote a 1×1 shift
+    Conv (weight 1, bias s·h) instead of a Pad; fold composes it with the site's scale and it goes."""
+    from normact_onnx.api import calibrate
+
+    calibrate(MODELS / file, synthetic=True, batches=2, per_channel=True, stats_path=tmp_path / "s.json")
+    preserved = rewrite(MODELS / file, method="anact", stats=tmp_path / "s.json", preserve_function=True)
+    assert _leftovers(preserved)  # the shift Convs / restores preserve wrote
+    res = fold(preserved, details=True)
+    assert res.outcomes and not res.kept, [o.reason for o in res.kept]
+    original = onnx.load(str(MODELS / file))
+    assert not _leftovers(res.model) and len(res.model.graph.node) == len(original.graph.node)
+    x = original.graph.input[0]
+    feeds = {x.name: np.random.default_rng(2).standard_normal([d.dim_value or 2 for d in x.type.tensor_type.shape.dim])}
+    feeds[x.name] = feeds[x.name].astype(np.float32)
+    a, b = run_model(MODELS / file, feeds)[0], run_model(res.model, feeds)[0]
+    assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(a).max())
