@@ -34,6 +34,7 @@ import onnx
 from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
+from ..catalogue.fused import FUSED_PRE, MS, fuse_back
 from ..graph import Container, const_value, constant_node_value, containers, remove_unused, unique_namer, upstream
 from ..outcome import Refusal
 from ..provenance import SiteRecord, mark_folded, read_records
@@ -134,10 +135,13 @@ def fold_sites(
     types = infer_value_types(model)
     before = {i.name for i in model.graph.initializer}
     outcomes = []
+    fused_ok = any(i.domain == MS for i in model.opset_import)  # ORT's fused ops may come back
     for s in sites:
         elem = types.elem_type(s.input)
         _refresh_input(s)
         outcomes.append(_fold_one(s, base_dir, fresh, strategy, elem))
+        if fused_ok and outcomes[-1].action == "folded":
+            _fuse_back(s, outcomes[-1].output)
     if any(o.action == "folded" for o in outcomes):
         # the constants of the helpers a fold removed (restore Mul/Add, Pad) go; the model's own unused ones stay
         remove_unused(model, initializers=before & _helper_constants(before), domain=NORM_DOMAIN)
@@ -148,6 +152,30 @@ def fold_sites(
 def _helper_constants(names: set[str]) -> set[str]:
     """The initializers named as this tool names its helpers' constants."""
     return {n for n in names if HELPER_MARK in n}
+
+
+def _fuse_back(s: Site, y: str) -> None:
+    """A site the rewrite split out of an ONNX Runtime fused op (its input is the ``__normact_pre`` value) becomes
+    that fused op again once folded: the layer and the plain activation, one node as the model had it."""
+    if not s.input.endswith(FUSED_PRE):
+        return
+    c = s.container
+    layer, root = c.producer.get(s.input), c.producer.get(y)
+    if layer is None or root is None or s.input in c.outputs:
+        return
+    act, reads = upstream(c, root, s.input)
+    ids = {id(n) for n in act}
+    inner = {o for n in act for o in n.output if o != y}
+    if any(id(u) not in ids for v in (s.input, *inner) for u in c.consumers.get(v, ())) or inner & c.outputs:
+        return
+    if any(r not in c.initializers and getattr(c.producer.get(r), "op_type", "") != "Constant" for r in reads):
+        return
+    fused = fuse_back(layer, s.kind, act, y)
+    if fused is None:
+        return
+    c.remove(act)
+    c.replace(layer, [fused])
+    c.drop_value_info({s.input, *inner})
 
 
 def _refresh_input(s: Site) -> None:
