@@ -171,3 +171,33 @@ def test_fold_of_a_per_channel_preserved_model_gives_the_model_back(file, tmp_pa
     feeds[x.name] = feeds[x.name].astype(np.float32)
     a, b = run_model(MODELS / file, feeds)[0], run_model(res.model, feeds)[0]
     assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(a).max())
+
+
+@pytest.mark.parametrize("file", ["resblock.torchscript.onnx", "mobilenet_like.dynamo.onnx"])
+def test_fold_when_the_factors_moved_but_the_restores_did_not(file):
+    """A preserved model whose site constants changed (as a fine-tuning export writes them) while the helpers kept
+    the first inverse: the helpers no longer cancel, so they stay with composed constants (a Pad's fill, the
+    restore pair's Mul and Add), every site still folds, and the folded model computes what the unfolded one did."""
+    from normact_onnx.provenance import read_records, update_constants
+
+    p = rewrite(MODELS / file, preserve_function=True)
+    records = {r["output"]: r for r in read_records(p)}
+    moved = {}
+    for n in p.graph.node:
+        if n.domain == NORM_DOMAIN:
+            for attr in n.attribute:
+                attr.f = attr.f * 1.3 if attr.name == "scale" else attr.f + 0.1 if attr.name == "shift" else attr.f
+            r = records[n.output[0]]
+            moved[n.output[0]] = {
+                "scale": float(np.float32(r["scale"] * 1.3)),
+                "shift": float(np.float32(r["shift"] + 0.1)),
+            }
+    update_constants(p, moved, "anact")
+    res = fold(p, details=True)
+    assert res.outcomes and not res.kept, [o.reason for o in res.kept]
+    assert not [n for n in res.model.graph.node if n.domain == NORM_DOMAIN]
+    x = p.graph.input[0]
+    feeds = {x.name: np.random.default_rng(0).standard_normal([d.dim_value or 2 for d in x.type.tensor_type.shape.dim])}
+    feeds[x.name] = feeds[x.name].astype(np.float32)
+    a, b = run_model(p, feeds)[0], run_model(res.model, feeds)[0]
+    assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(a).max())

@@ -447,7 +447,8 @@ def _plan_through_helper(
     if not identity:
         readers_plan = _plan_tensor(c, out, a2, off2, weights, fresh, padding, residual, restore)
         if isinstance(readers_plan, Refusal):
-            return Refusal(f"after {label}: {readers_plan.reason}")
+            kept = _keep_restore(c, node, a2, off2, weights)
+            return kept if kept is not None else Refusal(f"after {label}: {readers_plan.reason}")
         rest = readers_plan
 
     def through() -> None:
@@ -458,6 +459,38 @@ def _plan_through_helper(
         c.drop_value_info({out})
 
     return through
+
+
+def _keep_restore(c: Container, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | None:
+    """The restore pair ``Mul(m)``, ``Add(d)`` kept, computing the composed a·u′ + off from the site's new output.
+
+    For a helper whose constants no longer invert the site's (the site's factors moved, the restore did not):
+    its readers cannot absorb the difference, so the pair stays with new constants, exact, and the site folds.
+    None when ``node`` is not the ``Mul`` of such a pair or the constants do not fit its layout.
+    """
+    if node.op_type != "Mul":
+        return None
+    out = node.output[0]
+    readers = c.consumers.get(out, [])
+    if len(readers) != 1 or out in c.outputs or not is_helper(readers[0]) or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    if _helper_map(c, add, out, weights) is None:
+        return None
+    m_idx = 1 if weights.read(node.input[1]) is not None else 0
+    d_idx = 1 if add.input[0] == out else 0
+    m, d = weights.read(node.input[m_idx]), weights.read(add.input[d_idx])
+    new_d = off + _vector(d) if d is not None else None  # Add(Mul(u′, A), D) = a·u′ + off + d: A = a, D = off + d
+    if m is None or d is None or new_d is None:
+        return None
+    if any(v.ndim and v.size != k.size for v, k in ((a, m), (new_d, d))):
+        return None  # a per-channel value where the helper holds a scalar (or other channels): its layout is unknown
+
+    def keep() -> None:
+        weights.write(node, m_idx, np.broadcast_to(a, (a.size,)).reshape(m.shape) if a.ndim else np.full(m.shape, a), m)
+        weights.write(add, d_idx, new_d.reshape(d.shape) if new_d.ndim else np.full(d.shape, new_d), d)
+
+    return keep
 
 
 def _pad_parts(c: Container, node: onnx.NodeProto, weights: _Weights) -> tuple[np.ndarray, np.ndarray] | Refusal:
