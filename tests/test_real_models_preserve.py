@@ -8,6 +8,7 @@ import pytest
 
 from normact_onnx.api import rewrite
 from normact_onnx.deploy import fold
+from normact_onnx.errors import NormactError
 from normact_onnx.inputs import model_inputs
 
 from . import real_models as rm
@@ -66,7 +67,13 @@ def test_every_real_model_folds_given_its_data(item, tmp_path):
     res = rewrite(path, normed, details=True, verify=False)  # fold's self-check runs the whole model
     if not res.rewritten:
         pytest.skip(f"{e['id']}: no site is normalized by default")
-    folded = fold(normed, tmp_path / "f.onnx", data=_feeds(e, path, 2), details=True)
+    try:
+        folded = fold(normed, tmp_path / "f.onnx", data=_feeds(e, path, 2), details=True)
+    except NormactError as err:  # a check never allows more than 1 % of the scale (issue 21): a statically
+        # normalized pretrained detector can be noisier than that (ppocrv5_det_small: 38 %), and then it says so
+        assert "float noise on these inputs is above what a check may allow" in str(err), err
+        assert not (tmp_path / "f.onnx").exists()
+        return
     assert all(o.reason for o in folded.kept)  # what stays normalized says why (a structural reason)
     if not folded.folded:  # magika: both GELUs feed a LayerNorm (a reduction, not a layer with weights)
         assert "unchanged copy" in " ".join(folded.notes)  # -o given: the output exists, still normalized

@@ -9,6 +9,7 @@ calibrator: nothing in ``calibration/`` imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,7 +28,7 @@ from .calibration.insitu import Normalizer
 from .calibration.report import write_html
 from .calibration.run import collect
 from .calibration.stats import CalibrationStats, check_stats_model
-from .comparison import measure_sites
+from .comparison import LoadedModel, measure_sites, model_batches
 from .errors import NormactError
 from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
 from .interop import same_type
@@ -42,7 +43,7 @@ from .io import (
     refuse_overwrite,
 )
 from .methods.anact import AGGREGATES, check_options
-from .ort import kernel_library
+from .ort import kernel_library, make_session
 from .outpaths import IN_PLACE, check_run_paths, model_files
 from .passes.find import Site, find_sites
 from .passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
@@ -722,6 +723,13 @@ def calibrate(
         missed = missed_targets(stats, result.rewrite.outcomes, method)
         if missed:
             notes.append(missed)
+    if result.rewrite is not None and result.rewrite.rewritten and _rereadable(source):
+        try:
+            note = _departure(model, result.rewrite.model, stats, source, selection)
+        except Exception as e:  # a warning's own check never fails a calibration that succeeded
+            note = f"note: the comparison with the original model did not run ({str(e).splitlines()[0][:160]})"
+        if note:
+            result.notes.append(note)
     if stats_path is not None:
         stats.save(stats_path)
     if report is not None:
@@ -746,6 +754,44 @@ def _left_alone(stats: CalibrationStats, result: CalibrationResult) -> dict[str,
         return {}
     why = "not selected (a multiplicative gate or a graph output; --all-sites includes it)"
     return {k: why for k in stats.sites if k not in normalized}
+
+
+DEPARTURE = 100.0  # calibrate warns when the written model's scales depart from the original's by more than this
+
+
+def _departure(
+    model: ModelLike, written: onnx.ModelProto, stats: CalibrationStats, source: DataOptions, selection: SiteSelection
+) -> str | None:
+    """One warning line when the calibrated model's outputs (or, in situ, a site's input variance) are more than
+    ``DEPARTURE``× (or less than 1/``DEPARTURE``×) the original's on the first batch; None when they are not.
+
+    ANAct's per-site gain compounds with a pretrained network's own weight gains: a deep detector's last sites
+    reach variances of 1e16 while every site's normalization "holds" (issue 21); the user is told what to use.
+    """
+    original = LoadedModel.load(model, "original")
+    one = dataclasses.replace(source, batches=1)
+    feeds = next(model_batches(original, one, synthetic_batches=1, synthetic_batch_size=one.batch_size or 1))
+    want = make_session(original.proto.SerializeToString()).run(None, feeds)
+    got = make_session(written.SerializeToString()).run(None, feeds)
+    worst, where = 1.0, ""
+    for out, a, b in zip(original.proto.graph.output, want, got):
+        if np.issubdtype(np.asarray(a).dtype, np.floating):
+            ra, rb = (float(np.sqrt(np.mean(np.square(np.asarray(v, np.float64))))) for v in (a, b))
+            r = max(rb, 1e-30) / max(ra, 1e-30)
+            if max(r, 1 / r) > max(worst, 1 / worst):
+                worst, where = r, f"output {out.name!r}"
+    if stats.settings.get("in_situ"):
+        before = collect(model, one, selection=selection).q_per_site()
+        for key, q in stats.q_per_site().items():
+            r = q / before[key] if before.get(key) else 1.0
+            if max(r, 1 / r) > max(worst, 1 / worst):
+                worst, where = r, f"the input variance of site {stats.sites[key].name!r}"
+    if max(worst, 1 / worst) <= DEPARTURE:
+        return None
+    return (
+        f"warning: the calibrated model departs from the original: {where} is {worst:.3g}× the original's (more "
+        f"than {DEPARTURE:g}×); on a deep pretrained model use --preserve-function, --method static or --centered-rho"
+    )
 
 
 def _rereadable(source: DataOptions) -> bool:

@@ -14,6 +14,10 @@ never less than ``EPS_FLOOR`` machine epsilons of the output's element type
 (at most 1%) times the output's scale: weights folded in float32 round, and a
 recurrent state carries that rounding where no fusion shows any noise.
 ``tolerance`` replaces the rule by a fixed fraction of the output's scale.
+Either way the allowance never exceeds ``CHECK_CAP`` (1%) of the output's
+scale: a model whose own float noise on synthetic inputs is larger than that
+(a deep detector on random pixels) is checked on its real inputs (``--data``),
+never with a wider allowance that could not catch a wrong fold.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from .writer import OutputOptions, check_input, save_verified
 
 NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
+CHECK_CAP = 1e-2  # the self-check never allows more than this fraction of an output's scale
 # the self-check's inputs by default: two synthetic batches of one sample (a field left None takes these)
 SELF_CHECK_BATCHES, SELF_CHECK_BATCH_SIZE = 2, 1
 
@@ -222,8 +227,11 @@ def fold(
         )
     if output is not None:
         check_output_path(output)
-    if tolerance is not None and not tolerance >= 0:
-        raise NormactError(f"--tolerance must be non-negative, got {tolerance}")
+    if tolerance is not None and not 0 <= tolerance <= CHECK_CAP:
+        raise NormactError(
+            f"--tolerance must be between 0 and {CHECK_CAP:g} (a check that allows more than 1% of an output's "
+            f"scale cannot catch a wrong fold), got {tolerance}"
+        )
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = SiteSelection(nodes=nodes).pattern
@@ -318,23 +326,31 @@ def _self_check(before: onnx.ModelProto, after: onnx.ModelProto, inputs: DataOpt
             noise[n] = max(noise[n], float(np.nanmax(np.abs(a64 - p64), initial=0.0)))
     worst, worst_allowed, worst_name = 0.0, 0.0, ""
     for n in names:
-        if tolerance is not None:
-            allowed = tolerance * scale[n]
-        else:
-            allowed = max(NOISE_FACTOR * noise[n], min(EPS_FLOOR * eps.get(n, 0.0), 1e-2) * scale[n])
+        derived = max(NOISE_FACTOR * noise[n], min(EPS_FLOOR * eps.get(n, 0.0), CHECK_CAP) * scale[n])
+        allowed = tolerance * scale[n] if tolerance is not None else min(derived, CHECK_CAP * scale[n])
         rel = err[n] / max(scale[n], 1e-30)
         if not err[n] <= allowed:
+            noisy = tolerance is None and derived > allowed  # the model's own noise is above what a check may allow
             rule = (
                 f"--tolerance {tolerance:g} of the output scale"
                 if tolerance is not None
                 else f"{NOISE_FACTOR:g}× the unfolded model's float noise {noise[n] / max(scale[n], 1e-30):.3g}"
-                f" of the output scale, at least {EPS_FLOOR}·eps"
+                f" of the output scale, at least {EPS_FLOOR}·eps, at most {CHECK_CAP:g}"
             )
-            hint = (
-                "check with the model's own inputs (--data) or pass a larger --tolerance"
-                if synthetic
-                else "pass a larger --tolerance if this is acceptable"
-            )
+            if noisy:
+                hint = (
+                    "the unfolded model's own float noise on synthetic inputs is above what a check may allow: "
+                    "check with the model's own inputs (--data)"
+                    if synthetic
+                    else "the unfolded model's own float noise on these inputs is above what a check may allow: "
+                    "check with other inputs (--data), or skip the check with --no-verify"
+                )
+            else:
+                hint = (
+                    f"check with the model's own inputs (--data) or pass a larger --tolerance (at most {CHECK_CAP:g})"
+                    if synthetic
+                    else f"pass a larger --tolerance (at most {CHECK_CAP:g}) if this is acceptable"
+                )
             raise NormactError(
                 f"verification failed: output {n!r} of the folded model differs from the unfolded one by {rel:.3g} "
                 f"of its scale (allowed: {rule}); {hint}; nothing written"

@@ -140,6 +140,9 @@ def type_tolerance(dtype: np.dtype, tolerance: float) -> float:
     return max(tolerance, ULP_FACTOR * float(np.finfo(dtype).eps)) if np.issubdtype(dtype, np.floating) else tolerance
 
 
+CHECK_CAP = 1e-2  # ...but never by more than this fraction of their scale (a wider check catches nothing)
+
+
 def float_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> list[float]:
     """How far ``model``'s outputs move when ONNX Runtime's graph optimizations are switched off.
 
@@ -171,7 +174,8 @@ def check_whole_model(
     normalized by mistake does that), and, for a function-preserving rewrite,
     when an output differs by more than ``tolerance`` of its scale and more
     than ``NOISE_FACTOR`` times the model's own float noise (absolute ``tolerance``
-    for an output that is all zeros). When the original
+    for an output that is all zeros), and always when it differs by more than
+    ``CHECK_CAP`` of its scale (then the message asks for real inputs). When the original
     does not run on synthetic inputs, the check is skipped and says so.
     """
     try:
@@ -204,9 +208,18 @@ def check_whole_model(
             rel = err / max(scale, 1e-30)
             worst = max(worst, rel)
             tol = type_tolerance(a.dtype, tolerance)
-            if err > max(tol * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
+            derived = max(tol * (scale or 1.0), NOISE_FACTOR * n)  # an all-zero output: absolute
+            if err > min(derived, CHECK_CAP * (scale or 1.0)):
+                noisy = derived > CHECK_CAP * (scale or 1.0)
+                hint = (
+                    f"; the model's own float noise on synthetic inputs ({n / max(scale, 1e-30):.3g} of the scale) "
+                    f"is above the {CHECK_CAP:g} a check may allow: check the result on real inputs "
+                    "(normact-onnx compare MODEL OUT --data …) and write it with --no-verify"
+                    if noisy
+                    else ""
+                )
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
-                    f"(tolerance {tol:g} for {a.dtype}, float noise {n:.3g}); nothing written"
+                    f"(tolerance {tol:g} for {a.dtype}, float noise {n:.3g}){hint}; nothing written"
                 )
     return {"outputs": names, "max_rel_to_scale": worst} if preserve else {"outputs": names}

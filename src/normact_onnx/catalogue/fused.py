@@ -22,6 +22,7 @@ from ..outcome import Refusal
 MS = "com.microsoft"
 Split = tuple[list[onnx.NodeProto], onnx.NodeProto]
 NO_BIAS = "no bias to split off"  # FastGelu without a bias is a standalone activation, not a miss
+FUSED_PRE = "__normact_pre"  # the suffix of a split fused op's pre-activation value: how fold finds it again
 
 
 def _attrs(node: onnx.NodeProto, drop: tuple[str, ...]) -> list[onnx.AttributeProto]:
@@ -92,3 +93,41 @@ FUSED: dict[tuple[str, str], Callable[[onnx.NodeProto, str], Split | Refusal]] =
     (MS, "BiasGelu"): _bias_then("Gelu"),
     (MS, "FastGelu"): _bias_then("FastGelu"),
 }
+
+
+_LAYER_OF = {"Conv": "FusedConv", "Gemm": "FusedGemm"}
+_BIAS_OF = {"gelu": "BiasGelu", "gelu_tanh": "FastGelu"}  # catalogue kind → the bias-taking fused op
+_ACT_PARAMS = {
+    "Relu": (),
+    "Sigmoid": (),
+    "Tanh": (),
+    "LeakyRelu": (("alpha", 0.01),),
+    "HardSigmoid": (("alpha", 0.2), ("beta", 0.5)),
+}
+
+
+def fuse_back(layer: onnx.NodeProto, kind: str, act: list[onnx.NodeProto], out: str) -> onnx.NodeProto | None:
+    """The fused op a split wrote as ``layer`` then the plain activation ``act`` (writing ``out``), or None.
+
+    The inverse of the splits above, for ``fold``: a site inside a fused op comes back as that op. FusedConv /
+    FusedGemm take one activation op of :func:`_activation`'s list; BiasGelu / FastGelu take the bias ``Add``
+    and the activation of their kind, whatever ops it is written in.
+    """
+    standard = layer.domain in ("", "ai.onnx")
+    if standard and layer.op_type == "Add" and kind in _BIAS_OF and len(layer.input) == 2:
+        return helper.make_node(
+            _BIAS_OF[kind], list(layer.input), [out], name=layer.name.removesuffix("/bias"), domain=MS
+        )
+    if not standard or layer.op_type not in _LAYER_OF or len(act) != 1 or act[0].op_type not in _ACT_PARAMS:
+        return None
+    fused = helper.make_node(_LAYER_OF[layer.op_type], list(layer.input), [out], name=layer.name, domain=MS)
+    fused.attribute.extend(layer.attribute)
+    fused.attribute.append(helper.make_attribute("activation", act[0].op_type))
+    given = {a.name: a.f for a in act[0].attribute}
+    params = [given.get(k, default) for k, default in _ACT_PARAMS[act[0].op_type]]
+    if params and layer.op_type == "Conv":
+        fused.attribute.append(helper.make_attribute("activation_params", params))
+    elif params:  # FusedGemm spells them activation_alpha / activation_beta
+        for (k, _), v in zip(_ACT_PARAMS[act[0].op_type], params):
+            fused.attribute.append(helper.make_attribute(f"activation_{k}", v))
+    return fused

@@ -89,6 +89,8 @@ def _gelu_tanh_body(b: Body, x: str) -> str:
 def _hard_swish_body(b: Body, x: str) -> str:
     if b.opset >= 14 and not b.gradient_safe:
         return b.op("HardSwish", x)
+    if not b.gradient_safe:  # x·HardSigmoid(x) with α = 1/6, β = 1/2: two ops where the exporters write four
+        return b.op("Mul", x, b.op("HardSigmoid", x, alpha=1 / 6.0, beta=0.5))
     gate = b.op("Add", b.op("Mul", x, b.const(1 / 6.0)), b.const(0.5))
     return b.op("Mul", x, b.op("Max", b.op("Min", gate, b.const(1.0)), b.const(0.0)))
 

@@ -54,10 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="self-check: largest output difference, as a fraction of the output's scale (default: derived from "
+        help="self-check: largest output difference, as a fraction of the output's scale, at most 0.01 (default: "
+        "derived from "
         f"the model: {NOISE_FACTOR:g}× its own float noise on the same inputs, i.e. how far its outputs move when "
         f"ONNX Runtime's graph optimizations are switched off, and at least {EPS_FLOOR} machine epsilons of the "
-        "output type (at most 1%%) times the output's scale)",
+        "output type, times the output's scale; never more than 1%% of it)",
     )
     p.add_argument("--report", metavar="FILE.json", help="write every site's decision as JSON")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

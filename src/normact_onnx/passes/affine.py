@@ -297,8 +297,15 @@ def _plan_tensor(
         standard = node.domain in ("", "ai.onnx")
         rule = _TRANSPARENT.get(node.op_type) if standard else None
         plan: Plan | Refusal
+        composed = _helper_map(c, node, tensor, weights) if standard else None
         if standard and node.op_type in _SHAPE_ONLY and tensor in node.input:
             plan = _nothing
+        elif composed is not None:  # a Mul/Add/1×1 Conv this tool wrote: compose with it, it goes
+            plan = _plan_through_helper(c, node, tensor, a, off, composed, weights, fresh, padding, residual, restore)
+            if isinstance(plan, Refusal) and node.op_type == "Conv":
+                plan = _plan_one(c, node, tensor, a, off, weights, fresh, padding)
+        elif standard and node.op_type == "Pad" and node.input and node.input[0] == tensor:
+            plan = _plan_through_pad(c, node, a, off, weights, fresh, padding, residual, restore)
         elif rule is not None and node.input and node.input[0] == tensor and tensor not in node.input[1:]:
             plan = _transparent_blocker(node, rule, a, off) or _plan_through(
                 c, node, a, off, weights, fresh, padding, residual, restore
@@ -362,6 +369,223 @@ def _plan_through(
         plans.append(plan)
 
     return _sequence(plans)
+
+
+HELPER_MARK = "_normact_"  # in the name of every node this tool writes (restore Mul/Add, Pad, shift Conv)
+
+
+def is_helper(node: onnx.NodeProto) -> bool:
+    """A node ``rewrite --preserve-function`` or ``fold`` wrote around a site (its name says so)."""
+    return HELPER_MARK in node.name and node.domain in ("", "ai.onnx")
+
+
+def _helper_map(
+    c: Container, node: onnx.NodeProto, tensor: str, weights: _Weights
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(m, d, eps) with ``node``'s output = m·tensor + d, for an elementwise affine helper this tool wrote.
+
+    The restore ``Mul``/``Add`` (a scalar or a [C, 1, …] constant) and the shift ``Conv`` (depthwise,
+    1×1, weight [C, 1, 1, …], unpadded); ``eps`` is the machine epsilon of its constant's type.
+    """
+    if not is_helper(node) or tensor not in node.input or node.output[0] in c.outputs:
+        return None
+    if node.op_type in ("Mul", "Add") and len(node.input) == 2 and list(node.input).count(tensor) == 1:
+        k = weights.read(node.input[1] if node.input[0] == tensor else node.input[0])
+        if k is None or k.dtype.kind != "f" or (k.size > 1 and any(d != 1 for d in k.shape[1:])):
+            return None
+        v, eps = _vector(k), float(np.finfo(k.dtype).eps)
+        return (v, np.zeros(()), eps) if node.op_type == "Mul" else (np.ones(()), v, eps)
+    if node.op_type != "Conv" or node.input[0] != tensor or len(node.input) < 2 or tensor in node.input[1:]:
+        return None
+    w = weights.read(node.input[1])
+    b = weights.read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if w is None or w.dtype.kind != "f" or w.ndim < 3 or any(d != 1 for d in w.shape[1:]):
+        return None
+    if (len(node.input) > 2 and node.input[2] and b is None) or int(attr_value(node, "group", 1)) != w.shape[0]:
+        return None
+    if any(attr_value(node, "pads", [0])) or attr_value(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    if any(s != 1 for s in attr_value(node, "strides", [1])):
+        return None
+    return _vector(w), (_vector(b) if b is not None else np.zeros(())), float(np.finfo(w.dtype).eps)
+
+
+ROUNDING_ULPS = 16  # a composed map within this many epsilons of the identity is the identity
+
+
+def _plan_through_helper(
+    c: Container,
+    node: onnx.NodeProto,
+    tensor: str,
+    a: np.ndarray,
+    off: np.ndarray,
+    composed: tuple[np.ndarray, np.ndarray, float],
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: Padding,
+    residual: bool,
+    restore: Restore | None,
+) -> Plan | Refusal:
+    """A helper computing m·u + d reads u = a·u' + off: it computes (m·a)·u' + (m·off + d), and goes.
+
+    Its readers read ``u'`` itself: directly when the composed map is the identity within the
+    rounding of the helper's constants (``fold`` after ``--preserve-function``: the inverse the
+    helper wrote meets the site's own affine), else absorbing the composed map by the usual rules.
+    """
+    m, d, eps = composed
+    a2, off2 = m * a, m * off + d
+    label = f"{node.op_type} '{node.name}'"
+    out = node.output[0]
+    readers = list({id(n): n for n in c.consumers.get(out, [])}.values())
+    if any(out not in r.input and not renamable_in_subgraphs(r, out) for r in readers):
+        return Refusal(f"a reader of {label} defines that name inside its subgraph")
+    tol = ROUNDING_ULPS * eps  # each part snaps to the identity's on its own (a scale may stay, the shift go)
+    a2 = np.where(np.abs(a2 - 1) <= tol, 1.0, a2)
+    off2 = np.where(np.abs(off2) <= tol * (np.abs(m * off) + np.abs(d)), 0.0, off2)
+    identity = bool(np.all(a2 == 1) and np.all(off2 == 0))
+    rest: Plan = _nothing
+    if not identity:
+        readers_plan = _plan_tensor(c, out, a2, off2, weights, fresh, padding, residual, restore)
+        if isinstance(readers_plan, Refusal):
+            kept = _keep_restore(c, node, a2, off2, weights)
+            return kept if kept is not None else Refusal(f"after {label}: {readers_plan.reason}")
+        rest = readers_plan
+
+    def through() -> None:
+        rest()  # the readers now read u' under the helper's output name; the helper goes
+        for r in list({id(n): n for n in c.consumers.get(out, [])}.values()):
+            c.rename_input(r, out, tensor)
+        c.remove([node])
+        c.drop_value_info({out})
+
+    return through
+
+
+def _keep_restore(c: Container, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | None:
+    """The restore pair ``Mul(m)``, ``Add(d)`` kept, computing the composed a·u′ + off from the site's new output.
+
+    For a helper whose constants no longer invert the site's (the site's factors moved, the restore did not):
+    its readers cannot absorb the difference, so the pair stays with new constants, exact, and the site folds.
+    None when ``node`` is not the ``Mul`` of such a pair or the constants do not fit its layout.
+    """
+    if node.op_type != "Mul":
+        return None
+    out = node.output[0]
+    readers = c.consumers.get(out, [])
+    if len(readers) != 1 or out in c.outputs or not is_helper(readers[0]) or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    if _helper_map(c, add, out, weights) is None:
+        return None
+    m_idx = 1 if weights.read(node.input[1]) is not None else 0
+    d_idx = 1 if add.input[0] == out else 0
+    m, d = weights.read(node.input[m_idx]), weights.read(add.input[d_idx])
+    new_d = off + _vector(d) if d is not None else None  # Add(Mul(u′, A), D) = a·u′ + off + d: A = a, D = off + d
+    if m is None or d is None or new_d is None:
+        return None
+    if any(v.ndim and v.size != k.size for v, k in ((a, m), (new_d, d))):
+        return None  # a per-channel value where the helper holds a scalar (or other channels): its layout is unknown
+
+    def keep() -> None:
+        weights.write(node, m_idx, np.broadcast_to(a, (a.size,)).reshape(m.shape) if a.ndim else np.full(m.shape, a), m)
+        weights.write(add, d_idx, new_d.reshape(d.shape) if new_d.ndim else np.full(d.shape, new_d), d)
+
+    return keep
+
+
+def _pad_parts(c: Container, node: onnx.NodeProto, weights: _Weights) -> tuple[np.ndarray, np.ndarray] | Refusal:
+    """A ``Pad``'s pads and fill value (0 when not given), constants, or why not."""
+    label = f"consumer Pad '{node.name or node.output[0]}'"
+    if c.opset < 11:
+        fill = np.asarray(attr_value(node, "value", 0.0), np.float32)  # a float attribute is float32
+        return np.asarray(attr_value(node, "pads", []), np.int64), fill
+    if len(node.input) > 3 and node.input[3]:
+        return Refusal(f"{label} pads chosen axes only")
+    pads = weights.read(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if pads is None:
+        return Refusal(f"{label} has no constant pads")
+    value = weights.read(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    if value is None:
+        return Refusal(f"{label} has no constant fill value")
+    return pads.astype(np.int64).ravel(), value
+
+
+def _plan_through_pad(
+    c: Container,
+    node: onnx.NodeProto,
+    a: np.ndarray,
+    off: np.ndarray,
+    weights: _Weights,
+    fresh: Callable[[str], str],
+    padding: Padding,
+    residual: bool,
+    restore: Restore | None,
+) -> Plan | Refusal:
+    """Pad(a·u' + off, v) = a·Pad(u', (v − off)/a) + off: the fill value changes, the readers take the map.
+
+    A fill that comes back to 0 in front of an unpadded ``Conv`` (the ``Pad`` ``--preserve-function``
+    wrote, now that the site is folded) goes back into the Conv's own pads, as the model had them.
+    """
+    label = f"consumer Pad '{node.name or node.output[0]}'"
+    mode = attr_value(node, "mode", "constant")
+    parts = _pad_parts(c, node, weights)
+    if isinstance(parts, Refusal):
+        return parts
+    pads, value = parts
+    rank = len(pads) // 2
+    if (a.ndim or off.ndim) and (rank < 2 or pads[1] or pads[rank + 1]):
+        return Refusal(f"per-channel constants do not pass through {label} (it pads the channels)")
+    fill: np.ndarray | None = None
+    if mode == "constant":
+        if np.any(a == 0):
+            return Refusal(f"{label}: the scale has a zero")
+        v = np.asarray(value, np.float64).reshape(())
+        new = (v - off) / a
+        eps = float(np.finfo(value.dtype).eps) if value.dtype.kind == "f" else float(np.finfo(np.float32).eps)
+        new = np.where(np.abs(new * a) <= ROUNDING_ULPS * eps * (np.abs(v) + np.abs(off)), 0.0, new)
+        if not np.all(new == np.ravel(new)[0]):
+            return Refusal(f"{label}: its fill value would differ per channel (Pad takes one scalar)")
+        fill = np.asarray(np.ravel(new)[0])
+    rest = _plan_tensor(c, node.output[0], a, off, weights, fresh, padding, residual, restore)
+    if isinstance(rest, Refusal):
+        return Refusal(f"after {label}: {rest.reason}")
+
+    def through() -> None:
+        rest()
+        if fill is None or float(fill) == float(np.asarray(value, np.float64).reshape(())):
+            pass
+        elif c.opset < 11:
+            c.set_attribute(node, "value", float(fill))
+        elif len(node.input) > 2 and node.input[2]:
+            weights.write(node, 2, fill, value)
+        else:
+            name = fresh(f"{node.name or node.output[0]}_value")
+            c.add_constant(name, fill.astype(np.float32), node)
+            c.set_input(node, 2, name)
+        if fill is not None and float(fill) == 0.0 and is_helper(node):
+            _merge_pad(c, node, pads)
+
+    return through
+
+
+def _merge_pad(c: Container, node: onnx.NodeProto, pads: np.ndarray) -> None:
+    """A zero ``Pad`` of the spatial axes in front of an unpadded ``Conv`` (its only reader) becomes its pads."""
+    out = node.output[0]
+    readers = c.consumers.get(out, [])
+    rank = len(pads) // 2
+    if len(readers) != 1 or out in c.outputs or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]]):
+        return
+    conv = readers[0]
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.input[0] != out or out in conv.input[1:]:
+        return
+    if any(attr_value(conv, "pads", [0])) or attr_value(conv, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return
+    if attr_value(conv, "auto_pad", "NOTSET") != "NOTSET":
+        c.set_attribute(conv, "auto_pad", "NOTSET")
+    c.set_attribute(conv, "pads", [int(p) for p in (*pads[2:rank], *pads[rank + 2 :])])
+    c.set_input(conv, 0, node.input[0])
+    c.remove([node])
+    c.drop_value_info({out})
 
 
 def _plan_through_add(
@@ -611,7 +835,14 @@ def _plan_matmul(
             return
         add_val = weights.read(add.input[add_idx]) if add is not None else None
         if add is not None and add_val is not None and np.broadcast_shapes(add_val.shape, bias.shape) == add_val.shape:
-            weights.write(add, add_idx, add_val.astype(np.float64) + bias, add_val)
+            total = add_val.astype(np.float64) + bias
+            eps = float(np.finfo(add_val.dtype).eps) if add_val.dtype.kind == "f" else 0.0
+            terms = np.abs(add_val) + np.max(np.abs(off)) * _column_abs_sums(node, weights) if is_helper(add) else None
+            if terms is not None and np.all(np.abs(total) <= ROUNDING_ULPS * eps * terms):
+                c.remove([add])  # the bias Add an earlier move wrote, cancelled by this one: it goes
+                c.set_output(node, 0, add.output[0])
+                return
+            weights.write(add, add_idx, total, add_val)
             return
         raw = fresh(f"{out}_normact_matmul")
         bias_name = fresh(f"{out}_normact_bias")
@@ -621,6 +852,11 @@ def _plan_matmul(
         c.insert_after(node, [bias_add])
 
     return matmul
+
+
+def _column_abs_sums(node: onnx.NodeProto, weights: _Weights) -> np.ndarray:
+    """Σ_k |W[k, j]| of a MatMul's constant weight: the size of the terms its bias sum cancels."""
+    return np.abs(weights.value(node, 1).astype(np.float64)).sum(axis=0)
 
 
 def _plan_conv(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..catalogue import BY_OP_NAME, CATALOGUE, NORM_DOMAIN, Activation
-from ..catalogue.fused import FUSED, NO_BIAS, Split
+from ..catalogue.fused import FUSED, FUSED_PRE, NO_BIAS, Split
 from ..catalogue.patterns import Alt, C, N, Pattern, Var
 from ..graph import Container, attr_value, const_value, containers
 from ..outcome import Refusal
@@ -470,7 +470,7 @@ def _fused_site(
     misses: list[dict] | None,
 ) -> Site | None:
     """The activation inside a fused op as a site whose input is the (not yet written) pre-activation."""
-    parts = split(node, f"{node.output[0]}__normact_pre")
+    parts = split(node, f"{node.output[0]}{FUSED_PRE}")
     why = parts.reason if isinstance(parts, Refusal) else None
     if not isinstance(parts, Refusal):
         pre, act = parts

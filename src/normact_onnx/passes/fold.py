@@ -34,11 +34,12 @@ import onnx
 from onnx import helper
 
 from ..catalogue import NORM_DOMAIN
-from ..graph import Container, const_value, containers, remove_unused, unique_namer, upstream
+from ..catalogue.fused import FUSED_PRE, MS, fuse_back
+from ..graph import Container, const_value, constant_node_value, containers, remove_unused, unique_namer, upstream
 from ..outcome import Refusal
 from ..provenance import SiteRecord, mark_folded, read_records
 from ..valuetypes import infer_value_types
-from .affine import FREE, Padding, Plan, padding_of, plan_absorb, plan_produce
+from .affine import FREE, HELPER_MARK, Padding, Plan, padding_of, plan_absorb, plan_produce
 from .find import Site, find_in_container
 from .forms import LiteralBody
 
@@ -111,7 +112,15 @@ def _plain_nodes(site: Site, elem: int, out: str) -> list[onnx.NodeProto]:
     compute = [n for n in b.nodes if n.op_type != "Constant"]
     if len(compute) == 1:
         compute[0].name = site.root.name  # a one-op activation keeps the name the exporter gave it
-    return b.nodes
+    c = site.container
+    if c.graph is None or (c.ir_version < 4 and c.parent is not None):
+        return b.nodes
+    for n in b.nodes:  # in a graph its literals are initializers, as exporters write them: no extra nodes
+        if n.op_type == "Constant":
+            value = constant_node_value(n)
+            assert value is not None  # LiteralBody writes value tensors
+            c.add_constant(n.output[0], value, site.root)
+    return compute
 
 
 def fold_sites(
@@ -124,11 +133,66 @@ def fold_sites(
         return []
     fresh = unique_namer(model)
     types = infer_value_types(model)
-    outcomes = [_fold_one(s, base_dir, fresh, strategy, types.elem_type(s.input)) for s in sites]
+    before = {i.name for i in model.graph.initializer}
+    outcomes = []
+    fused_ok = any(i.domain == MS for i in model.opset_import)  # ORT's fused ops may come back
+    for s in sites:
+        elem = types.elem_type(s.input)
+        _refresh_input(s)
+        outcomes.append(_fold_one(s, base_dir, fresh, strategy, elem))
+        if fused_ok and outcomes[-1].action == "folded":
+            _fuse_back(s, outcomes[-1].output)
     if any(o.action == "folded" for o in outcomes):
-        remove_unused(model, domain=NORM_DOMAIN)
+        # the constants of the helpers a fold removed (restore Mul/Add, Pad) go; the model's own unused ones stay
+        remove_unused(model, initializers=before & _helper_constants(before), domain=NORM_DOMAIN)
         mark_folded(model, {(o.site.path, o.output) for o in outcomes if o.action == "folded"})
     return outcomes
+
+
+def _helper_constants(names: set[str]) -> set[str]:
+    """The initializers named as this tool names its helpers' constants."""
+    return {n for n in names if HELPER_MARK in n}
+
+
+def _fuse_back(s: Site, y: str) -> None:
+    """A site the rewrite split out of an ONNX Runtime fused op (its input is the ``__normact_pre`` value) becomes
+    that fused op again once folded: the layer and the plain activation, one node as the model had it."""
+    if not s.input.endswith(FUSED_PRE):
+        return
+    c = s.container
+    layer, root = c.producer.get(s.input), c.producer.get(y)
+    if layer is None or root is None or s.input in c.outputs:
+        return
+    act, reads = upstream(c, root, s.input)
+    ids = {id(n) for n in act}
+    inner = {o for n in act for o in n.output if o != y}
+    if any(id(u) not in ids for v in (s.input, *inner) for u in c.consumers.get(v, ())) or inner & c.outputs:
+        return
+    if any(r not in c.initializers and getattr(c.producer.get(r), "op_type", "") != "Constant" for r in reads):
+        return
+    fused = fuse_back(layer, s.kind, act, y)
+    if fused is None:
+        return
+    c.remove(act)
+    c.replace(layer, [fused])
+    c.drop_value_info({s.input, *inner})
+
+
+def _refresh_input(s: Site) -> None:
+    """The site's input as its nodes read it now: folding an earlier site may have dropped the restore
+    ``Mul``/``Add`` that ``--preserve-function`` put in front of it, and renamed what it reads."""
+    if any(s.input in n.input for n in s.nodes):
+        return
+    c = s.container
+    made = {o for n in s.nodes for o in n.output}
+    reads = {
+        i
+        for n in s.nodes
+        for i in n.input
+        if i and i not in made and i not in c.initializers and getattr(c.producer.get(i), "op_type", "") != "Constant"
+    }
+    if len(reads) == 1:
+        s.input = reads.pop()
 
 
 def _fold_one(s: Site, base_dir: str | None, fresh: Callable[[str], str], padding: Padding, elem: int) -> FoldOutcome:
