@@ -74,9 +74,12 @@ extern const CpuFn kTable[kNumOps][kNumDTypes];
 extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
 }
 
-// Launches the kernel on `stream` (a cudaStream_t) and returns nullptr, or a
-// static error string.  x and y are device pointers and may alias.
-using CudaFn = const char* (*)(const void* x, void* y, size_t n, const Params& p, void* stream);
+// Launches the kernel on `stream` (a cudaStream_t) on the device that holds x,
+// and returns 0 or the error (a cudaError_t, or cuda::kNotDeviceMemory; the text
+// comes from cuda::launch_error).  x and y are device pointers and may alias.
+using CudaFn = int (*)(const void* x, void* y, size_t n, const Params& p, void* stream);
+// cudaFuncGetAttributes of an op's kernels on the current device: 0, or why they cannot run there.
+using CudaProbeFn = int (*)();
 
 #if defined(NORMACT_WITH_CUDA)
 namespace cuda {
@@ -84,8 +87,14 @@ namespace cuda {
 extern const CudaFn kColumn_f32[kNumOps];
 extern const CudaFn kColumn_f16[kNumOps];
 extern const CudaFn kColumn_bf16[kNumOps];
+extern const CudaProbeFn kProbe_f32[kNumOps];
+extern const CudaProbeFn kProbe_f16[kNumOps];
+extern const CudaProbeFn kProbe_bf16[kNumOps];
 inline CudaFn kernel(int op, int dtype) {
   return dtype == kFloat32 ? kColumn_f32[op] : dtype == kFloat16 ? kColumn_f16[op] : kColumn_bf16[op];
+}
+inline CudaProbeFn probe(int op, int dtype) {
+  return dtype == kFloat32 ? kProbe_f32[op] : dtype == kFloat16 ? kProbe_f16[op] : kProbe_bf16[op];
 }
 }  // namespace cuda
 #endif

@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#if defined(NORMACT_WITH_CUDA)
+#include "cuda_device.h"
+#endif
 #include "kernels.h"
 #include "op_table.h"
 #include "ort_util.h"
@@ -17,6 +20,7 @@ namespace {
 
 struct Kernel {
   const OrtApi* api;
+  const char* name;
   Params params;
   CpuFn cpu;
 #if defined(NORMACT_WITH_CUDA)
@@ -32,6 +36,31 @@ struct CpuJob {
   size_t n, chunk, esize;
   const Params* params;
 };
+
+#if defined(NORMACT_WITH_CUDA)
+// The CUDA device a kernel of the CUDA provider will run on: the id of the
+// provider's allocator (runtimes >= 1.18, KernelInfoGetAllocator), else -1
+// (the calling thread's current device).
+int kernel_device(const OrtApi* api, const OrtKernelInfo* info, uint32_t api_level) {
+  int device = -1;
+  if (api_level >= 18) {
+    OrtAllocator* alloc = nullptr;
+    if (OrtStatusPtr st = api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &alloc)) {
+      api->ReleaseStatus(st);
+    } else if (alloc) {
+      const OrtMemoryInfo* mem = nullptr;
+      OrtStatusPtr st2 = api->AllocatorGetInfo(alloc, &mem);
+      if (!st2) st2 = api->MemoryInfoGetId(mem, &device);
+      if (st2) {
+        api->ReleaseStatus(st2);
+        device = -1;
+      }
+      api->ReleaseAllocator(alloc);
+    }
+  }
+  return device;
+}
+#endif
 
 void cpu_task(void* data, size_t i) {
   const CpuJob& j = *static_cast<const CpuJob*>(data);
@@ -53,11 +82,22 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* base, const OrtApi* a
   if ((st = read_float(api, info, d.name, d.b_name, d.b_default, &p.b))) return st;
   Kernel* k = new Kernel{};
   k->api = api;
+  k->name = d.name;
   k->params = p;
   k->cuda = o.cuda;
   k->cpu = select_cpu_table()[o.op][o.dtype];
 #if defined(NORMACT_WITH_CUDA)
   k->gpu = cuda::kernel(o.op, o.dtype);
+  if (o.cuda) {
+    // A GPU without code in this library would otherwise fail at every Run;
+    // say so when the session is created, naming the architectures we carry.
+    const int device = kernel_device(api, info, base->version);
+    const std::string why = cuda::image_problem(device, cuda::probe(o.op, o.dtype));
+    if (!why.empty()) {
+      delete k;
+      return make_error(api, ORT_EP_FAIL, std::string("ai.normact::") + d.name + ": " + why);
+    }
+  }
 #endif
   *kernel = k;
   return nullptr;
@@ -100,8 +140,8 @@ OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   if (k.cuda) {
     void* stream = nullptr;
     NORMACT_RETURN_IF_ERROR(api->KernelContext_GetGPUComputeStream(ctx, &stream));
-    const char* err = k.gpu(x, y, n, k.params, stream);
-    if (err) return make_error(api, ORT_EP_FAIL, std::string("ai.normact CUDA kernel launch failed: ") + err);
+    const int err = k.gpu(x, y, n, k.params, stream);
+    if (err) return make_error(api, ORT_EP_FAIL, std::string("ai.normact::") + k.name + ": " + cuda::launch_error(err));
     return nullptr;
   }
 #endif

@@ -22,6 +22,9 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#if defined(NORMACT_WITH_CUDA)
+#include "cuda_device.h"
+#endif
 #include "kernels.h"
 #include "norm_op.h"
 #include "onnxruntime_c_api.h"
@@ -121,6 +124,13 @@ NORMACT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
     return api1 ? api1->CreateStatus(ORT_FAIL, msg) : nullptr;
   }
 
+#if defined(NORMACT_WITH_CUDA)
+  // A driver older than the static CUDA runtime fails every launch with "CUDA
+  // driver version is insufficient"; refuse here, once, naming the driver needed.
+  const std::string driver = cuda::driver_problem(cuda::installed_driver_version());
+  if (!driver.empty()) return api->CreateStatus(ORT_FAIL, driver.c_str());
+#endif
+
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_api) init_ops(level);
   g_api = api;
@@ -151,7 +161,8 @@ NORMACT_EXPORT const char* NormactLibraryInfo() {
     s += std::to_string(NORMACT_DOMAIN_VERSION) + ", \"min_ort_api\": " + std::to_string(kMinApiVersion);
     s += ", \"header_api\": " + std::to_string(ORT_API_VERSION);
 #if defined(NORMACT_WITH_CUDA)
-    s += ", \"cuda\": true";
+    s += ", \"cuda\": true, \"cuda_runtime\": " + std::to_string(cuda::runtime_version());
+    s += ", \"cuda_architectures\": \"" + std::string(cuda::kArchitectures) + "\"";
 #else
     s += ", \"cuda\": false";
 #endif
@@ -183,3 +194,14 @@ NORMACT_EXPORT const char* NormactLibraryInfo() {
   }();
   return json.c_str();
 }
+
+#if defined(NORMACT_WITH_CUDA)
+// What RegisterCustomOps says about a driver supporting CUDA `driver_version`
+// (cudaDriverGetVersion's encoding, 0 = none): "" when it can run the library.
+// Exported so the tests check the message on machines without (an old) driver.
+NORMACT_EXPORT const char* NormactCudaDriverCheck(int driver_version) {
+  thread_local std::string why;
+  why = cuda::driver_problem(driver_version);
+  return why.c_str();
+}
+#endif
