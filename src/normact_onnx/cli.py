@@ -23,12 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="normact-onnx",
         description="Normalized activations for ONNX models: find, rewrite, calibrate, fold, compare.",
     )
-    parser.add_argument("--version", action="version", version=f"normact-onnx {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and the kernel libraries, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
         module.register(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package version and what the kernel libraries are (found only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from .runtime.library import kernel_status
+
+        print("\n".join([f"normact-onnx {__version__}", *kernel_status()]))
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

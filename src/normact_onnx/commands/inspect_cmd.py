@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..api import inspect
+from ..runtime.library import kernel_status
 from ..texttable import table
 from .common import print_json
 
@@ -39,4 +40,5 @@ def run(args: argparse.Namespace) -> int:
         f"\n{len(sites)} sites, {n_norm} already normalized, "
         f"{sum(1 for s in sites if s['skipped'] and not s['normalized'])} skipped by default"
     )
+    print("\n".join(kernel_status()))  # what a rewritten model will run with here
     return 0

