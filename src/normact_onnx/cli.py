@@ -13,6 +13,7 @@ import sys
 from . import __version__
 from .commands import COMMANDS
 from .errors import NormactError
+from .runtime.library import kernel_status
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
@@ -38,8 +39,6 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        from .runtime.library import kernel_status
-
         print("\n".join([f"normact-onnx {__version__}", *kernel_status()]))
         parser.exit()
 
