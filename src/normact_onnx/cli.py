@@ -39,7 +39,10 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        print("\n".join([f"normact-onnx {__version__}", *kernel_status()]))
+        try:
+            print("\n".join([f"normact-onnx {__version__}", *kernel_status()]), flush=True)
+        except BrokenPipeError:  # `normact-onnx --version | head -1`: quiet, as for every command
+            parser.exit(_broken_pipe())
         parser.exit()
 
 
