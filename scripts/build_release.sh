@@ -14,7 +14,8 @@
 #    libnormact_cuda.so is required too when nvcc is found (CUDACXX, PATH or /usr/local/cuda/bin), unless
 #    NORMACT_CUDA=OFF asks for a CPU-only wheel.
 # 3. auditwheel repair: the wheel is tagged for the oldest manylinux its libraries' symbol versions allow
-#    (GLIBC_*, GLIBCXX_*, CXXABI_*), and refused if they link anything outside the manylinux policy.
+#    (GLIBC_*, GLIBCXX_*, CXXABI_*), and refused if they link anything outside the manylinux policy. With the CUDA
+#    library, a CPU-only wheel is made too (below): it is tagged for an older glibc.
 #
 # Environment: PYTHON (default python3, for the tools environment), ONNXRUNTIME_INCLUDE_DIR (else the headers are
 # found or fetched as runtime_ops/CMakeLists.txt says), NORMACT_CUDA=OFF, NORMACT_RELEASE_BUILD_DIR.
@@ -85,15 +86,50 @@ for need in libnormact_cpu.so $([ "$want_cuda" = 1 ] && echo libnormact_cuda.so)
   fi
 done
 
+# The CUDA library's static cudart binds pthread/dl/shm symbols at the version of the glibc it was linked on
+# (GLIBC_2.34 on a current one), which raises the whole wheel's manylinux tag. So where it is in the wheel, a second,
+# CPU-only wheel is made from the same build (the CUDA library left out) and tagged for its own symbols: from a folder
+# holding both (pip install --find-links), pip takes the CUDA wheel where glibc allows it and the CPU one elsewhere.
+wheels=("$raw")
+if grep -qx "normact_onnx/lib/libnormact_cuda.so" <<<"$libs"; then
+  mkdir "$WORK/cpu"
+  "$TOOLS/bin/python" - "$raw" "$WORK/cpu/$(basename "$raw")" <<'PY'
+import sys
+import zipfile
+
+src, dst = sys.argv[1:]
+drop = "normact_onnx/lib/libnormact_cuda.so"
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if item.filename == drop:
+            continue
+        data = zin.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):  # the wheel's file list, with hashes
+            data = b"".join(line for line in data.splitlines(keepends=True) if not line.startswith(drop.encode() + b","))
+        zout.writestr(item, data)
+PY
+  wheels+=("$WORK/cpu/$(basename "$raw")")
+fi
+
 echo "== auditwheel"
-"$TOOLS/bin/auditwheel" show "$raw" | tr '\n' ' ' | sed 's/  */ /g; s/$/\n/'
-"$TOOLS/bin/auditwheel" repair --wheel-dir "$OUT" "$raw" >"$WORK/repair.log" 2>&1 \
-  || { cat "$WORK/repair.log" >&2; echo "build_release: auditwheel repair refused the wheel" >&2; exit 1; }
-wheel=$(ls "$OUT"/normact_onnx-"$version"-*manylinux*.whl)
+made=()
+for w in "${wheels[@]}"; do
+  log="$WORK/repair-$(basename "$(dirname "$w")").log"
+  "$TOOLS/bin/auditwheel" repair --wheel-dir "$WORK/repaired" "$w" >"$log" 2>&1 \
+    || { cat "$log" >&2; echo "build_release: auditwheel repair refused $w" >&2; exit 1; }
+  fixed=$(sed -n 's/^Fixed-up wheel written to //p' "$log")
+  [ -f "$fixed" ] || { cat "$log" >&2; echo "build_release: auditwheel wrote no wheel for $w" >&2; exit 1; }
+  "$TOOLS/bin/auditwheel" show "$w" 2>/dev/null | tr '\n' ' ' | grep -o 'This constrains the platform tag to "[^"]*"' \
+    | sed "s|^|  $([ "$w" = "$raw" ] && echo "the wheel" || echo "the CPU-only wheel"): |" || true
+  mv "$fixed" "$OUT/"
+  made+=("$OUT/$(basename "$fixed")")
+done
 
 echo "== made (in $((SECONDS - start))s)"
-for f in "$sdist" "$wheel"; do
+for f in "$sdist" "${made[@]}"; do
   printf '%s  %s bytes  sha256 %s\n' "$f" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
+  if [[ "$f" == *.whl ]]; then
+    echo "  tag $(unzip -p "$f" "normact_onnx-$version.dist-info/WHEEL" | sed -n 's/^Tag: //p' | paste -sd' ')," \
+      "libraries: $(unzip -Z1 "$f" | grep -E '\.so$' | xargs -n1 basename | paste -sd' ')"
+  fi
 done
-unzip -Z1 "$wheel" | grep -E '\.so$' | sed 's/^/  in the wheel: /'
-echo "tag: $(unzip -p "$wheel" "normact_onnx-$version.dist-info/WHEEL" | sed -n 's/^Tag: //p' | paste -sd' ')"

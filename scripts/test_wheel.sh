@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test a release wheel as a user gets it: a fresh virtual environment on a machine with no compiler and no CMake.
 #
-#   scripts/test_wheel.sh WHEEL [SDIST]
+#   scripts/test_wheel.sh WHEEL [OTHER_WHEEL ...] [SDIST]
 #
 # Everything after the environment is created runs with a PATH of the environment's bin/ and one folder holding
 # only python3 (CC, CXX, CUDACXX, NORMACT_LIBRARY_DIR, PYTHONPATH unset); the script first checks that no C/C++ compiler,
@@ -10,6 +10,8 @@
 #   - the CLI runs the Quickstart (rewrite models/mobilenet_like.torchscript.onnx) and --version names the kernels;
 #   - tests/test_kernels.py and tests/test_cli.py pass, run from a copy of tests/ and models/ in a temporary
 #     folder (no src/ beside them, so `import normact_onnx` is the installed wheel).
+# Each OTHER_WHEEL (the CPU-only wheel scripts/build_release.sh makes beside one with CUDA) is then installed in
+# the same environment and checked the same way short of the tests (import, library version, --version, Quickstart).
 # With SDIST: the pure-Python fallback. A wheel is built from the sdist offline (no index, no build isolation:
 # the tools environment of scripts/build_release.sh) with ONNXRUNTIME_INCLUDE_DIR pointing at an empty folder and
 # header fetching off; it must build with no kernel library, install, report the kernels unavailable
@@ -19,8 +21,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-WHEEL=$(realpath "${1:?usage: test_wheel.sh WHEEL [SDIST]}")
-SDIST=${2:+$(realpath "$2")}
+usage="usage: test_wheel.sh WHEEL [OTHER_WHEEL ...] [SDIST]"
+WHEEL=$(realpath "${1:?$usage}")
+shift
+OTHERS=()
+SDIST=
+for f in "$@"; do
+  case "$f" in
+    *.whl) OTHERS+=("$(realpath "$f")") ;;
+    *.tar.gz) SDIST=$(realpath "$f") ;;
+    *) echo "test_wheel: $f is neither a wheel nor an sdist; $usage" >&2; exit 2 ;;
+  esac
+done
 PY=$(command -v "${PYTHON:-python3}")
 PY=$(realpath "$PY")
 WORK=$(mktemp -d)
@@ -47,7 +59,8 @@ done
 
 echo "== install $(basename "$WHEEL") (binary wheels only, no build tools on PATH)"
 user "$V/pip" install -q --only-binary=:all: "$WHEEL[cpu]" pytest
-user "$V/python" - <<'PY'
+check_installed() {  # import from site-packages, library version, --version, the Quickstart
+  user "$V/python" - <<'PY'
 import sysconfig
 from pathlib import Path
 
@@ -61,19 +74,27 @@ info = library_info()
 assert info["version"] == normact_onnx.__version__, (info["version"], normact_onnx.__version__)
 print(f"normact_onnx {normact_onnx.__version__} from {where.parent}; kernel library {get_library_path()} loads")
 PY
-
-echo "== the CLI: --version and the Quickstart"
-user "$V/normact-onnx" --version | tee "$WORK/version.txt"
-grep -q "^kernels: CPU" "$WORK/version.txt" || { echo "test_wheel: --version names no CPU kernel library" >&2; exit 1; }
+  user "$V/normact-onnx" --version | tee "$WORK/version.txt"
+  grep -q "^kernels: CPU" "$WORK/version.txt" || { echo "test_wheel: --version names no CPU kernel library" >&2; exit 1; }
+  rm -rf "$WORK/user/out"
+  (cd "$WORK/user" && user "$V/normact-onnx" rewrite models/mobilenet_like.torchscript.onnx -o out/mobilenet_like.normact.onnx)
+  [ -s "$WORK/user/out/mobilenet_like.normact.onnx" ] || { echo "test_wheel: the Quickstart wrote nothing" >&2; exit 1; }
+}
 mkdir "$WORK/user"
 cp -r models "$WORK/user/models"
-(cd "$WORK/user" && user "$V/normact-onnx" rewrite models/mobilenet_like.torchscript.onnx -o out/mobilenet_like.normact.onnx)
-[ -s "$WORK/user/out/mobilenet_like.normact.onnx" ] || { echo "test_wheel: the Quickstart wrote nothing" >&2; exit 1; }
+echo "== import, kernel library, the CLI: --version and the Quickstart"
+check_installed
 
 echo "== kernel and CLI tests against the installed wheel"
 cp -r tests "$WORK/user/tests"
 cp pyproject.toml "$WORK/user/"  # pytest's settings (markers) only: there is no src/ beside it
 (cd "$WORK/user" && user "$V/python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cli.py)
+
+for other in "${OTHERS[@]}"; do
+  echo "== $(basename "$other")"
+  user "$V/pip" install -q --no-deps --force-reinstall "$other"
+  check_installed
+done
 
 if [ -n "$SDIST" ]; then
   echo "== pure-Python fallback: $(basename "$SDIST") built offline with no ONNX Runtime headers"
