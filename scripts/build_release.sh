@@ -69,7 +69,8 @@ else
   src=$sdist
 fi
 # -v: CMake's messages (headers found, CUDA architectures) go to the log, shown on failure
-if ! "$TOOLS/bin/pip" wheel -v --no-deps --no-build-isolation --disable-pip-version-check "${settings[@]}" \
+# PIP_NO_INDEX: the build itself never reaches a package index (offline, given ONNXRUNTIME_INCLUDE_DIR)
+if ! PIP_NO_INDEX=1 "$TOOLS/bin/pip" wheel -v --no-deps --no-build-isolation --disable-pip-version-check "${settings[@]}" \
   -w "$WORK/raw" "$src" >"$WORK/wheel.log" 2>&1; then
   tail -n 60 "$WORK/wheel.log" >&2
   echo "build_release: the wheel build failed (log above)" >&2
