@@ -69,6 +69,38 @@ def test_version_names_the_kernel_libraries():
         assert lines[1].startswith("kernels: unavailable"), lines
 
 
+def test_inspect_ends_with_the_kernel_libraries(tmp_path):
+    """What a rewritten model will run with here, after the table (and after 'no activation sites found')."""
+    import onnx
+    from onnx import helper
+
+    from normact_onnx.runtime import kernel_status
+
+    from .conftest import MODELS, fvi, tiny_model
+
+    plain = tmp_path / "add.onnx"
+    add = helper.make_node("Add", ["X", "X"], ["Y"])
+    onnx.save(tiny_model([add], [fvi("X", [2])], [fvi("Y", [2])]), plain)
+    for model, first in ((MODELS / "mobilenet_like.torchscript.onnx", "name"), (plain, "no activation sites found")):
+        out = subprocess.run(
+            [sys.executable, "-m", "normact_onnx", "inspect", str(model)], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith(first), lines[0]
+        assert lines[-len(kernel_status()) :] == kernel_status()
+
+
+def test_version_into_a_closed_pipe_exits_quietly():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normact_onnx", "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # `| true`: the reader exits before reading anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 # ------------------------------------------------------------------------------ CMake: what is installed
 
 

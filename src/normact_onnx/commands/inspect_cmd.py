@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not sites:
         print("no activation sites found")
+        print("\n".join(kernel_status()))
         return 0
     rows = [
         {
