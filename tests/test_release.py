@@ -158,3 +158,14 @@ def test_no_headers_fails_a_release_build(tmp_path):
     out = _configure(tmp_path / "req", "-DNORMACT_REQUIRE_KERNELS=ON", env=env)
     assert out.returncode != 0
     assert "NORMACT_REQUIRE_KERNELS is ON" in out.stderr and "no ONNX Runtime headers found" in out.stderr
+
+
+def test_no_compiler_configures_a_pure_python_install(tmp_path):
+    headers = _ort_headers()
+    if headers is None:
+        pytest.skip("no ONNX Runtime headers here (set ONNXRUNTIME_INCLUDE_DIR)")
+    missing = str(tmp_path / "no-such-compiler")
+    out = _configure(tmp_path / "nocxx", f"-DONNXRUNTIME_INCLUDE_DIR={headers}", env={"CXX": missing, "CC": missing})
+    assert out.returncode == 0, out.stderr
+    assert "no C++ compiler found" in out.stderr and "pure-Python mode" in out.stderr
+    assert _installed(tmp_path / "nocxx") == set()
