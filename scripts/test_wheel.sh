@@ -4,8 +4,8 @@
 #   scripts/test_wheel.sh WHEEL [OTHER_WHEEL ...] [SDIST]
 #
 # Everything after the environment is created runs with a PATH of the environment's bin/ and one folder holding
-# only python3 (CC, CXX, CUDACXX, NORMACT_LIBRARY_DIR, PYTHONPATH unset); the script first checks that no C/C++ compiler,
-# nvcc, CMake, Ninja or make is reachable there. Then, with the wheel installed (binary wheels only):
+# only python3 (CC, CXX, CUDACXX, NORMACT_LIBRARY_DIR, PYTHONPATH unset); the script first checks that no C/C++
+# compiler, nvcc, CMake, Ninja, make or ld is reachable there. Then, with the wheel installed (binary wheels only):
 #   - normact_onnx is imported from site-packages, and its kernel library loads with the package's version;
 #   - the CLI runs the Quickstart (rewrite models/mobilenet_like.torchscript.onnx) and --version names the kernels;
 #   - tests/test_kernels.py and tests/test_cli.py pass, run from a copy of tests/ and models/ in a temporary
@@ -33,8 +33,8 @@ for f in "$@"; do
     *) echo "test_wheel: $f is neither a wheel nor an sdist; $usage" >&2; exit 2 ;;
   esac
 done
-PY=$(command -v "${PYTHON:-python3}")
-PY=$(realpath "$PY")
+# the interpreter itself, not a launcher (a pyenv shim is a shell script that needs pyenv on PATH)
+PY=$("${PYTHON:-python3}" -c 'import os, sys; print(os.path.realpath(sys.executable))')
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 start=$SECONDS
