@@ -13,6 +13,30 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
+def pip_installs() -> list[str]:
+    """What each ``pip install`` in the README's command blocks installs (its last argument)."""
+    found = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        for cmd in re.findall(r"pip install ([^&#]+)", line) if line.startswith("    ") else ():
+            found.append(cmd.split()[-1].strip("\"'"))
+    return found
+
+
+def test_readme_installs_only_what_exists():
+    """Nothing from a package index (normact-onnx is not on PyPI): the checkout, or a wheel of this version."""
+    from normact_onnx import __version__
+
+    targets = pip_installs()
+    assert ".[cpu]" in targets and "dist/" + f"normact_onnx-{__version__}-" in " ".join(targets), targets
+    for target in targets:
+        assert target.startswith((".", "dist/")), f"README installs {target!r}, which is not on any index"
+        if target.startswith("dist/"):
+            assert re.fullmatch(
+                rf"dist/normact_onnx-{re.escape(__version__)}-py3-none-manylinux_2_\d+_x86_64\.whl\[\w+(,\w+)*\]",
+                target,
+            ), target
+
+
 def test_readme_has_python_examples():
     assert len(python_blocks()) >= 3
 

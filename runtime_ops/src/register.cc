@@ -33,6 +33,11 @@
 
 #define NORMACT_EXPORT extern "C" __attribute__((visibility("default")))
 
+// The package version (CMake reads it from src/normact_onnx/__init__.py, its one place).
+#ifndef NORMACT_VERSION
+#define NORMACT_VERSION "unknown"
+#endif
+
 namespace normact {
 namespace {
 
@@ -157,7 +162,8 @@ NORMACT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 // as JSON, so the tests can check it against the Python catalogue.
 NORMACT_EXPORT const char* NormactLibraryInfo() {
   static std::string json = [] {
-    std::string s = std::string("{\"domain\": \"") + kDomain + "\", \"opset\": ";
+    std::string s = std::string("{\"version\": \"") + NORMACT_VERSION + "\", \"domain\": \"" + kDomain;
+    s += "\", \"opset\": ";
     s += std::to_string(NORMACT_DOMAIN_VERSION) + ", \"min_ort_api\": " + std::to_string(kMinApiVersion);
     s += ", \"header_api\": " + std::to_string(ORT_API_VERSION);
 #if defined(NORMACT_WITH_CUDA)

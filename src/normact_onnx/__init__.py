@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml (the wheel's metadata), runtime_ops/CMakeLists.txt (the
+# kernel library's NormactLibraryInfo) and the ``normact.version`` entry of every written model read it from here.
+__version__ = "0.2.0"
 
 _API = {
     "inspect": "normact_onnx.api",

@@ -17,6 +17,7 @@ from . import __version__
 from .commands import COMMANDS
 from .errors import NormactError
 from .progress import quiet_libraries
+from .runtime.library import kernel_status
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1  # compare: the models differ beyond the tolerance
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Normalized activations for ONNX models: find, rewrite, calibrate, fold, compare.",
         epilog=EPILOG,
     )
-    parser.add_argument("--version", action="version", version=f"normact-onnx {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and the kernel libraries, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
@@ -49,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="show what libraries log (ONNX Runtime, Ray), numpy warnings and an internal error's traceback",
         )
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package version and what the kernel libraries are (found only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        try:
+            print("\n".join([f"normact-onnx {__version__}", *kernel_status()]), flush=True)
+        except BrokenPipeError:  # `normact-onnx --version | head -1`: quiet, as for every command
+            parser.exit(_broken_pipe())
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

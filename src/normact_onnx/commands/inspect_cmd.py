@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..api import inspect
+from ..runtime.library import kernel_status
 from ..texttable import plural, table
 from .common import print_json
 
@@ -23,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not sites:
         print("no activation sites found")
+        print("\n".join(kernel_status()))
         return 0
     rows = [
         {
@@ -39,4 +41,5 @@ def run(args: argparse.Namespace) -> int:
         f"\n{plural(len(sites), 'site')}, {n_norm} already normalized, "
         f"{sum(1 for s in sites if s['skipped'] and not s['normalized'])} skipped by default"
     )
+    print("\n".join(kernel_status()))  # what a rewritten model will run with here
     return 0

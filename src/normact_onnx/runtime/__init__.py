@@ -7,6 +7,7 @@ from .library import (
     KernelLibraryNotFound,
     get_library_path,
     has_library,
+    kernel_status,
     library_info,
 )
 from .session import InferenceSession
@@ -19,5 +20,6 @@ __all__ = [
     "KernelLibraryNotFound",
     "get_library_path",
     "has_library",
+    "kernel_status",
     "library_info",
 ]

@@ -8,6 +8,10 @@ wheels, zip-safe installs and editable installs alike.
 
 For development against a local CMake build, set ``NORMACT_LIBRARY_DIR`` to
 the build folder (e.g. ``build/ops``); it is searched first.
+
+An install without the library (built where no ONNX Runtime headers or no C++
+compiler could be found: pure-Python mode) still runs every model in the
+function form; :func:`kernel_status` says which case a user has.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..errors import NormactError
 
 CPU_LIBRARY = "libnormact_cpu.so"
@@ -63,7 +68,8 @@ def get_library_path(cuda: bool = False) -> str:
     hint = (
         "it is built only when nvcc is found at build time"
         if cuda
-        else "reinstall the package from source (`pip install .`) so runtime_ops/ is built"
+        else "this install is in pure-Python mode (built without ONNX Runtime headers or a C++ compiler): "
+        "install the release wheel, or build from source where they are found (README, Install)"
     )
     raise KernelLibraryNotFound(
         f"normact kernel library {name} not found (looked in {where}); {hint}, or set "
@@ -102,3 +108,33 @@ def info_at(path: str) -> dict[str, Any]:
 def library_info(cuda: bool = False) -> dict[str, Any]:
     """What the library was built with: op table (names, attribute defaults), CUDA, CPU ISA, API levels."""
     return dict(info_at(get_library_path(cuda)))
+
+
+def kernel_status() -> list[str]:
+    """One line per kernel library: its path, version and build, or why there is none (``--version``, ``inspect``).
+
+    A library whose version is not the package's (a stale ``NORMACT_LIBRARY_DIR``, a half-updated install) is
+    reported as such: it may lack ops the package writes.
+    """
+    lines = []
+    for cuda in (False, True):
+        path = kernel_library(cuda)
+        if path is None:
+            continue
+        try:
+            info = info_at(path)
+        except (OSError, AttributeError, ValueError) as e:
+            lines.append(f"kernels: {path} does not load ({e})")
+            continue
+        built = info.get("version")
+        what = "CPU + CUDA" if info.get("cuda") else f"CPU ({info.get('cpu_isa', '?')})"
+        stale = ""
+        if built != __version__:
+            stale = f"; built for normact-onnx {built or '< 0.2.0'}, not {__version__}: rebuild"
+        lines.append(f"kernels: {what}, {path}{stale}")
+    if not lines:
+        lines.append(
+            "kernels: unavailable (pure-Python mode: no kernel library was built or installed); models in the "
+            "function form still run, with their function bodies"
+        )
+    return lines
