@@ -19,6 +19,7 @@ from .graph import const_value, containers, upstream
 from .inputs import model_inputs
 from .io import clamp_ir
 from .ort import make_session
+from .passes.affine import QUANTIZER_WAY_OUT, QUANTIZERS
 from .passes.normalize import SiteOutcome
 from .synthetic import resolve_shapes, synthetic_batch
 from .valuetypes import infer_value_types
@@ -187,6 +188,18 @@ def working_dtype(model: onnx.ModelProto) -> np.dtype | None:
     return coarsest
 
 
+def _quantized(model: onnx.ModelProto) -> str:
+    """Why a function-preserving rewrite of a quantized model moves its outputs, and what to do: or ''."""
+    quantizer = next((n for n in model.graph.node if n.op_type in QUANTIZERS), None)
+    if quantizer is None:
+        return ""
+    return (
+        f": the model quantizes values downstream of the sites ({quantizer.op_type} "
+        f"'{quantizer.name or quantizer.output[0]}'), and the float rounding of the restored values moves some "
+        f"across quantization steps; {QUANTIZER_WAY_OUT}"
+    )
+
+
 def _precision(dtype: np.dtype, working: np.dtype | None) -> str:
     if working is None or np.finfo(working).eps <= np.finfo(dtype).eps:
         return str(dtype)
@@ -243,6 +256,7 @@ def check_whole_model(
             if err > max(tol * (scale or 1.0), NOISE_FACTOR * n):  # an all-zero output: absolute
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
-                    f"(tolerance {tol:g} for {_precision(a.dtype, working)}, float noise {n:.3g}); nothing written"
+                    f"(tolerance {tol:g} for {_precision(a.dtype, working)}, float noise {n:.3g}){_quantized(original)}"
+                    "; nothing written"
                 )
     return {"outputs": names, "max_rel_to_scale": worst, "tolerance": tolerances} if preserve else {"outputs": names}
