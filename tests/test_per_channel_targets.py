@@ -56,3 +56,22 @@ def test_a_result_missing_its_target_warns_naming_the_site(tmp_path, cli):
     got = compare(MODEL, tmp_path / "pc.onnx", synthetic=True, sites=True, shapes=["x=32x3x32x32"])
     row = next(s for s in got.sites if s["site"] == "node_relu")
     assert not row["holds"] and row["value"] == pytest.approx(0.23, abs=0.03)  # the warning foretold it
+
+
+def test_rewrite_with_the_statistics_gives_calibrates_warning(tmp_path, cli):
+    """rewrite --method anact --stats S.json: the same one line as calibrate -o (it was computed for calibrate only)."""
+    shape = "x=32x3x32x32"
+    r = cli("calibrate", MODEL, "--synthetic", "--per-channel", "--shape", shape, "-o", "pc.onnx", "--stats", "pc.json",
+            cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    calibrated = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    r = cli("rewrite", MODEL, "--method", "anact", "--stats", "pc.json", "-o", "r.onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "target" in line]
+    assert len(calibrated) == 1 and warned == calibrated and "node_relu 0.2" in warned[0]
+    # static constants at each site's measured q hold their target (E y² ≈ 1): no warning, a real check
+    r = cli("calibrate", MODEL, "--synthetic", "--method", "static", "--shape", shape, "--stats-only", "--stats",
+            "st.json", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("rewrite", MODEL, "--method", "static", "--stats", "st.json", "-o", "s.onnx", cwd=tmp_path)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

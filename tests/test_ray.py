@@ -239,6 +239,35 @@ def test_cli_starts_and_stops_its_own_cluster(cli, shards, tmp_path):
     assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # clusters of their own in subprocesses
+def test_cli_stderr_holds_only_the_commands_lines(cli, shards, tmp_path, monkeypatch):
+    """Ray's native log lines stay off stderr (--quiet or not), a killed worker included; --verbose shows them.
+
+    Ray's core worker logs "constructor arguments in the object store and max_restarts > 0" for every Ray
+    Data actor pool with restartable actors (Ray Data puts its own constructor arguments in the object store).
+    """
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(distributed.CRASH_ENV, str(marker))  # a worker exits mid-run: restarted, batches kept
+    stats = tmp_path / "s.json"
+    r = cli("calibrate", CNN, "--data", shards, "--batch-size", 100, "--stats-only", "--stats", stats,
+            "--ray", "--workers", "2", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert marker.exists() and json.loads(stats.read_text())["batches"] == 18
+    assert r.stderr.splitlines() == [
+        "--ray: factors from --aggregate mean (the EMA depends on the order of the batches)"
+    ]
+    monkeypatch.delenv(distributed.CRASH_ENV)
+    cal = tmp_path / "cal.onnx"
+    r = cli("calibrate", CNN, "--data", shards, "--batch-size", 300, "-o", cal, "--aggregate", "mean")
+    assert r.returncode == 0, r.stderr
+    r = cli("compare", CNN, cal, "--data", shards, "--batch-size", 300, "--sites", "--ray", "--workers", "2")
+    assert r.returncode in (0, 1), r.stderr  # 1: the outputs differ beyond the tolerance (a finding, not an error)
+    assert r.stderr == "" and "sites" in r.stdout
+    r = cli("calibrate", CNN, "--data", shards, "--batch-size", 300, "--stats-only", "--stats", stats,
+            "--ray", "--workers", "2", "--verbose")  # fmt: skip
+    assert r.returncode == 0 and "max_restarts > 0" in r.stderr  # the line the quiet runs kept off
+
+
 @pytest.mark.slow  # a cluster of its own in a subprocess
 def test_ctrl_c_stops_the_cluster_the_command_started(tmp_path, digits):
     """SIGINT mid-run: exit 130, nothing written, and the Ray processes the command started are gone."""

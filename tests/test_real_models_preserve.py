@@ -97,3 +97,26 @@ def test_fold_cli_with_data(item, tmp_path, cli):
     assert r.returncode == 0 and "(verified" in r.stdout, r.stderr
     onnx.checker.check_model(str(tmp_path / "f.onnx"))
     assert onnx.load(str(tmp_path / "f.onnx")).ir_version == onnx.load(str(path)).ir_version
+
+
+@pytest.mark.parametrize("item", rm.params(["ppocr_cls_fp16"]))
+def test_float16_preserve_passes_at_float16s_precision(item, tmp_path, cli):
+    """A float16 model with float32 inputs and outputs (Casts at both ends) computes in float16: the whole-model
+    check takes float16's tolerance (8·ε = 7.8e-3 of the scale), not float32's 1e-4 by the outputs' type."""
+    from normact_onnx.verify import ULP_FACTOR, working_dtype
+
+    e, path = item
+    path = rm.require_path(e, path)
+    assert working_dtype(onnx.load(str(path))) == np.float16
+    r = cli("rewrite", path, "-o", tmp_path / "p.onnx", "--preserve-function")
+    assert r.returncode == 0, r.stderr
+    assert "whole model against the original" in r.stdout
+    res = rewrite(path, tmp_path / "q.onnx", preserve_function=True, details=True)
+    assert len(res.rewritten) >= 30
+    (tol,) = res.whole_model["tolerance"].values()
+    assert tol == ULP_FACTOR * float(np.finfo(np.float16).eps)
+    assert res.whole_model["max_rel_to_scale"] <= tol
+    (feeds,) = _feeds(e, path)  # on the model's own sample data too, at the same precision
+    (a,), (b,) = run_model(path, feeds), run_model(tmp_path / "q.onnx", feeds)
+    assert a.dtype == np.float32
+    assert float(np.abs(a.astype(np.float64) - b).max()) <= tol * float(np.abs(a).max())

@@ -288,6 +288,10 @@ def rewrite(
             stats=stats,
             force=force,
         )
+    if stats is not None:  # the one-line warning calibrate -o gives, for statistics calibrated earlier
+        missed = missed_targets(stats, result.outcomes, options.method)
+        if missed:
+            result.notes.append(missed)
     return result if details else result.model
 
 

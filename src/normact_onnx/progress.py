@@ -8,7 +8,9 @@ nothing; ``--quiet`` turns them off on a terminal too. Stages of one command
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -56,11 +58,59 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
     loggers are quieted where Ray starts, :mod:`.calibration.distributed`). With ``verbose`` they print as usual.
     Warnings of this tool (printed as lines, not through :mod:`warnings`) are never affected.
     """
+    global _native_quiet
     if verbose:
         set_log_severity(VERBOSE)
         yield
         return
     set_log_severity(QUIET)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    _native_quiet = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        _native_quiet = False
+
+
+_native_quiet = False  # inside quiet_libraries(verbose=False): a command run from the command line
+
+
+@contextlib.contextmanager
+def native_stderr_quiet() -> Iterator[None]:
+    """Inside a quiet command, what native code writes to file descriptor 2 goes to an unnamed file for the block.
+
+    Ray's C++ core worker logs its errors straight to the process's stderr (not through Python's logging),
+    for example a warning that every Ray Data actor pool triggers by design: Ray Data puts its own constructor
+    arguments in the object store, and restartable actors (our fault tolerance) then draw "constructor
+    arguments in the object store and max_restarts > 0". No Ray setting removes that line (raising
+    ``RAY_BACKEND_LOG_LEVEL`` prints a line of its own), so the descriptor is redirected while Ray runs:
+    Python's ``sys.stderr`` (this tool's lines, warnings, progress bars) is moved to a copy of the terminal's
+    descriptor and still prints. A Python caller of the API (no ``quiet_libraries``) and ``--verbose`` see
+    everything as usual. Ray's own log files (its session folder) keep the lines.
+    """
+    if not _native_quiet:
         yield
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stderr.flush()
+    original = sys.stderr
+    try:
+        terminal = os.dup(2)
+    except OSError:  # no descriptor 2 (a closed stderr): nothing to keep off it
+        yield
+        return
+    sink = tempfile.TemporaryFile()  # noqa: SIM115 (held for the block, closed in the finally below)
+    os.dup2(sink.fileno(), 2)
+    encoding = getattr(original, "encoding", None) or "utf-8"
+    sys.stderr = open(terminal, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        sys.stderr = original
+        os.close(terminal)
+        sink.close()

@@ -19,6 +19,7 @@ from .graph import const_value, containers, upstream
 from .inputs import model_inputs
 from .io import clamp_ir
 from .ort import make_session
+from .passes.affine import QUANTIZER_WAY_OUT, QUANTIZERS
 from .passes.normalize import SiteOutcome
 from .synthetic import resolve_shapes, synthetic_batch
 from .valuetypes import infer_value_types
@@ -165,6 +166,49 @@ def probe_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     return synthetic_batch(specs, resolve_shapes(specs, {}, 1), np.random.default_rng(seed))
 
 
+def working_dtype(model: onnx.ModelProto) -> np.dtype | None:
+    """The coarsest floating type the model computes in: of its weights (initializers, Constant values) and casts.
+
+    A float16 model exported with float32 inputs and outputs (``keep_io_types``: a Cast at each end)
+    computes in float16: its outputs carry float16's rounding though their type is float32. None: no
+    floating weights or casts.
+    """
+    types = [t.data_type for t in model.graph.initializer]
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "Constant" and a.name == "value":
+                types.append(a.t.data_type)
+            elif node.op_type == "Cast" and a.name == "to":
+                types.append(a.i)
+    coarsest: np.dtype | None = None
+    for elem in set(types):
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        except (KeyError, TypeError, ValueError):  # bfloat16, float8: numpy has no such type
+            continue
+        if np.issubdtype(dtype, np.floating) and (coarsest is None or np.finfo(dtype).eps > np.finfo(coarsest).eps):
+            coarsest = dtype
+    return coarsest
+
+
+def _quantized(model: onnx.ModelProto) -> str:
+    """Why a function-preserving rewrite of a quantized model moves its outputs, and what to do: or ''."""
+    quantizer = next((n for n in model.graph.node if n.op_type in QUANTIZERS), None)
+    if quantizer is None:
+        return ""
+    return (
+        f": the model quantizes values downstream of the sites ({quantizer.op_type} "
+        f"'{quantizer.name or quantizer.output[0]}'), and the float rounding of the restored values moves some "
+        f"across quantization steps; {QUANTIZER_WAY_OUT}"
+    )
+
+
+def _precision(dtype: np.dtype, working: np.dtype | None) -> str:
+    if working is None or np.finfo(working).eps <= np.finfo(dtype).eps:
+        return str(dtype)
+    return f"{dtype} outputs of {working} weights"
+
+
 def check_whole_model(
     original: onnx.ModelProto, rewritten: onnx.ModelProto, preserve: bool, tolerance: float = 1e-4
 ) -> dict[str, Any]:
@@ -190,6 +234,8 @@ def check_whole_model(
     names = [o.name for o in original.graph.output]
     noise = float_noise(original, feeds, want) if preserve else [0.0] * len(want)
     worst = 0.0
+    working = working_dtype(original) if preserve else None
+    tolerances: dict[str, float] = {}
     for name, a, b, n in zip(names, want, got, noise):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:
@@ -208,6 +254,9 @@ def check_whole_model(
             rel = err / max(scale, 1e-30)
             worst = max(worst, rel)
             tol = type_tolerance(a.dtype, tolerance)
+            if working is not None:  # float32 outputs of a float16 computation: float16's precision
+                tol = max(tol, type_tolerance(working, tolerance))
+            tolerances[name] = tol
             derived = max(tol * (scale or 1.0), NOISE_FACTOR * n)  # an all-zero output: absolute
             if err > min(derived, CHECK_CAP * (scale or 1.0)):
                 noisy = derived > CHECK_CAP * (scale or 1.0)
@@ -220,6 +269,7 @@ def check_whole_model(
                 )
                 raise NormactError(
                     f"verification failed: --preserve-function changed output {name!r} by {rel:.3g} of its scale "
-                    f"(tolerance {tol:g} for {a.dtype}, float noise {n:.3g}){hint}; nothing written"
+                    f"(tolerance {tol:g} for {_precision(a.dtype, working)}, float noise {n:.3g}){hint}"
+                    f"{_quantized(original)}; nothing written"
                 )
-    return {"outputs": names, "max_rel_to_scale": worst} if preserve else {"outputs": names}
+    return {"outputs": names, "max_rel_to_scale": worst, "tolerance": tolerances} if preserve else {"outputs": names}

@@ -41,6 +41,7 @@ from ..graph import structure_fingerprint
 from ..inputs import model_inputs
 from ..io import ModelLike, load_model_like, model_folder
 from ..progress import bar as progress_bar
+from ..progress import native_stderr_quiet
 from ..streaming import Moments, mean_merge, merge_cross
 from . import rows
 from .batches import DataOptions
@@ -84,8 +85,15 @@ def cluster(address: str | None, workers: int) -> Iterator[None]:
     """Connected to Ray for the block: a local cluster started and stopped here (address None), or an existing one.
 
     A session the caller already opened (``ray.init`` before ``calibrate``) is used and left open.
-    The local cluster is stopped on every way out, Ctrl-C included.
+    The local cluster is stopped on every way out, Ctrl-C included. From the command line (unless
+    ``--verbose``), what Ray's native code writes to stderr is kept off the terminal for the block
+    (:func:`..progress.native_stderr_quiet`).
     """
+    with native_stderr_quiet():
+        yield from _cluster(address, workers)
+
+
+def _cluster(address: str | None, workers: int) -> Iterator[None]:
     ray = require_ray()
     _quiet(ray)
     if ray.is_initialized():

@@ -92,7 +92,7 @@ def finish(args: argparse.Namespace, result) -> int:
         for o in result.outcomes
     ]
     for note in result.notes:  # warnings too ("looks pretrained"): --quiet silences progress only
-        print(f"note: {note}", file=sys.stderr)
+        print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
     if args.explain or len(rows) <= 200:
         print(table(rows, ["site", "kind", "graph", "action", "form", "scale", "shift", "why"]))
         print()

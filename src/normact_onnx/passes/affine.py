@@ -111,6 +111,25 @@ class _Weights:
         c.set_input(node, index, new)
 
 
+# consumers that quantize what they read (ONNX and ONNX Runtime's contrib ops): an explicit inverse in front
+# of them is exact only up to float rounding, and the quantizer turns a rounding into a whole step
+QUANTIZERS = frozenset(
+    {
+        "QuantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "QAttention",
+        "QGemm",
+    }
+)
+QUANTIZER_WAY_OUT = (
+    "preserve the float model's function first, then quantize it; or rewrite without --preserve-function"
+)
+
+
 ABSORB_BLOCK = 1 << 22  # float64 elements per block of _absorb_matmul_like (32 MB)
 
 
@@ -127,6 +146,12 @@ class Restore:
 
     def plan(self, c: Container, tensor: str, node: onnx.NodeProto, a: np.ndarray, off: np.ndarray) -> Plan | Refusal:
         label = f"{node.op_type} '{node.name or node.output[0]}'"
+        if node.op_type in QUANTIZERS:
+            return Refusal(
+                f"consumer {label} quantizes the value: the inverse written in front of it restores the value up "
+                "to float rounding, which moves values across quantization steps, and the outputs change by "
+                f"whole steps; {QUANTIZER_WAY_OUT}"
+            )
         if tensor not in node.input and not renamable_in_subgraphs(node, tensor):
             return Refusal(f"consumer {label} reads the value inside a subgraph that also defines that name")
         producer = c.producer.get(tensor)
