@@ -33,12 +33,23 @@ META_FINETUNE = "normact.finetune"
 
 
 def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> dict[str, Affine]:
-    """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ."""
+    """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ.
+
+    A compensated site (reference s₀, h₀: docs/math.md §2.8) fed its consumers
+    z = s₀·(s/λ)·(f − μ) + s₀·(μ − h₀), one affine map of f: S·(f − H) with S = s₀·s/λ and
+    H = μ − λ·(μ − h₀)/s. Those are its constants, so its consumers (which absorbed the
+    inverse of s₀, h₀) stay as they are; at α = 0 they are s₀, h₀ themselves.
+    """
     out: dict[str, Affine] = {}
     for s in sites:
         if s.method == "anact":
-            scale = float(lam[s.index]) + ALPHA_AMPLITUDE * float(np.tanh(alpha[s.index]))
-            out[s.output] = Affine(scale, float(mu[s.index]), 0.0)
+            lam_i, mu_i = float(lam[s.index]), float(mu[s.index])
+            scale = lam_i + ALPHA_AMPLITUDE * float(np.tanh(alpha[s.index]))
+            if s.reference is not None:
+                s0, h0 = s.reference
+                out[s.output] = Affine(s0 * scale / lam_i, mu_i - lam_i * (mu_i - h0) / scale, 0.0)
+                continue
+            out[s.output] = Affine(scale, mu_i, 0.0)
         elif s.affine is not None:
             out[s.output] = s.affine
     return out
