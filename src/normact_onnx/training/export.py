@@ -90,6 +90,32 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
     return done
 
 
+def _update_tail_sites(
+    m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine], done: set[str]
+) -> None:
+    """Subgraph-form sites trained in front of their tail (reference (1, 0)): S·(f − H) written between the
+    activation and the tail that applies the rewrite's s₀, h₀ (exact; ``fold`` absorbs both)."""
+    from ..graph import containers, unique_namer
+    from ..passes.forms import LiteralBody, affine_literal_tail
+    from ..valuetypes import infer_value_types
+
+    todo = {s.output for s in sites if s.reference == (1.0, 0.0) and s.output in constants} - done
+    if not todo:
+        return
+    main = containers(m)[0]
+    fresh, types = unique_namer(m), infer_value_types(m)
+    for out in todo:
+        node = main.producer.get(out)
+        aff = constants[out]
+        if node is None or (aff.scale == 1.0 and aff.shift == 0.0):
+            continue
+        f = fresh(f"{out}__normact_finetune")
+        node.output[0] = f
+        b = LiteralBody(main.opset, f"{out}/normact_finetune_", types.elem_type(out), {}, False)
+        affine_literal_tail(b, f, f, aff, out=out)
+        main.insert_after(node, b.nodes)
+
+
 def export_model(
     model: onnx.ModelProto,
     base_dir: str | None,
@@ -108,6 +134,7 @@ def export_model(
     constants = site_constants(sites, lam, mu, alpha)
     m = _with_weights(model, base_dir, weights)
     updated = _update_function_sites(m, constants)
+    _update_tail_sites(m, sites, constants, updated)
     per_site = [
         {**s.as_dict(), **(constants[s.output].as_dict() if s.output in constants else {})}
         | (

@@ -316,7 +316,15 @@ def build_train_graph(
     own_constants: set[int] = set()  # id(site) of those that keep their constants
     for o in outcomes:
         rec = o.site.normalized
-        if o.action == "normalized" and rec is not None and _is_main(o.site) and o.site.root.domain == NORM_DOMAIN:
+        # the subgraph form (models below IR 8 / opset 12): the plain activation, then literal Sub/Mul; under
+        # preserve the activation trains adaptively in front of that tail (reference (1, 0)), the tail stays
+        tail = rec is not None and rec.get("act_output") == o.site.output and preserve and method == "anact"
+        if (
+            o.action == "normalized"
+            and rec is not None
+            and _is_main(o.site)
+            and (o.site.root.domain == NORM_DOMAIN or tail)
+        ):
             o.action = "rewritten"
             # under preserve, a site without a scalar start (per-channel constants) keeps its constants
             if method == "static" or (preserve and prior_start(rec) is None):
@@ -341,7 +349,8 @@ def build_train_graph(
             primed = prior_start(prior)
             reference = None
             if preserve and primed is not None and prior is not None:
-                reference = (float(prior["scale"]), float(prior.get("shift", 0.0)))
+                subgraph_form = prior.get("act_output") == site.output  # its own tail applies s₀, h₀
+                reference = (1.0, 0.0) if subgraph_form else (float(prior["scale"]), float(prior.get("shift", 0.0)))
             new_nodes, vec = _anact_nodes(site, index, elem, opset, reference)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
