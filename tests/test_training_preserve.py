@@ -3,7 +3,7 @@
 * A model that looks pretrained trains by default from its own function (``rewrite --preserve-function``):
   the first step's loss is the original model's own loss on that batch, computed here in numpy on the
   original model's graph output.
-* The running update of λ, μ is compensated in the consumers (docs/math.md §2.8): with lr = 0 the
+* The running update of λ, μ is compensated in the consumers (docs/math.md §2.7): with lr = 0 the
   outputs stay the original model's to float rounding while λ and μ move.
 * MiniLM self-distillation (targets: the model's own outputs) keeps every step's loss near 0.
 """

@@ -22,11 +22,14 @@ from onnx import helper, numpy_helper
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
 from ..deploy import fold as fold_model
+from ..graph import containers, unique_namer
 from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
 from ..outcome import Refusal
 from ..passes.find import Site, find_sites
+from ..passes.forms import LiteralBody, affine_literal_tail
 from ..provenance import update_constants
+from ..valuetypes import infer_value_types
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
 
 META_FINETUNE = "normact.finetune"
@@ -35,7 +38,7 @@ META_FINETUNE = "normact.finetune"
 def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> dict[str, Affine]:
     """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ.
 
-    A compensated site (reference s₀, h₀: docs/math.md §2.8) fed its consumers
+    A compensated site (reference s₀, h₀: docs/math.md §2.7) fed its consumers
     z = s₀·(s/λ)·(f − μ) + s₀·(μ − h₀), one affine map of f: S·(f − H) with S = s₀·s/λ and
     H = μ − λ·(μ − h₀)/s. Those are its constants, so its consumers (which absorbed the
     inverse of s₀, h₀) stay as they are; at α = 0 they are s₀, h₀ themselves.
@@ -95,10 +98,6 @@ def _update_tail_sites(
 ) -> None:
     """Subgraph-form sites trained in front of their tail (reference (1, 0)): S·(f − H) written between the
     activation and the tail that applies the rewrite's s₀, h₀ (exact; ``fold`` absorbs both)."""
-    from ..graph import containers, unique_namer
-    from ..passes.forms import LiteralBody, affine_literal_tail
-    from ..valuetypes import infer_value_types
-
     todo = {s.output for s in sites if s.reference == (1.0, 0.0) and s.output in constants} - done
     if not todo:
         return

@@ -72,7 +72,7 @@ class TrainSite:
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
     input: str = ""  # the pre-activation value
     primed: bool = False  # the running statistics start at an earlier normalization's constants (prior_start)
-    # (s₀, h₀) of a compensated site (docs/math.md §2.8): its consumers read s₀·(y/λ + μ − h₀), so moving λ, μ
+    # (s₀, h₀) of a compensated site (docs/math.md §2.7): its consumers read s₀·(y/λ + μ − h₀), so moving λ, μ
     # leaves the function as it is; None: the site's output goes to its consumers as it is
     reference: tuple[float, float] | None = None
 
@@ -144,7 +144,7 @@ def _anact_nodes(
 
     With a ``reference`` (s₀, h₀) the site's consumers read z = y·(s₀/λ) + s₀·(μ − h₀) instead of y: the
     compensation written in the same λ, μ the site is fed, so z = s₀·(1 + 0.3·tanh α/λ)·(f − μ) + s₀·(μ − h₀)
-    whatever the running update makes of λ and μ (docs/math.md §2.8).
+    whatever the running update makes of λ and μ (docs/math.md §2.7).
 
     The statistics use calibration's :class:`StatsBody`, but as whole-batch means for the host's running
     update rather than calibration's mergeable centred sums (see :mod:`normact_onnx.calibration.stats_body`).

@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import onnx
 
+from ..api import looks_pretrained, rewrite
 from ..errors import NormactError
 from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES, LambdaRule
@@ -80,7 +81,7 @@ class Settings:
     seed: int = 0
     max_steps: int | None = None
     # where training starts: "preserve" keeps the model's function (rewrite --preserve-function, factor updates
-    # compensated: docs/math.md §2.8), "normalize" starts every site at ANAct's Gaussian factors (a freshly
+    # compensated: docs/math.md §2.7), "normalize" starts every site at ANAct's Gaussian factors (a freshly
     # initialized model), "auto" picks "preserve" for a model that looks pretrained (api.looks_pretrained)
     init: Init = "auto"
     threads: int = 0  # intra-op threads of the training session (0: ONNX Runtime's default)
@@ -571,8 +572,6 @@ def _resolve_init(
         return "normalize", None
     if s.init == "preserve":
         return "preserve", None
-    from ..api import looks_pretrained
-
     full = trainable_copy(model, base_dir)
     picked = select(find_sites(full, base_dir), SiteSelection.parse(**_site_keys(selection)), lambda _: Affine(1, 0, 0))
     why = looks_pretrained(full, [o.site for o in picked if o.action != "skipped"], base_dir)
@@ -588,8 +587,6 @@ def _site_keys(selection: dict[str, Any]) -> dict[str, Any]:
 def _preserved(model: onnx.ModelProto, base_dir: str, s: Settings, selection: dict[str, Any]) -> onnx.ModelProto:
     """``rewrite --preserve-function`` in memory: the selected sites at static constants, the inverse in their
     consumers. Already normalized sites stay as they are; sites it cannot preserve are trained as they are."""
-    from ..api import rewrite
-
     full = trainable_copy(model, base_dir)
     return rewrite(full, preserve_function=True, variant=s.variant, q=s.q, verify=False, **_site_keys(selection))
 
