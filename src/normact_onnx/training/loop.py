@@ -566,7 +566,7 @@ def _resolve_init(
     """``preserve`` or ``normalize``, and why ``auto`` chose ``preserve`` (the reason api.looks_pretrained gives).
 
     ``--method none`` trains the model as it is: nothing to preserve. A model that ``rewrite`` already normalized
-    counts by its weights as well (``--preserve-function`` divided them by the site's scale).
+    keeps the function it was given (its normalized sites are compensated, not restarted).
     """
     if s.method == "none" or s.init == "normalize":
         return "normalize", None
@@ -574,6 +574,9 @@ def _resolve_init(
         return "preserve", None
     full = trainable_copy(model, base_dir)
     picked = select(find_sites(full, base_dir), SiteSelection.parse(**_site_keys(selection)), lambda _: Affine(1, 0, 0))
+    kept = sum(1 for o in picked if o.action == "normalized")
+    if kept:  # an earlier rewrite's function (--preserve-function or not): fine-tuning starts from it
+        return "preserve", f"{kept} site(s) an earlier rewrite normalized"
     why = looks_pretrained(full, [o.site for o in picked if o.action != "skipped"], base_dir)
     return ("preserve", why) if why else ("normalize", None)
 
