@@ -5,7 +5,8 @@
   original model's graph output.
 * The running update of λ, μ is compensated in the consumers (docs/math.md §2.7): with lr = 0 the
   outputs stay the original model's to float rounding while λ and μ move.
-* MiniLM self-distillation (targets: the model's own outputs) keeps every step's loss near 0.
+* MiniLM self-distillation (targets: the model's own outputs) keeps every step's loss near 0 (SGD; AdamW at
+  an lr it is stable at: at the optimum it leaves the plain model just as well, benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -206,22 +207,15 @@ np.savez(sys.argv[3], **x, y=y.astype(np.float32))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="open (issue 21): steps 1-3 stay at 1e-12…5e-6 of E y², then AdamW at lr 1e-4 on a near-zero loss "
-    "jumps to 0.18 at step 4 (the factors are compensated; the drift comes from the weight steps)",
-    strict=False,
-)
-def test_minilm_self_distillation_stays_at_the_model(tmp_path: Path) -> None:
-    """rewrite --preserve-function → finetune on the model's own outputs (the best loss is 0): every step's loss
-    stays below 1e-3 of E y², and the fine-tuned model keeps cosine ≥ 0.999 to the original."""
-    from normact_onnx.training import finetune
-
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """MiniLM (torchscript), its own outputs on 6 samples as targets, and rewrite --preserve-function of it."""
     main = os.environ.get("NORMACT_MAIN_PYTHON")
     if not main:
         pytest.skip("NORMACT_MAIN_PYTHON (the regular environment, with transformers) is not set")
+    tmp = tmp_path_factory.mktemp("minilm")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    model, data, preserved = tmp_path / "minilm.onnx", tmp_path / "d.npz", tmp_path / "minilm.preserved.onnx"
+    model, data, preserved = tmp / "minilm.onnx", tmp / "d.npz", tmp / "minilm.preserved.onnx"
     r = subprocess.run(
         [main, "-c", _PREPARE, str(ROOT), str(model), str(data)], capture_output=True, text=True, env=env
     )
@@ -233,15 +227,45 @@ def test_minilm_self_distillation_stays_at_the_model(tmp_path: Path) -> None:
         env=env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    return model, data, preserved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 1e-4), ("adamw", 1e-6)])
+def test_minilm_self_distillation_stays_at_the_model(
+    tmp_path: Path, minilm: tuple[Path, Path, Path], optimizer: str, lr: float
+) -> None:
+    """rewrite --preserve-function → finetune on the model's own outputs (the best loss is 0), 3 epochs of
+    batch 2: every step's loss stays below 1e-3 of E y² while μ moves far from the rewrite's h₀, and the
+    fine-tuned model keeps cosine ≥ 0.999 to the original.
+
+    Measured (2-core dev machine, 2026-12-06): SGD lr 1e-4, loss / E y² ≤ 1.2e-12 every step while μ went
+    0.282 → 0.09, cosine 1 − 4e-13; AdamW lr 1e-6 ≤ 1.9e-12, cosine 1 − 3e-12. At AdamW lr ≥ 1e-5 the run
+    leaves the optimum, and the plain model does too (benchmarks/README.md, "Self-distillation at the
+    optimum"): ORT's AdamW (ε = 1e-6) acts on gradients far below ε as SGD at lr/ε, unstable at lr/ε ≥ 10.
+    """
+    from normact_onnx.training import finetune
+
+    model, data, preserved = minilm
     d = np.load(data)
     ey2 = float(np.mean(d["y"].astype(np.float64) ** 2))
     res = finetune(
-        preserved, data, loss="mse", batch_size=2, epochs=3, lr=1e-4, output=tmp_path / "t.onnx", progress=False
+        preserved,
+        data,
+        loss="mse",
+        batch_size=2,
+        epochs=3,
+        lr=lr,
+        optimizer=optimizer,
+        output=tmp_path / "t.onnx",
+        progress=False,
     )
     ratios = np.array(res.losses) / ey2
-    print(f"MiniLM self-distillation: loss / E y² per step {np.array2string(ratios, precision=2)}")
+    print(f"MiniLM self-distillation ({optimizer}, lr {lr}): loss / E y² {np.array2string(ratios, precision=2)}")
     assert res.init == "preserve" and len(res.losses) == 9
     assert ratios.max() < 1e-3, ratios
+    moved = max(abs(s["mu"] - s["reference"][1]) for s in res.sites if "reference" in s)
+    assert moved > 0.1, moved  # the factors did move: the compensation, not a standstill, kept the function
     x = {k: d[k] for k in d.files if k != "y"}
     a, b = _run(model, x).ravel().astype(np.float64), _run(tmp_path / "t.onnx", x).ravel().astype(np.float64)
     cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
