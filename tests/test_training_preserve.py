@@ -160,6 +160,38 @@ def test_fresh_model_keeps_the_adaptive_start(tmp_path: Path, capfd: pytest.Capt
     assert forced.init == "preserve" and forced.losses[0] == pytest.approx(_own_loss(path, "mse", {"x": x}, y))
 
 
+def test_method_none_trains_a_rewritten_model_as_it_is(tmp_path: Path) -> None:
+    """``--method none`` on a model ``rewrite`` normalized: its Norm sites train in their literal form at their
+    own constants (the function body's CastLike has no gradient in ORT 1.19), so step 1's loss is the rewritten
+    model's own, lr = 0 keeps it at every step, a small SGD step lowers it, and the export keeps the Norm ops."""
+    from normact_onnx.api import rewrite
+    from normact_onnx.training import finetune
+    from normact_onnx.training.graph import build_train_graph
+
+    path, normalized = tmp_path / "tiny.onnx", tmp_path / "tiny.norm.onnx"
+    _tiny(path, 1.0)
+    rewrite(path, normalized)
+    model = onnx.load(str(normalized))
+    assert sum(n.domain == "ai.normact" for n in model.graph.node) == 2
+    tg = build_train_graph(model, str(tmp_path), method="none")
+    assert [s.method for s in tg.sites] == ["static", "static"] and not tg.model.functions
+    assert not any(n.op_type == "CastLike" or n.domain == "ai.normact" for n in tg.model.graph.node)
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    y = (_run(normalized, {"x": x}) * 0.5 + 0.1).astype(np.float32)
+    own = _own_loss(normalized, "mse", {"x": x}, y)
+    common = {"loss": "mse", "batch_size": 32, "epochs": 4, "method": "none", "optimizer": "sgd", "progress": False}
+    still = finetune(normalized, {"x": x, "y": y}, output=tmp_path / "still.onnx", lr=0.0, **common)
+    np.testing.assert_allclose(still.losses, own, rtol=1e-5)
+    res = finetune(normalized, {"x": x, "y": y}, output=tmp_path / "tuned.onnx", lr=1e-2, **common)
+    assert res.losses[0] == pytest.approx(own, rel=1e-5)
+    assert all(b < a for a, b in zip(res.losses, res.losses[1:])), res.losses
+    tuned = onnx.load(str(tmp_path / "tuned.onnx"))
+    assert sum(n.domain == "ai.normact" for n in tuned.graph.node) == 2
+    assert _own_loss(tmp_path / "tuned.onnx", "mse", {"x": x}, y) < own
+
+
 @pytest.mark.parametrize("model_id", [r[0] for r in REAL])
 def test_real_model_starts_at_its_own_loss_and_lr_zero_keeps_it(tmp_path: Path, model_id: str) -> None:
     """The default path on each trainable real model: step 1's loss is the original's own loss on that batch

@@ -301,7 +301,9 @@ def build_train_graph(
         raise NormactError(f"--output-name {output!r} is not a model output; outputs: {', '.join(outputs)}")
 
     lifted = lift_weight_constants(m)
-    sites = find_sites(m, base_dir) if method != "none" else []
+    sites = find_sites(m, base_dir)
+    if method == "none":  # nothing new is normalized; an earlier rewrite's Norm sites keep their constants below
+        sites = [s for s in sites if s.normalized is not None]
     fixed = static_constants(q, variant)
 
     def constants(site: Site) -> Affine | Refusal:
@@ -326,8 +328,9 @@ def build_train_graph(
             and (o.site.root.domain == NORM_DOMAIN or tail)
         ):
             o.action = "rewritten"
-            # under preserve, a site without a scalar start (per-channel constants) keeps its constants
-            if method == "static" or (preserve and prior_start(rec) is None):
+            # under preserve, a site without a scalar start (per-channel constants) keeps its constants; under
+            # none every one does (its literal form: the function body's CastLike has no gradient in ORT 1.19)
+            if method in ("static", "none") or (preserve and prior_start(rec) is None):
                 own_constants.add(id(o.site))
             o.affine = (
                 Affine(rec["scale"], rec["shift"], rec["slope"]) if id(o.site) in own_constants else Affine(1, 0, 0)
