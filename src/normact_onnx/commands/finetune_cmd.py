@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("anact", "static", "none"),
         default="anact",
         help="anact: adaptive factors from batch statistics (default); static: fixed Gaussian constants; "
-        "none: train the model as it is, without normalization",
+        "none: train the model as it is (no new normalization; sites an earlier rewrite normalized keep their "
+        "constants)",
     )
     m.add_argument(
         "--init",
