@@ -30,10 +30,14 @@ pytestmark = pytest.mark.skipif(not HAVE_TRAINING, reason="onnxruntime-training 
 # (model id, steps, learning rate, method): small enough for CI's 2 cores. "none" trains the pretrained
 # model as it is (the graph preparation under test); ANAct on a model that was not rewritten with
 # --preserve-function starts from the Gaussian λ, μ, far from the pretrained activations.
+# BatchNormalization trains frozen at its running statistics (fine-tuning keeps the model's function), so
+# nothing rescales a step for the layers in front of it: picodet's frozen BNs make its loss surface sharp, and
+# AdamW at 1e-4 overshoots (measured 0.00981 → 0.00991 → 0.00997); at 1e-5 its first step, a sign step along
+# the gradient, must lower the loss (0.00981 → 0.00978) unless the gradient is wrong.
 REAL = [
     ("ppocrv4_det", 3, 1e-4, "none"),
     ("yolov8n_doclaynet", 3, 1e-4, "none"),
-    ("picodet_layout_cdla", 3, 1e-4, "none"),
+    ("picodet_layout_cdla", 3, 1e-5, "none"),
     ("ppocr_cls", 3, 1e-4, "none"),
     ("ppocrv4_rec", 3, 1e-4, "none"),
     ("ppocrv5_det_small", 3, 1e-4, "none"),

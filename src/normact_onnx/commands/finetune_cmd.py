@@ -49,7 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("anact", "static", "none"),
         default="anact",
         help="anact: adaptive factors from batch statistics (default); static: fixed Gaussian constants; "
-        "none: train the model as it is, without normalization",
+        "none: train the model as it is (no new normalization; sites an earlier rewrite normalized keep their "
+        "constants)",
+    )
+    m.add_argument(
+        "--init",
+        choices=("auto", "preserve", "normalize"),
+        default="auto",
+        help="preserve: keep the model's function (rewrite --preserve-function; the factors' updates are "
+        "compensated, so only the gradient steps change it); normalize: every site starts at ANAct's Gaussian "
+        "factors (a freshly initialized model); auto (default): preserve when the model looks pretrained",
     )
     m.add_argument("--variant", choices=VARIANTS, default="center-scale", help="static variant")
     m.add_argument("--q", type=float, default=1.0, help="static design variance")
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         centered_rho=args.centered_rho,
         seed=args.seed,
         max_steps=args.max_steps,
+        init=args.init,
     )
     if args.json:
         print_json(result.report())

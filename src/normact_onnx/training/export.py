@@ -22,23 +22,37 @@ from onnx import helper, numpy_helper
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
 from ..deploy import fold as fold_model
+from ..graph import containers, unique_namer
 from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
 from ..outcome import Refusal
 from ..passes.find import Site, find_sites
+from ..passes.forms import LiteralBody, affine_literal_tail
 from ..provenance import update_constants
+from ..valuetypes import infer_value_types
 from .graph import ALPHA_AMPLITUDE, TrainSite, trainable_copy
 
 META_FINETUNE = "normact.finetune"
 
 
 def site_constants(sites: list[TrainSite], lam: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> dict[str, Affine]:
-    """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ."""
+    """Frozen constants per site output: static sites keep theirs, ANAct ones freeze λ + 0.3·tanh α and μ.
+
+    A compensated site (reference s₀, h₀: docs/math.md §2.7) fed its consumers
+    z = s₀·(s/λ)·(f − μ) + s₀·(μ − h₀), one affine map of f: S·(f − H) with S = s₀·s/λ and
+    H = μ − λ·(μ − h₀)/s. Those are its constants, so its consumers (which absorbed the
+    inverse of s₀, h₀) stay as they are; at α = 0 they are s₀, h₀ themselves.
+    """
     out: dict[str, Affine] = {}
     for s in sites:
         if s.method == "anact":
-            scale = float(lam[s.index]) + ALPHA_AMPLITUDE * float(np.tanh(alpha[s.index]))
-            out[s.output] = Affine(scale, float(mu[s.index]), 0.0)
+            lam_i, mu_i = float(lam[s.index]), float(mu[s.index])
+            scale = lam_i + ALPHA_AMPLITUDE * float(np.tanh(alpha[s.index]))
+            if s.reference is not None:
+                s0, h0 = s.reference
+                out[s.output] = Affine(s0 * scale / lam_i, mu_i - lam_i * (mu_i - h0) / scale, 0.0)
+                continue
+            out[s.output] = Affine(scale, mu_i, 0.0)
         elif s.affine is not None:
             out[s.output] = s.affine
     return out
@@ -79,6 +93,28 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
     return done
 
 
+def _update_tail_sites(
+    m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine], done: set[str]
+) -> None:
+    """Subgraph-form sites trained in front of their tail (reference (1, 0)): S·(f − H) written between the
+    activation and the tail that applies the rewrite's s₀, h₀ (exact; ``fold`` absorbs both)."""
+    todo = {s.output for s in sites if s.reference == (1.0, 0.0) and s.output in constants} - done
+    if not todo:
+        return
+    main = containers(m)[0]
+    fresh, types = unique_namer(m), infer_value_types(m)
+    for out in todo:
+        node = main.producer.get(out)
+        aff = constants[out]
+        if node is None or (aff.scale == 1.0 and aff.shift == 0.0):
+            continue
+        f = fresh(f"{out}__normact_finetune")
+        node.output[0] = f
+        b = LiteralBody(main.opset, f"{out}/normact_finetune_", types.elem_type(out), {}, False)
+        affine_literal_tail(b, f, f, aff, out=out)
+        main.insert_after(node, b.nodes)
+
+
 def export_model(
     model: onnx.ModelProto,
     base_dir: str | None,
@@ -97,6 +133,7 @@ def export_model(
     constants = site_constants(sites, lam, mu, alpha)
     m = _with_weights(model, base_dir, weights)
     updated = _update_function_sites(m, constants)
+    _update_tail_sites(m, sites, constants, updated)
     per_site = [
         {**s.as_dict(), **(constants[s.output].as_dict() if s.output in constants else {})}
         | (

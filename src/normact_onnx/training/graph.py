@@ -72,11 +72,16 @@ class TrainSite:
     gaussian: tuple[float, float, float] = (1.0, 1.0, 0.0)  # ρ, ρ', μ for x ~ N(0, 1): the running stats' start
     input: str = ""  # the pre-activation value
     primed: bool = False  # the running statistics start at an earlier normalization's constants (prior_start)
+    # (s₀, h₀) of a compensated site (docs/math.md §2.7): its consumers read s₀·(y/λ + μ − h₀), so moving λ, μ
+    # leaves the function as it is; None: the site's output goes to its consumers as it is
+    reference: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "name": self.name, "kind": self.kind, "output": self.output, "method": self.method}
         if self.affine is not None:
             out.update(self.affine.as_dict())
+        if self.reference is not None:
+            out["reference"] = list(self.reference)
         return out
 
 
@@ -121,7 +126,9 @@ def prior_start(record: SiteRecord | None) -> tuple[float, float, float] | None:
     scale·(f − shift) starts training at exactly that map: ρ = ρ' = 1/scale² gives λ = scale under both
     λ rules, μ = shift. So the step-0 loss of the preserved model is the original model's.
     """
-    if not record or "scale" not in record or float(record.get("slope", 0.0)) != 0.0:
+    if not record or "scale" not in record or np.ndim(record["scale"]) or np.ndim(record.get("shift", 0.0)):
+        return None  # per-channel constants: no scalar start
+    if np.ndim(record.get("slope", 0.0)) or float(record.get("slope", 0.0)) != 0.0:
         return None
     scale = float(record["scale"])
     if not scale > 0:
@@ -130,8 +137,14 @@ def prior_start(record: SiteRecord | None) -> tuple[float, float, float] | None:
     return rho, rho, float(record.get("shift", 0.0))
 
 
-def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[onnx.NodeProto], str]:
+def _anact_nodes(
+    site: Site, index: int, elem: int, opset: int, reference: tuple[float, float] | None = None
+) -> tuple[list[onnx.NodeProto], str]:
     """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector.
+
+    With a ``reference`` (s₀, h₀) the site's consumers read z = y·(s₀/λ) + s₀·(μ − h₀) instead of y: the
+    compensation written in the same λ, μ the site is fed, so z = s₀·(1 + 0.3·tanh α/λ)·(f − μ) + s₀·(μ − h₀)
+    whatever the running update makes of λ and μ (docs/math.md §2.7).
 
     The statistics use calibration's :class:`StatsBody`, but as whole-batch means for the host's running
     update rather than calibration's mergeable centred sums (see :mod:`normact_onnx.calibration.stats_body`).
@@ -148,7 +161,12 @@ def _anact_nodes(site: Site, index: int, elem: int, opset: int) -> tuple[list[on
 
     lam, mu, alpha = pick(LAMBDA_INPUT), pick(MU_INPUT), pick(ALPHA_PARAM)
     scale = b.op("Add", lam, b.op("Mul", b.const(ALPHA_AMPLITUDE), b.op("Tanh", alpha)))
-    b.op("Mul", b.op("Sub", f, mu), scale)
+    y = b.op("Mul", b.op("Sub", f, mu), scale)
+    if reference is not None:
+        s0, h0 = reference
+        gain = b.op("Div", b.const(s0), lam)  # s₀/λ
+        offset = b.op("Mul", b.op("Sub", mu, b.const(h0)), b.const(s0))  # s₀·(μ − h₀)
+        b.op("Add", b.op("Mul", y, gain), offset)
     b.nodes[-1].output[0] = site.output  # the site keeps its output name: consumers stay untouched
 
     d = b.derivative(site, x)
@@ -259,6 +277,7 @@ def build_train_graph(
     all_sites: bool = False,
     output: str | None = None,
     freeze: str | None = None,
+    preserve: bool = False,
 ) -> TrainGraph:
     """Rewrite the sites of ``model`` for training; the input model is not modified.
 
@@ -266,6 +285,10 @@ def build_train_graph(
     ``variant`` at ``q``) or ``none`` (train the model as it is). Sites that an
     earlier ``rewrite``/``calibrate`` normalized in the function form are
     re-normalized adaptively under ``anact`` and keep their constants otherwise.
+    ``preserve`` (the function-preserving path, after ``rewrite --preserve-function``):
+    such sites' consumers read the running factors' compensation (:func:`_anact_nodes`),
+    so the factors' updates never change the function, and sites no earlier rewrite
+    normalized train as they are.
     """
     if method not in METHODS:
         raise NormactError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
@@ -278,21 +301,40 @@ def build_train_graph(
         raise NormactError(f"--output-name {output!r} is not a model output; outputs: {', '.join(outputs)}")
 
     lifted = lift_weight_constants(m)
-    sites = find_sites(m, base_dir) if method != "none" else []
+    sites = find_sites(m, base_dir)
+    if method == "none":  # nothing new is normalized; an earlier rewrite's Norm sites keep their constants below
+        sites = [s for s in sites if s.normalized is not None]
     fixed = static_constants(q, variant)
 
     def constants(site: Site) -> Affine | Refusal:
         if not _is_main(site):
             return Refusal("inside an If/Loop/Scan body: trained as it is")
+        if preserve:
+            return Refusal("--preserve-function could not keep its function here: trained as it is")
         return fixed(site) if method == "static" else Affine(1.0, 0.0, 0.0)
 
     outcomes = select(sites, SiteSelection.parse(include, exclude, nodes, all_sites), constants)
     # function-form sites of earlier rewrites: adaptive under anact, their own constants under static
+    own_constants: set[int] = set()  # id(site) of those that keep their constants
     for o in outcomes:
         rec = o.site.normalized
-        if o.action == "normalized" and rec is not None and _is_main(o.site) and o.site.root.domain == NORM_DOMAIN:
+        # the subgraph form (models below IR 8 / opset 12): the plain activation, then literal Sub/Mul; under
+        # preserve the activation trains adaptively in front of that tail (reference (1, 0)), the tail stays
+        tail = rec is not None and rec.get("act_output") == o.site.output and preserve and method == "anact"
+        if (
+            o.action == "normalized"
+            and rec is not None
+            and _is_main(o.site)
+            and (o.site.root.domain == NORM_DOMAIN or tail)
+        ):
             o.action = "rewritten"
-            o.affine = Affine(rec["scale"], rec["shift"], rec["slope"]) if method == "static" else Affine(1, 0, 0)
+            # under preserve, a site without a scalar start (per-channel constants) keeps its constants; under
+            # none every one does (its literal form: the function body's CastLike has no gradient in ORT 1.19)
+            if method in ("static", "none") or (preserve and prior_start(rec) is None):
+                own_constants.add(id(o.site))
+            o.affine = (
+                Affine(rec["scale"], rec["shift"], rec["slope"]) if id(o.site) in own_constants else Affine(1, 0, 0)
+            )
     types = infer_value_types(m)
     opset = default_opset(m.opset_import)
     train_sites: list[TrainSite] = []
@@ -305,12 +347,17 @@ def build_train_graph(
         c: Container = site.container
         elem = types.elem_type(site.input)
         prior = site.normalized
-        if method == "anact":
+        if method == "anact" and id(site) not in own_constants:
             index = len(train_sites)
-            new_nodes, vec = _anact_nodes(site, index, elem, opset)
+            primed = prior_start(prior)
+            reference = None
+            if preserve and primed is not None and prior is not None:
+                subgraph_form = prior.get("act_output") == site.output  # its own tail applies s₀, h₀
+                reference = (1.0, 0.0) if subgraph_form else (float(prior["scale"]), float(prior.get("shift", 0.0)))
+            new_nodes, vec = _anact_nodes(site, index, elem, opset, reference)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
-            primed = prior_start(prior)
+            ts.reference = reference
             ts.gaussian = primed or gaussian_start(site.kind, site.params, centered_rho)
             ts.primed = primed is not None
             ts.input = site.input

@@ -24,27 +24,44 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
+import onnx
 
+from ..api import looks_pretrained, rewrite
 from ..errors import NormactError
 from ..io import check_output_path, load_model
 from ..methods.anact import LAMBDA_RULES, LambdaRule
 from ..methods.static import Affine, Variant
 from ..outpaths import beside
+from ..passes.find import find_sites
+from ..policy import select
 from ..progress import bar as progress_bar
+from ..selection import SiteSelection
 from .artifacts import Artifacts, Optimizer, explain_ort_error, generate
 from .backend import require_training
 from .data import Dataset, check_labels, input_specs, load_dataset
 from .export import export_model
-from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, Method, TrainGraph, TrainSite, build_train_graph
+from .graph import (
+    ALPHA_PARAM,
+    LAMBDA_INPUT,
+    MU_INPUT,
+    STATS_OUTPUT,
+    Method,
+    TrainGraph,
+    TrainSite,
+    build_train_graph,
+    trainable_copy,
+)
 from .losses import LOSSES, Loss, class_view, find_head
 from .prepare import fix_input_shapes
 from .running import RunningStats
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
 PLAN = "plan.json"
+Init = Literal["auto", "preserve", "normalize"]
+INITS: tuple[Init, ...] = get_args(Init)
 
 
 @dataclass
@@ -64,6 +81,10 @@ class Settings:
     centered_rho: bool = False
     seed: int = 0
     max_steps: int | None = None
+    # where training starts: "preserve" keeps the model's function (rewrite --preserve-function, factor updates
+    # compensated: docs/math.md §2.7), "normalize" starts every site at ANAct's Gaussian factors (a freshly
+    # initialized model), "auto" picks "preserve" for a model that looks pretrained (api.looks_pretrained)
+    init: Init = "auto"
     threads: int = 0  # intra-op threads of the training session (0: ONNX Runtime's default)
 
 
@@ -75,6 +96,8 @@ class FinetuneResult:
     sites: list[dict[str, Any]] = field(default_factory=list)
     export_max_abs_diff: float | None = None
     losses: list[float] = field(default_factory=list)  # every training step
+    init: str = ""  # "preserve" or "normalize": where training started (Settings.init resolved)
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         out = asdict(self)
@@ -304,6 +327,8 @@ def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
         aff = Affine(d["scale"], d["shift"], d["slope"]) if "scale" in d else None
         s = TrainSite(d["index"], d["name"], d["kind"], d["params"], d["output"], d["method"], aff)
         s.gaussian = tuple(d["gaussian"])
+        if d.get("reference") is not None:
+            s.reference = (float(d["reference"][0]), float(d["reference"][1]))
         out.append(s)
     return out
 
@@ -392,10 +417,23 @@ def _finetune(
                 "weight_decay",
                 "batch_size",
                 "seed",
+                "init",
             )
+            if k in plan["settings"]
         }
         settings = Settings(**{**asdict(settings), **keep})
         selection = plan["selection"]
+    init, why = _resolve_init(settings, src, base_dir, selection)
+    notes = []
+    if init == "preserve":
+        if why:
+            notes.append(
+                f"{path.name} looks pretrained ({why}): fine-tuning keeps its function (rewrite --preserve-function, "
+                "factor updates compensated); --init normalize starts from ANAct's Gaussian factors instead"
+            )
+            print(f"finetune: {notes[-1]}", file=sys.stderr)
+        src = _preserved(src, base_dir, settings, selection)
+    settings.init = init
     tg = build_train_graph(
         src,
         base_dir,
@@ -404,6 +442,7 @@ def _finetune(
         q=settings.q,
         centered_rho=settings.centered_rho,
         output=output_name,
+        preserve=init == "preserve",
         **selection,
     )
     if resume:
@@ -465,6 +504,7 @@ def _finetune(
         except Exception as e:
             raise NormactError(explain_ort_error(str(e), "could not start the training session")) from None
         result = _run(trainer, train, val_ds, settings, work, progress, resume)
+        result.init, result.notes = init, notes
         trainer.save(last)
 
         # the last training-graph outputs, to check the export against
@@ -515,8 +555,44 @@ def _check_settings(s: Settings) -> None:
         raise NormactError(f"unknown --lambda-rule {s.lambda_rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
     if s.epochs < 1 or s.batch_size < 1:
         raise NormactError("--epochs and --batch-size must be at least 1")
-    if not s.lr > 0:
-        raise NormactError(f"--lr must be positive, got {s.lr}")
+    if not s.lr >= 0:  # 0: the factors' running update alone (the weights and α stay)
+        raise NormactError(f"--lr must be 0 or positive, got {s.lr}")
+    if s.init not in INITS:
+        raise NormactError(f"unknown --init {s.init!r}; choose one of {', '.join(INITS)}")
+
+
+def _resolve_init(
+    s: Settings, model: onnx.ModelProto, base_dir: str, selection: dict[str, Any]
+) -> tuple[Init, str | None]:
+    """``preserve`` or ``normalize``, and why ``auto`` chose ``preserve`` (the reason api.looks_pretrained gives).
+
+    ``--method none`` trains the model as it is: nothing to preserve. A model that ``rewrite`` already normalized
+    keeps the function it was given (its normalized sites are compensated, not restarted).
+    """
+    if s.method == "none" or s.init == "normalize":
+        return "normalize", None
+    if s.init == "preserve":
+        return "preserve", None
+    full = trainable_copy(model, base_dir)
+    picked = select(find_sites(full, base_dir), SiteSelection.parse(**_site_keys(selection)), lambda _: Affine(1, 0, 0))
+    kept = sum(1 for o in picked if o.action == "normalized")
+    if kept:  # an earlier rewrite's function (--preserve-function or not): fine-tuning starts from it
+        return "preserve", f"{kept} site(s) an earlier rewrite normalized"
+    why = looks_pretrained(full, [o.site for o in picked if o.action != "skipped"], base_dir)
+    return ("preserve", why) if why else ("normalize", None)
+
+
+def _site_keys(selection: dict[str, Any]) -> dict[str, Any]:
+    return {k: selection.get(k) for k in ("include", "exclude", "nodes")} | {
+        "all_sites": bool(selection.get("all_sites"))
+    }
+
+
+def _preserved(model: onnx.ModelProto, base_dir: str, s: Settings, selection: dict[str, Any]) -> onnx.ModelProto:
+    """``rewrite --preserve-function`` in memory: the selected sites at static constants, the inverse in their
+    consumers. Already normalized sites stay as they are; sites it cannot preserve are trained as they are."""
+    full = trainable_copy(model, base_dir)
+    return rewrite(full, preserve_function=True, variant=s.variant, q=s.q, verify=False, **_site_keys(selection))
 
 
 def _run(

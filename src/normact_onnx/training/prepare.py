@@ -331,19 +331,16 @@ def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
             continue
         shape = types.shape.get(node.input[0])
-        if shape is None or len(shape) < 2:
+        if shape is not None and len(shape) < 2:
             continue
         eps = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-5)
         p = f"{node.name or node.output[0]}/frozen_bn/"
         x, scale, bias, mean, var = node.input[:5]
-        vec = [-1] + [1] * (len(shape) - 2)
         shape_name = p + "channel_shape"
         eps_name = p + "eps"
         elem = types.elem_type(var)
-        nodes = [
-            helper.make_node(
-                "Constant", [], [shape_name], name=shape_name, value=numpy_helper.from_array(np.array(vec, np.int64))
-            ),
+        nodes = _channel_shape(x, shape_name, None if shape is None else len(shape), p)
+        nodes += [
             helper.make_node(
                 "Constant",
                 [],
@@ -365,6 +362,34 @@ def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
         prep.note("BatchNormalization")
     if replace:
         _splice(g, replace)
+
+
+def _channel_shape(x: str, name: str, rank: int | None, p: str) -> list[onnx.NodeProto]:
+    """Nodes that write ``name`` = [−1, 1, …, 1] (rank − 1 entries): a per-channel vector's shape against ``x``.
+
+    When shape inference lost the rank (Paddle graphs), it is read off ``x`` at run time.
+    """
+
+    def const(out: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(value))
+
+    if rank is not None:
+        return [const(name, np.array([-1] + [1] * (rank - 2), np.int64))]
+    return [
+        helper.make_node("Shape", [x], [p + "x_shape"], name=p + "x_shape"),
+        helper.make_node("Shape", [p + "x_shape"], [p + "rank"], name=p + "rank"),
+        const(p + "two", np.array([2], np.int64)),
+        helper.make_node("Sub", [p + "rank", p + "two"], [p + "ones_count"], name=p + "ones_count"),
+        helper.make_node(
+            "ConstantOfShape",
+            [p + "ones_count"],
+            [p + "ones"],
+            name=p + "ones",
+            value=numpy_helper.from_array(np.array([1], np.int64)),
+        ),
+        const(p + "minus_one", np.array([-1], np.int64)),
+        helper.make_node("Concat", [p + "minus_one", p + "ones"], [name], name=name, axis=0),
+    ]
 
 
 def decompose_sum(m: onnx.ModelProto, prep: Preparation) -> None:
