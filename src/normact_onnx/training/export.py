@@ -113,6 +113,7 @@ def _update_tail_sites(
         b = LiteralBody(main.opset, f"{out}/normact_finetune_", types.elem_type(out), {}, False)
         affine_literal_tail(b, f, f, aff, out=out)
         main.insert_after(node, b.nodes)
+        done.add(out)
 
 
 def export_model(
@@ -154,8 +155,12 @@ def export_model(
 
     method = {"method": "anact-finetune" if provenance.get("method") == "anact" else provenance.get("method", "")}
     target = output if not fold else output.with_name(f".{output.name}.unfolded.onnx")
-    out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify)
-    if not target.exists():  # nothing left to rewrite (every site was already normalized): write as is
+    # Only sites trained in normalized form and not yet updated in place get rewritten; with none left (every
+    # site already normalized, or --method none on a plain model) the model is written as it is: asking
+    # rewrite would make every site a refusal, which it rightly treats as an error.
+    pending = any(s.output in constants and s.output not in updated for s in sites)
+    out = rewrite(m, target, constants=pick, all_sites=True, method=method, verify=verify) if pending else m
+    if not target.exists():  # nothing left to rewrite: write as is
         clamp_ir(out)
         with atomic_path(target) as tmp:
             write_model(out, tmp)
