@@ -90,19 +90,31 @@ class Tensors:
     def __init__(self) -> None:
         self.params: dict[str, TensorProto] = {}
         self.buffers: dict[str, np.ndarray] = {}
-        self.places: dict[str, tuple[str, str]] = {}  # key -> (graph path, initializer name)
+        self.places: dict[str, tuple[str, str, str]] = {}  # key -> (graph path, name, "initializer" | "constant")
 
     def add_graph(self, graph: onnx.GraphProto, path: str) -> dict[str, str]:
         names: dict[str, str] = {}
         for t in graph.initializer:
             key = t.name if not path else f"{path}/{t.name}"
             names[t.name] = key
-            self.places[key] = (path, t.name)
+            self.places[key] = (path, t.name, "initializer")
             if t.data_type in FLOAT_TYPES:
                 self.params[key] = t
             else:
                 self.buffers[key] = numpy_helper.to_array(t)
         return names
+
+    def add_constant(self, node: onnx.NodeProto, path: str, lift: bool) -> str:
+        """A Constant node's value: a parameter when it is a float tensor of a graph (Paddle and spox exports keep
+        weights in Constant nodes), a buffer otherwise. Function bodies are shared by every call: never lifted."""
+        key = node.output[0] if not path else f"{path}/{node.output[0]}"
+        a = node.attribute[0] if node.attribute else None
+        if lift and a is not None and a.name == "value" and a.t.data_type in FLOAT_TYPES:
+            self.params[key] = a.t
+            self.places[key] = (path, node.output[0], "constant")
+        else:
+            self.buffers[key] = _constant_value(node)
+        return key
 
 
 def _plan(
@@ -114,6 +126,7 @@ def _plan(
     functions: dict[tuple[str, str], onnx.FunctionProto],
     tensors: Tensors,
     initializers: dict[str, str],
+    lift: bool = True,
 ) -> Plan:
     steps = []
     for i, node in enumerate(nodes):
@@ -122,9 +135,7 @@ def _plan(
         step = Step(node, attrs, opsets.get(domain, 1), "op")
         if node.op_type == "Constant" and domain == "":
             step.kind = "constant"
-            key = f"{path}/const:{i}:{node.output[0]}"
-            tensors.buffers[key] = _constant_value(node)
-            step.attrs["_key"] = key
+            step.attrs["_key"] = tensors.add_constant(node, path.lstrip("/"), lift)
         elif domain == "" and node.op_type in CONTROL:
             step.kind = "control"
             for a in node.attribute:
@@ -159,7 +170,10 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
         dtype = np.float32 if a.name == "value_float" else np.int64
         return np.array(a.f if a.name == "value_float" else a.i, dtype=dtype)
     if a.name in ("value_floats", "value_ints"):
-        return np.array(list(a.floats) if a.name == "value_floats" else list(a.ints), dtype=np.float32 if "float" in a.name else np.int64)
+        return np.array(
+            list(a.floats) if a.name == "value_floats" else list(a.ints),
+            dtype=np.float32 if "float" in a.name else np.int64,
+        )
     raise NormactError(f"Constant node {node.name!r}: {a.name} is not supported")
 
 
@@ -264,15 +278,23 @@ def torch_graph_class() -> type:
             return self.weights[self.index[key]]
 
         def to_model(self) -> onnx.ModelProto:
-            """A copy of the model with every float initializer set to its parameter's current value."""
+            """A copy of the model with every trainable tensor (float initializers, float ``Constant`` values) set to
+            its parameter's current value; tensors whose value did not change keep their bytes."""
             out = copy.deepcopy(self.model)
             graphs = {"": out.graph}
             _index_subgraphs(out.graph, "", graphs)
             for key, p in self.named_initializers():
-                path, name = self.tensors.places[key]
-                (t,) = [t for t in graphs[path].initializer if t.name == name]
-                value = p.detach().cpu().numpy().astype(numpy_helper.to_array(self.tensors.params[key]).dtype)
-                new = numpy_helper.from_array(value, name)
+                path, name, where = self.tensors.places[key]
+                if where == "initializer":
+                    (t,) = [t for t in graphs[path].initializer if t.name == name]
+                else:
+                    (node,) = [n for n in graphs[path].node if n.op_type == "Constant" and n.output[0] == name]
+                    t = node.attribute[0].t
+                before = numpy_helper.to_array(self.tensors.params[key])
+                value = p.detach().cpu().numpy().astype(before.dtype)
+                if np.array_equal(value, before):
+                    continue  # untouched values keep their exact bytes (docs/architecture.md §8)
+                new = numpy_helper.from_array(value, t.name)
                 new.doc_string = t.doc_string
                 t.CopyFrom(new)
             return out
@@ -321,7 +343,9 @@ def torch_graph_class() -> type:
                 elif step.kind == "function":
                     outs = self.call_function(self.functions[(node.domain, node.op_type)], node, inputs)
                 elif node.op_type == "If":
-                    branch = "then_branch" if bool(inputs[0].reshape(())) else "else_branch"
+                    cond = inputs[0]
+                    assert cond is not None, "If without a condition fails the ONNX checker"
+                    branch = "then_branch" if bool(cond.reshape(())) else "else_branch"
                     outs = self.run(step.subgraphs[branch], env)
                 else:
                     outs = self.loop(step, inputs, env)
@@ -375,7 +399,7 @@ def torch_graph_class() -> type:
                 body.append(n2)
             opsets = {**self.opsets, **_opsets(fn.opset_import)}
             scratch = Tensors()
-            plan = _plan(body, list(fn.input), list(fn.output), "", opsets, self.functions, scratch, {})
+            plan = _plan(body, list(fn.input), list(fn.output), "", opsets, self.functions, scratch, {}, lift=False)
             env = dict(zip(fn.input, inputs))
             for step in plan.steps:
                 if step.kind == "constant":

@@ -59,7 +59,12 @@ def dtype_of(elem: int) -> Any:
 
 def ints(t: Any) -> list[int]:
     """A shape-like tensor as Python integers."""
-    return [int(v) for v in t.reshape(-1).tolist()]
+    return [int(v) for v in t.detach().reshape(-1).tolist()]
+
+
+def scalar(t: Any) -> Any:
+    """A one-element tensor as a Python number (a bound, a pad value, an exponent: no gradient flows to it)."""
+    return t.detach().reshape(()).item()
 
 
 def axis_norm(axis: int, rank: int) -> int:
@@ -69,12 +74,18 @@ def axis_norm(axis: int, rank: int) -> int:
 # ---- elementwise ----------------------------------------------------------------------------------------------
 
 
-def unary(name: str, fn: Callable[[Any], Any]) -> None:
-    OPS[("", name)] = lambda a, x, v: [fn(x[0])]
+def unary(name: str, torch_name: str) -> None:
+    def run(a: Attrs, x: list[Any], v: int) -> list[Any]:
+        return [getattr(torch, torch_name)(x[0])]
+
+    OPS[("", name)] = run
 
 
-def binary(name: str, fn: Callable[[Any, Any], Any]) -> None:
-    OPS[("", name)] = lambda a, x, v: [fn(x[0], x[1])]
+def binary(name: str, torch_name: str) -> None:
+    def run(a: Attrs, x: list[Any], v: int) -> list[Any]:
+        return [getattr(torch, torch_name)(x[0], x[1])]
+
+    OPS[("", name)] = run
 
 
 def _register_elementwise() -> None:
@@ -98,7 +109,7 @@ def _register_elementwise() -> None:
         ("Not", "logical_not"),
         ("IsNaN", "isnan"),
     ]:
-        unary(name, lambda t, attr=attr: getattr(torch, attr)(t))
+        unary(name, attr)
     for name, attr in [
         ("Add", "add"),
         ("Sub", "sub"),
@@ -112,7 +123,7 @@ def _register_elementwise() -> None:
         ("Or", "logical_or"),
         ("Xor", "logical_xor"),
     ]:
-        binary(name, lambda p, q, attr=attr: getattr(torch, attr)(p, q))
+        binary(name, attr)
 
 
 _register_elementwise()
@@ -128,9 +139,11 @@ def div(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 @op("Pow")
 def pow_(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    base, exponent = x
-    if exponent.numel() == 1 and not exponent.requires_grad:
-        e = float(exponent.reshape(()))
+    """The exponent gets no gradient: its derivative needs log of the base, undefined (NaN) where the base is ≤ 0,
+    and an exponent is a constant of the computation, not a weight."""
+    base, exponent = x[0], x[1].detach()
+    if exponent.numel() == 1:
+        e = float(scalar(exponent))
         if e == 2.0:
             return [base * base]  # exact like ORT, and no log in the gradient
         return [torch.pow(base, e).to(base.dtype)]
@@ -172,8 +185,7 @@ def cast_like(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 @op("Identity", "Dropout")
 def identity(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    out = [x[0]]
-    return out + [torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask; extra outputs are dropped by name
+    return [x[0], torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask; extra outputs are dropped by name
 
 
 @op("LeakyRelu")
@@ -246,8 +258,8 @@ def clip(a: Attrs, x: list[Any], v: int) -> list[Any]:
     else:
         lo = x[1] if len(x) > 1 and x[1] is not None else None
         hi = x[2] if len(x) > 2 and x[2] is not None else None
-        lo = None if lo is None else float(lo.reshape(())) if lo.is_floating_point() else int(lo.reshape(()))
-        hi = None if hi is None else float(hi.reshape(())) if hi.is_floating_point() else int(hi.reshape(()))
+        lo = None if lo is None else scalar(lo)
+        hi = None if hi is None else scalar(hi)
     return [torch.clamp(t, lo, hi)]
 
 
@@ -410,8 +422,8 @@ def constant_of_shape(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 @op("Range")
 def range_(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    start, limit, delta = (t.reshape(()) for t in x)
-    return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)]
+    start, limit, delta = (scalar(t) for t in x)
+    return [torch.arange(start, limit, delta, dtype=x[0].dtype, device=x[0].device)]
 
 
 @op("Pad")
@@ -422,7 +434,7 @@ def pad(a: Attrs, x: list[Any], v: int) -> list[Any]:
         pads, value, axes = list(a["pads"]), a.get("value", 0.0), None
     else:
         pads = ints(x[1])
-        value = float(x[2].reshape(())) if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
+        value = float(scalar(x[2])) if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
         axes = ints(x[3]) if len(x) > 3 and x[3] is not None else None
     rank = t.dim()
     axes = [axis_norm(i, rank) for i in axes] if axes is not None else list(range(rank))
@@ -573,14 +585,17 @@ def conv_transpose(a: Attrs, x: list[Any], v: int) -> list[Any]:
     out_pad = list(a.get("output_padding", [0] * k))
     fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[k - 1]
     y = fn(t, w, bias, strides, 0, out_pad, a.get("group", 1), dil)
-    index = [slice(None), slice(None)] + [slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(zip(pads[:k], pads[k:]))]
+    index = [slice(None), slice(None)] + [
+        slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(zip(pads[:k], pads[k:]))
+    ]
     return [y[tuple(index)]]
 
 
 @op("BatchNormalization")
 def batch_norm(a: Attrs, x: list[Any], v: int) -> list[Any]:
+    """Inference form: the running mean and variance are statistics, not weights (no gradient, as in ORT training)."""
     t, scale, bias, mean, var = x[:5]
-    return [F.batch_norm(t, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))]
+    return [F.batch_norm(t, mean.detach(), var.detach(), scale, bias, False, 0.0, a.get("epsilon", 1e-5))]
 
 
 @op("InstanceNormalization")
@@ -630,7 +645,7 @@ def max_pool(a: Attrs, x: list[Any], v: int) -> list[Any]:
 @op("AveragePool")
 def average_pool(a: Attrs, x: list[Any], v: int) -> list[Any]:
     t = x[0]
-    kernel, strides, dil, begin, end = _pool_args(a, t)
+    kernel, strides, _, begin, end = _pool_args(a, t)
     ceil = bool(a.get("ceil_mode", 0))
     include = bool(a.get("count_include_pad", 0))
     if begin != end:
@@ -669,12 +684,16 @@ def resize(a: Attrs, x: list[Any], v: int) -> list[Any]:
         coord = _s(a.get("coordinate_transformation_mode", "half_pixel"))
     if sizes_t is not None:
         out = ints(sizes_t)[2:]
-        scales = None
     else:
-        scales = [float(s) for s in scales_t.reshape(-1).tolist()]
+        if "scales" in a:  # Upsample before opset 9: an attribute
+            scales = [float(s) for s in a["scales"]]
+        elif scales_t is not None:
+            scales = [float(s) for s in scales_t.detach().reshape(-1).tolist()]
+        else:
+            raise NotImplementedError("Resize without scales or sizes")
         if scales[:2] != [1.0, 1.0]:
             raise NotImplementedError("Resize of the batch or channel axis")
-        out = [int(math.floor(n * s)) for n, s in zip(t.shape[2:], scales[2:])]
+        out = [math.floor(n * s) for n, s in zip(t.shape[2:], scales[2:])]
     if mode == "nearest":
         nearest = _s(a.get("nearest_mode", "round_prefer_floor"))
         if coord == "asymmetric" and nearest == "floor":
