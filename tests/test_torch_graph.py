@@ -252,3 +252,39 @@ def test_an_op_without_a_torch_function_is_one_clear_error():
     model = tiny_model([helper.make_node("Hardmax", ["x"], ["y"])], [x], [y])
     with pytest.raises(NormactError, match=r"^the torch backend cannot run op\(s\) Hardmax of this model$"):
         TorchGraph(model)
+
+
+def test_model_local_functions_are_inlined_with_the_callers_attributes():
+    """A function with an attribute reference, called twice with different values, inside the main graph."""
+    body = [
+        helper.make_node("Constant", [], ["k"], value_float=0.0),
+        helper.make_node("LeakyRelu", ["X"], ["a"]),
+        helper.make_node("Mul", ["a", "W"], ["Y"]),
+    ]
+    ref = onnx.AttributeProto()
+    ref.name, ref.ref_attr_name, ref.type = "alpha", "slope", onnx.AttributeProto.FLOAT
+    body[1].attribute.append(ref)
+    fn = helper.make_function("local", "ScaledLeaky", ["X", "W"], ["Y"], body, [helper.make_opsetid("", 17)], ["slope"])
+    nodes = [
+        helper.make_node("ScaledLeaky", ["x", "w"], ["h"], domain="local", slope=0.1),
+        helper.make_node("ScaledLeaky", ["h", "w"], ["y"], domain="local", slope=0.3),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    w = onnx.numpy_helper.from_array(np.array([1.0, -2.0, 0.5, 3.0], np.float32), "w")
+    model = tiny_model(nodes, [x], [y], [w], functions=[fn])
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)}
+    _check_forward(model, feeds)
+    g = TorchGraph(model)
+    _loss_backward(g, feeds)
+    assert g.parameter("w").grad.abs().min() > 0  # the weight the function reads is trained
+
+
+def test_importing_the_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, normact_onnx.training.torch_graph; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
