@@ -288,3 +288,43 @@ def test_importing_the_module_does_not_import_torch():
     code = "import sys, normact_onnx.training.torch_graph; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as ONNX Runtime computes them
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", bundled_models(), ids=lambda p: p.name)
+def test_bundled_model_on_cuda_matches_onnx_runtime(path):
+    device = _cuda()
+    model = onnx.load(path)
+    feeds = _synthetic(model)
+    want = _session(str(path)).run(None, feeds)
+    g = TorchGraph(model).to(device)
+    got = g(feeds)
+    for w, t, tol in zip(want, got, _tolerance(str(path), feeds, want)):
+        assert t.device.type == "cuda" and _rel(w, t.detach().cpu().numpy()) <= tol
+    _loss_backward(g, feeds)
+    assert all(torch.isfinite(p.grad).all() for _, p in g.named_initializers() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_id", ["silero_vad", "magika", "minilm_ort_optimized", "ppocrv4_det"])
+def test_real_model_on_cuda_matches_onnx_runtime_and_trains(model_id):
+    device = _cuda()
+    path = _real(model_id)
+    feeds = _sample(model_id)
+    want = _session(str(path)).run(None, feeds)
+    g = TorchGraph(onnx.load(path)).to(device)
+    got = g(feeds)
+    floor = AMPLIFIED.get(model_id, 0.0)
+    for w, t, tol in zip(want, got, _tolerance(str(path), feeds, want)):
+        assert _rel(w, t.detach().cpu().numpy()) <= max(tol, floor)
+    _loss_backward(g, feeds)
+    grads = [p.grad for _, p in g.named_initializers() if p.grad is not None]
+    assert grads and all(torch.isfinite(v).all() for v in grads)

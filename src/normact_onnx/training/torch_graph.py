@@ -308,11 +308,9 @@ def torch_graph_class() -> type:
             missing = [n for n in self.input_names if n not in feeds]
             if missing:
                 raise NormactError(f"missing input(s) {', '.join(missing)}")
-            device = self.weights[0].device if len(self.weights) else None
-            env = {}
-            for k, v in feeds.items():
-                t = torch.as_tensor(v)
-                env[k] = t.to(device) if device is not None else t
+            device = self.weights[0].device if len(self.weights) else torch.device("cpu")
+            torch_ops.device = device
+            env = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             return self.run(self.plan, env)
 
         def run(self, plan: Plan, env: dict[str, Any]) -> list[Any]:
@@ -363,8 +361,8 @@ def torch_graph_class() -> type:
             i = 0
             while cond and (trips is None or i < trips):
                 inner = dict(env)
-                inner[body.inputs[0]] = torch.tensor(i, dtype=torch.int64)
-                inner[body.inputs[1]] = torch.tensor(cond)
+                inner[body.inputs[0]] = torch.tensor(i, dtype=torch.int64, device=torch_ops.device)
+                inner[body.inputs[1]] = torch.tensor(cond, device=torch_ops.device)
                 for name, v in zip(body.inputs[2:], carried):
                     inner[name] = v
                 outs = self.run(body, inner)

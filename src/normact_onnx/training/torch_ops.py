@@ -22,6 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch: Any = None  # bound by load()
 F: Any = None
+# Where tensors an op creates from nothing (Shape, ConstantOfShape, Range) live: the running graph's device, set by
+# TorchGraph.forward, so every tensor of a run shares one device (CUDA included).
+device: Any = None
 
 Attrs = dict[str, Any]
 Op = Callable[[Attrs, list[Any], int], list[Any]]
@@ -274,12 +277,12 @@ def _s(value: Any) -> str:
 def shape(a: Attrs, x: list[Any], v: int) -> list[Any]:
     dims = list(x[0].shape)
     start, end = a.get("start", 0), a.get("end", None)
-    return [torch.tensor(dims[start:end], dtype=torch.int64)]
+    return [torch.tensor(dims[start:end], dtype=torch.int64, device=device)]
 
 
 @op("Size")
 def size(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    return [torch.tensor(x[0].numel(), dtype=torch.int64)]
+    return [torch.tensor(x[0].numel(), dtype=torch.int64, device=device)]
 
 
 @op("Reshape")
@@ -417,7 +420,8 @@ def constant_of_shape(a: Attrs, x: list[Any], v: int) -> list[Any]:
     value = a.get("value")
     fill = np.zeros(1, np.float32) if value is None else value
     first = np.array(fill).reshape(-1)[:1]
-    return [torch.full(tuple(ints(x[0])), first.item(), dtype=dtype_of(helper.np_dtype_to_tensor_dtype(first.dtype)))]
+    dtype = dtype_of(helper.np_dtype_to_tensor_dtype(first.dtype))
+    return [torch.full(tuple(ints(x[0])), first.item(), dtype=dtype, device=device)]
 
 
 @op("Range")
