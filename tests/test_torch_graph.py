@@ -328,3 +328,17 @@ def test_real_model_on_cuda_matches_onnx_runtime_and_trains(model_id):
     _loss_backward(g, feeds)
     grads = [p.grad for _, p in g.named_initializers() if p.grad is not None]
     assert grads and all(torch.isfinite(v).all() for v in grads)
+
+
+def test_one_module_runs_every_shape_the_model_allows():
+    """Dynamic sizes: the same TorchGraph on batches of other batch sizes and sequence lengths (N, S symbolic)."""
+    path = next(p for p in bundled_models() if p.name == "transformer_gelu.dynamo.onnx")
+    model = onnx.load(path)
+    g = TorchGraph(model)
+    rng = np.random.default_rng(3)
+    for n, s in [(1, 3), (5, 17), (2, 64)]:
+        feeds = {"x": rng.standard_normal((n, s, 32)).astype(np.float32)}
+        (want,) = _session(str(path)).run(None, feeds)
+        with torch.no_grad():
+            (got,) = g(feeds)
+        assert got.shape == want.shape and _rel(want, got.numpy()) <= FP32_TOL
