@@ -619,6 +619,8 @@ def layer_norm(a: Attrs, x: list[Any], v: int) -> list[Any]:
     else:
         y = F.layer_norm(t, t.shape[axis:], None, None, eps) * scale
         y = y if bias is None else y + bias
+    if a.get("_named", 1) == 1:
+        return [y]  # the optional Mean and InvStdDev outputs cost a second pass: only when the graph names them
     mean = t.mean(dim=dims, keepdim=True)
     inv = torch.rsqrt(t.var(dim=dims, keepdim=True, unbiased=False) + eps)
     return [y, mean, inv]
@@ -764,6 +766,8 @@ def skip_layer_norm(a: Attrs, x: list[Any], v: int) -> list[Any]:
     bias = x[4] if len(x) > 4 else None
     s = t + skip if bias is None else t + skip + bias
     y = F.layer_norm(s, s.shape[-1:], gamma, beta, a.get("epsilon", 1e-12))
+    if a.get("_named", 1) == 1:
+        return [y]
     mean = s.mean(dim=-1, keepdim=True)
     inv = torch.rsqrt(s.var(dim=-1, keepdim=True, unbiased=False) + a.get("epsilon", 1e-12))
     return [y, mean, inv, s]
@@ -849,7 +853,7 @@ def fused_conv(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 def attributes(node: Any) -> Attrs:
     """A node's attributes as Python values (graph attributes stay GraphProtos), plus ``_op``."""
-    out: Attrs = {"_op": node.op_type, "_n_outputs": len(node.output)}
+    out: Attrs = {"_op": node.op_type, "_n_outputs": len(node.output), "_named": sum(1 for o in node.output if o)}
     for attr in node.attribute:
         if attr.type == attr.TENSOR:
             out[attr.name] = numpy_helper.to_array(attr.t)
