@@ -106,14 +106,16 @@ def _update_tail_sites(
     for out in todo:
         node = main.producer.get(out)
         aff = constants[out]
-        if node is None or (aff.scale == 1.0 and aff.shift == 0.0):
+        if node is None:
+            continue
+        done.add(out)  # written here, or nothing to write: an identity
+        if aff.scale == 1.0 and aff.shift == 0.0:
             continue
         f = fresh(f"{out}__normact_finetune")
         node.output[0] = f
         b = LiteralBody(main.opset, f"{out}/normact_finetune_", types.elem_type(out), {}, False)
         affine_literal_tail(b, f, f, aff, out=out)
         main.insert_after(node, b.nodes)
-        done.add(out)
 
 
 def export_model(
