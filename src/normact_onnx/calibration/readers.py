@@ -196,10 +196,11 @@ def _single_input(specs: list[InputSpec], what: str) -> str:
 
 def _split(batch: Batch, size: int | None) -> Iterator[Batch]:
     """Cut a batch along axis 0 into pieces of ``size`` samples (all inputs together)."""
-    if not size:
-        yield batch
-        return
     n = min((len(v) for v in batch.values() if np.ndim(v)), default=0)
+    if not size:
+        if n or not any(np.ndim(v) for v in batch.values()):  # an empty shard gives no batch (file_headers)
+            yield batch
+        return
     for start in range(0, n, size):
         yield {k: v[start : start + size] if np.ndim(v) else v for k, v in batch.items()}
 
@@ -278,9 +279,19 @@ def has_batch_files(path: Path) -> bool:
 
 
 def file_headers(files: list[Path], specs: list[InputSpec], batch_size: int | None) -> Iterator[tuple[str, Header]]:
-    """Each file's batch header (shapes and dtypes, read without the arrays): what is checked before any run."""
-    for f in files:
-        yield str(f), _split_header(_file_header(f, specs), batch_size)
+    """Each file's batch header (shapes and dtypes, read without the arrays): what is checked before any run.
+
+    An empty shard among files that hold samples is passed over (it gives no batches, in a single process as
+    on Ray); when every file is empty their headers stay, so ``check_header`` says which input holds no samples.
+    """
+    headers = [(str(f), _split_header(_file_header(f, specs), batch_size)) for f in files]
+    if not all(_empty(h) for _, h in headers):
+        headers = [(where, h) for where, h in headers if not _empty(h)]
+    yield from headers
+
+
+def _empty(header: Header) -> bool:
+    return any(len(shape) and shape[0] == 0 for shape, _ in header.values())
 
 
 def file_source(path: str | os.PathLike, specs: list[InputSpec], batch_size: int | None = None) -> Source:
