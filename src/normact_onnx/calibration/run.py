@@ -25,8 +25,9 @@ from ..progress import bar as progress_bar
 from ..selection import SiteSelection
 from ..streaming import Moments
 from .batches import DataOptions
+from .flat import FlatFolder
 from .insitu import Normalizer
-from .instrument import Instrumented, instrument
+from .instrument import Instrumented, Probe, instrument
 from .readers import check_header, conform, open_source
 from .stats import CalibrationStats, SiteStats
 
@@ -86,6 +87,7 @@ def collect(
     inst = prepare(src, base_dir, per_channel, normalize, selection)
     sess = calibration_session(inst.model, base_dir, providers)
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
+    folder = FlatFolder(stats, inst, fold_probes)  # every main-graph site merged as one flat array per batch
     total = min(reader.total, batches) if reader.total and batches else (batches or reader.total)
     bar = progress_bar(total, "calibrating", progress, unit="batch")
     n = 0
@@ -93,11 +95,12 @@ def collect(
         for where, raw in reader.batches():
             if batches is not None and n >= batches:
                 break
-            fold(stats, inst, run_batch(sess, inst, conform(specs, raw, where, noted), where), where)
+            folder.fold(run_batch(sess, inst, conform(specs, raw, where, noted), where), where)
             n += 1
             bar.update()
     finally:
         bar.close()
+    folder.flush()
     if n == 0:
         raise NormactError(f"{reader.describe}: no batches")
     stats.batches = n
@@ -169,22 +172,37 @@ def run_batch(sess: Any, inst: Instrumented, feed: dict[str, np.ndarray], where:
 SiteRecord = tuple[Moments, Moments, np.ndarray, np.ndarray | None]  # x, f, mean f'², x·f co-moment
 
 
-def batch_moments(inst: Instrumented, values: dict[str, np.ndarray], where: str = "") -> list[SiteRecord]:
+def batch_moments(
+    inst: Instrumented, values: dict[str, np.ndarray], where: str = "", probes: list[Probe] | None = None
+) -> list[SiteRecord]:
     """One run's outputs → per probe (site) this batch's moments of x and f, mean of f'(x)², co-moment.
 
-    A batch whose statistics are not finite is refused, naming the site and ``where``.
+    ``probes``: these only (default: all). A batch whose statistics are not finite is refused, naming the
+    site and ``where``.
     """
-    records = [probe.read(values) for probe in inst.probes]
-    if not np.isfinite(sum(float(np.sum(v)) for v in values.values())):  # one check per batch
-        for probe, rec in zip(inst.probes, records):
+    probes = inst.probes if probes is None else probes
+    records = [probe.read(values) for probe in probes]
+    mine = values if probes is inst.probes else {n: values[n] for p in probes for n in p.outputs.values()}
+    if not np.isfinite(sum(float(np.sum(v)) for v in mine.values())):  # one check per batch
+        for probe, rec in zip(probes, records):
             if rec[0].n.size:
                 _check_finite(probe.site, where, *rec)
     return records
 
 
 def fold(stats: CalibrationStats, inst: Instrumented, values: dict[str, np.ndarray], where: str = "") -> None:
-    """Fold one batch's outputs into the running statistics (moments exactly, plus the gated EMA)."""
-    for probe, (x, f, d2, xf) in zip(inst.probes, batch_moments(inst, values, where)):
+    """Fold one batch's outputs into the running statistics (moments exactly, plus the gated EMA), site by site.
+
+    :class:`.flat.FlatFolder` does the same for all main-graph sites at once; this is its per-site reference.
+    """
+    fold_probes(stats, inst, inst.probes, values, where)
+
+
+def fold_probes(
+    stats: CalibrationStats, inst: Instrumented, probes: list[Probe], values: dict[str, np.ndarray], where: str = ""
+) -> None:
+    """:func:`fold` for the given probes only."""
+    for probe, (x, f, d2, xf) in zip(probes, batch_moments(inst, values, where, probes)):
         if x.n.size:
             stats.sites[probe.site.output].add(x, f, d2, xf)
 
