@@ -18,7 +18,7 @@ PYTHON="${PYTHON:-python3.11}"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] > (3, 11))' \
   || { echo "make_train_env: $PYTHON is newer than 3.11; onnxruntime-training-cpu 1.19.2 has no wheels for it" >&2; exit 2; }
 "$PYTHON" -m venv "$VENV"
-extras=(pytest scipy scikit-learn)  # scipy, scikit-learn: the real-model sample batches
+extras=(pytest pytest-xdist scipy scikit-learn)  # scipy, scikit-learn: the real-model sample batches; xdist: the tests on every core
 if [ -n "${NORMACT_WHEEL:-}" ]; then
   "$VENV/bin/pip" install --quiet "$(realpath "$NORMACT_WHEEL")[train]" "${extras[@]}"
 else
