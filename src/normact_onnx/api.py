@@ -28,7 +28,7 @@ from .calibration.insitu import Normalizer
 from .calibration.report import write_html
 from .calibration.run import collect
 from .calibration.stats import CalibrationStats, check_stats_model
-from .comparison import LoadedModel, measure_sites, model_batches
+from .comparison import LoadedModel, data_bundle, measure_sites, model_batches
 from .errors import NormactError
 from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
 from .interop import same_type
@@ -320,18 +320,6 @@ def _bundles(
             "pass the output options as output_options= or as form/verify/in_place/write_unchanged, not both"
         )
     return selection, output_options
-
-
-def _data_bundle(data_options: DataOptions | None, loose: DataOptions) -> DataOptions:
-    """The data-source bundle of a public call: as given, or built from the loose keywords (``loose``)."""
-    if data_options is None:
-        return loose
-    if loose != DataOptions():
-        raise NormactError(
-            "pass the data source as data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/images,"
-            " not both"
-        )
-    return data_options
 
 
 def _rewrite(
@@ -669,7 +657,7 @@ def calibrate(
     selection, out = _bundles(
         selection, output_options, include, exclude, nodes, all_sites, form, verify, in_place, write_unchanged
     )
-    source = _data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
+    source = data_bundle(data_options, DataOptions(data, batches, batch_size, synthetic, shapes, values, seed, images))
     read = model_files(model) if isinstance(model, str | os.PathLike) else []
     where = IN_PLACE if out.in_place else "output"  # in place: the output may be the model
     check_run_paths({where: output, "stats_path": stats_path, "report": report}, read)  # one rule, before work
