@@ -115,9 +115,11 @@ def test_host_port_joins_a_cluster_with_token_authentication(head, shards, tmp_p
     got = json.loads(stats.read_text())
     assert got["batches"] == one.batches == 5  # 40 → 16+16+8, 24 → 16+8
     for key, s in one.sites.items():  # the same batches and counts; the cluster's workers run their own ORT
-        # sessions (one thread each), whose reductions may sum in another order: float32 rounding, not 1e-9
+        # sessions (one thread each), whose float32 reductions sum in another order, and in situ each site's
+        # input carries the earlier sites' rounding: measured up to 1.6e-6 apart, so float32 noise, not 1e-9
+        # (a lost or repeated batch moves m2 by percents)
         np.testing.assert_array_equal(got["sites"][key]["x"]["n"], s.x.n)
-        np.testing.assert_allclose(got["sites"][key]["x"]["m2"], s.x.m2, rtol=1e-6)
+        np.testing.assert_allclose(got["sites"][key]["x"]["m2"], s.x.m2, rtol=1e-5)
     assert time.monotonic() - start < 120
 
     cal = tmp_path / "cal.onnx"
