@@ -137,4 +137,4 @@ def test_host_port_joins_a_cluster_with_token_authentication(head, shards, tmp_p
     assert r.returncode == 0, r.stderr
     sites = json.loads(r.stdout)["sites"]
     want = compare(cal, None, shards, sites=True).report()["sites"]
-    assert [s["var"] for s in sites] == pytest.approx([s["var"] for s in want], rel=1e-9)
+    assert [s["var"] for s in sites] == pytest.approx([s["var"] for s in want], rel=1e-5)  # float32 noise, as above
