@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import onnx
 import pytest
 
 from tests import real_models as rm
-from tests.test_training_real import REAL, _task
+from tests.test_training_real import REAL, _task, minilm_and_preserved
 
 try:
     import onnxruntime.training.api  # noqa: F401
@@ -242,24 +240,7 @@ np.savez(sys.argv[3], **x, y=y.astype(np.float32))
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """MiniLM (torchscript), its own outputs on 6 samples as targets, and rewrite --preserve-function of it."""
-    main = os.environ.get("NORMACT_MAIN_PYTHON")
-    if not main:
-        pytest.skip("NORMACT_MAIN_PYTHON (the regular environment, with transformers) is not set")
-    tmp = tmp_path_factory.mktemp("minilm")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    model, data, preserved = tmp / "minilm.onnx", tmp / "d.npz", tmp / "minilm.preserved.onnx"
-    r = subprocess.run(
-        [main, "-c", _PREPARE, str(ROOT), str(model), str(data)], capture_output=True, text=True, env=env
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(
-        [main, "-m", "normact_onnx.cli", "rewrite", str(model), "--preserve-function", "-o", str(preserved)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return model, data, preserved
+    return minilm_and_preserved(tmp_path_factory.mktemp("minilm"), _PREPARE)[:3]
 
 
 @pytest.mark.slow

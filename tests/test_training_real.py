@@ -176,18 +176,15 @@ np.savez(sys.argv[3], **x, y=(0.5 * y).astype(np.float32))
 """
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str]:
-    """MiniLM exported, a batch with regression targets, and its --preserve-function rewrite (regular env)."""
+def minilm_and_preserved(d: Path, prepare: str) -> tuple[Path, Path, Path, str]:
+    """MiniLM exported into ``d`` with its data (``prepare``, run in the regular environment with
+    transformers: arguments ROOT, model, data) and its rewrite --preserve-function; the regular Python too."""
     main = os.environ.get("NORMACT_MAIN_PYTHON")
     if not main:
         pytest.skip("NORMACT_MAIN_PYTHON (the regular environment, with transformers) is not set")
-    d = tmp_path_factory.mktemp("minilm")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     model, data, preserved = d / "minilm.onnx", d / "batch.npz", d / "minilm.preserved.onnx"
-    r = subprocess.run(
-        [main, "-c", _PREPARE_MINILM, str(ROOT), str(model), str(data)], capture_output=True, text=True, env=env
-    )
+    r = subprocess.run([main, "-c", prepare, str(ROOT), str(model), str(data)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(
         [main, "-m", "normact_onnx.cli", "rewrite", str(model), "--preserve-function", "-o", str(preserved)],
@@ -197,6 +194,12 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, 
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return model, data, preserved, main
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str]:
+    """MiniLM exported, a batch with regression targets, and its --preserve-function rewrite (regular env)."""
+    return minilm_and_preserved(tmp_path_factory.mktemp("minilm"), _PREPARE_MINILM)
 
 
 def test_preserved_model_finetunes_from_the_original_loss_then_folds(
