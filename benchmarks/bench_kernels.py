@@ -77,7 +77,8 @@ def builtin_model(kind: str) -> bytes:
 def norm_model(kind: str, with_function: bool) -> bytes:
     act = CATALOGUE[kind]
     attrs = {"scale": 1.7, "shift": 0.4, "slope": 0.0, **{k: float(v) for k, v in act.params.items()}}
-    node = helper.make_node(act.op_name, ["X"], ["Y"], domain=NORM_DOMAIN, **attrs)
+    node = helper.make_node(act.op_name, ["X"], ["Y"], domain=NORM_DOMAIN)
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
     return _model([node], f"norm_{kind}", [norm_function(kind, OPSET)] if with_function else [])
 
 
