@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from .conftest import MODELS
-from .test_hardening_io import SYN, listing, one_line_error, run_cli
-from .test_hardening_ux import _subcommands
+from .test_io_files_and_data import SYN, listing, one_line_error, run_cli
+from .test_cli_ux import _subcommands
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from .conftest import MODELS
-from .test_hardening_io import SYN, external_copy, one_line_error
+from .test_io_files_and_data import SYN, external_copy, one_line_error
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 
@@ -90,7 +90,7 @@ def test_an_output_naming_another_path_of_the_run_is_refused_before_anything_is_
 
 def test_the_refusal_is_the_same_in_a_real_process(tmp_path):
     """One case end to end as a user runs it (the rest run in this process, for speed)."""
-    from .test_hardening_io import run_cli
+    from .test_io_files_and_data import run_cli
 
     folder = _folder(tmp_path)
     before = _snapshot(folder)

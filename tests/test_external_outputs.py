@@ -22,7 +22,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from normact_onnx.io import ALIGNMENT, model_tensors, temp_beside
 
 from .conftest import fvi, random_feeds, run_model, tiny_model
-from .test_hardening_io import listing, run_cli
+from .test_io_files_and_data import listing, run_cli
 
 WIDTH = 256  # each weight 256 KiB: the data file's size is dominated by tensors, not by page alignment
 
