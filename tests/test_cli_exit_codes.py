@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import MODELS
-from .test_io_files_and_data import SYN, listing, one_line_error, run_cli
+from .conftest import MODELS, listing, one_line_error, run_cli
 from .test_cli_ux import _subcommands
+from .test_io_files_and_data import SYN
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 
@@ -63,10 +63,10 @@ def test_a_full_disk_is_one_line_and_exit_2_and_leaves_nothing(tmp_path):
     assert r.stderr.count("\n") == 1 and "full/out.onnx: no space left" in r.stderr, r.stderr
 
 
-def test_an_object_array_npy_is_one_line_and_exit_2(tmp_path, main_in):
+def test_an_object_array_npy_is_one_line_and_exit_2(tmp_path):
     shutil.copy(MLP, tmp_path / "m.onnx")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    one_line_error(main_in("calibrate", "m.onnx", "--data", "obj.npy", "-o", "c.onnx", cwd=tmp_path), "Python objects")
+    one_line_error(run_cli("calibrate", "m.onnx", "--data", "obj.npy", "-o", "c.onnx", cwd=tmp_path), "Python objects")
     assert listing(tmp_path) == ["m.onnx", "obj.npy"]
 
 
@@ -82,7 +82,7 @@ def test_an_output_name_that_is_not_utf8_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 0 and (tmp_path / "ok.onnx").exists(), r.stderr
 
 
-def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, main_in, monkeypatch, capsys):
+def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, monkeypatch, capsys):
     """A bug (here: the site finder raising ZeroDivisionError) is not bad input: exit 3, not 2 or 1."""
     from normact_onnx.commands import inspect_cmd
 
@@ -91,10 +91,10 @@ def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, mai
 
     monkeypatch.setattr(inspect_cmd, "inspect", broken)
     shutil.copy(MLP, tmp_path / "m.onnx")
-    r = main_in("inspect", "m.onnx", cwd=tmp_path)
+    r = run_cli("inspect", "m.onnx", cwd=tmp_path)
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "internal error" in r.stderr and "--verbose" in r.stderr, r.stderr
-    r = main_in("inspect", "m.onnx", "--verbose", cwd=tmp_path)
+    r = run_cli("inspect", "m.onnx", "--verbose", cwd=tmp_path)
     assert r.returncode == 3 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr
 
 
