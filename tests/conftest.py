@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -125,6 +126,10 @@ def _run_main(argv: list[str], cwd: Path, umask: int | None) -> subprocess.Compl
         encoding, errors = getattr(like, "encoding", None) or "utf-8", getattr(like, "errors", None) or "strict"
         return open(fd, "w", encoding=encoding, errors=errors, closefd=False)
 
+    # The program's notes go through the "normact_onnx" logger with no handler of its own: logging's last-resort
+    # handler prints them on stderr. Under pytest the root logger has capture handlers, which would take them.
+    log = logging.getLogger("normact_onnx")
+    propagate, log.propagate = log.propagate, False
     sys.stdout.flush()
     sys.stderr.flush()
     here, saved = os.getcwd(), (os.dup(1), os.dup(2))
@@ -151,6 +156,7 @@ def _run_main(argv: list[str], cwd: Path, umask: int | None) -> subprocess.Compl
             os.close(saved[1])
             if old_umask is not None:
                 os.umask(old_umask)
+            log.propagate = propagate
         out.seek(0)
         err.seek(0)
         text = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
