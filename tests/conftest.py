@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -171,6 +172,15 @@ def cli(tmp_path):
         return run_cli(*args, cwd=cwd or tmp_path, **how)
 
     return run
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """The ``normact-onnx`` subcommands' parsers, by name (for checks of every command's help and docs)."""
+    from normact_onnx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import MODELS, listing, one_line_error, run_cli
-from .test_cli_ux import _subcommands
+from .conftest import MODELS, listing, one_line_error, run_cli, subcommands
 from .test_io_files_and_data import SYN
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
@@ -105,18 +104,11 @@ def test_compare_difference_is_1_and_agreement_0(tmp_path):
     assert run_cli("compare", "m.onnx", "n.onnx", *SYN, cwd=tmp_path).returncode == 1
 
 
-@pytest.mark.parametrize("name", [None, *sorted(_subcommands())])
+@pytest.mark.parametrize("name", [None, *sorted(subcommands())])
 def test_every_help_states_the_exit_codes(name):
     from normact_onnx.cli import build_parser
 
-    parser = build_parser() if name is None else _subcommands()[name]
+    parser = build_parser() if name is None else subcommands()[name]
     text = " ".join(parser.format_help().split())
     for code in ("0 ok", "1 compare found a difference", "2 bad input", "3 internal error"):
         assert code in text, (name, text[-400:])
-
-
-def test_the_readme_states_the_exit_codes():
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    for code in ("`0`", "`1`", "`2`", "`3`"):
-        assert code in readme
-    assert "internal error" in readme and "--verbose" in readme

@@ -1,7 +1,7 @@
-"""Issue 16, "Files and output paths" and "Data and statistics": what new users and hostile inputs hit.
+"""Files and data a command reads and writes: output modes and paths, hostile data and statistics, models over 2 GB.
 
-CLI tests run the real ``normact-onnx`` in a subprocess and assert the exact exit code, that stderr is
-exactly one line, and what the folder holds afterwards.
+CLI tests run ``normact-onnx`` through the one runner (``conftest.run_cli``) and assert the exact exit code, that
+stderr is exactly one line, and what the folder holds afterwards.
 """
 
 from __future__ import annotations
