@@ -139,7 +139,7 @@ def _bad_output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
 def test_output_path_problems_are_one_line_before_any_work(tmp_path):
     shutil.copy(MLP, tmp_path / "m.onnx")
     cases = _bad_output_cases(tmp_path)
-    one_line_error(run_cli(*cases[0][0], cwd=tmp_path), cases[0][1])  # one as a real process, the rest in this one
+    one_line_error(run_cli(*cases[0][0], cwd=tmp_path, process=True), cases[0][1])  # one in a real process
     for args, needle in cases:
         before = listing(tmp_path)
         one_line_error(run_cli(*args, cwd=tmp_path), needle)
