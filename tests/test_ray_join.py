@@ -1,4 +1,4 @@
-"""``--ray HOST:PORT`` joins a cluster started as the README shows, token authentication included.
+"""``--ray HOST:PORT`` joins a cluster started as docs/distributed.md §4 shows, token authentication included.
 
 A real head (``ray start --head --block``) in its own home folder: it finds the token there and turns Ray's
 token authentication on (Ray ≥ 2.52), as a head does on a machine where a local ``--ray`` run of Ray ≥ 2.59
