@@ -1,11 +1,18 @@
-"""Shared fixtures: the bundled models, onnx's real test models, tiny graph builders, a CLI runner."""
+"""Shared fixtures: the bundled models, onnx's real test models, tiny graph builders, the one CLI runner."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import logging
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -86,34 +93,108 @@ def const(name: str, value) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
 
 
-@pytest.fixture
-def cli(tmp_path):
-    """Run the installed ``normact-onnx`` entry point as a user would (a real subprocess)."""
+def run_cli(
+    *args: object, cwd: Path, process: bool = False, umask: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``normact-onnx ARGS`` run in ``cwd``: exit code, stdout and stderr, as a user's shell would see them.
 
-    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    By default the command's ``main`` runs in this process (a new interpreter costs a second or two of imports per
+    call, and the suite makes hundreds of calls). Its output is captured at file descriptors 1 and 2, not only
+    ``sys.stdout``/``sys.stderr``, so what native code prints (ONNX Runtime's warnings) is seen as a user sees it.
+    A real process runs where the process is the point: ``process=True``, an explicit ``env`` (what the program
+    inherits), and every ``--ray`` run (Ray's native threads and its redirection of descriptor 2 belong to a
+    program of their own). ``umask`` applies to either.
+    """
+    argv = [str(a) for a in args]
+    if process or env is not None or "--ray" in argv:
         return subprocess.run(
-            [sys.executable, "-m", "normact_onnx.cli", *map(str, args)],
+            [sys.executable, "-m", "normact_onnx.cli", *argv],
             capture_output=True,
             text=True,
-            cwd=cwd or tmp_path,
+            cwd=cwd,
+            env=env,
             timeout=600,
+            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
         )
+    return _run_main(argv, cwd, umask)
 
-    return run
+
+def _run_main(argv: list[str], cwd: Path, umask: int | None) -> subprocess.CompletedProcess:
+    """``cli.main(argv)`` with descriptors 1 and 2 pointed at files, the directory and umask set for the call."""
+    from normact_onnx.cli import main
+
+    def stream(fd: int, like: Any) -> io.TextIOWrapper:  # the interpreter's own encoding rules for that stream
+        encoding, errors = getattr(like, "encoding", None) or "utf-8", getattr(like, "errors", None) or "strict"
+        return open(fd, "w", encoding=encoding, errors=errors, closefd=False)
+
+    # The program's notes go through the "normact_onnx" logger with no handler of its own: logging's last-resort
+    # handler prints them on stderr. Under pytest the root logger has capture handlers, which would take them.
+    log = logging.getLogger("normact_onnx")
+    propagate, log.propagate = log.propagate, False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    here, saved = os.getcwd(), (os.dup(1), os.dup(2))
+    old_umask = os.umask(umask) if umask is not None else None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        stdout, stderr = stream(1, sys.__stdout__), stream(2, sys.__stderr__)
+        try:
+            os.chdir(cwd)
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    code = main(argv)
+                except SystemExit as e:  # argparse: --help, --version, a usage error
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        finally:
+            for s in (stdout, stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    s.close()  # flushes; the descriptor stays open (closefd=False)
+            os.chdir(here)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if old_umask is not None:
+                os.umask(old_umask)
+            log.propagate = propagate
+        out.seek(0)
+        err.seek(0)
+        text = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+    return subprocess.CompletedProcess(["normact-onnx", *argv], code, *text)
 
 
 @pytest.fixture
-def main_in(capsys, monkeypatch):
-    """The CLI's ``main`` in this process (for the many quick refusals): returns a CompletedProcess like run_cli."""
-    from normact_onnx.cli import main
+def cli(tmp_path):
+    """:func:`run_cli` with the test's ``tmp_path`` as the default working directory."""
 
-    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        rc = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+    def run(*args: object, cwd: Path | None = None, **how: Any) -> subprocess.CompletedProcess:
+        return run_cli(*args, cwd=cwd or tmp_path, **how)
 
     return run
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """The ``normact-onnx`` subcommands' parsers, by name (for checks of every command's help and docs)."""
+    from normact_onnx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one stderr line, no traceback, containing every needle."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("normact-onnx: error: "), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    return r.stderr
+
+
+def listing(folder: Path) -> list[str]:
+    """Every file and folder below ``folder``, relative and sorted: what a command left behind."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def to_low_precision(model: onnx.ModelProto, elem: int = TensorProto.FLOAT16) -> onnx.ModelProto:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import MODELS
-from .test_hardening_io import SYN, listing, one_line_error, run_cli
-from .test_hardening_ux import _subcommands
+from .conftest import MODELS, listing, one_line_error, run_cli, subcommands
+from .test_io_files_and_data import SYN
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 
@@ -63,10 +62,10 @@ def test_a_full_disk_is_one_line_and_exit_2_and_leaves_nothing(tmp_path):
     assert r.stderr.count("\n") == 1 and "full/out.onnx: no space left" in r.stderr, r.stderr
 
 
-def test_an_object_array_npy_is_one_line_and_exit_2(tmp_path, main_in):
+def test_an_object_array_npy_is_one_line_and_exit_2(tmp_path):
     shutil.copy(MLP, tmp_path / "m.onnx")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    one_line_error(main_in("calibrate", "m.onnx", "--data", "obj.npy", "-o", "c.onnx", cwd=tmp_path), "Python objects")
+    one_line_error(run_cli("calibrate", "m.onnx", "--data", "obj.npy", "-o", "c.onnx", cwd=tmp_path), "Python objects")
     assert listing(tmp_path) == ["m.onnx", "obj.npy"]
 
 
@@ -82,7 +81,7 @@ def test_an_output_name_that_is_not_utf8_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 0 and (tmp_path / "ok.onnx").exists(), r.stderr
 
 
-def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, main_in, monkeypatch, capsys):
+def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, monkeypatch, capsys):
     """A bug (here: the site finder raising ZeroDivisionError) is not bad input: exit 3, not 2 or 1."""
     from normact_onnx.commands import inspect_cmd
 
@@ -91,10 +90,10 @@ def test_an_internal_error_is_exit_3_with_the_way_to_its_traceback(tmp_path, mai
 
     monkeypatch.setattr(inspect_cmd, "inspect", broken)
     shutil.copy(MLP, tmp_path / "m.onnx")
-    r = main_in("inspect", "m.onnx", cwd=tmp_path)
+    r = run_cli("inspect", "m.onnx", cwd=tmp_path)
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "internal error" in r.stderr and "--verbose" in r.stderr, r.stderr
-    r = main_in("inspect", "m.onnx", "--verbose", cwd=tmp_path)
+    r = run_cli("inspect", "m.onnx", "--verbose", cwd=tmp_path)
     assert r.returncode == 3 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr
 
 
@@ -105,18 +104,11 @@ def test_compare_difference_is_1_and_agreement_0(tmp_path):
     assert run_cli("compare", "m.onnx", "n.onnx", *SYN, cwd=tmp_path).returncode == 1
 
 
-@pytest.mark.parametrize("name", [None, *sorted(_subcommands())])
+@pytest.mark.parametrize("name", [None, *sorted(subcommands())])
 def test_every_help_states_the_exit_codes(name):
     from normact_onnx.cli import build_parser
 
-    parser = build_parser() if name is None else _subcommands()[name]
+    parser = build_parser() if name is None else subcommands()[name]
     text = " ".join(parser.format_help().split())
     for code in ("0 ok", "1 compare found a difference", "2 bad input", "3 internal error"):
         assert code in text, (name, text[-400:])
-
-
-def test_the_readme_states_the_exit_codes():
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    for code in ("`0`", "`1`", "`2`", "`3`"):
-        assert code in readme
-    assert "internal error" in readme and "--verbose" in readme

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .conftest import MODELS, ROOT, fvi, tiny_model
-from .test_hardening_io import SYN, external_copy, listing, one_line_error, run_cli
+from .conftest import MODELS, ROOT, fvi, listing, one_line_error, run_cli, tiny_model
+from .test_io_files_and_data import SYN, external_copy
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from .conftest import MODELS
-from .test_hardening_io import SYN, external_copy, one_line_error
+from .conftest import MODELS, one_line_error, run_cli
+from .test_io_files_and_data import SYN, external_copy
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 
@@ -79,39 +79,35 @@ def _snapshot(folder: Path) -> dict[str, bytes | str]:
 
 
 @pytest.mark.parametrize("args, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_an_output_naming_another_path_of_the_run_is_refused_before_anything_is_written(
-    tmp_path, main_in, args, needle
-):
+def test_an_output_naming_another_path_of_the_run_is_refused_before_anything_is_written(tmp_path, args, needle):
     folder = _folder(tmp_path)
     before = _snapshot(folder)
-    one_line_error(main_in(*args, cwd=folder), needle)
+    one_line_error(run_cli(*args, cwd=folder), needle)
     assert _snapshot(folder) == before  # the inputs keep their bytes, nothing new exists
 
 
 def test_the_refusal_is_the_same_in_a_real_process(tmp_path):
     """One case end to end as a user runs it (the rest run in this process, for speed)."""
-    from .test_hardening_io import run_cli
-
     folder = _folder(tmp_path)
     before = _snapshot(folder)
-    r = run_cli("calibrate", "m.onnx", *SYN, "-o", "c2.onnx", "--report", "c2.onnx", cwd=folder)
+    r = run_cli("calibrate", "m.onnx", *SYN, "-o", "c2.onnx", "--report", "c2.onnx", cwd=folder, process=True)
     one_line_error(r, "-o c2.onnx and --report c2.onnx name the same file")
     assert _snapshot(folder) == before
 
 
-def test_distinct_outputs_and_in_place_still_work(tmp_path, main_in):
+def test_distinct_outputs_and_in_place_still_work(tmp_path):
     folder = _folder(tmp_path)
-    assert main_in("rewrite", "m.onnx", "-o", "r.onnx", "--report", "r.json", cwd=folder).returncode == 0
-    assert main_in("rewrite", "hard.onnx", "--in-place", cwd=folder).returncode == 0
-    r = main_in("calibrate", "m.onnx", *SYN, "-o", "c.onnx", "--stats", "c.json", "--report", "c.html", cwd=folder)
+    assert run_cli("rewrite", "m.onnx", "-o", "r.onnx", "--report", "r.json", cwd=folder).returncode == 0
+    assert run_cli("rewrite", "hard.onnx", "--in-place", cwd=folder).returncode == 0
+    r = run_cli("calibrate", "m.onnx", *SYN, "-o", "c.onnx", "--stats", "c.json", "--report", "c.html", cwd=folder)
     assert r.returncode == 0, r.stderr
     assert {"r.onnx", "r.json", "c.onnx", "c.json", "c.html"} <= set(os.listdir(folder))
     shutil.copy(MLP, folder / "ip.onnx")
-    r = main_in("calibrate", "ip.onnx", *SYN, "--in-place", "--stats", "ip.json", cwd=folder)
+    r = run_cli("calibrate", "ip.onnx", *SYN, "--in-place", "--stats", "ip.json", cwd=folder)
     assert r.returncode == 0 and "wrote ip.onnx" in r.stdout, r.stderr
 
 
-def test_external_data_named_like_the_output_is_no_collision(tmp_path, main_in):
+def test_external_data_named_like_the_output_is_no_collision(tmp_path):
     """Exporters name the data ``model.onnx.data``: the writer's own files beside an output never block a run."""
     (tmp_path / "in").mkdir()
     onnx.save(onnx.load(str(MLP)), str(tmp_path / "in/model.onnx"), save_as_external_data=True,
@@ -122,5 +118,5 @@ def test_external_data_named_like_the_output_is_no_collision(tmp_path, main_in):
         ["fold", "out/model.onnx", "-o", "in/model.folded.onnx"],
         ["rewrite", "in/model.onnx", "--in-place"],
     ):
-        r = main_in(*args, cwd=tmp_path)
+        r = run_cli(*args, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr)

@@ -160,3 +160,91 @@ def test_no_citation_of_documents_outside_the_repository():
         if stale.search(line)
     ]
     assert not offenders, f"cite docs/ instead: {offenders}"
+
+
+# ---------------------------------------------------------------- the reference pages and the command line
+
+DOCS = ROOT / "docs"
+REFERENCE = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]  # where a user looks an option up
+
+
+def synopses(doc: Path) -> list[tuple[str, str]]:
+    """``(subcommand, text)`` of each ``normact-onnx SUBCOMMAND …`` in a page's indented blocks.
+
+    A synopsis goes on over lines that start with ``[`` (the optional arguments) or follow a trailing ``\\``.
+    """
+    found: list[list[str]] = []
+    going = False
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        text = line.strip().removeprefix("$ ")
+        if not line.startswith("    "):
+            going = False
+            continue
+        m = re.match(r"(?:\S*/)?normact-onnx\s+([a-z][\w-]*)(.*)", text)
+        if m:
+            found.append([m.group(1), m.group(2)])
+            going = True
+        elif going and (text.startswith("[") or found[-1][1].rstrip().endswith("\\")):
+            found[-1][1] += " " + text
+        else:
+            going = False
+    return [(cmd, " ".join(rest.split("#")[0].split())) for cmd, rest in found]
+
+
+def test_every_option_of_every_command_is_in_the_reference():
+    """The reference is complete: each long option of each subcommand is named on some page of docs/ (or README)."""
+    from .conftest import subcommands
+
+    text = " ".join(p.read_text(encoding="utf-8") for p in REFERENCE)
+    missing = [
+        f"{name} {option}"
+        for name, parser in subcommands().items()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help" and not re.search(re.escape(option) + r"(?![\w-])", text)
+    ]
+    assert missing == [], f"options no page documents: {missing}"
+
+
+def test_every_option_a_synopsis_shows_exists():
+    """No page shows an option its command does not have (a renamed or removed flag left in the docs)."""
+    from .conftest import subcommands
+
+    parsers = subcommands()
+    checked = 0
+    for page in REFERENCE:
+        for cmd, rest in synopses(page):
+            assert cmd in parsers, f"{page.name}: `normact-onnx {cmd}` is not a command"
+            known = {o for a in parsers[cmd]._actions for o in a.option_strings}
+            for option in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest):
+                assert option in known, f"{page.name}: `normact-onnx {cmd}` has no option {option}"
+                checked += 1
+    assert checked > 50  # the synopses of cli.md alone show more; fewer means the pattern broke
+
+
+def test_every_command_has_its_synopsis_in_the_reference():
+    from .conftest import subcommands
+
+    shown = {cmd for page in REFERENCE if page.parent == DOCS for cmd, _ in synopses(page)}
+    assert shown >= set(subcommands()), set(subcommands()) - shown
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", DOCS / "cli.md"], ids=lambda p: p.name)
+def test_the_exit_codes_are_stated(page):
+    text = " ".join(page.read_text(encoding="utf-8").split())
+    for code in ("`0` ok", "`1` `compare` found a difference", "`2` bad input or environment", "`3` internal error"):
+        assert code in text, (page.name, code)
+    assert "`130` interrupted" in text and "--verbose" in text
+
+
+def test_relative_links_name_existing_files():
+    """Every Markdown link to a file of the repository (README, CONTRIBUTING, docs/) points at one that exists."""
+    checked = 0
+    for page in [*REFERENCE, ROOT / "CONTRIBUTING.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+            checked += 1
+    assert checked > 10

@@ -21,8 +21,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from normact_onnx.io import ALIGNMENT, model_tensors, temp_beside
 
-from .conftest import fvi, random_feeds, run_model, tiny_model
-from .test_hardening_io import listing, run_cli
+from .conftest import fvi, listing, random_feeds, run_cli, run_model, tiny_model
 
 WIDTH = 256  # each weight 256 KiB: the data file's size is dominated by tensors, not by page alignment
 
@@ -107,7 +106,7 @@ def test_a_killed_runs_temporary_file_is_removed_by_the_next_run_in_that_folder(
     for p in others:
         p.write_text("not ours")
     time.sleep(0.05)
-    r = run_cli("rewrite", src, "-o", "out/r.onnx", cwd=tmp_path)
+    r = run_cli("rewrite", src, "-o", "out/r.onnx", cwd=tmp_path, process=True)  # another process than `live`
     assert r.returncode == 0, r.stderr
     assert not leftover.exists()
     assert live.exists() and all(p.exists() for p in others)

@@ -40,6 +40,7 @@ def _leftovers(m: onnx.ModelProto) -> list[str]:
     return [f"{n.op_type} {n.name}" for g in graphs for n in g.node if n.domain == NORM_DOMAIN or "_normact_" in n.name]
 
 
+@pytest.mark.slow  # real models preserved, folded and checked: 17-53 s each measured here under load
 @pytest.mark.parametrize("item", rm.params(REAL))
 def test_fold_of_a_preserved_real_model_gives_the_model_back(item, tmp_path):
     """Every normalized site folds, no Norm op or preserve helper is left, the node count is the original's

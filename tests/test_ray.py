@@ -25,6 +25,8 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 Image = pytest.importorskip("PIL.Image")
 
+pytestmark = pytest.mark.slow  # a Ray cluster per module and some of their own: about 90 s on 2 cores
+
 CNN = MODELS / "cnn_relu.torchscript.onnx"
 RTOL = 1e-9
 FIRST_SITE = 3136  # elements one image gives cnn_relu's first ReLU (its pre-activation is 4×28×28)

@@ -1,4 +1,4 @@
-"""``--ray HOST:PORT`` joins a cluster started as the README shows, token authentication included.
+"""``--ray HOST:PORT`` joins a cluster started as docs/distributed.md §4 shows, token authentication included.
 
 A real head (``ray start --head --block``) in its own home folder: it finds the token there and turns Ray's
 token authentication on (Ray ≥ 2.52), as a head does on a machine where a local ``--ray`` run of Ray ≥ 2.59
@@ -24,7 +24,7 @@ import pytest
 from normact_onnx.api import calibrate
 from normact_onnx.comparison import compare
 
-from .conftest import MODELS, ROOT
+from .conftest import MODELS, ROOT, run_cli
 
 pytest.importorskip("ray.data", reason="Ray Data is optional: pip install 'normact-onnx[ray]'")
 pytestmark = pytest.mark.slow  # a cluster of its own: ~10 s to start and stop
@@ -98,17 +98,12 @@ def shards(tmp_path_factory):
     return folder
 
 
-def run_cli(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "normact_onnx.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 def test_host_port_joins_a_cluster_with_token_authentication(head, shards, tmp_path):
     env, address = head["env"], head["address"]
     stats = tmp_path / "s.json"
     start = time.monotonic()
-    r = run_cli(env, "calibrate", CNN, "--data", shards, "--batch-size", 16, "--stats-only", "--stats", stats,
-                "--ray", address, "--workers", 2)  # fmt: skip
+    r = run_cli("calibrate", CNN, "--data", shards, "--batch-size", 16, "--stats-only", "--stats", stats,
+                "--ray", address, "--workers", 2, cwd=tmp_path, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "cannot connect" not in r.stderr
     one = calibrate(CNN, shards, batch_size=16, aggregate="mean")
@@ -124,8 +119,8 @@ def test_host_port_joins_a_cluster_with_token_authentication(head, shards, tmp_p
 
     cal = tmp_path / "cal.onnx"
     calibrate(CNN, shards, cal, batch_size=16, aggregate="mean")
-    r = run_cli(env, "compare", CNN, cal, "--data", shards, "--batch-size", 16, "--batches", 4, "--json",
-                "--ray", address)  # fmt: skip
+    r = run_cli("compare", CNN, cal, "--data", shards, "--batch-size", 16, "--batches", 4, "--json",
+                "--ray", address, cwd=tmp_path, env=env)  # fmt: skip
     assert r.returncode in (0, 1), r.stderr
     want = compare(CNN, cal, shards, batch_size=16, batches=4).report()
     assert json.loads(r.stdout)["batches"] == want["batches"] == 4
@@ -133,7 +128,8 @@ def test_host_port_joins_a_cluster_with_token_authentication(head, shards, tmp_p
         json.loads(r.stdout)["outputs"][0]["elements"] == want["outputs"][0]["elements"] == 56 * 10
     )  # 16+16+8, then 16
 
-    r = run_cli(env, "compare", cal, "--data", shards, "--sites", "--json", "--ray", address)  # one model, on Ray
+    r = run_cli("compare", cal, "--data", shards, "--sites", "--json", "--ray", address,  # one model, on Ray
+                cwd=tmp_path, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     sites = json.loads(r.stdout)["sites"]
     want = compare(cal, None, shards, sites=True).report()["sites"]

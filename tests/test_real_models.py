@@ -55,6 +55,7 @@ def minilm(request, tmp_path_factory):
     return path, minilm_inputs(4, 16)
 
 
+@pytest.mark.slow  # exports MiniLM with torch twice (its fixture): 20-34 s each measured here
 def test_minilm_every_gelu_found_rewritten_and_runs(minilm, tmp_path):
     path, feeds = minilm
     sites = inspect(path)
@@ -65,6 +66,7 @@ def test_minilm_every_gelu_found_rewritten_and_runs(minilm, tmp_path):
     assert hidden.shape == (4, 16, 384) and np.all(np.isfinite(hidden))
 
 
+@pytest.mark.slow  # exports MiniLM with torch twice (its fixture): 20-34 s each measured here
 def test_minilm_preserve_function_reproduces_embeddings(minilm, tmp_path):
     path, feeds = minilm
     res = rewrite(path, tmp_path / "p.onnx", preserve_function=True, details=True)

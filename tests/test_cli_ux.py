@@ -1,4 +1,4 @@
-"""Issue 16 (matching, output and UX, README): what new users and hostile inputs hit, through the CLI.
+"""The command line as a new user meets it: kind aliases, float16 models, bad models, progress, help, pipes.
 
 Each test runs the real command in a subprocess and checks the exit code, the one stderr line and
 the files, as a user would see them.
@@ -18,14 +18,11 @@ import sys
 import termios
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
-from normact_onnx.cli import build_parser
-
-from .conftest import MODELS, ROOT, bundled_models, fvi, tiny_model, to_low_precision
+from .conftest import MODELS, ROOT, bundled_models, fvi, subcommands, tiny_model, to_low_precision
 
 SRC = ROOT / "src" / "normact_onnx"
 
@@ -262,15 +259,9 @@ def test_rewritten_clip_models_load_without_ort_warnings(path, tmp_path, cli):
     assert load.returncode == 0 and "Removing initializer" not in load.stderr, load.stderr
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
-
-
-@pytest.mark.parametrize("name", sorted(_subcommands()))
+@pytest.mark.parametrize("name", sorted(subcommands()))
 def test_every_option_has_a_help_string(name):
-    p = _subcommands()[name]
+    p = subcommands()[name]
     options = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
     missing = [a.option_strings or [a.dest] for a in options if not a.help]
     assert missing == [], f"{name}: {missing}"
@@ -289,63 +280,3 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert "2 sites" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "normact_onnx", "nosuch"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
-
-
-# ---------------------------------------------------------------- README and the test setup
-
-
-def test_bundled_models_come_from_the_manifest_not_from_whatever_lies_in_models():
-    stray = MODELS / f"_stray_{os.getpid()}.normact.onnx"  # what the old Quickstart left there
-    stray.write_bytes((MODELS / "mlp_relu.torchscript.onnx").read_bytes())
-    try:
-        assert stray not in bundled_models()
-    finally:
-        stray.unlink()
-    assert len(bundled_models()) == len(list(MODELS.glob("*.onnx")))  # every shipped model is listed
-
-
-def _quickstart() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    return [line.strip() for line in section.splitlines() if line.startswith("    python3 ")]
-
-
-def test_quickstart_commands_use_their_own_environments_and_write_outside_models():
-    commands = _quickstart()
-    assert len(commands) == 2
-    venvs = [re.match(r"python3 -m venv (\S+) ", c).group(1) for c in commands]
-    assert venvs[0] != venvs[1]
-    ignored = (ROOT / ".gitignore").read_text().splitlines()
-    first = commands[0]
-    model = re.search(r"rewrite (\S+)", first).group(1)
-    assert (ROOT / model).is_file()
-    out = re.search(r"-o (\S+)", first).group(1)
-    assert not out.startswith("models/")
-    assert f"{out.split('/')[0]}/" in ignored
-    for v in venvs:
-        assert any(re.fullmatch(pat.replace("*", ".*").rstrip("/"), v) for pat in ignored if pat.endswith("/")), v
-    assert "train-env/" in ignored
-
-
-def test_bench_latency_uses_the_installed_package_and_says_when_the_kernel_variant_is_skipped(tmp_path):
-    import json
-
-    import normact_onnx
-    from normact_onnx.runtime import has_library
-
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--models", "mlp", "--rounds", "2",
-         "--inner", "1", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )  # fmt: skip
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(out["package"]) == Path(normact_onnx.__file__).parent
-    (result,) = out["results"]
-    if has_library():
-        assert "kernel" in result["ms"]
-    else:
-        assert "kernel" in result["skipped"] and "kernel variant skipped" in proc.stderr
-    assert np.isfinite(result["ms"]["folded"])

@@ -1,7 +1,7 @@
-"""Issue 16, "Files and output paths" and "Data and statistics": what new users and hostile inputs hit.
+"""Files and data a command reads and writes: output modes and paths, hostile data and statistics, models over 2 GB.
 
-CLI tests run the real ``normact-onnx`` in a subprocess and assert the exact exit code, that stderr is
-exactly one line, and what the folder holds afterwards.
+CLI tests run ``normact-onnx`` through the one runner (``conftest.run_cli``) and assert the exact exit code, that
+stderr is exactly one line, and what the folder holds afterwards.
 """
 
 from __future__ import annotations
@@ -24,36 +24,11 @@ from normact_onnx import io as nio
 from normact_onnx.api import calibrate, inspect, rewrite
 from normact_onnx.errors import NormactError
 
-from .conftest import MODELS, fvi, random_feeds, run_model, tiny_model
+from .conftest import MODELS, fvi, listing, one_line_error, random_feeds, run_cli, run_model, tiny_model
 
 MLP = MODELS / "mlp_relu.torchscript.onnx"
 SYN = ("--synthetic", "--shape", "x=16x64")  # synthetic calibration data for MLP
 ROOT_USER = os.geteuid() == 0
-
-
-def run_cli(*args, cwd: Path, umask: int | None = None) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, optionally under an explicit umask."""
-    return subprocess.run(
-        [sys.executable, "-m", "normact_onnx.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
-    )
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, exactly one stderr line, no traceback, containing every needle."""
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("normact-onnx: error: "), r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
-    return r.stderr
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def mode(p: Path) -> int:
@@ -161,13 +136,13 @@ def _bad_output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_output_path_problems_are_one_line_before_any_work(tmp_path, main_in):
+def test_output_path_problems_are_one_line_before_any_work(tmp_path):
     shutil.copy(MLP, tmp_path / "m.onnx")
     cases = _bad_output_cases(tmp_path)
-    one_line_error(run_cli(*cases[0][0], cwd=tmp_path), cases[0][1])  # one as a real process, the rest in this one
+    one_line_error(run_cli(*cases[0][0], cwd=tmp_path, process=True), cases[0][1])  # one in a real process
     for args, needle in cases:
         before = listing(tmp_path)
-        one_line_error(main_in(*args, cwd=tmp_path), needle)
+        one_line_error(run_cli(*args, cwd=tmp_path), needle)
         assert listing(tmp_path) == before, args
 
 
@@ -408,7 +383,7 @@ def _dynamic_mlp(tmp_path: Path) -> Path:
     return tmp_path / "d.onnx"
 
 
-def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_path, main_in):
+def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_path):
     _dynamic_mlp(tmp_path)
     r = run_cli("compare", "d.onnx", "d.onnx", "--synthetic", "--shape", "x=7x8", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -416,11 +391,11 @@ def test_compare_honours_shape_and_refuses_unknown_inputs_and_bad_counts(tmp_pat
     one_line_error(run_cli("compare", "d.onnx", "d.onnx", "--synthetic", "--shape", "z=7x8", cwd=tmp_path),
                    "--shape z", "no such input")  # fmt: skip
     for flag in ("--batch-size", "--batches"):
-        one_line_error(main_in("compare", "d.onnx", "d.onnx", "--synthetic", flag, "0", cwd=tmp_path), flag)
-    r = main_in("compare", "d.onnx", "d.onnx", "--data", "d.npz", "--shape", "x=2x8", cwd=tmp_path)
+        one_line_error(run_cli("compare", "d.onnx", "d.onnx", "--synthetic", flag, "0", cwd=tmp_path), flag)
+    r = run_cli("compare", "d.onnx", "d.onnx", "--data", "d.npz", "--shape", "x=2x8", cwd=tmp_path)
     one_line_error(r, "--shape")
     for q in ("inf", "nan", "-1", "0"):
-        one_line_error(main_in("rewrite", "d.onnx", "--q", q, cwd=tmp_path), "--q")
+        one_line_error(run_cli("rewrite", "d.onnx", "--q", q, cwd=tmp_path), "--q")
     assert sorted(os.listdir(tmp_path)) == ["d.onnx"]
 
 
