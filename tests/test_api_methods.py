@@ -106,3 +106,36 @@ def test_the_door_refuses_what_it_cannot_do(two_sites):
     constants, info = method_constants(MethodOptions(variant="zeta-zero", q=2.0))
     assert info == {"method": "static", "variant": "zeta-zero", "q": 2.0}
     assert callable(constants)
+
+
+def test_method_options_are_the_keywords_as_one_value(two_sites, tmp_path):
+    """``method_options=`` writes what the loose method keywords write, for rewrite and calibrate alike."""
+    path, batches = two_sites
+    stats = calibrate(path, batches)
+    loose = rewrite(path, method="anact", stats=stats, lambda_rule="xavier", aggregate="mean", details=True)
+    bundled = rewrite(
+        path, stats=stats, method_options=MethodOptions("anact", lambda_rule="xavier", aggregate="mean"), details=True
+    )
+    assert _constants(loose) == _constants(bundled)
+    static = rewrite(path, method_options=MethodOptions(variant="zeta-zero", q=2.0), details=True)
+    assert _constants(static) == _constants(rewrite(path, variant="zeta-zero", q=2.0, details=True))
+    # calibrate: options left as None take calibrate's defaults (anact's factors, center-scale)
+    by_value = calibrate(path, batches, method_options=MethodOptions("static"))
+    by_keywords = calibrate(path, batches, method="static")
+    assert by_value.settings == by_keywords.settings and by_value.settings["variant"] == "center-scale"
+    with pytest.raises(NormactError, match="method_options= or as method/variant/q/ratio"):
+        rewrite(path, q=2.0, method_options=MethodOptions())
+    with pytest.raises(NormactError, match="method_options= or as method/variant"):
+        calibrate(path, batches, method="static", method_options=MethodOptions("static"))
+
+
+def test_factor_options_are_checked_once_at_one_door(two_sites):
+    """An unknown aggregate or λ rule is refused by ``check_options`` before any work: api.py's old second
+    ``aggregate not in AGGREGATES`` check after it could never fire, and is gone."""
+    path, batches = two_sites
+    with pytest.raises(NormactError, match=r"^unknown --aggregate 'median'; choose one of ema, mean$"):
+        calibrate(path, batches, aggregate="median")
+    with pytest.raises(NormactError, match=r"^unknown --lambda-rule 'he'; choose one of anact, xavier$"):
+        calibrate(path, batches, lambda_rule="he")
+    with pytest.raises(TypeError, match="calibrate\\(\\) got an unexpected keyword argument 'aggregates'"):
+        calibrate(path, batches, aggregates="mean")  # type: ignore[call-overload]

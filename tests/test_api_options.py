@@ -97,6 +97,18 @@ def test_both_ways_at_once_are_refused(two_sites, tmp_path):
     assert out.check is None and out.path == tmp_path / "f.onnx"  # no self-check without verify
 
 
+def test_a_keyword_no_function_takes_is_a_type_error(two_sites):
+    """The keywords are declared once (a TypedDict per function), not spelled out in the signature: a misspelt one
+    is still refused as Python refuses it for a written-out signature, before any work."""
+    path, batches = two_sites
+    with pytest.raises(TypeError, match=r"^rewrite\(\) got an unexpected keyword argument 'include_kinds'$"):
+        rewrite(path, include_kinds="tanh")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"^calibrate\(\) got an unexpected keyword argument 'batch'$"):
+        calibrate(path, batches, batch=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"^fold\(\) got an unexpected keyword argument 'form'$"):
+        fold(path, form="subgraph")  # type: ignore[call-overload]
+
+
 def test_data_options_read_the_same_batches_as_the_keywords(two_sites, tmp_path):
     path, batches = two_sites
     loose = calibrate(path, batches, tmp_path / "loose.onnx", batches=4, batch_size=32, details=True)

@@ -142,3 +142,43 @@ def test_refuses_to_overwrite_input(cli, tmp_path):
     assert model.read_bytes() == before
     assert cli("rewrite", model, "--in-place").returncode == 0
     assert model.read_bytes() != before
+
+
+def test_argument_groups_give_the_api_its_values_and_leave_args_alone(tmp_path, capsys):
+    """Each argument group turns its flags into the option value the API takes, and no command changes ``args``
+    (calibrate once patched ``explain``/``report`` into it to reuse rewrite's tail); in-process."""
+    from normact_onnx.cli import build_parser
+    from normact_onnx.commands import calibrate_cmd, fold_cmd, rewrite_cmd
+    from normact_onnx.policy import MethodOptions
+    from normact_onnx.selection import SiteSelection
+    from normact_onnx.writer import OutputOptions
+
+    model = _copy(tmp_path)
+    plain = tmp_path / "plain.onnx"
+    onnx.save(tiny_model([helper.make_node("Neg", ["x"], ["y"])], [fvi("x", [4])], [fvi("y", [4])]), str(plain))
+    parser = build_parser()
+    args = parser.parse_args(
+        ["calibrate", str(model), "--synthetic", "--batches", "2", "--seed", "3", "--include", "relu",
+         "--form", "subgraph", "--no-verify", "--method", "static", "--variant", "zeta-zero"]
+    )  # fmt: skip
+    assert calibrate_cmd.SELECTION.value(args) == SiteSelection.parse(include="relu")
+    assert calibrate_cmd.OUTPUT.value(args) == OutputOptions("subgraph", verify=False, write_unchanged=False)
+    data = calibrate_cmd.DATA.value(args)
+    assert (data.data, data.batches, data.synthetic, data.seed) == (None, 2, True, 3) and data.images is not None
+    assert calibrate_cmd.METHOD.value(args) == MethodOptions("static", "zeta-zero", 1.0, None, "anact", False, "ema")
+    ratio = parser.parse_args(["rewrite", str(model), "--variant", "ratio", "--ratio", "0.3"])
+    assert rewrite_cmd.METHOD.value(ratio) == MethodOptions("static", "ratio", 1.0, 0.3)
+    assert fold_cmd.DATA.value(parser.parse_args(["fold", str(model), "--synthetic"])).images is None
+    runs = [
+        ["calibrate", model, "--synthetic", "--batches", "2", "--method", "static", "--no-verify"],
+        ["calibrate", model, "--synthetic", "--batches", "2", "--stats-only", "--stats", tmp_path / "s.json"],
+        ["calibrate", plain, "--synthetic", "-o", tmp_path / "copy.onnx"],  # no sites: rewrite's unchanged copy
+        ["rewrite", model, "--explain", "--q", "2"],
+    ]
+    for argv in runs:
+        run = parser.parse_args(list(map(str, argv)))
+        before = dict(vars(run))
+        assert run.handler(run) == 0
+        assert vars(run) == before, argv
+    assert (tmp_path / "model.anact.onnx").exists() and (tmp_path / "s.json").exists()
+    assert (tmp_path / "copy.onnx").exists() and "no activation sites found" in capsys.readouterr().out

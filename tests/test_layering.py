@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),
     ("decisions", ["policy", "writer"]),
     ("distributed and comparison", ["calibration.distributed", "comparison"]),
-    ("orchestration", ["api", "deploy"]),
+    ("orchestration", ["operations", "operations.*", "api", "deploy"]),
     ("training", ["training", "training.*"]),
     ("command line", ["commands", "commands.*", "cli", "__main__"]),
 ]

@@ -23,6 +23,7 @@ _API = {
     "RewriteResult": "normact_onnx.api",
     "SiteSelection": "normact_onnx.selection",
     "OutputOptions": "normact_onnx.writer",
+    "MethodOptions": "normact_onnx.policy",
     "DataOptions": "normact_onnx.calibration.batches",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",

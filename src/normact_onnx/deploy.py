@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import onnx
 
@@ -50,6 +50,9 @@ from .progress import bar as progress_bar
 from .progress import stage
 from .selection import SiteSelection
 from .writer import OutputOptions, check_input, save_verified
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 NOISE_FACTOR = 10.0
 EPS_FLOOR = 1000  # machine epsilons of the output type (at most 1%), times the output's scale
@@ -87,28 +90,34 @@ class FoldResult:
         }
 
 
+class FoldKeywords(TypedDict, total=False):
+    """The keywords of :func:`fold` (besides ``model``, ``output`` and ``details``), declared once."""
+
+    padding: str
+    nodes: str | None
+    tolerance: float | None
+    verify: bool  # or output_options=
+    in_place: bool
+    write_unchanged: bool
+    output_options: OutputOptions | None
+    data: Any  # or data_options=
+    synthetic: bool
+    shapes: Any
+    values: Any
+    batches: int | None
+    batch_size: int | None
+    seed: int
+    data_options: DataOptions | None
+    progress: bool
+
+
 @overload
 def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    padding: str = "keep-shift",
-    nodes: str | None = None,
-    verify: bool = True,
-    data: Any = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    values: Any = None,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    tolerance: float | None = None,
-    in_place: bool = False,
-    write_unchanged: bool = True,
-    details: Literal[False] = ...,
-    progress: bool = False,
-    output_options: OutputOptions | None = None,
-    data_options: DataOptions | None = None,
+    details: Literal[False] = False,
+    **keywords: Unpack[FoldKeywords],
 ) -> onnx.ModelProto: ...
 
 
@@ -117,49 +126,9 @@ def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    padding: str = "keep-shift",
-    nodes: str | None = None,
-    verify: bool = True,
-    data: Any = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    values: Any = None,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    tolerance: float | None = None,
-    in_place: bool = False,
-    write_unchanged: bool = True,
     details: Literal[True],
-    progress: bool = False,
-    output_options: OutputOptions | None = None,
-    data_options: DataOptions | None = None,
+    **keywords: Unpack[FoldKeywords],
 ) -> FoldResult: ...
-
-
-@overload
-def fold(
-    model: ModelLike,
-    output: str | os.PathLike | None = None,
-    *,
-    padding: str = "keep-shift",
-    nodes: str | None = None,
-    verify: bool = True,
-    data: Any = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    values: Any = None,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    tolerance: float | None = None,
-    in_place: bool = False,
-    write_unchanged: bool = True,
-    details: bool = ...,
-    progress: bool = False,
-    output_options: OutputOptions | None = None,
-    data_options: DataOptions | None = None,
-) -> onnx.ModelProto | FoldResult: ...
 
 
 @same_type("model")
@@ -167,23 +136,8 @@ def fold(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    padding: str = "keep-shift",
-    nodes: str | None = None,
-    verify: bool = True,
-    data: Any = None,
-    synthetic: bool = False,
-    shapes: Any = None,
-    values: Any = None,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    tolerance: float | None = None,
-    in_place: bool = False,
-    write_unchanged: bool = True,
     details: bool = False,
-    progress: bool = False,
-    output_options: OutputOptions | None = None,
-    data_options: DataOptions | None = None,
+    **keywords: Unpack[FoldKeywords],
 ) -> onnx.ModelProto | FoldResult:
     """Fold every normalized site (slope 0) whose affine part moves exactly into its neighbours.
 
@@ -212,12 +166,30 @@ def fold(
     :class:`.calibration.batches.DataOptions`) carries ``data``/``synthetic``/``shapes``/``values``/``batches``/
     ``batch_size``/``seed`` as one value instead (its ``images`` is not read: the self-check reads no image folders).
     """
-    loose = OutputOptions(verify=verify, in_place=in_place, write_unchanged=write_unchanged)
+    unknown = sorted(set(keywords) - set(FoldKeywords.__annotations__))
+    if unknown:
+        raise TypeError(f"fold() got an unexpected keyword argument {unknown[0]!r}")
+    kw: dict[str, Any] = dict(keywords)
+    padding, nodes, tolerance = kw.get("padding", "keep-shift"), kw.get("nodes"), kw.get("tolerance")
+    output_options, data_options = kw.get("output_options"), kw.get("data_options")
+    loose = OutputOptions(
+        verify=kw.get("verify", True),
+        in_place=kw.get("in_place", False),
+        write_unchanged=kw.get("write_unchanged", True),
+    )
     if output_options is None:
         output_options = loose
     elif loose != OutputOptions():
         raise NormactError("pass the output options as output_options= or as verify/in_place/write_unchanged, not both")
-    loose_data = DataOptions(data, batches, batch_size, synthetic, shapes, values, seed)
+    loose_data = DataOptions(
+        kw.get("data"),
+        kw.get("batches"),
+        kw.get("batch_size"),
+        kw.get("synthetic", False),
+        kw.get("shapes"),
+        kw.get("values"),
+        kw.get("seed", 0),
+    )
     if data_options is None:
         data_options = loose_data
     elif loose_data != DataOptions():
@@ -235,7 +207,7 @@ def fold(
     if padding not in PADDING:
         raise NormactError(f"unknown --padding {padding!r}; choose one of {', '.join(PADDING)}")
     pattern = SiteSelection(nodes=nodes).pattern
-    with progress_bar(4, "fold", progress, unit="stage") as bar:
+    with progress_bar(4, "fold", kw.get("progress", False), unit="stage") as bar:
         stage(bar, "loading")
         result = _fold(model, output, bar, padding, pattern, data_options, tolerance, output_options)
     return result if details else result.model

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
+from .calibration.insitu import Normalizer
 from .calibration.stats import CalibrationStats, SiteStats
 from .errors import NormactError
+from .methods import METHODS
 from .methods.anact import anact_affine, check_options, site_factors
 from .methods.static import VARIANTS, Affine, measured_affine, static_affine
 from .outcome import Refusal
@@ -27,8 +29,6 @@ from .selection import SiteSelection
 
 Constants = Callable[[Site], Affine | Refusal]
 """A site's constants, or why it has none (the site is then skipped with that reason)."""
-
-METHODS = ("static", "anact")
 
 
 def select(sites: list[Site], selection: SiteSelection, constants: Constants) -> list[SiteOutcome]:
@@ -275,6 +275,22 @@ class MethodOptions:
     lambda_rule: str | None = None
     centered_rho: bool | None = None
     aggregate: str | None = None
+
+    def filled(self, defaults: MethodOptions) -> MethodOptions:
+        """These options with the ones left as None taken from ``defaults`` (calibrate's, when no statistics exist
+        yet to take them from)."""
+        return replace(
+            self, **{f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None}
+        )
+
+    def normalizer(self) -> Normalizer:
+        """How in-situ calibration normalizes the sites on the way: this value, as :mod:`.calibration` takes it.
+
+        Checks the options first (the λ rule and the aggregate, :func:`.methods.anact.check_options`; the method,
+        variant and ratio, :class:`.calibration.insitu.Normalizer`). Call it on :meth:`filled` options.
+        """
+        check_options(str(self.lambda_rule), str(self.aggregate))
+        return Normalizer(self.method, str(self.lambda_rule), bool(self.centered_rho), str(self.variant), self.ratio)
 
 
 def method_constants(options: MethodOptions, stats: CalibrationStats | None = None) -> tuple[Constants, dict[str, Any]]:

@@ -5,29 +5,73 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..api import calibrate, inspect, rewrite
 from ..calibration.report import factors_table, terminal_table
 from ..methods.static import MEASURED_VARIANTS as VARIANTS
+from ..operations.calibrate import calibrate_model
+from ..operations.rewrite import inspect_sites, rewrite_model
+from ..policy import MethodOptions
 from ..texttable import plural
 from .common import (
-    add_anact_options,
-    add_data_source,
-    add_form,
-    add_no_verify,
-    add_output_path,
+    DataArgs,
+    OutputArgs,
+    RayArgs,
+    SelectionArgs,
+    add_factor_flags,
     add_quiet,
-    add_selection,
     check_paths,
-    data_options,
     default_output,
     output_label,
-    output_options,
-    output_path,
-    site_selection,
 )
 from .rewrite_cmd import finish
 
 SUFFIX = ".anact.onnx"  # not rewrite's .normact.onnx: the two commands' outputs never overwrite each other
+
+
+class CalibrateMethodArgs:
+    """``calibrate``'s method flags: what the in-situ run normalizes with, and so what the statistics are for."""
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        m = p.add_argument_group("method")
+        m.add_argument(
+            "--method",
+            choices=("anact", "static"),
+            default="anact",
+            help="anact: λ, μ per site (default); static: --variant from each site's measured moments",
+        )
+        m.add_argument(
+            "--variant",
+            choices=VARIANTS,
+            default="center-scale",
+            help="static method: center-scale (mean/variance of f), zeta-zero or ratio (this project's own; "
+            "both also remove the linear part)",
+        )
+        m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
+        add_factor_flags(m)
+        m.add_argument("--per-channel", action="store_true", help="one λ, μ per channel (axis inferred per site)")
+        m.add_argument(
+            "--no-in-situ",
+            dest="in_situ",
+            action="store_false",
+            help="measure the original network instead of normalizing each selected site with its batch's "
+            "statistics on the way (in situ, the default, is what keeps deep networks normalized in the written "
+            "model)",
+        )
+
+    def value(self, args: argparse.Namespace) -> MethodOptions:
+        return MethodOptions(
+            args.method, args.variant, 1.0, args.ratio, args.lambda_rule, args.centered_rho, args.aggregate
+        )
+
+
+DATA = DataArgs(
+    "data",
+    batches_help="use at most this many batches (default: all; synthetic: 10)",
+    batch_size_help="split each file along axis 0 into batches of this many samples",
+)
+METHOD = CalibrateMethodArgs()
+SELECTION = SelectionArgs()
+OUTPUT = OutputArgs(SUFFIX)
+RAY = RayArgs()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,39 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "write the ANAct-calibrated model (docs/math.md §2), a mergeable statistics JSON and optionally a report.",
     )
     p.add_argument("model", help="path to an .onnx file")
-    add_data_source(
-        p,
-        "data",
-        batches_help="use at most this many batches (default: all; synthetic: 10)",
-        batch_size_help="split each file along axis 0 into batches of this many samples",
-    )
-    m = p.add_argument_group("method")
-    m.add_argument(
-        "--method",
-        choices=("anact", "static"),
-        default="anact",
-        help="anact: λ, μ per site (default); static: --variant from each site's measured moments",
-    )
-    m.add_argument(
-        "--variant",
-        choices=VARIANTS,
-        default="center-scale",
-        help="static method: center-scale (mean/variance of f), zeta-zero or ratio (this project's own; "
-        "both also remove the linear part)",
-    )
-    m.add_argument("--ratio", type=float, help="ζ/η target for --variant ratio")
-    add_anact_options(m)
-    m.add_argument("--per-channel", action="store_true", help="one λ, μ per channel (axis inferred per site)")
-    m.add_argument(
-        "--no-in-situ",
-        dest="in_situ",
-        action="store_false",
-        help="measure the original network instead of normalizing each selected site with its batch's statistics "
-        "on the way (in situ, the default, is what keeps deep networks normalized in the written model)",
-    )
-    add_selection(p)
+    DATA.add(p)
+    METHOD.add(p)
+    SELECTION.add(p)
     o = p.add_argument_group("output")
-    add_output_path(o, "calibrated model", SUFFIX)
+    OUTPUT.add_path(o, "calibrated model")
     o.add_argument(
         "--stats",
         metavar="FILE.json",
@@ -80,14 +96,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--report", dest="html_report", metavar="FILE.html", help="HTML report with per-site plots against depth"
     )
-    add_form(o)
-    add_no_verify(o)
+    OUTPUT.add_form(o)
+    OUTPUT.add_no_verify(o)
     add_quiet(o, "--no-progress")
-    p.set_defaults(handler=run, report=None)  # rewrite's JSON --report (shared ``finish``) is not offered here
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    output = None if args.stats_only and not args.output and not args.in_place else output_path(args, SUFFIX)
+    output = None if args.stats_only and not args.output and not args.in_place else OUTPUT.path(args)
     model_out = output or default_output(args.model, SUFFIX)
     stats_path = args.stats or default_output(str(model_out), ".stats.json")
     check_paths(
@@ -101,45 +117,39 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.stats_only:
         output = None
-    elif not inspect(args.model):  # nothing to measure: the verified unchanged copy, as rewrite and fold leave
-        args.explain, args.report = False, None
-        copy = rewrite(args.model, output, details=True, progress=not args.quiet, output_options=output_options(args))
+    elif not inspect_sites(args.model):  # nothing to measure: the verified unchanged copy, as rewrite and fold leave
+        copy = rewrite_model(args.model, output, out=OUTPUT.value(args), progress=not args.quiet)
         print("no activation sites found: nothing to calibrate, no statistics written")
-        return finish(args, copy)
-    result = calibrate(
+        return finish(copy, verify=not args.no_verify)
+    selection, out, data = SELECTION.value(args), OUTPUT.value(args), DATA.value(args)
+    ray = RAY.value(args)
+    result = calibrate_model(
         args.model,
-        output=output,
+        data,
+        output,
+        method=METHOD.value(args),
+        selection=selection,
+        out=out,
         stats_path=stats_path,
         report=args.html_report,
         per_channel=args.per_channel,
-        lambda_rule=args.lambda_rule,
-        centered_rho=args.centered_rho,
-        aggregate=args.aggregate,
-        method=args.method,
-        variant=args.variant,
-        ratio=args.ratio,
         in_situ=args.in_situ,
         progress=not args.quiet,
-        details=True,
-        ray=args.ray,
-        workers=args.workers,
-        selection=site_selection(args),
-        output_options=output_options(args),
-        data_options=data_options(args),
+        ray=ray.ray,
+        workers=ray.workers,
     )
     stats = result.stats
     for note in result.notes:
         print(note, file=sys.stderr)
     aggregate = stats.settings.get("aggregate", args.aggregate)
     print(terminal_table(factors_table(stats, args.lambda_rule, args.centered_rho, aggregate)))
-    for out, why in stats.skipped.items():
-        print(f"not calibrated: {out}: {why}", file=sys.stderr)
+    for out_name, why in stats.skipped.items():
+        print(f"not calibrated: {out_name}: {why}", file=sys.stderr)
     print(f"\n{plural(stats.batches, 'batch')}, {plural(len(stats.sites), 'site')} in {result.seconds:.2f} s")
     print(f"wrote {stats_path}")
     if args.html_report:
         print(f"wrote {args.html_report}")
     if result.rewrite is not None:
         print()
-        args.explain = False
-        return finish(args, result.rewrite)
+        return finish(result.rewrite, verify=not args.no_verify)
     return 0

@@ -1,10 +1,19 @@
-"""Helpers the subcommands share: argument groups, output paths, JSON."""
+"""What the subcommands share: argument groups (one class per concern), output paths, JSON.
+
+An argument group, in the manner of Polygraphy's, is one class per concern that both adds its flags to a parser
+and turns the parsed flags into the option value the API takes: :class:`SelectionArgs` gives a
+:class:`..selection.SiteSelection`, :class:`DataArgs` a :class:`..calibration.batches.DataOptions`,
+:class:`OutputArgs` an :class:`..writer.OutputOptions` (and the output path), the method groups of ``rewrite`` and
+``calibrate`` a :class:`..policy.MethodOptions`. So a flag and its meaning are written in one place, and no command
+reads another concern's flags or changes ``args``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,119 +29,135 @@ from ..writer import OutputOptions
 Arguments = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
-def add_selection(p: argparse.ArgumentParser) -> None:
-    """Site-selection flags shared by every command that rewrites."""
-    g = p.add_argument_group("which sites")
-    g.add_argument("--include", help="comma-separated kinds to rewrite (e.g. relu,gelu)")
-    g.add_argument("--exclude", help="comma-separated kinds to leave alone")
-    g.add_argument("--nodes", metavar="REGEX", help="only sites whose node or output name matches")
-    g.add_argument(
-        "--all-sites",
-        action="store_true",
-        help="also rewrite graph outputs and multiplicative gates (skipped by default)",
-    )
+class SelectionArgs:
+    """``--include``, ``--exclude``, ``--nodes``, ``--all-sites``: the sites a command normalizes."""
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("which sites")
+        g.add_argument("--include", help="comma-separated kinds to rewrite (e.g. relu,gelu)")
+        g.add_argument("--exclude", help="comma-separated kinds to leave alone")
+        g.add_argument("--nodes", metavar="REGEX", help="only sites whose node or output name matches")
+        g.add_argument(
+            "--all-sites",
+            action="store_true",
+            help="also rewrite graph outputs and multiplicative gates (skipped by default)",
+        )
+
+    def value(self, args: argparse.Namespace) -> SiteSelection:
+        """The one value ``rewrite``, ``calibrate`` and their operations take."""
+        return SiteSelection.parse(args.include, args.exclude, args.nodes, args.all_sites)
 
 
-def site_selection(args: argparse.Namespace) -> SiteSelection:
-    """The flags of :func:`add_selection` as the one value ``rewrite`` and ``calibrate`` take."""
-    return SiteSelection.parse(args.include, args.exclude, args.nodes, args.all_sites)
+class ImageArgs:
+    """``--image-size``, ``--scale``, ``--mean``, ``--std``, ``--layout``, ``--image-input``: image folders."""
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("image folders (--data DIR of .png/.jpg/…: decode, resize, pixel·scale, (−mean)/std)")
+        g.add_argument("--image-size", metavar="HxW", help="resize to this size, bilinear (default: the input's size)")
+        g.add_argument("--scale", type=float, help="multiply pixel values 0…255 by this (default 1/255)")
+        g.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling (default 0)")
+        g.add_argument("--std", metavar="S[,S,S]", help="divide per channel after the mean (default 1)")
+        g.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="input tensor layout (default nchw)")
+        g.add_argument(
+            "--image-input", metavar="NAME", help="the input that receives the images (default: the only one)"
+        )
+
+    def value(self, args: argparse.Namespace) -> ImageOptions:
+        """The options as :class:`..calibration.rows.ImageOptions` (its defaults when none was given)."""
+        return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
 
 
-def output_options(args: argparse.Namespace) -> OutputOptions:
-    """``--form``, ``--no-verify``, ``--in-place`` and ``-o`` as the one value ``rewrite`` and ``calibrate`` take.
+@dataclass(frozen=True)
+class RayOptions:
+    """``--ray`` and ``--workers``: where the batches run (``ray`` None: in this process)."""
 
-    Without ``-o`` (a default output name) an unchanged model is not copied.
+    ray: bool | str | None = None
+    workers: int = 2
+
+
+class RayArgs:
+    """``--ray [ADDRESS]`` and ``--workers``: the batches on Ray Data actors."""
+
+    def add(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("Ray Data (pip install 'normact-onnx[ray]')")
+        g.add_argument(
+            "--ray",
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="ADDRESS",
+            help="run the batches on Ray Data actors: alone, a local cluster for this command; "
+            "'auto' or HOST:PORT, an existing cluster (ray start --head …)",
+        )
+        g.add_argument("--workers", type=int, default=2, help="Ray actors, one ONNX Runtime session each (default 2)")
+
+    def value(self, args: argparse.Namespace) -> RayOptions:
+        return RayOptions(args.ray, args.workers)
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """Where sample inputs come from (calibrate, compare, fold): ``--data`` or ``--synthetic``, how many batches,
+    the image options and the Ray options (:class:`ImageArgs`, :class:`RayArgs`).
+
+    ``images=False``: :meth:`value` leaves the image options out (``fold``'s self-check reads no image folders).
     """
-    return OutputOptions(args.form, not args.no_verify, args.in_place, args.output is not None)
+
+    title: str
+    batches_help: str
+    batch_size_help: str
+    batches: int | None = None
+    batch_size: int | None = None
+    shape_default: str = ""
+    images: bool = True
+
+    def add(self, p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+        d = p.add_argument_group(self.title)
+        d.add_argument(
+            "--data",
+            help=".npz (keys = input names), .npy, a folder of them, ONNX test_data_set_* folders, "
+            "Parquet files or folders (columns = input names), or an image folder (see the image options)",
+        )
+        d.add_argument("--synthetic", action="store_true", help="N(0,1) inputs (integers in {0,1}) instead of data")
+        d.add_argument(
+            "--shape",
+            action="append",
+            metavar="NAME=D1xD2…",
+            help="shape of a synthetic input with symbolic dimensions (repeatable), "
+            f"e.g. x=1x3x224x224{self.shape_default}",
+        )
+        d.add_argument(
+            "--value",
+            action="append",
+            metavar="NAME=V",
+            help="fill a synthetic input with V (repeatable), e.g. sr=16000 (default: floats N(0,1), integers 0/1, "
+            "a scalar sample rate input 16000)",
+        )
+        d.add_argument("--batches", type=int, default=self.batches, help=self.batches_help)
+        d.add_argument("--batch-size", type=int, default=self.batch_size, help=self.batch_size_help)
+        d.add_argument("--seed", type=int, default=0, help="seed of --synthetic data")
+        ImageArgs().add(p)
+        RayArgs().add(p)
+        return d
+
+    def value(self, args: argparse.Namespace) -> DataOptions:
+        """The one value ``calibrate``, ``compare`` and ``fold`` take."""
+        return DataOptions(
+            args.data,
+            args.batches,
+            args.batch_size,
+            args.synthetic,
+            args.shape,
+            args.value,
+            args.seed,
+            ImageArgs().value(args) if self.images else None,
+        )
 
 
-def add_data_source(
-    p: argparse.ArgumentParser,
-    title: str,
-    *,
-    batches_help: str,
-    batch_size_help: str,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    shape_default: str = "",
-) -> argparse._ArgumentGroup:
-    """Where sample inputs come from (calibrate, compare, fold): --data or --synthetic, and how many batches."""
-    d = p.add_argument_group(title)
-    d.add_argument(
-        "--data",
-        help=".npz (keys = input names), .npy, a folder of them, ONNX test_data_set_* folders, "
-        "Parquet files or folders (columns = input names), or an image folder (see the image options)",
-    )
-    d.add_argument("--synthetic", action="store_true", help="N(0,1) inputs (integers in {0,1}) instead of data")
-    d.add_argument(
-        "--shape",
-        action="append",
-        metavar="NAME=D1xD2…",
-        help=f"shape of a synthetic input with symbolic dimensions (repeatable), e.g. x=1x3x224x224{shape_default}",
-    )
-    d.add_argument(
-        "--value",
-        action="append",
-        metavar="NAME=V",
-        help="fill a synthetic input with V (repeatable), e.g. sr=16000 (default: floats N(0,1), integers 0/1, "
-        "a scalar sample rate input 16000)",
-    )
-    d.add_argument("--batches", type=int, default=batches, help=batches_help)
-    d.add_argument("--batch-size", type=int, default=batch_size, help=batch_size_help)
-    d.add_argument("--seed", type=int, default=0, help="seed of --synthetic data")
-    _add_image_options(p)
-    _add_ray_options(p)
-    return d
-
-
-def _add_image_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image folders (--data DIR of .png/.jpg/…: decode, resize, pixel·scale, (−mean)/std)")
-    g.add_argument("--image-size", metavar="HxW", help="resize to this size, bilinear (default: the input's size)")
-    g.add_argument("--scale", type=float, help="multiply pixel values 0…255 by this (default 1/255)")
-    g.add_argument("--mean", metavar="M[,M,M]", help="subtract per channel after scaling (default 0)")
-    g.add_argument("--std", metavar="S[,S,S]", help="divide per channel after the mean (default 1)")
-    g.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="input tensor layout (default nchw)")
-    g.add_argument("--image-input", metavar="NAME", help="the input that receives the images (default: the only one)")
-
-
-def _add_ray_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray Data (pip install 'normact-onnx[ray]')")
-    g.add_argument(
-        "--ray",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="ADDRESS",
-        help="run the batches on Ray Data actors: alone, a local cluster for this command; "
-        "'auto' or HOST:PORT, an existing cluster (ray start --head …)",
-    )
-    g.add_argument("--workers", type=int, default=2, help="Ray actors, one ONNX Runtime session each (default 2)")
-
-
-def image_options(args: argparse.Namespace) -> Any:
-    """The --image-* options as ImageOptions (defaults when none was given)."""
-    return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
-
-
-def data_options(args: argparse.Namespace, images: bool = True) -> DataOptions:
-    """The flags of :func:`add_data_source` as the one value ``calibrate`` and ``fold`` take.
-
-    ``images=False``: leave the --image-* options out (``fold``'s self-check reads no image folders).
-    """
-    return DataOptions(
-        args.data,
-        args.batches,
-        args.batch_size,
-        args.synthetic,
-        args.shape,
-        args.value,
-        args.seed,
-        image_options(args) if images else None,
-    )
-
-
-def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = True) -> None:
-    """The factor options of ``calibrate``, ``finetune`` and ``rewrite --method anact`` (None there: the file's)."""
+def add_factor_flags(g: Arguments, defaults: bool = True, aggregate: bool = True) -> None:
+    """ANAct's factor flags (``--lambda-rule``, ``--centered-rho``, ``--aggregate``), the part of the method groups
+    of ``calibrate``, ``finetune`` and ``rewrite --method anact`` they share (``defaults=False``: None, so the
+    statistics file's choice applies)."""
     g.add_argument(
         "--lambda-rule",
         choices=LAMBDA_RULES,
@@ -155,21 +180,48 @@ def add_anact_options(g: Arguments, defaults: bool = True, aggregate: bool = Tru
         )
 
 
-def add_output_path(g: Arguments, what: str = "output path", suffix: str = ".normact.onnx") -> None:
-    """-o/--output and --in-place of the commands that write a model next to the input."""
-    g.add_argument(
-        "-o",
-        "--output",
-        help=f"{what} (default: <model>{suffix} beside the input); written even when nothing changes (a copy)",
-    )
-    g.add_argument("--in-place", action="store_true", help="overwrite the input model (keeps its file mode)")
+@dataclass(frozen=True)
+class OutputArgs:
+    """How and where a command writes its model: ``-o``/``--in-place``, ``--form``, ``--no-verify``.
 
+    The flags go where each command's help places them (:meth:`add_path`, :meth:`add_form`, :meth:`add_no_verify`);
+    :meth:`value` gives the :class:`..writer.OutputOptions`, :meth:`path` the output path, ``suffix`` the default
+    name's (``<model><suffix>`` beside the input).
+    """
 
-def output_path(args: argparse.Namespace, suffix: str = ".normact.onnx") -> str | Path:
-    """Where ``add_output_path``'s flags say the model goes (checked with the others by :func:`check_paths`)."""
-    if args.in_place and args.output:
-        raise NormactError("--in-place and -o conflict: --in-place overwrites the input; pass one of them")
-    return args.model if args.in_place else (args.output or default_output(args.model, suffix))
+    suffix: str = ".normact.onnx"
+
+    def add_path(self, g: Arguments, what: str = "output path") -> None:
+        g.add_argument(
+            "-o",
+            "--output",
+            help=f"{what} (default: <model>{self.suffix} beside the input); written even when nothing changes (a copy)",
+        )
+        g.add_argument("--in-place", action="store_true", help="overwrite the input model (keeps its file mode)")
+
+    def add_form(self, g: Arguments) -> None:
+        g.add_argument(
+            "--form",
+            choices=FORMS,
+            default="function",
+            help="function: Norm<Act> ops with model-local function bodies (default); "
+            "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
+        )
+
+    def add_no_verify(self, g: Arguments, checks: str = "checker, ORT load and per-site numeric checks") -> None:
+        g.add_argument("--no-verify", action="store_true", help=f"skip {checks}")
+
+    def path(self, args: argparse.Namespace) -> str | Path:
+        """Where the flags say the model goes (checked with the others by :func:`check_paths`)."""
+        if args.in_place and args.output:
+            raise NormactError("--in-place and -o conflict: --in-place overwrites the input; pass one of them")
+        return args.model if args.in_place else (args.output or default_output(args.model, self.suffix))
+
+    def value(self, args: argparse.Namespace) -> OutputOptions:
+        """The one value the operations take. Without ``-o`` (a default output name) an unchanged model is not
+        copied; a command without ``--form`` (``fold``) keeps the default."""
+        form = getattr(args, "form", OutputOptions.form)
+        return OutputOptions(form, not args.no_verify, args.in_place, args.output is not None)
 
 
 def output_label(args: argparse.Namespace) -> str:
@@ -198,23 +250,9 @@ def check_paths(
     )
 
 
-def add_form(g: Arguments) -> None:
-    g.add_argument(
-        "--form",
-        choices=FORMS,
-        default="function",
-        help="function: Norm<Act> ops with model-local function bodies (default); "
-        "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
-    )
-
-
 def add_quiet(g: Arguments, *aliases: str) -> None:
     """``--quiet``: no progress bar (bars only appear when stderr is a terminal anyway)."""
     g.add_argument("--quiet", *aliases, dest="quiet", action="store_true", help="no progress bar on stderr")
-
-
-def add_no_verify(g: Arguments, checks: str = "checker, ORT load and per-site numeric checks") -> None:
-    g.add_argument("--no-verify", action="store_true", help=f"skip {checks}")
 
 
 def default_output(src: str, suffix: str = ".normact.onnx") -> Path:

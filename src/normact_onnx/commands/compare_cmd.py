@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 
 from ..comparison import compare
-from .common import add_data_source, add_quiet, data_options, print_json
+from .common import DataArgs, RayArgs, add_quiet, print_json
 
 EXIT_MISMATCH = 1
+DATA = DataArgs(
+    "inputs (read as calibrate reads them)",
+    batches_help="use at most this many batches (default: all of --data; synthetic: 4)",
+    batch_size_help="split each --data file along axis 0 into batches of this many samples; "
+    "the batch size of --synthetic inputs (default 2)",
+    shape_default=" (default: a dimension's name fixes its size across inputs; the leading one is the batch "
+    "size, image axes 64, others 16)",
+)
+RAY = RayArgs()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,15 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model to check (omit it with --reference to check A across runtimes, or with --sites to measure "
         "A's normalized sites alone)",
     )
-    add_data_source(
-        p,
-        "inputs (read as calibrate reads them)",
-        batches_help="use at most this many batches (default: all of --data; synthetic: 4)",
-        batch_size_help="split each --data file along axis 0 into batches of this many samples; "
-        "the batch size of --synthetic inputs (default 2)",
-        shape_default=" (default: a dimension's name fixes its size across inputs; the leading one is the batch "
-        "size, image axes 64, others 16)",
-    )
+    DATA.add(p)
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     p.add_argument("--sites", action="store_true", help="measure mean/variance at each normalized site (and its input)")
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else None
+    ray = RAY.value(args)
     result = compare(
         args.model_a,
         args.model_b,
@@ -59,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         reference=args.reference,
         providers=providers,
         progress=not args.quiet,
-        ray=args.ray,
-        workers=args.workers,
-        data_options=data_options(args),
+        ray=ray.ray,
+        workers=ray.workers,
+        data_options=DATA.value(args),
     )
     if args.json:
         print_json(result.report())

@@ -11,7 +11,7 @@ import argparse
 from ..methods.static import VARIANTS
 from ..training import finetune, require_training
 from ..training.losses import LOSSES
-from .common import add_anact_options, add_selection, check_paths, default_output, output_label, print_json
+from .common import SelectionArgs, add_factor_flags, check_paths, default_output, output_label, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--variant", choices=VARIANTS, default="center-scale", help="static variant")
     m.add_argument("--q", type=float, default=1.0, help="static design variance")
-    add_anact_options(m, aggregate=False)
-    add_selection(p)
+    add_factor_flags(m, aggregate=False)
+    SelectionArgs().add(p)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", help="inference model (default: <model>.tuned.onnx)")
     o.add_argument("--workdir", help="artifacts, checkpoints, log.csv, loss.png (default: <output>.train/)")

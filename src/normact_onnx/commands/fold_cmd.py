@@ -10,17 +10,15 @@ from ..deploy import EPS_FLOOR, NOISE_FACTOR, fold
 from ..io import atomic_path
 from ..passes.affine import PADDING
 from ..texttable import table
-from ..writer import OutputOptions
-from .common import (
-    add_data_source,
-    add_no_verify,
-    add_output_path,
-    add_quiet,
-    check_paths,
-    data_options,
-    output_label,
-    output_path,
-    print_json,
+from .common import DataArgs, OutputArgs, add_quiet, check_paths, output_label, print_json
+
+OUTPUT = OutputArgs(".folded.onnx")
+DATA = DataArgs(  # the self-check's inputs; fold reads no image folders
+    "self-check inputs (default: synthetic)",
+    batches_help="use at most this many batches (default: all of --data; synthetic: 2)",
+    batch_size_help="split each --data file along axis 0 into batches of this many samples; "
+    "the batch size of --synthetic inputs (default 1)",
+    images=False,
 )
 
 
@@ -32,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consumers' weights (docs/math.md §3). Sites that cannot be folded exactly stay, with the reason.",
     )
     p.add_argument("model", help="a normalized .onnx model")
-    add_output_path(p, suffix=".folded.onnx")
+    OUTPUT.add_path(p)
     p.add_argument(
         "--padding",
         choices=PADDING,
@@ -42,14 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pad = explicit Pad with the value a zero stood for (one copy); refuse = leave such sites normalized",
     )
     p.add_argument("--nodes", metavar="REGEX", help="only fold sites whose node or output name matches")
-    add_no_verify(p, "checker, ORT load and the folded-vs-unfolded check")
-    add_data_source(
-        p,
-        "self-check inputs (default: synthetic)",
-        batches_help="use at most this many batches (default: all of --data; synthetic: 2)",
-        batch_size_help="split each --data file along axis 0 into batches of this many samples; "
-        "the batch size of --synthetic inputs (default 1)",
-    )
+    OUTPUT.add_no_verify(p, "checker, ORT load and the folded-vs-unfolded check")
+    DATA.add(p)
     p.add_argument(
         "--tolerance",
         type=float,
@@ -67,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dest = output_path(args, ".folded.onnx")
+    dest = OUTPUT.path(args)
     check_paths(args, {output_label(args): dest, "--report": args.report}, ("--data", args.data))
     result = fold(
         args.model,
@@ -77,10 +69,8 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         details=True,
         progress=not args.quiet,
-        output_options=OutputOptions(
-            verify=not args.no_verify, in_place=args.in_place, write_unchanged=args.output is not None
-        ),
-        data_options=data_options(args, images=False),
+        output_options=OUTPUT.value(args),
+        data_options=DATA.value(args),
     )
     report = result.report()
     if args.report:

@@ -57,17 +57,23 @@ class Factors:
 
 def lambda_of(rho: np.ndarray, drho: np.ndarray, rule: str = "anact") -> np.ndarray:
     """λ from the two gains: the harmonic-style compromise of ANAct, or Xavier's 2/(fan-in + fan-out)."""
-    if rule not in LAMBDA_RULES:
-        raise NormactError(f"unknown --lambda-rule {rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+    check_lambda_rule(rule)
     with np.errstate(divide="ignore", invalid="ignore"):
         if rule == "anact":
             return np.sqrt((rho + drho) / (2.0 * rho * drho))
         return np.sqrt(2.0 / (rho + drho))
 
 
+def check_lambda_rule(rule: str) -> None:
+    """The one check of a λ rule's name (every door to the factors goes through it)."""
+    if rule not in LAMBDA_RULES:
+        raise NormactError(f"unknown --lambda-rule {rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+
+
 def check_options(lambda_rule: str, aggregate: str) -> None:
-    if lambda_rule not in LAMBDA_RULES:
-        raise NormactError(f"unknown --lambda-rule {lambda_rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+    """ANAct's factor options: the λ rule, then the aggregate (an unknown one is refused here, so no caller
+    needs a check of its own after this one)."""
+    check_lambda_rule(lambda_rule)
     if aggregate not in AGGREGATES:
         raise NormactError(f"unknown --aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
 
