@@ -20,10 +20,7 @@ TRAIN_ENV_HINT = (
     "fine-tuning needs onnxruntime-training, which cannot share an environment with onnxruntime; "
     "from the repository's folder: scripts/make_train_env.sh train-env && train-env/bin/normact-onnx finetune …"
 )
-TORCH_HINT = (
-    "the torch backend needs PyTorch; from the repository's folder: "
-    'pip install ".[cpu,torch]" --extra-index-url https://download.pytorch.org/whl/cpu'
-)
+TORCH_HINT = 'the torch backend needs PyTorch; from the repository\'s folder: pip install ".[cpu,torch]"'
 
 
 def has_ort_training() -> bool:
