@@ -12,6 +12,7 @@ import importlib.util
 from typing import Any, Literal, get_args
 
 from ..errors import NormactError
+from . import torch_ops  # imports torch only when asked (torch_ops.load)
 
 Backend = Literal["torch", "ort"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -72,8 +73,6 @@ def require_training() -> Any:
 def require_torch() -> Any:
     """The ``torch`` module (bound for :mod:`.torch_ops`), or a NormactError naming the install command."""
     try:
-        from . import torch_ops
-
         return torch_ops.load()
     except ImportError:
         raise NormactError(TORCH_HINT) from None

@@ -55,7 +55,9 @@ from .graph import (
     trainable_copy,
 )
 from .losses import LOSSES, Loss, class_view, find_head
+from .ort_backend import open_ort
 from .prepare import fix_input_shapes
+from .torch_backend import open_torch, pick_device
 from .trainer import Trainer, accuracy
 
 DataLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -312,8 +314,6 @@ def _finetune(
     backend: Backend = resolve_backend(settings.backend)
     settings.backend = backend
     if backend == "torch":
-        from .torch_backend import pick_device
-
         settings.device = pick_device(settings.device)  # --device cuda without a GPU stops here, before any work
     elif settings.device not in (None, "cpu"):
         raise NormactError("--device applies to the torch backend; the ort backend trains on the CPU")
@@ -454,11 +454,7 @@ def _finetune(
 def _open(backend: Backend, tg: TrainGraph, settings: Settings, work: Path, resume: bool, label_rank: int) -> Trainer:
     """The backend's trainer (each imports its runtime only here)."""
     if backend == "torch":
-        from .torch_backend import open_torch
-
         return open_torch(tg, settings, work, resume, label_rank)
-    from .ort_backend import open_ort
-
     return open_ort(tg, settings, work, resume, label_rank)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NormactError
+from . import torch_graph
 from .backend import require_torch
 from .graph import ALPHA_PARAM, LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT, TrainGraph
 from .losses import LOSS_OUTPUT, find_head, with_loss
@@ -109,8 +110,7 @@ class TorchTrainer(Trainer):
 
     def __init__(self, tg: TrainGraph, settings: Any, label_rank: int, checkpoint: Path | None) -> None:
         torch = require_torch()
-        from .torch_graph import TorchGraph
-
+        TorchGraph = torch_graph.torch_graph_class()
         self.tg, self.settings = tg, settings
         self.device = pick_device(settings.device)
         if settings.threads:
