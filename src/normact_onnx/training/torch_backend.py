@@ -124,6 +124,7 @@ class TorchTrainer(Trainer):
         self.graph = TorchGraph(with_loss(tg.model, head, label_rank)).to(self.device)
         self.outputs = list(self.graph.plan.outputs)
         assert self.outputs[0] == LOSS_OUTPUT  # with_loss puts the loss first
+        self.graph.differentiate([LOSS_OUTPUT])  # the statistics and the output are read, never differentiated
         trainable = set(tg.trainable)
         self.trained: dict[str, Any] = {}
         for key, p in self.graph.named_initializers():
