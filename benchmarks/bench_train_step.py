@@ -1,15 +1,16 @@
-"""One fine-tuning step through ONNX Runtime training on real models: ANAct's cost and PyTorch eager.
+"""One fine-tuning step on real models: ANAct's cost, the torch backend against the ORT backend, PyTorch eager.
 
-Run in the training environment (onnxruntime-training); the regular environment (torch +
-transformers, for the MiniLM export and the PyTorch step) is named by ``--main-python``::
+Run in the training environment (onnxruntime-training and torch 2.13 both); the regular environment (torch +
+transformers, for the MiniLM export and the PyTorch eager step) is named by ``--main-python``::
 
-    PYTHONPATH=src train-env/bin/python benchmarks/bench_train_step.py --main-python venv/bin/python
+    PYTHONPATH=src train-env/bin/python benchmarks/bench_train_step.py --main-python venv/bin/python --threads 1
 
-Per model, the same batch goes through two trainers built the same way, interleaved step by step:
-``--method none`` (the model as exported, made trainable) is the baseline, ``--method anact`` adds
-every site's in-graph statistics and the host's running update (target ≤ 1.3×). For MiniLM the
-ORT step (method none) is also compared with a PyTorch eager AdamW step of the same model, batch
-and loss, timed in the regular environment in the same run. Median over the timed steps.
+Per model, the same batch goes through four trainers built the way ``finetune`` builds them, interleaved step
+by step: the ORT backend and the torch backend, each with ``--method none`` (the model as exported, made
+trainable) and ``--method anact`` (every site's in-graph statistics and the host's running update; target ≤
+1.3× of none). The torch backend's target is ≤ 1.5× the ORT step (issue 23). For MiniLM a PyTorch eager
+AdamW step of the same model, batch and loss is timed in the regular environment in the same run (the PP-OCR
+detector has no PyTorch definition). Every runtime gets the same number of threads. Median over the timed steps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys, time, json, numpy as np, torch
 sys.path.insert(0, sys.argv[1] + "/models")
 from minilm import load_minilm
 d = np.load(sys.argv[2]); steps = int(sys.argv[3])
+if int(sys.argv[4]): torch.set_num_threads(int(sys.argv[4]))
 model = load_minilm(); model.train()
 for m in model.modules():
     if isinstance(m, torch.nn.Dropout):
@@ -64,45 +66,59 @@ np.savez(sys.argv[3], **x, y=(0.5 * y).astype(np.float32))
 """
 
 
-def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path):
+def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path, backend: str, threads: int):
     import onnx
 
     from normact_onnx.training.artifacts import generate
     from normact_onnx.training.data import check_labels, input_specs, load_dataset
     from normact_onnx.training.graph import build_train_graph
-    from normact_onnx.training.loop import Settings, Trainer, _data_shapes, _output_shape
+    from normact_onnx.training.loop import Settings, _data_shapes, _output_shape
+    from normact_onnx.training.ort_backend import OrtTrainer
     from normact_onnx.training.prepare import fix_input_shapes
+    from normact_onnx.training.torch_backend import TorchTrainer
 
-    settings = Settings(loss=loss, method=method, lr=1e-4, batch_size=len(data["y"]))
-    tg = build_train_graph(onnx.load(str(model_path)), str(model_path.parent), method=method)
+    settings = Settings(
+        loss=loss, method=method, lr=1e-4, batch_size=len(data["y"]), threads=threads, backend=backend, device="cpu"
+    )
+    tg = build_train_graph(onnx.load(str(model_path)), str(model_path.parent), method=method, backend=backend)
     ds = load_dataset(data, "y", input_specs(tg.model, tg.data_inputs))
     check_labels(ds, loss, tg.output, _output_shape(tg, ds.inputs))
-    tg.batch = len(ds)  # the training graph with the batch's concrete shape, as finetune builds it
+    tg.batch = len(ds)
+    if backend == "torch":
+        return TorchTrainer(tg, settings, ds.labels.ndim, None), ds
+    # the ORT training graph with the batch's concrete shape, as finetune builds it
     fix_input_shapes(tg.model, _data_shapes(ds, tg.batch), tg.prepared)
     art = generate(tg, work / "artifacts", loss, label_rank=ds.labels.ndim)
-    return Trainer(tg, art, settings, work, art.checkpoint), ds
+    return OrtTrainer(tg, art, settings, art.checkpoint), ds
 
 
-def bench_model(name: str, path: Path, data: dict, loss: str, steps: int) -> dict:
-    """Interleaved none / anact steps on one batch; medians and their ratio."""
+def bench_model(name: str, path: Path, data: dict, loss: str, steps: int, threads: int) -> dict:
+    """Interleaved ORT/torch × none/anact steps on one batch; medians and their ratios."""
     with tempfile.TemporaryDirectory() as tmp:
-        plain, ds = _trainer(path, data, loss, "none", Path(tmp) / "none")
-        anact, _ = _trainer(path, data, loss, "anact", Path(tmp) / "anact")
+        trainers = {}
+        for backend in ("ort", "torch"):
+            for method in ("none", "anact"):
+                work = Path(tmp) / f"{backend}_{method}"
+                trainers[f"{backend}_{method}"], ds = _trainer(path, data, loss, method, work, backend, threads)
         x, y = ds.inputs, ds.labels
-        times: dict[str, list[float]] = {"none": [], "anact": []}
+        times: dict[str, list[float]] = {k: [] for k in trainers}
         for _ in range(steps + 2):
-            for label, tr in (("none", plain), ("anact", anact)):
+            for label, tr in trainers.items():
                 t = time.perf_counter()
                 tr.train_step(x, y)
                 times[label].append(time.perf_counter() - t)
         med = {k: float(np.median(v[2:])) for k, v in times.items()}
         return {
             "model": name,
-            "sites": len(anact.tg.anact_sites),
+            "sites": len(trainers["ort_anact"].tg.anact_sites),
             "batch": len(y),
-            "none_s": med["none"],
-            "anact_s": med["anact"],
-            "ratio": med["anact"] / med["none"],
+            "none_s": med["ort_none"],
+            "anact_s": med["ort_anact"],
+            "ratio": med["ort_anact"] / med["ort_none"],
+            "torch_none_s": med["torch_none"],
+            "torch_anact_s": med["torch_anact"],
+            "torch_vs_ort": med["torch_none"] / med["ort_none"],
+            "torch_vs_ort_anact": med["torch_anact"] / med["ort_anact"],
         }
 
 
@@ -110,6 +126,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--main-python", required=True, help="python of the regular environment (torch, transformers)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="threads of every runtime (ORT intra-op, torch)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     from machine import machine
@@ -123,7 +140,8 @@ def main() -> int:
         import onnxruntime as ort
 
         out = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        rows.append(bench_model("ppocrv4_det", det, {**feeds, "y": (out < 0.5).astype(np.float32)}, "bce", args.steps))
+        y = (out < 0.5).astype(np.float32)
+        rows.append(bench_model("ppocrv4_det", det, {**feeds, "y": y}, "bce", args.steps, args.threads))
 
         minilm, batch = Path(tmp) / "minilm.onnx", Path(tmp) / "batch.npz"
         env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
@@ -131,9 +149,9 @@ def main() -> int:
             [args.main_python, "-c", PREPARE_MINILM, str(ROOT), str(minilm), str(batch)], check=True, env=env
         )
         data = dict(np.load(batch))
-        row = bench_model("minilm", minilm, data, "mse", args.steps)
+        row = bench_model("minilm", minilm, data, "mse", args.steps, args.threads)
         r = subprocess.run(
-            [args.main_python, "-c", TORCH_STEP, str(ROOT), str(batch), str(args.steps)],
+            [args.main_python, "-c", TORCH_STEP, str(ROOT), str(batch), str(args.steps), str(args.threads)],
             check=True,
             capture_output=True,
             text=True,
@@ -142,17 +160,23 @@ def main() -> int:
         torch_step = json.loads(r.stdout.strip().splitlines()[-1])
         row["torch_eager_s"] = torch_step["median_s"]
         row["ort_vs_torch"] = row["none_s"] / torch_step["median_s"]
+        row["torch_backend_vs_eager"] = row["torch_none_s"] / torch_step["median_s"]
         rows.append(row)
 
     print(f"fine-tuning step, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, {args.threads} thread(s) per runtime")
     for r in rows:
         line = (
             f"{r['model']:<12} batch {r['batch']}  {r['sites']:>2} ANAct sites  none {r['none_s'] * 1e3:8.1f} ms  "
             f"anact {r['anact_s'] * 1e3:8.1f} ms  ratio {r['ratio']:.3f}x (target ≤ 1.3)"
+            f"  | torch backend none {r['torch_none_s'] * 1e3:8.1f} ms ({r['torch_vs_ort']:.3f}x ORT), "
+            f"anact {r['torch_anact_s'] * 1e3:8.1f} ms ({r['torch_vs_ort_anact']:.3f}x ORT; target ≤ 1.5)"
         )
         if "torch_eager_s" in r:
-            line += f"  | PyTorch eager {r['torch_eager_s'] * 1e3:.1f} ms, ORT/PyTorch {r['ort_vs_torch']:.3f}x"
+            line += (
+                f"  | PyTorch eager {r['torch_eager_s'] * 1e3:.1f} ms, ORT/eager {r['ort_vs_torch']:.3f}x, "
+                f"torch backend/eager {r['torch_backend_vs_eager']:.3f}x"
+            )
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))

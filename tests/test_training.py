@@ -393,6 +393,8 @@ def test_finetune_outside_train_env_says_how(tmp_path: Path) -> None:
             str(MODELS / "mlp_relu.torchscript.onnx"),
             "--data",
             "x.npz",
+            "--backend",
+            "ort",
         ],
         capture_output=True,
         text=True,

@@ -1,15 +1,19 @@
-"""``normact-onnx finetune``: adaptive (ANAct) or static fine-tuning through ONNX Runtime training.
+"""``normact-onnx finetune``: adaptive (ANAct) or static fine-tuning, on PyTorch or ONNX Runtime training.
 
-Needs the ``[train]`` environment (onnxruntime-training cannot share one with
-onnxruntime); elsewhere it says in one line how to get it.
+``--backend torch`` runs in the main environment (the ``[torch]`` extra); ``--backend ort`` needs the
+``[train]`` environment (onnxruntime-training cannot share one with onnxruntime). The default is ``ort``
+inside such an environment, ``torch`` elsewhere; a backend that is not installed is one line saying how
+to get it.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import NormactError
 from ..methods.static import VARIANTS
-from ..training import finetune, require_training
+from ..training import BACKENDS, finetune
+from ..training.backend import resolve_backend
 from ..training.losses import LOSSES
 from .common import SelectionArgs, add_factor_flags, check_paths, default_output, output_label, print_json
 
@@ -17,9 +21,10 @@ from .common import SelectionArgs, add_factor_flags, check_paths, default_output
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune with normalized activations (ONNX Runtime training)",
-        description="Fine-tune a model with adaptive (ANAct) or static normalized activations through ONNX Runtime "
-        "training, then export the inference model in the Norm<Act> form. Needs the [train] environment.",
+        help="fine-tune with normalized activations (PyTorch or ONNX Runtime training)",
+        description="Fine-tune a model with adaptive (ANAct) or static normalized activations, on PyTorch (the main "
+        "environment) or ONNX Runtime training (the [train] environment), then export the inference model in the "
+        "Norm<Act> form.",
     )
     p.add_argument("model", help="path to an .onnx file (plain or already normalized)")
     d = p.add_argument_group("data")
@@ -43,6 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="shuffling seed")
     t.add_argument("--freeze", metavar="REGEX", help="keep initializers whose name matches frozen")
     t.add_argument("--output-name", help="model output the loss is computed on (default: the first)")
+    t.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="torch: PyTorch in this environment; ort: onnxruntime-training (its own environment); default: ort "
+        "inside an onnxruntime-training environment, torch elsewhere",
+    )
+    t.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="torch backend: where training runs (default: cuda when torch sees a GPU, else cpu)",
+    )
     m = p.add_argument_group("method")
     m.add_argument(
         "--method",
@@ -79,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or default_output(args.model, ".tuned.onnx")
     work = args.workdir or default_output(str(output), ".train")
     check_paths(args, {output_label(args): output, "--workdir": work}, ("--data", args.data), ("--val", args.val))
-    require_training()
+    backend = resolve_backend(args.backend)  # a missing runtime: one line, before any work
+    if args.device not in (None, "cpu") and backend != "torch":
+        raise NormactError("--device applies to the torch backend; the ort backend trains on the CPU")
     result = finetune(
         args.model,
         args.data,
@@ -111,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_steps=args.max_steps,
         init=args.init,
+        backend=backend,
+        device=args.device,
     )
     if args.json:
         print_json(result.report())

@@ -1,14 +1,22 @@
-"""Fine-tuning through ONNX Runtime training (the optional ``[train]`` environment).
+"""Fine-tuning with normalized activations: two backends over one training graph.
 
-Importing this package needs only ``onnx`` and numpy: the graph builder, the
-running-statistics rule and the export run anywhere. Everything that drives
-``onnxruntime.training`` imports it lazily and, where it is missing, says in one
-line how to get it (:func:`require_training`, in :mod:`.backend`).
+``torch`` runs the graph in PyTorch in the main environment; ``ort`` runs it through onnxruntime-training in its
+own environment (:mod:`.backend`). Importing this package needs only ``onnx`` and numpy: the graph builder, the
+running-statistics rule and the export run anywhere; what drives a runtime imports it lazily and, where it is
+missing, says in one line how to get it.
 """
 
 from __future__ import annotations
 
-from .backend import TRAIN_ENV_HINT, require_training
+from .backend import BACKENDS, TORCH_HINT, TRAIN_ENV_HINT, default_backend, require_torch, require_training
 from .loop import finetune
 
-__all__ = ["TRAIN_ENV_HINT", "finetune", "require_training"]
+__all__ = [
+    "BACKENDS",
+    "TORCH_HINT",
+    "TRAIN_ENV_HINT",
+    "default_backend",
+    "finetune",
+    "require_torch",
+    "require_training",
+]

@@ -207,18 +207,31 @@ def trainable_copy(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelPr
     return m
 
 
-def _trainable(model: onnx.ModelProto, freeze: str | None) -> list[str]:
+def _readers(graph: onnx.GraphProto, bodies: bool) -> list[onnx.NodeProto]:
+    """The nodes of ``graph``, and with ``bodies`` those of its If/Loop/Scan bodies too (they read outer weights)."""
+    out = []
+    for n in graph.node:
+        out.append(n)
+        if bodies:
+            for a in n.attribute:
+                for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    out.extend(_readers(g, True))
+    return out
+
+
+def _trainable(model: onnx.ModelProto, freeze: str | None, bodies: bool = False) -> list[str]:
     """Float initializers that are weights (see :data:`WEIGHT_INPUTS`), minus those ``freeze`` matches.
 
     Everything else, ``Constant`` nodes and shape-computing values included, is frozen: ONNX Runtime
-    then never builds a gradient towards it.
+    then never builds a gradient towards it. ``bodies``: weights read inside If/Loop bodies count too
+    (the torch backend differentiates through them; ONNX Runtime training has no gradient for them).
     """
     import re
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
     pattern = re.compile(freeze) if freeze else None
     weights: set[str] = set()
-    for n in model.graph.node:
+    for n in _readers(model.graph, bodies):
         for pos, name in enumerate(n.input):
             t = inits.get(name)
             if t is None:
@@ -278,6 +291,7 @@ def build_train_graph(
     output: str | None = None,
     freeze: str | None = None,
     preserve: bool = False,
+    backend: str = "ort",
 ) -> TrainGraph:
     """Rewrite the sites of ``model`` for training; the input model is not modified.
 
@@ -288,11 +302,13 @@ def build_train_graph(
     ``preserve`` (the function-preserving path, after ``rewrite --preserve-function``):
     such sites' consumers read the running factors' compensation (:func:`_anact_nodes`),
     so the factors' updates never change the function, and sites no earlier rewrite
-    normalized train as they are.
+    normalized train as they are. ``backend``: ``ort`` checks onnxruntime-training's
+    opset limit; ``torch`` has none and also trains weights read inside If/Loop bodies.
     """
     if method not in METHODS:
         raise NormactError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    _check_versions(model)
+    if backend == "ort":
+        _check_versions(model)
     m = trainable_copy(model, base_dir)
     outputs = [o.name for o in m.graph.output]
     if output is None:
@@ -377,7 +393,9 @@ def build_train_graph(
         m = onnx.inliner.inline_local_functions(m)
         del m.functions[:]
     remove_unused(m, domain=NORM_DOMAIN)  # the domain's import, once no node of it is left
-    weights = _trainable(m, freeze)  # read off the ops as exported: prepare() rewrites some into plain ops
+    weights = _trainable(
+        m, freeze, bodies=backend == "torch"
+    )  # read off the ops as exported: prepare() rewrites some into plain ops
     m, prep = prepare(m, base_dir)
     prep.lifted = lifted
     remove_unused(m, initializers=True)

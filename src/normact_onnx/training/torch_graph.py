@@ -43,6 +43,7 @@ class Step:
     opset: int
     kind: str  # "op", "control", "norm", "function", "constant"
     subgraphs: dict[str, Plan] = field(default_factory=dict)
+    no_grad: bool = False  # no output of this step reaches an output that is differentiated (TorchGraph.differentiate)
 
 
 @dataclass
@@ -301,6 +302,18 @@ def torch_graph_class() -> type:
 
         # ---- execution ---------------------------------------------------------------------------------
 
+        def differentiate(self, outputs: list[str]) -> None:
+            """Only ``outputs`` will be differentiated: main-graph steps none of them depends on (a training graph's
+            statistics: the derivative body, the squares, the means) then run without autograd bookkeeping,
+            like the outputs ONNX Runtime training builds no gradient for."""
+            needed = set(outputs)
+            for step in reversed(self.plan.steps):
+                step.no_grad = not any(o in needed for o in step.node.output if o)
+                if not step.no_grad:
+                    needed.update(i for i in step.node.input if i)
+                    for sub in step.subgraphs.values():  # outer values read inside If/Loop bodies
+                        needed.update(_reads(sub))
+
         def value(self, plan: Plan, name: str, env: dict[str, Any]) -> Any:
             return env[name]
 
@@ -319,7 +332,11 @@ def torch_graph_class() -> type:
                 if name not in env or plan.path:
                     env[name] = self.tensor(key)
             for step in plan.steps:
-                self.execute(step, env)
+                if step.no_grad and torch.is_grad_enabled():
+                    with torch.no_grad():
+                        self.execute(step, env)
+                else:
+                    self.execute(step, env)
             return [env[o] for o in plan.outputs]
 
         def tensor(self, key: str) -> Any:
@@ -409,6 +426,16 @@ def torch_graph_class() -> type:
             return [env[o] for o in fn.output]
 
     return TorchGraph
+
+
+def _reads(plan: Plan) -> set[str]:
+    """Every value name the steps of ``plan`` (and of its nested bodies) read."""
+    out: set[str] = set()
+    for step in plan.steps:
+        out.update(i for i in step.node.input if i)
+        for sub in step.subgraphs.values():
+            out |= _reads(sub)
+    return out
 
 
 def _index_subgraphs(graph: onnx.GraphProto, path: str, out: dict[str, onnx.GraphProto]) -> None:

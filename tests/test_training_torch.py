@@ -1,0 +1,223 @@
+"""Fine-tuning on the torch backend in the main environment (CPU): what it trains, where it starts, what it exports.
+
+The torch backend runs the same training graph as the ORT backend through ``TorchGraph``; these tests hold it to a
+PyTorch reference of ANAct, to the model's own loss on the pretrained path, to ONNX Runtime on the export, and to the
+models onnxruntime-training cannot differentiate (magika's GlobalMaxPool, the weights inside an ``If``). Both
+backends against each other: tests/test_training_torch_parity.py (the training environment).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from normact_onnx.errors import NormactError  # noqa: E402
+from normact_onnx.training import finetune  # noqa: E402
+from tests import real_models as rm  # noqa: E402
+from tests.test_training import TinyNet, _data, _tiny_onnx, _train_torch  # noqa: E402
+from tests.test_training_preserve import _moved, _own_loss, _run, _tiny  # noqa: E402
+from tests.test_training_real import _task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH = {"backend": "torch", "device": "cpu", "threads": 1, "progress": False}
+EXPORT = 2e-5  # loop.EXPORT_TOLERANCE["torch"]: of the output's scale
+
+
+def _check_export(res, path: Path) -> np.ndarray:
+    """The written export runs in ONNX Runtime and reproduces the torch forward it was checked against."""
+    check = np.load(res.workdir / "export_check.npz")
+    expected = check["expected"]
+    got = _run(path, {k: check[k] for k in check.files if k != "expected"})
+    np.testing.assert_allclose(got, expected, rtol=0, atol=EXPORT * max(1.0, float(np.abs(expected).max())))
+    assert res.export_max_abs_diff is not None and res.export_max_abs_diff <= EXPORT * max(1.0, np.abs(expected).max())
+    return got
+
+
+def test_torch_backend_matches_the_pytorch_reference(tmp_path: Path) -> None:
+    """The tiny net, its weights, data and plain SGD: the same loss per step and the same final λ, μ, α as the
+    PyTorch reference of ANAct (tests/test_training.py holds ORT to the same reference)."""
+    from normact_onnx.training.reference import ANAct
+
+    path = tmp_path / "tiny.onnx"
+    plain = _tiny_onnx(path)
+    x, y = _data()
+    res = finetune(path, {"x": x, "y": y}, output=tmp_path / "t.onnx", optimizer="sgd", lr=0.2, batch_size=16, **TORCH)
+    ref = TinyNet(ANAct("relu"), ANAct("silu"))
+    ref.load_state_dict(plain.state_dict(), strict=False)
+    np.testing.assert_allclose(res.losses, _train_torch(ref, x, y, 12, 0.2, 16), rtol=1e-5)
+    for site, mod in zip(res.sites, (ref.act1, ref.act2)):
+        assert site["lambda"] == pytest.approx(float(mod.lam().detach()), rel=1e-5)
+        assert site["mu"] == pytest.approx(float(mod.mu), rel=1e-5, abs=1e-7)
+        assert site["alpha"] == pytest.approx(float(mod.alpha.detach()), rel=1e-4, abs=1e-7)
+    _check_export(res, tmp_path / "t.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "t.onnx")).metadata_props}
+    assert json.loads(meta["normact.finetune"])["backend"] == "torch"
+
+
+def test_adamw_is_onnxruntime_trainings_formula() -> None:
+    """OrtAdamW against the formula written out in numpy (Hugging Face's AdamW, onnxruntime's adam_mode 1)."""
+    from normact_onnx.training.torch_backend import ADAM_EPS, OrtAdamW
+
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(5)
+    grads = [rng.standard_normal(5) * 1e-4 for _ in range(3)]
+    p = torch.nn.Parameter(torch.tensor(p0, dtype=torch.float64))
+    opt = OrtAdamW([p], lr=1e-2, weight_decay=0.1)
+    want, m, v = p0.copy(), np.zeros(5), np.zeros(5)
+    for t, g in enumerate(grads, 1):
+        p.grad = torch.tensor(g)
+        opt.step()
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        want = want - 1e-2 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (np.sqrt(v) + ADAM_EPS)
+        want = want - 1e-2 * 0.1 * want
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
+    # torch.optim.AdamW puts ε after the bias correction: at these gradients a different step
+    q = torch.nn.Parameter(torch.tensor(p0, dtype=torch.float64))
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+    for g in grads:
+        q.grad = torch.tensor(g)
+        ref.step()
+    assert np.abs(q.detach().numpy() - want).max() > 1e-5
+
+
+# (model id, method, learning rate): magika ends in a GlobalMaxPool, which onnxruntime-training cannot differentiate
+REAL = [("ppocr_cls", "none", 1e-4), ("magika", "none", 1e-4)]
+
+
+@pytest.mark.parametrize(("model_id", "method", "lr"), REAL, ids=[r[0] for r in REAL])
+def test_real_model_overfits_one_batch_and_exports(tmp_path: Path, model_id: str, method: str, lr: float) -> None:
+    e = rm.entry(model_id)
+    path = rm.require_path(e, rm.model_path(e))
+    feeds = rm.sample_batches(e, 1, 2)[0]
+    loss, y = _task(path, feeds)
+    out = tmp_path / "tuned.onnx"
+    data = {**feeds, "__y": y}
+    res = finetune(path, data, labels="__y", loss=loss, batch_size=len(y), epochs=3, lr=lr, method=method, output=out,
+                   **TORCH)  # fmt: skip
+    assert len(res.losses) == 3 and all(np.isfinite(res.losses))
+    assert min(res.losses[1:]) < res.losses[0], res.losses
+    src, tuned = onnx.load(str(path), load_external_data=False), onnx.load(str(out))
+    assert {o.domain: o.version for o in tuned.opset_import}.get("") == {
+        o.domain: o.version for o in src.opset_import
+    }.get("")
+    got = _check_export(res, out)
+    assert np.abs(got - _run(path, {k: v for k, v in feeds.items()})).max() > 0  # the weights did change
+
+
+def test_weights_inside_an_if_train(tmp_path: Path) -> None:
+    """models/if_branch keeps every weight inside its If branches (no ORT training gradient): on torch the taken
+    branch's weights train, the loss falls, and the export reproduces the trained forward."""
+    path = ROOT / "models" / "if_branch.dynamo.onnx"
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    y = (_run(path, {"x": x}) * 0.5 + 0.1).astype(np.float32)
+    res = finetune(path, {"x": x, "y": y}, loss="mse", batch_size=8, epochs=4, lr=1e-2, output=tmp_path / "t.onnx",
+                   **TORCH)  # fmt: skip
+    assert all(b < a for a, b in zip(res.losses, res.losses[1:])), res.losses
+    got = _check_export(res, tmp_path / "t.onnx")
+    assert float(((got - y) ** 2).mean()) < res.losses[0]
+
+
+def test_pretrained_path_starts_at_the_models_own_loss_and_lr_zero_keeps_the_function(tmp_path: Path) -> None:
+    """A model that looks pretrained: step 1's loss is its own loss (≤ 1e-4 relative), and 40 steps at lr = 0 move
+    λ, μ (the running update) while every step's loss and the exported outputs stay the model's."""
+    path = tmp_path / "tiny.onnx"
+    _tiny(path, 3.0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 8)).astype(np.float32) / 3
+    want = _run(path, {"x": x})
+    y = (want + 0.1).astype(np.float32)
+    res = finetune(path, {"x": x, "y": y}, output=tmp_path / "t.onnx", loss="mse", batch_size=64, epochs=40, lr=0.0,
+                   **TORCH)  # fmt: skip
+    assert res.init == "preserve" and len(res.sites) == 2
+    own = _own_loss(path, "mse", {"x": x}, y)
+    assert res.losses[0] == pytest.approx(own, rel=1e-4)
+    np.testing.assert_allclose(res.losses, own, rtol=1e-5)
+    dl, dm = _moved(res, {s["output"]: tuple(s["reference"]) for s in res.sites})
+    assert dl > 1e-2 and dm > 1e-2, (dl, dm)
+    got = _run(tmp_path / "t.onnx", {"x": x})
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_real_pretrained_model_starts_at_its_own_loss(tmp_path: Path) -> None:
+    """ppocr_cls on the default (preserved) path: step 1's loss is the original's own, then the loss falls."""
+    e = rm.entry("ppocr_cls")
+    path = rm.require_path(e, rm.model_path(e))
+    feeds = rm.sample_batches(e, 1, 2)[0]
+    loss, y = _task(path, feeds)
+    res = finetune(path, {**feeds, "__y": y}, labels="__y", loss=loss, batch_size=len(y), epochs=2, lr=1e-4,
+                   output=tmp_path / "t.onnx", **TORCH)  # fmt: skip
+    assert res.init == "preserve" and any(s["method"] == "anact" for s in res.sites)
+    assert res.losses[0] == pytest.approx(_own_loss(path, loss, feeds, y), rel=1e-4)
+    assert res.losses[1] < res.losses[0]
+    _check_export(res, tmp_path / "t.onnx")
+
+
+def _cli(*args: str, pre: str = "") -> subprocess.CompletedProcess:
+    code = f"import sys; {pre}from normact_onnx.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "finetune", *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_cli_trains_resumes_and_exports(tmp_path: Path) -> None:
+    """--backend torch from the command line: two epochs, then --resume continues from the checkpoint."""
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data(64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    base = [str(path), "--data", str(tmp_path / "d.npz"), "--batch-size", "32", "-o", str(tmp_path / "t.onnx")]
+    base += ["--backend", "torch", "--device", "cpu", "--quiet", "--json"]
+    r = _cli(*base, "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert len(first["losses"]) == 4 and (tmp_path / "t.train" / "checkpoints" / "last").is_file()
+    r = _cli(*base, "--epochs", "3", "--resume")
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert len(again["losses"]) == 2 and again["history"][-1]["epoch"] == 3
+    assert json.loads((tmp_path / "t.train" / "plan.json").read_text())["settings"]["backend"] == "torch"
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data(64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    common = [str(path), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "t.onnx"), "--quiet"]
+    cases = [
+        (["--backend", "torch"], "sys.modules['torch'] = None; ", 'pip install ".[cpu,torch]"'),
+        (["--backend", "ort"], "", "scripts/make_train_env.sh"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--backend", "torch", "--device", "cuda"], "", "torch sees no CUDA GPU"))
+    for args, pre, words in cases:
+        r = _cli(*common, *args, pre=pre)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "t.onnx").exists() and not (tmp_path / "t.train").exists()
+    with pytest.raises(NormactError, match=r"--resume: .* nothing to resume"):
+        finetune(path, {"x": x, "y": y}, output=tmp_path / "t.onnx", workdir=tmp_path / "w", resume=True, **TORCH)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trains_like_the_cpu(tmp_path: Path) -> None:
+    """--device cuda: the same steps as on the CPU (to float32 noise) and an export that runs in ONNX Runtime."""
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data()
+    common = {"optimizer": "sgd", "lr": 0.2, "batch_size": 16, "backend": "torch", "progress": False}
+    cpu = finetune(path, {"x": x, "y": y}, output=tmp_path / "c.onnx", device="cpu", **common)
+    gpu = finetune(path, {"x": x, "y": y}, output=tmp_path / "g.onnx", device="cuda", **common)
+    np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-4)
+    _check_export(gpu, tmp_path / "g.onnx")
