@@ -292,11 +292,15 @@ def main() -> None:
     ap.add_argument("--ids", default=",".join(MODELS), help="comma-separated model ids")
     ap.add_argument("--json", help="write runs and summary as JSON")
     ap.add_argument("--png", help="write the loss curves (mean, 95 %% CI over seeds)")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", help="summarize and plot earlier runs' --json files")
     args = ap.parse_args()
     seeds = 1 if args.quick else args.seeds
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [run_model(mid, args.quick, seeds, Path(tmp)) for mid in args.ids.split(",")]
+    if args.from_json:  # runs split over processes (one model each) joined into one table and plot
+        results = [res for f in args.from_json for res in json.loads(Path(f).read_text())["results"]]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = [run_model(mid, args.quick, seeds, Path(tmp)) for mid in args.ids.split(",")]
     rows = [row for res in results for row in summarize(res)]
     print(f"# {machine()}, {datetime.date.today()}, {time.perf_counter() - t0:.0f} s")
     print(
