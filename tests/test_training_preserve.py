@@ -284,3 +284,59 @@ def test_minilm_self_distillation_stays_at_the_model(
     cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     print(f"MiniLM self-distillation: cosine of the fine-tuned model to the original {cosine:.6f}")
     assert cosine >= 0.999, cosine
+
+
+# ---- fold(finetune(preserve(M))): the deployed model is the original's graph again -----------------
+def _helpers(model: onnx.ModelProto) -> list[str]:
+    """Nodes this tool wrote that are left in a model: Norm ops, preserve's Pads and restores, finetune's tails."""
+    return [n.name for n in model.graph.node if n.domain == "ai.normact" or "normact" in n.name]
+
+
+@pytest.mark.parametrize("method", ["anact", "static"])
+def test_fold_of_the_finetuned_model_folds_every_site_and_keeps_its_outputs(tmp_path: Path, method: str) -> None:
+    """ppocr_cls through the pretrained path (finetune --init preserve: 3 AdamW steps move the weights), then
+    fold: every normalized site folds (the gates were never rewritten), no Norm op or fine-tuned tail is left,
+    and the folded model computes the fine-tuned one (≤ 1e-5 of the output scale), not the original (training
+    moved it by far more). With static constants the factors never move, and the folded model is M's graph
+    again (node count ≤ M + 2 %, no helper left). With ANAct the trained factors S·(f − H) change what the
+    preserve helpers stand for (a Pad's value is f = H in the activation's units, not 0; a restore in front
+    of a gate multiplies by S): fold keeps those helpers, exactly, at their trained values."""
+    from normact_onnx.deploy import fold
+    from normact_onnx.training import finetune
+
+    e = rm.entry("ppocr_cls")
+    path = rm.require_path(e, rm.model_path(e))
+    feeds = rm.sample_batches(e, 1, 2)[0]
+    loss, y = _task(path, feeds)
+    tuned = tmp_path / "tuned.onnx"
+    res = finetune(
+        path, {**feeds, "__y": y}, labels="__y", loss=loss, batch_size=len(y), epochs=3, lr=1e-4, output=tuned,
+        method=method, init="preserve", progress=False,
+    )  # fmt: skip
+    hidden = sum(e["sites"]["hidden"].values())
+    # ANAct trains every hidden site's factors; static constants are literal ops of the graph, not trained sites
+    assert len(res.sites) == (hidden if method == "anact" else 0), (len(res.sites), hidden)
+
+    out = fold(tuned, data=[feeds], details=True)
+    kept = [f"{o.site.name}: {o.reason}" for o in out.kept]
+    assert len(out.folded) == hidden and not kept, kept
+    left = _helpers(out.model)
+    assert not [n for n in left if "finetune" in n or n.startswith("ai.normact")], left
+    assert not any(n.domain == "ai.normact" for n in out.model.graph.node)
+    m = onnx.load(str(path))
+    if method == "static":
+        assert not left, left
+        assert len(out.model.graph.node) <= 1.02 * len(m.graph.node), (len(out.model.graph.node), len(m.graph.node))
+    else:  # only preserve's own Pads and restores stay (each at most once per site)
+        assert all(n.endswith(("_normact_Pad", "_normact_restore_Mul", "_normact_restore_Add")) for n in left), left
+
+    folded = tmp_path / "folded.onnx"
+    onnx.save(out.model, folded)
+    want, got, original = _run(tuned, feeds), _run(folded, feeds), _run(path, feeds)
+    scale = float(np.abs(want).max())
+    print(
+        f"fold(finetune --method {method}): {len(left)} helpers left, |F − T| / scale "
+        f"{np.abs(got - want).max() / scale:.1e}, |T − M| / scale {np.abs(want - original).max() / scale:.1e}"
+    )
+    assert np.abs(want - original).max() > 1e-3 * scale  # training moved the function
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)

@@ -37,7 +37,7 @@ from ..catalogue import NORM_DOMAIN
 from ..catalogue.fused import FUSED_PRE, MS, fuse_back
 from ..graph import Container, const_value, constant_node_value, containers, remove_unused, unique_namer, upstream
 from ..outcome import Refusal
-from ..provenance import SiteRecord, mark_folded, read_records
+from ..provenance import SiteRecord, mark_folded, read_records, replace_records
 from ..valuetypes import infer_value_types
 from .affine import FREE, HELPER_MARK, Padding, Plan, padding_of, plan_absorb, plan_produce
 from .find import Site, find_in_container
@@ -128,6 +128,7 @@ def fold_sites(
 ) -> list[FoldOutcome]:
     """Fold every (selected) normalized site whose affine part moves exactly into its consumers."""
     strategy = padding_of(padding)
+    _adopt_finetune_tails(model, base_dir)
     sites = [s for s in normalized_sites(model, base_dir) if select is None or select(s)]
     if not sites:
         return []
@@ -147,6 +148,65 @@ def fold_sites(
         remove_unused(model, initializers=before & _helper_constants(before), domain=NORM_DOMAIN)
         mark_folded(model, {(o.site.path, o.output) for o in outcomes if o.action == "folded"})
     return outcomes
+
+
+# ``finetune``'s export writes the trained S·(f − H) of a preserved (subgraph-form) site between the activation and
+# the rewrite's own tail, in nodes named ``<act_output>/normact_finetune_…`` (training/export.py)
+_FINETUNE_MARK = "/normact_finetune_"
+_AFFINE_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+def _adopt_finetune_tails(model: onnx.ModelProto, base_dir: str | None) -> None:
+    """Make the fine-tuned affine in front of a site's tail part of that site: the record's ``act_output``
+    becomes the activation's own output again and its constants the composition s₀·(S·(f − H) − h₀) =
+    s₀S·(f − (H + h₀/S)), read off the written nodes. The graph is unchanged and the record describes it
+    exactly, so the usual fold removes both affines at once (or keeps the site as it is)."""
+    records = read_records(model)
+    changed = False
+    for c in containers(model):
+        for r in records:
+            a = r.get("act_output")
+            if not a or r.get("graph") != c.path or r.get("form") != "subgraph" or np.any(r.get("slope", 0.0)):
+                continue
+            chain = _finetune_chain(c, a, base_dir)
+            if chain is None:
+                continue
+            f, g0, g1 = chain
+            slope = g1 - g0  # g(f) = slope·f + g0, elementwise
+            if np.any(slope == 0):
+                continue
+            s0, h0 = _array(r, "scale", 1.0), _array(r, "shift", 0.0)
+            r["act_output"], r["scale"], r["shift"] = f, _jsonable(s0 * slope), _jsonable((h0 - g0) / slope)
+            changed = True
+    if changed:
+        replace_records(model, records)
+
+
+def _finetune_chain(c: Container, a: str, base_dir: str | None) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(f, g(0), g(1)) when ``a`` is computed from the value f by finetune's elementwise affine nodes g."""
+    nodes: list[tuple[onnx.NodeProto, int]] = []  # each node and the position of the chain's value in its inputs
+    value = a
+    while True:
+        n = c.producer.get(value)
+        if n is None or n.op_type not in _AFFINE_OPS or not any(_FINETUNE_MARK in x for x in (n.name, *n.input)):
+            break
+        free = [i for i, x in enumerate(n.input) if const_value(c, x, base_dir) is None]
+        if len(free) != 1 or len(c.consumers.get(n.input[free[0]], ())) != 1:
+            return None
+        nodes.append((n, free[0]))
+        value = n.input[free[0]]
+    if not nodes:
+        return None
+    ends = []
+    for start in (0.0, 1.0):
+        v = np.asarray(start, np.float64)
+        for n, at in reversed(nodes):
+            args = [
+                v if i == at else np.asarray(const_value(c, x, base_dir), np.float64) for i, x in enumerate(n.input)
+            ]
+            v = _AFFINE_OPS[n.op_type](*args)
+        ends.append(v)
+    return value, ends[0], ends[1]
 
 
 def _helper_constants(names: set[str]) -> set[str]:

@@ -93,7 +93,7 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
     return done
 
 
-def _update_tail_sites(
+def update_tail_sites(
     m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine], done: set[str]
 ) -> None:
     """Subgraph-form sites trained in front of their tail (reference (1, 0)): S·(f − H) written between the
@@ -136,7 +136,7 @@ def export_model(
     constants = site_constants(sites, lam, mu, alpha)
     m = _with_weights(model, base_dir, weights)
     updated = _update_function_sites(m, constants)
-    _update_tail_sites(m, sites, constants, updated)
+    update_tail_sites(m, sites, constants, updated)
     per_site = [
         {**s.as_dict(), **(constants[s.output].as_dict() if s.output in constants else {})}
         | (
