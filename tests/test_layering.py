@@ -24,9 +24,10 @@ PACKAGE = "normact_onnx"
 # Bottom first. A module may import modules of its own layer (without a cycle) and of the layers below.
 # Patterns are module names below the package ("calibration.*": the package's modules, not the package).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "synthetic", "runtime", "runtime.*"]),
+    ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "runtime", "runtime.*"]),
     ("catalogue", ["catalogue", "catalogue.*"]),
-    ("model", ["io", "outpaths", "interop", "graph", "inputs", "provenance", "ort"]),
+    ("model", ["io", "outpaths", "interop", "graph", "provenance", "ort"]),
+    ("data", ["data", "data.*"]),
     ("methods", ["moments", "streaming", "methods", "methods.*"]),
     ("passes", ["passes", "passes.*", "selection"]),
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),
@@ -223,9 +224,9 @@ def test_cycle_finder(edges, cycles):
 
 
 def test_parser_sees_function_level_and_relative_imports(tmp_path):
-    code = "from .errors import NormactError\n\ndef f():\n    from .calibration import rows\n    return rows\n"
+    code = "from .errors import NormactError\n\ndef f():\n    from .data import rows\n    return rows\n"
     path = tmp_path / "probe.py"
     path.write_text(code)
     got = {(i.target, i.in_function) for i in _imports(f"{PACKAGE}.probe", path)}
-    assert got == {(f"{PACKAGE}.errors", False), (f"{PACKAGE}.calibration.rows", True)}
-    assert re.fullmatch(r"[a-z_.]+", _short(f"{PACKAGE}.calibration.rows"))
+    assert got == {(f"{PACKAGE}.errors", False), (f"{PACKAGE}.data.rows", True)}
+    assert re.fullmatch(r"[a-z_.]+", _short(f"{PACKAGE}.data.rows"))

@@ -23,7 +23,7 @@ _API = {
     "RewriteResult": "normact_onnx.api",
     "SiteSelection": "normact_onnx.selection",
     "OutputOptions": "normact_onnx.writer",
-    "DataOptions": "normact_onnx.calibration.batches",
+    "DataOptions": "normact_onnx.data.options",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",
     "calibrate": "normact_onnx.api",

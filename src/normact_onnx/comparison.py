@@ -31,7 +31,6 @@ from onnx import helper
 from onnx.inliner import inline_local_functions
 from onnx.reference import ReferenceEvaluator
 
-from .calibration.batches import DataOptions
 from .calibration.distributed import (
     CRASH_ENV,
     Feeder,
@@ -45,9 +44,10 @@ from .calibration.distributed import (
     plan_work,
     require_ray,
 )
-from .calibration.readers import check_header, conform, open_source
+from .data.inputs import InputSpec, model_inputs
+from .data.options import DataOptions
+from .data.readers import check_header, conform, open_source
 from .errors import NormactError
-from .inputs import InputSpec, model_inputs
 from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
 from .ort import make_session
 from .passes.fold import normalized_sites

@@ -30,8 +30,8 @@ from typing import Any, Literal, overload
 
 import onnx
 
-from .calibration.batches import DataOptions
 from .comparison import LoadedModel, model_batches
+from .data.options import DataOptions
 from .errors import NormactError
 from .interop import same_type
 from .io import (

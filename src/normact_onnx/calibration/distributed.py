@@ -36,16 +36,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import onnx
 
-from ..errors import NormactError
-from ..graph import structure_fingerprint
-from ..inputs import model_inputs
-from ..io import ModelLike, load_model_like, model_folder
-from ..progress import bar as progress_bar
-from ..progress import native_stderr_quiet
-from ..streaming import Moments, mean_merge, merge_cross
-from . import rows
-from .batches import DataOptions
-from .readers import (
+from ..data import rows
+from ..data.inputs import model_inputs
+from ..data.options import DataOptions
+from ..data.readers import (
     Batch,
     InputSpec,
     check_header,
@@ -55,6 +49,12 @@ from .readers import (
     file_pieces,
     has_batch_files,
 )
+from ..errors import NormactError
+from ..graph import structure_fingerprint
+from ..io import ModelLike, load_model_like, model_folder
+from ..progress import bar as progress_bar
+from ..progress import native_stderr_quiet
+from ..streaming import Moments, mean_merge, merge_cross
 from .run import SiteRecord, batch_moments, calibration_session, empty_stats, finish, prepare, run_batch
 from .stats import CalibrationStats
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..calibration.batches import DataOptions
-from ..calibration.rows import ImageOptions
+from ..data.options import DataOptions
+from ..data.rows import ImageOptions
 from ..errors import NormactError
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
 from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_files

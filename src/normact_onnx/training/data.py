@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..data.inputs import model_inputs
 from ..errors import NormactError
-from ..inputs import model_inputs
 from .losses import LOSSES
 
 
