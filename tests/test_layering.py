@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("passes", ["passes", "passes.*", "selection"]),
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),
     ("decisions", ["policy", "writer"]),
-    ("distributed and comparison", ["calibration.distributed", "comparison"]),
+    ("comparison", ["comparison"]),
     ("orchestration", ["api", "deploy"]),
     ("training", ["training", "training.*"]),
     ("command line", ["commands", "commands.*", "cli", "__main__"]),

@@ -22,13 +22,15 @@ from typing import Any, Literal, overload
 import numpy as np
 import onnx
 
-from .calibration.distributed import collect_ray, is_dataset
+from .calibration.distributed import collect_ray
 from .calibration.insitu import Normalizer
 from .calibration.report import write_html
 from .calibration.run import collect
 from .calibration.stats import CalibrationStats, check_stats_model
-from .comparison import LoadedModel, data_bundle, measure_sites, model_batches
-from .data.options import DataOptions
+from .comparison import measure_sites
+from .data.feeding import LoadedModel, model_batches
+from .data.options import DataOptions, data_bundle
+from .data.ray_data import is_dataset
 from .errors import NormactError
 from .graph import SMALL_CONST, attr_value, const_value, containers, default_opset
 from .interop import same_type

@@ -14,24 +14,20 @@ first) as an independent second opinion.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import math
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
-from onnx.inliner import inline_local_functions
-from onnx.reference import ReferenceEvaluator
 
-from .calibration.distributed import (
+from .data.feeding import Feeds, LoadedModel, Runner, feeds_for, model_batches
+from .data.inputs import model_inputs
+from .data.options import DataOptions, data_bundle
+from .data.ray_data import (
     CRASH_ENV,
     Feeder,
     TreeMerge,
@@ -44,125 +40,16 @@ from .calibration.distributed import (
     plan_work,
     require_ray,
 )
-from .data.inputs import InputSpec, model_inputs
-from .data.options import DataOptions
-from .data.readers import check_header, conform, open_source
 from .errors import NormactError
-from .io import ModelLike, external_locations, load_external_data, load_model_like, model_folder
-from .ort import make_session
+from .io import ModelLike
 from .passes.fold import normalized_sites
 from .policy import GAIN_RANGE
 from .progress import bar as progress_bar
 from .provenance import read_records
 from .streaming import Moments
 from .texttable import table
-from .valuetypes import infer_value_types
 
-Feeds = dict[str, np.ndarray]
-RUNTIMES = ("ort", "reference")
 P99_SAMPLE = 1 << 20  # error values kept per output for the percentile
-
-
-@dataclass
-class LoadedModel:
-    """A model to run: its proto (weights possibly external) and where it came from."""
-
-    proto: onnx.ModelProto
-    path: Path | None
-    label: str
-
-    @classmethod
-    def load(cls, model: ModelLike, label: str) -> LoadedModel:
-        return cls(*load_model_like(model), label)
-
-    @property
-    def base_dir(self) -> str | None:
-        return model_folder(self.path)
-
-    @property
-    def inputs(self) -> list[InputSpec]:
-        return model_inputs(self.proto)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self.proto.graph.output]
-
-
-class _Runner:
-    """Runs one model in one runtime; ``extra`` values are fetched as additional outputs."""
-
-    def __init__(self, model: LoadedModel, runtime: str, providers: list[str] | None, extra: list[str]) -> None:
-        self.model, self.runtime = model, runtime
-        self.names = model.output_names + [e for e in extra if e not in model.output_names]
-        proto = model.proto
-        if len(self.names) != len(model.output_names):
-            proto = _with_outputs(proto, self.names[len(model.output_names) :])
-        if runtime == "ort":
-            self.run = self._ort(proto, providers)
-        elif runtime == "reference":
-            self.run = self._reference(proto)
-        else:
-            raise NormactError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-
-    def _ort(self, proto: onnx.ModelProto, providers: list[str] | None) -> Callable[[Feeds], list[np.ndarray]]:
-        source: Any = proto.SerializeToString()
-        if self.model.path is not None and proto is self.model.proto:
-            source = str(self.model.path)  # external data resolves next to the file
-        elif self.model.path is not None and _has_external(proto):
-            source = _save_beside(proto, self.model.path)
-        try:
-            sess = make_session(source, providers)
-        except NormactError:
-            raise
-        except Exception as e:
-            raise NormactError(f"{self.model.label}: onnxruntime cannot load it: {_first_line(e)}") from None
-        names = self.names
-        return lambda feeds: sess.run(names, feeds)
-
-    def _reference(self, proto: onnx.ModelProto) -> Callable[[Feeds], list[np.ndarray]]:
-        m = onnx.ModelProto()
-        m.CopyFrom(proto)
-        if self.model.base_dir and _has_external(m):
-            load_external_data(m, self.model.base_dir)
-        try:
-            ref = ReferenceEvaluator(inline_local_functions(m))
-        except Exception as e:
-            raise NormactError(f"{self.model.label}: onnx.reference cannot run it: {_first_line(e)}") from None
-        names = self.names
-        return lambda feeds: [np.asarray(v) for v in ref.run(names, feeds)]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _has_external(m: onnx.ModelProto) -> bool:
-    return bool(external_locations(m))
-
-
-def _remove_if_there(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _save_beside(proto: onnx.ModelProto, path: Path) -> str:
-    """An instrumented copy with external data must sit next to the data it points at."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".compare.onnx", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(proto.SerializeToString())
-    atexit.register(_remove_if_there, tmp)
-    return tmp
-
-
-def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy whose graph also outputs ``names`` (intermediate values of the main graph)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    types = infer_value_types(m)
-    for n in names:
-        m.graph.output.append(helper.make_tensor_value_info(n, types.elem_type(n), None))
-    return m
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -380,58 +267,9 @@ def _site_probes(model: LoadedModel) -> tuple[list[_SiteProbe], list[dict[str, A
     return probes, unreachable
 
 
-# ---- data -----------------------------------------------------------------------------------
-
-
 # What compare reads when the options leave it open (calibrate's are the readers' own: all batches of the data; 10
 # synthetic batches of one sample): every batch of the data as stored, or 4 synthetic batches of 2 samples.
 SYNTHETIC_BATCHES, SYNTHETIC_BATCH_SIZE = 4, 2
-
-
-def model_batches(
-    model: LoadedModel,
-    options: DataOptions,
-    synthetic_batches: int = SYNTHETIC_BATCHES,
-    synthetic_batch_size: int = SYNTHETIC_BATCH_SIZE,
-) -> Iterator[Feeds]:
-    """The batches ``options`` names, read as ``calibrate`` reads them, checked against ``model``'s inputs first.
-
-    ``options.batch_size`` splits data files into batches of that many samples (synthetic: the batch
-    dimension, default ``synthetic_batch_size``); ``options.batches`` caps the number of batches (default:
-    all of the data; ``synthetic_batches`` synthetic ones). Arrays that name no input are left out, with one note.
-    """
-    if options.data is None and not options.synthetic:
-        raise NormactError("compare needs inputs: pass --data (or data=...) or --synthetic")
-    specs = model_inputs(model.proto)
-    if options.synthetic:
-        options = replace(
-            options,
-            batches=options.batches or synthetic_batches,
-            batch_size=options.batch_size or synthetic_batch_size,
-        )
-    source = open_source(options, specs)
-    limit, noted = options.batches, set[str]()
-    if source.headers is not None:  # files: every batch that will run is checked before the first run
-        for i, (where, header) in enumerate(source.headers()):
-            if limit is not None and i >= limit:
-                break
-            check_header(specs, header, where, noted)
-    for i, (where, batch) in enumerate(source.batches()):
-        if limit is not None and i >= limit:
-            return
-        yield conform(specs, batch, where, noted)
-
-
-def data_bundle(data_options: DataOptions | None, loose: DataOptions) -> DataOptions:
-    """The data source of a call: ``data_options`` as given, or built from the loose keywords (``loose``)."""
-    if data_options is None:
-        return loose
-    if loose != DataOptions():
-        raise NormactError(
-            "pass the data source as data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/images,"
-            " not both"
-        )
-    return data_options
 
 
 # ---- the comparison -------------------------------------------------------------------------
@@ -548,8 +386,8 @@ class Comparison:
                 self.unreachable += u
         self.probes = self.per_model["A"] + self.per_model["B"]
         extra = {lbl: [n for p in self.per_model[lbl] for n in (p.pre, p.post)] for lbl in self.per_model}
-        self.run_a = _Runner(a, self.runtimes[0], providers, extra["A"])
-        self.run_b = None if b is None else _Runner(b, self.runtimes[1], providers, extra["B"])
+        self.run_a = Runner(a, self.runtimes[0], providers, extra["A"])
+        self.run_b = None if b is None else Runner(b, self.runtimes[1], providers, extra["B"])
         self.b = b
         self.pairs = [] if b is None else _pair_outputs(a.output_names, b.output_names)
 
@@ -560,10 +398,10 @@ class Comparison:
     def tally(self, feeds: Feeds, into: Tally | None = None) -> Tally:
         """One batch measured, added into ``into`` (the single-process run) or into a fresh tally (a Ray worker's)."""
         t = self.empty() if into is None else into
-        out_a = dict(zip(self.run_a.names, _run(self.run_a, feeds)))
+        out_a = dict(zip(self.run_a.names, self.run_a.outputs(feeds)))
         out_b: dict[str, np.ndarray] = {}
         if self.run_b is not None and self.b is not None:
-            out_b = dict(zip(self.run_b.names, _run(self.run_b, _check_feeds(feeds, self.b))))
+            out_b = dict(zip(self.run_b.names, self.run_b.outputs(feeds_for(self.b, feeds))))
         for na, nb in self.pairs:
             t.errors[na].add(np.asarray(out_a[na]), np.asarray(out_b[nb]))
             t.shapes.setdefault(na, np.shape(out_a[na]))
@@ -615,14 +453,16 @@ def compare(
     with ``sites=True`` only measures A's normalized sites (no outputs compared). ``reference=True`` runs B
     (or A's second copy) in ``onnx.reference`` instead of ONNX Runtime.
 
-    The inputs are read as ``calibrate`` reads them: ``data_options`` (a
-    :class:`.calibration.batches.DataOptions`), or the same fields as keywords. ``data``: an iterable of feed
-    dicts, a ``CalibrationDataReader``, a path the calibration readers accept (``.npz``, folders of
-    ``.npy``/``.npz``, ``test_data_set_*``, Parquet, image folders with ``images`` options), or None with
-    ``synthetic=True``. ``batch_size`` splits data files into batches of that many samples (synthetic: the
-    batch dimension, default 2); ``batches`` caps the number of batches (default: all of the data, 4
-    synthetic). Synthetic symbolic dims come from ``shapes`` (``{"x": [1, 3, 224, 224]}`` or
-    ``["x=1x3x224x224"]``), by the rules of :mod:`.synthetic` (``values``: ``{"sr": 16000}`` fills an input).
+    The inputs are read as ``calibrate`` reads them: ``data_options`` (a :class:`.data.options.DataOptions`),
+    or the same fields as keywords. ``data``: an iterable of feed dicts, a ``CalibrationDataReader``, a path
+    the data readers accept (``.npz``, folders of ``.npy``/``.npz``, ``test_data_set_*``, Parquet, image
+    folders with ``images`` options), or None with ``synthetic=True``. ``batch_size`` splits data files into
+    batches of that many samples (synthetic: the batch dimension, default 2); ``batches`` caps the number of
+    batches (default: all of the data, 4 synthetic). Synthetic inputs follow the one rule of
+    :mod:`.data.synthetic`, as in ``calibrate`` and ``fold``: sizes given in ``shapes`` (``{"x": [1, 3, 224,
+    224]}`` or ``["x=1x3x224x224"]``) fix the dimension names they carry, a named dimension is one size across
+    inputs, and the rest default (the batch size on the leading axis, 64 for image axes, 512 for a signal, 16
+    elsewhere); floats N(0, 1), integers 0/1, and ``values`` (``{"sr": 16000}``) fills an input with one value.
     ``progress``: a bar on stderr when it is a terminal.
 
     ``ray`` (or a ``ray.data.Dataset`` as ``data``): the batches run on Ray Data
@@ -654,10 +494,10 @@ def compare(
         tally = compare_ray(comparison, (a, b), setup, source, address, workers)
         return comparison.result(tally, labels)
     tally = comparison.empty()
-    total = (source.batches or SYNTHETIC_BATCHES) if source.synthetic else source.batches
-    bar = progress_bar(total, "compare", progress, unit="batch")
+    source = source.with_synthetic_defaults(SYNTHETIC_BATCHES, SYNTHETIC_BATCH_SIZE)
+    bar = progress_bar(source.batches, "compare", progress, unit="batch")
     try:
-        for feeds in model_batches(a, source):
+        for feeds in model_batches(a, source, SYNTHETIC_BATCHES, SYNTHETIC_BATCH_SIZE):
             comparison.tally(feeds, tally)
             bar.update()
     finally:
@@ -689,10 +529,10 @@ def measure_sites(
     """
     m = LoadedModel.load(model, "model")
     probes, unreachable = _site_probes(m)
-    runner = _Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
+    runner = Runner(m, "ort", providers, [n for p in probes for n in (p.pre, p.post)])
     n_batches = 0
     for feeds in model_batches(m, data_options, CALIBRATE_BATCHES, CALIBRATE_BATCH_SIZE):
-        outs = dict(zip(runner.names, _run(runner, feeds)))
+        outs = dict(zip(runner.names, runner.outputs(feeds)))
         for p in probes:
             p.pre_stats = p.pre_stats.merge(p.pre_moments(outs[p.pre]))
             p.post_stats = p.post_stats.merge(Moments.of(outs[p.post]))
@@ -700,24 +540,6 @@ def measure_sites(
     if n_batches == 0:
         raise NormactError("the data source gave no batches")
     return [p.result() for p in probes] + unreachable
-
-
-def _run(runner: _Runner, feeds: Feeds) -> list[np.ndarray]:
-    try:
-        return runner.run(feeds)
-    except NormactError:
-        raise
-    except Exception as e:
-        raise NormactError(f"model {runner.model.label} failed to run ({runner.runtime}): {_first_line(e)}") from None
-
-
-def _check_feeds(feeds: Feeds, model: LoadedModel) -> Feeds:
-    """Model B's inputs from A's feeds (the data was checked against A); a missing one is a user error."""
-    names = [i.name for i in model.inputs]
-    missing = [n for n in names if n not in feeds]
-    if missing:
-        raise NormactError(f"model {model.label}: data has no input {', '.join(missing)} (has {', '.join(feeds)})")
-    return {n: np.asarray(feeds[n]) for n in names}
 
 
 def _pair_outputs(a: list[str], b: list[str]) -> list[tuple[str, str]]:
@@ -729,7 +551,7 @@ def _pair_outputs(a: list[str], b: list[str]) -> list[tuple[str, str]]:
     raise NormactError(f"the models' outputs do not correspond: A has {', '.join(a)}; B has {', '.join(b)}")
 
 
-# ---- on Ray Data: workers return per-batch tallies, the driver merges them (see .calibration.distributed) ------
+# ---- on Ray Data: workers return per-batch tallies, the driver merges them (plumbing: .data.ray_data) ---------
 
 
 class CompareWorker:
