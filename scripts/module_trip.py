@@ -8,7 +8,8 @@ already left mean a reader follows one call down through fewer files. Run it fro
 ``--src`` measures another checkout's ``src`` (e.g. one exported with ``git archive``), for before/after numbers.
 
 Import graph: the package's modules and their module-level imports of each other (read with ``ast``), and how
-many of those imports reach into ``calibration/`` from outside it.
+many of those imports reach into ``calibration/`` from outside it, and which join two of the rooms that consume the
+data (calibration, comparison, ``fold``'s deploy, training).
 
 Trip: one warm-up call, then the same call profiled (``sys.setprofile``). Every call of a package function
 whose module differs from its caller's is a crossing. *Rooms*: the distinct modules entered. *Returns*: crossings
@@ -143,6 +144,14 @@ def main() -> None:
         1 for m, ts in edges.items() for t in ts if t.startswith(f"{PACKAGE}.calibration") and ".calibration" not in m
     )
     print(f"import graph: {len(edges)} modules, {sum(map(len, edges.values()))} imports, {into_cal} into calibration/")
+    consumers = ("calibration", "comparison", "deploy", "training")  # data/'s consumers: none should need another
+    across = sorted(
+        f"{short(m)} → {short(t)}"
+        for m, ts in edges.items()
+        for t in ts
+        if room(m) in consumers and room(t) in consumers and room(m) != room(t)
+    )
+    print(f"  imports between calibration, comparison, deploy and training: {len(across)} ({', '.join(across)})")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "mlp.onnx"
         onnx.save(small_model(), path)

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("passes", ["passes", "passes.*", "selection"]),
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),
     ("decisions", ["policy", "writer"]),
-    ("comparison", ["comparison"]),
+    ("comparison", ["comparison", "comparison.*"]),
     ("orchestration", ["api", "deploy"]),
     ("training", ["training", "training.*"]),
     ("command line", ["commands", "commands.*", "cli", "__main__"]),
@@ -200,6 +200,22 @@ def test_no_private_names_across_modules():
         if n.startswith("_") and not n.startswith("__") and i.target != i.importer
     ]
     assert private == []
+
+
+def test_data_consumers_share_data_not_each_other():
+    """calibration, comparison and fold (deploy) read and run data through ``data/`` only (docs/architecture.md §1)."""
+
+    def room(module: str) -> str:
+        short = _short(module)
+        return short.split(".")[0]
+
+    consumers = {"calibration", "comparison", "deploy"}
+    across = [
+        f"{_short(i.importer)} imports {_short(i.target)}"
+        for i in IMPORTS
+        if room(i.importer) in consumers and room(i.target) in consumers and room(i.importer) != room(i.target)
+    ]
+    assert across == []
 
 
 def test_architecture_doc_states_the_same_layer_order():
