@@ -121,8 +121,9 @@ def plain_inference(path: Path, reader: Reader) -> float:
 
 
 def normact_calibration(path: Path, reader: Reader, in_situ: bool = True) -> float:
-    from normact_onnx.calibration import DataOptions, collect
+    from normact_onnx.calibration import collect
     from normact_onnx.calibration.insitu import Normalizer
+    from normact_onnx.data.options import DataOptions
 
     start = time.perf_counter()
     collect(path, DataOptions(reader), normalize=Normalizer() if in_situ else None)
@@ -165,7 +166,8 @@ import json, resource, sys
 sys.path.insert(0, {bench!r})
 from bench_calibration import Reader, model_and_batch
 from pathlib import Path
-from normact_onnx.calibration import DataOptions, collect
+from normact_onnx.calibration import collect
+from normact_onnx.data.options import DataOptions
 from normact_onnx.calibration.insitu import Normalizer
 path, spec = model_and_batch({name!r}, Path({workdir!r}))
 collect(path, DataOptions(Reader(spec, {n})), normalize=Normalizer())
@@ -191,8 +193,9 @@ def _describe(key: str, value: Any) -> str:
 def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -> list[dict]:
     """Single-process vs Ray Data on the same .npz shards; per-batch and merge costs for the scaling estimate."""
     from normact_onnx.api import calibrate
-    from normact_onnx.calibration import DataOptions, collect, distributed
+    from normact_onnx.calibration import collect, distributed
     from normact_onnx.calibration.run import batch_moments, calibration_session, prepare, run_batch
+    from normact_onnx.data.options import DataOptions
     from normact_onnx.io import load_model
 
     rows = []

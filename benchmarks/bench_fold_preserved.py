@@ -56,7 +56,7 @@ def _session(model: onnx.ModelProto):
 
 
 def _feeds(e: dict, path: Path, n: int) -> list[dict[str, np.ndarray]]:
-    from normact_onnx.inputs import model_inputs
+    from normact_onnx.data.inputs import model_inputs
 
     dtypes = {s.name: s.dtype for s in model_inputs(onnx.load(str(path), load_external_data=False))}
     base = e["feed"].get("same_as", e["id"])

@@ -58,7 +58,7 @@ def _max_rel(want: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 def feeds_for(e: dict, path: Path, n: int = 2) -> list[dict]:
     """Sample batches; derived models are fed like their base model, cast to their own input types."""
-    from normact_onnx.inputs import model_inputs
+    from normact_onnx.data.inputs import model_inputs
 
     base = e["feed"].get("same_as", e["id"])
     specs = {s.name: s.dtype for s in model_inputs(onnx.load(str(path), load_external_data=False))}

@@ -39,8 +39,8 @@ import numpy as np, onnx, onnxruntime as ort, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[3])
 from tests import real_models as rm
-from normact_onnx.inputs import model_inputs
-from normact_onnx.synthetic import resolve_shapes, synthetic_batch
+from normact_onnx.data.inputs import model_inputs
+from normact_onnx.data.synthetic import resolve_shapes, synthetic_batch
 conv, target = sys.argv[1], sys.argv[2]
 if target.endswith(".onnx"):
     path = os.path.join(sys.argv[3], target); m = onnx.load(path); specs = model_inputs(m)

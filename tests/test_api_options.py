@@ -18,8 +18,8 @@ import pytest
 
 from normact_onnx import fold
 from normact_onnx.api import calibrate, rewrite
-from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.calibration.stats import CalibrationStats
+from normact_onnx.data.options import DataOptions
 from normact_onnx.errors import NormactError
 from normact_onnx.methods.static import Affine
 from normact_onnx.outcome import Refusal

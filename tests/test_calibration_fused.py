@@ -14,10 +14,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from normact_onnx.calibration import DataOptions, collect
+from normact_onnx.calibration import collect
 from normact_onnx.calibration.instrument import fused_stats_suffix, instrument
 from normact_onnx.calibration.stats import Moments
 from normact_onnx.catalogue import CATALOGUE, NORM_DOMAIN
+from normact_onnx.data.options import DataOptions
 from normact_onnx.ort import make_session
 
 from .conftest import MODELS

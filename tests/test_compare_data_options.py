@@ -13,8 +13,8 @@ import onnx
 import pytest
 
 from normact_onnx.api import calibrate
-from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.comparison import compare, measure_sites
+from normact_onnx.data.options import DataOptions
 from normact_onnx.errors import NormactError
 
 from .conftest import tanh_sigmoid_mlp

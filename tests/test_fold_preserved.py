@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from normact_onnx.api import rewrite
-from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.catalogue import NORM_DOMAIN
+from normact_onnx.data.options import DataOptions
 from normact_onnx.deploy import _self_check, fold
 from normact_onnx.errors import NormactError
 

@@ -18,8 +18,8 @@ from onnx import helper, numpy_helper
 
 from normact_onnx.api import calibrate
 from normact_onnx.calibration import CalibrationStats, merge
-from normact_onnx.calibration.batches import DataOptions
 from normact_onnx.comparison import measure_sites
+from normact_onnx.data.options import DataOptions
 from normact_onnx.errors import NormactError
 
 from . import real_models as rm

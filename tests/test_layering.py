@@ -24,14 +24,15 @@ PACKAGE = "normact_onnx"
 # Bottom first. A module may import modules of its own layer (without a cycle) and of the layers below.
 # Patterns are module names below the package ("calibration.*": the package's modules, not the package).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "synthetic", "runtime", "runtime.*"]),
+    ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "runtime", "runtime.*"]),
     ("catalogue", ["catalogue", "catalogue.*"]),
-    ("model", ["io", "outpaths", "interop", "graph", "inputs", "provenance", "ort"]),
+    ("model", ["io", "outpaths", "interop", "graph", "provenance", "ort"]),
+    ("data", ["data", "data.*"]),
     ("methods", ["moments", "streaming", "methods", "methods.*"]),
     ("passes", ["passes", "passes.*", "selection"]),
     ("checks and calibration", ["verify", "calibration", "calibration.*"]),
     ("decisions", ["policy", "writer"]),
-    ("distributed and comparison", ["calibration.distributed", "comparison"]),
+    ("comparison", ["comparison", "comparison.*"]),
     ("orchestration", ["operations", "operations.*", "api", "deploy"]),
     ("training", ["training", "training.*"]),
     ("command line", ["commands", "commands.*", "cli", "__main__"]),
@@ -201,6 +202,22 @@ def test_no_private_names_across_modules():
     assert private == []
 
 
+def test_data_consumers_share_data_not_each_other():
+    """calibration, comparison and fold (deploy) read and run data through ``data/`` only (docs/architecture.md §1)."""
+
+    def room(module: str) -> str:
+        short = _short(module)
+        return short.split(".")[0]
+
+    consumers = {"calibration", "comparison", "deploy"}
+    across = [
+        f"{_short(i.importer)} imports {_short(i.target)}"
+        for i in IMPORTS
+        if room(i.importer) in consumers and room(i.target) in consumers and room(i.importer) != room(i.target)
+    ]
+    assert across == []
+
+
 def test_architecture_doc_states_the_same_layer_order():
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     order = " → ".join(name for name, _ in LAYERS)
@@ -223,9 +240,9 @@ def test_cycle_finder(edges, cycles):
 
 
 def test_parser_sees_function_level_and_relative_imports(tmp_path):
-    code = "from .errors import NormactError\n\ndef f():\n    from .calibration import rows\n    return rows\n"
+    code = "from .errors import NormactError\n\ndef f():\n    from .data import rows\n    return rows\n"
     path = tmp_path / "probe.py"
     path.write_text(code)
     got = {(i.target, i.in_function) for i in _imports(f"{PACKAGE}.probe", path)}
-    assert got == {(f"{PACKAGE}.errors", False), (f"{PACKAGE}.calibration.rows", True)}
-    assert re.fullmatch(r"[a-z_.]+", _short(f"{PACKAGE}.calibration.rows"))
+    assert got == {(f"{PACKAGE}.errors", False), (f"{PACKAGE}.data.rows", True)}
+    assert re.fullmatch(r"[a-z_.]+", _short(f"{PACKAGE}.data.rows"))

@@ -13,8 +13,8 @@ import pytest
 
 from normact_onnx.api import calibrate
 from normact_onnx.calibration import distributed
-from normact_onnx.calibration.rows import ImageOptions
 from normact_onnx.comparison import compare
+from normact_onnx.data.rows import ImageOptions
 from normact_onnx.errors import NormactError
 
 from .conftest import MODELS
@@ -190,8 +190,8 @@ def test_image_folder_ray_and_single_process(cluster, png_folder):
     assert site_elements(many) == 300 * FIRST_SITE
     assert_same_stats(local, many)
     # the preprocessing is what it says: one image by hand
-    from normact_onnx.calibration.rows import decode_image, image_plan, images_batch
-    from normact_onnx.inputs import model_inputs
+    from normact_onnx.data.inputs import model_inputs
+    from normact_onnx.data.rows import decode_image, image_plan, images_batch
     from normact_onnx.io import load_model
 
     first = sorted(png_folder.rglob("*.png"))[0]

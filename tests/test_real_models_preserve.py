@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 from normact_onnx.api import rewrite
+from normact_onnx.data.inputs import model_inputs
 from normact_onnx.deploy import fold
 from normact_onnx.errors import NormactError
-from normact_onnx.inputs import model_inputs
 
 from . import real_models as rm
 from .conftest import run_model

@@ -182,7 +182,8 @@ def test_quick_gelu_is_a_near_miss_with_the_reason():
 
 def test_calibration_measures_the_pre_activation_inside_a_fused_op():
     from normact_onnx.api import calibrate
-    from normact_onnx.calibration import DataOptions, collect
+    from normact_onnx.calibration import collect
+    from normact_onnx.data.options import DataOptions
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("BiasGelu", ["v", "bias"], ["h"], domain="com.microsoft")]

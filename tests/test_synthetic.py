@@ -9,10 +9,10 @@ from onnx import TensorProto, helper
 
 from normact_onnx.api import rewrite
 from normact_onnx.comparison import compare
+from normact_onnx.data.inputs import InputSpec, model_inputs
+from normact_onnx.data.synthetic import SAMPLE_RATE, resolve_shapes, synthetic_batch
 from normact_onnx.deploy import fold
 from normact_onnx.errors import NormactError
-from normact_onnx.inputs import InputSpec, model_inputs
-from normact_onnx.synthetic import SAMPLE_RATE, resolve_shapes, synthetic_batch
 
 from .conftest import MODELS, const, fvi, tiny_model
 

@@ -16,9 +16,9 @@ from onnx import TensorProto, helper
 
 from normact_onnx.api import rewrite
 from normact_onnx.catalogue import CATALOGUE
+from normact_onnx.data.inputs import model_inputs
+from normact_onnx.data.synthetic import resolve_shapes, synthetic_batch
 from normact_onnx.errors import NormactError
-from normact_onnx.inputs import model_inputs
-from normact_onnx.synthetic import resolve_shapes, synthetic_batch
 
 from . import real_models as rm
 from .conftest import bundled_models, tiny_model

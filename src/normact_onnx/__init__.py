@@ -24,7 +24,7 @@ _API = {
     "SiteSelection": "normact_onnx.selection",
     "OutputOptions": "normact_onnx.writer",
     "MethodOptions": "normact_onnx.policy",
-    "DataOptions": "normact_onnx.calibration.batches",
+    "DataOptions": "normact_onnx.data.options",
     "fold": "normact_onnx.deploy",
     "compare": "normact_onnx.comparison",
     "calibrate": "normact_onnx.api",

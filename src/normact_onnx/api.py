@@ -2,7 +2,7 @@
 
 Each operation has one home in :mod:`.operations` (``rewrite_model``, ``calibrate_model``), which takes its options
 as values, one per concern (:class:`.policy.MethodOptions`, :class:`.selection.SiteSelection`,
-:class:`.writer.OutputOptions`, :class:`.calibration.batches.DataOptions`), and always returns a result object.
+:class:`.writer.OutputOptions`, :class:`.data.options.DataOptions`), and always returns a result object.
 This module only turns the keyword form (loose keywords, or the same values as ``method_options=``,
 ``selection=``, ``output_options=``, ``data_options=``) into those values, and returns the result's model (or
 statistics), or the whole result with ``details=True``. The keywords are declared once, as :class:`RewriteKeywords`
@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import onnx
 
-from .calibration.batches import DataOptions
-from .calibration.rows import ImageOptions
 from .calibration.stats import CalibrationStats
-from .comparison import data_bundle
+from .data.options import DataOptions, data_bundle
+from .data.rows import ImageOptions
 from .errors import NormactError
 from .interop import same_type
 from .io import ModelLike
@@ -225,7 +224,7 @@ def calibrate(
     ``data``: a path (.npz, .npy, a folder of them, a test_data_set_* folder), an
     object with ``get_next()`` (ONNX Runtime's CalibrationDataReader), an
     iterable of ``{input: array}`` dicts, or None with ``synthetic=True``.
-    Parquet files and image folders (``images``: a :class:`.calibration.rows.ImageOptions`)
+    Parquet files and image folders (``images``: a :class:`.data.rows.ImageOptions`)
     are read too, and a ``ray.data.Dataset`` (columns named after the inputs).
     Writes the calibrated model to ``output``, the statistics to ``stats_path``
     and an HTML report to ``report`` when given; returns the statistics (or a
@@ -238,7 +237,7 @@ def calibrate(
 
     ``selection``, ``output_options`` and ``method_options``: the site selection, the written model's options and
     the method as one value each, as in :func:`rewrite` (a ``method_options`` option left as None takes
-    calibrate's default). ``data_options`` (a :class:`.calibration.batches.DataOptions`): ``data``,
+    calibrate's default). ``data_options`` (a :class:`.data.options.DataOptions`): ``data``,
     ``batches``, ``batch_size``, ``synthetic``, ``shapes``, ``values``, ``seed`` and ``images`` as one value.
     """
     kw: dict[str, Any] = _known("calibrate", keywords, CalibrateKeywords)

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import onnx
 
-from .calibration.batches import DataOptions
-from .comparison import LoadedModel, model_batches
+from .data.feeding import LoadedModel, model_batches
+from .data.options import DataOptions
 from .errors import NormactError
 from .interop import same_type
 from .io import (
@@ -163,7 +163,7 @@ def fold(
     ``details=True``. ``progress``: the stages on stderr when it is a terminal. ``output_options`` (a
     :class:`.writer.OutputOptions`) carries ``verify``/``in_place``/``write_unchanged`` as one value instead
     (its ``form`` does not apply: a folded site is a plain activation again). ``data_options`` (a
-    :class:`.calibration.batches.DataOptions`) carries ``data``/``synthetic``/``shapes``/``values``/``batches``/
+    :class:`.data.options.DataOptions`) carries ``data``/``synthetic``/``shapes``/``values``/``batches``/
     ``batch_size``/``seed`` as one value instead (its ``images`` is not read: the self-check reads no image folders).
     """
     unknown = sorted(set(keywords) - set(FoldKeywords.__annotations__))

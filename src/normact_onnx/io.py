@@ -35,6 +35,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .errors import NormactError
 from .interop import is_foreign, to_proto
+from .runtime.session import open_session, session_options
 
 if TYPE_CHECKING:
     import onnx_ir
@@ -185,12 +186,12 @@ def load_external_data(model: onnx.ModelProto, base: str | os.PathLike) -> None:
 def max_ir_version() -> int:
     """The highest IR version the installed onnxruntime loads (probed once; onnx's own if no ORT)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (only whether it is there: the session factory imports it)
     except ImportError:
         return onnx.IR_VERSION
     from onnx import helper
 
-    so = ort.SessionOptions()
+    so = session_options()
     so.log_severity_level = 3  # a refused IR version is the answer here, not a warning for the user
     for ir in range(onnx.IR_VERSION, 3, -1):
         g = helper.make_graph(
@@ -202,7 +203,7 @@ def max_ir_version() -> int:
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
         m.ir_version = ir
         try:
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            open_session(m, None, so, library="none")
             return ir
         except Exception:
             continue

@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .data.inputs import model_inputs
+from .data.synthetic import resolve_shapes, synthetic_batch
 from .errors import NormactError
 from .graph import const_value, containers, upstream
-from .inputs import model_inputs
 from .io import clamp_ir
 from .ort import make_session
 from .passes.affine import QUANTIZER_WAY_OUT, QUANTIZERS
 from .passes.normalize import SiteOutcome
-from .synthetic import resolve_shapes, synthetic_batch
 from .valuetypes import infer_value_types
 
 
@@ -161,7 +161,7 @@ def _f64(x: np.ndarray) -> np.ndarray:
 
 
 def probe_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """One batch of synthetic inputs by the shared rules (:mod:`normact_onnx.synthetic`)."""
+    """One batch of synthetic inputs by the shared rules (:mod:`normact_onnx.data.synthetic`)."""
     specs = model_inputs(model)
     return synthetic_batch(specs, resolve_shapes(specs, {}, 1), np.random.default_rng(seed))
 

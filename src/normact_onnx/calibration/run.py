@@ -15,20 +15,20 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..data.inputs import model_inputs
+from ..data.options import DataOptions
+from ..data.readers import check_header, conform, open_source
 from ..errors import NormactError
 from ..graph import structure_fingerprint
-from ..inputs import model_inputs
 from ..io import ModelLike, clamp_ir, external_locations, load_model_like, model_folder
 from ..ort import make_session, require_onnxruntime
 from ..passes.find import Site
 from ..progress import bar as progress_bar
 from ..selection import SiteSelection
 from ..streaming import Moments
-from .batches import DataOptions
 from .flat import FlatFolder
 from .insitu import Normalizer
 from .instrument import Instrumented, Probe, instrument
-from .readers import check_header, conform, open_source
 from .stats import CalibrationStats, SiteStats
 
 # ORT level for calibration sessions: all of ONNX Runtime's graph optimizations. They cannot erase a site: the

@@ -2,7 +2,7 @@
 
 An argument group, in the manner of Polygraphy's, is one class per concern that both adds its flags to a parser
 and turns the parsed flags into the option value the API takes: :class:`SelectionArgs` gives a
-:class:`..selection.SiteSelection`, :class:`DataArgs` a :class:`..calibration.batches.DataOptions`,
+:class:`..selection.SiteSelection`, :class:`DataArgs` a :class:`..data.options.DataOptions`,
 :class:`OutputArgs` an :class:`..writer.OutputOptions` (and the output path), the method groups of ``rewrite`` and
 ``calibrate`` a :class:`..policy.MethodOptions`. So a flag and its meaning are written in one place, and no command
 reads another concern's flags or changes ``args``.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..calibration.batches import DataOptions
-from ..calibration.rows import ImageOptions
+from ..data.options import DataOptions
+from ..data.rows import ImageOptions
 from ..errors import NormactError
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
 from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_files
@@ -63,7 +63,7 @@ class ImageArgs:
         )
 
     def value(self, args: argparse.Namespace) -> ImageOptions:
-        """The options as :class:`..calibration.rows.ImageOptions` (its defaults when none was given)."""
+        """The options as :class:`..data.rows.ImageOptions` (its defaults when none was given)."""
         return ImageOptions.parse(args.image_size, args.scale, args.mean, args.std, args.layout, args.image_input)
 
 

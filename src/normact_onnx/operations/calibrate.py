@@ -3,7 +3,7 @@
 It drives :mod:`..calibration` (the statistics, single-process or on Ray), :mod:`..policy` (their constants)
 and the rewrite operation (:mod:`.rewrite`, the calibrated model), as ONNX Runtime's ``quantize_static``
 drives its calibrator: nothing in ``calibration/`` imports it. Options come as values, one per concern
-(:class:`..calibration.batches.DataOptions`, :class:`..policy.MethodOptions`, :class:`..selection.SiteSelection`,
+(:class:`..data.options.DataOptions`, :class:`..policy.MethodOptions`, :class:`..selection.SiteSelection`,
 :class:`..writer.OutputOptions`); the result is always a :class:`CalibrationResult`.
 """
 
@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..calibration.batches import DataOptions
-from ..calibration.distributed import collect_ray, is_dataset
+from ..calibration.distributed import collect_ray
 from ..calibration.report import write_html
 from ..calibration.run import collect
 from ..calibration.stats import CalibrationStats
-from ..comparison import LoadedModel, measure_sites, model_batches
+from ..comparison import measure_sites
+from ..data.feeding import LoadedModel, model_batches
+from ..data.options import DataOptions
+from ..data.ray_data import is_dataset
 from ..errors import NormactError
 from ..io import ModelLike
 from ..ort import make_session

@@ -6,7 +6,9 @@ Runtime run the fused kernel instead (and the body when it is not registered).
 
 :func:`open_session` is the factory; its ``library`` policy says what happens when the library was not built:
 ``"if-built"`` (the tool's own sessions: verification, calibration, compare; the bodies run) or
-``"required"`` (the public :func:`InferenceSession`: a deployment asked for the kernels, so say they are missing).
+``"required"`` (the public :func:`InferenceSession`: a deployment asked for the kernels, so say they are missing);
+``"none"`` registers nothing: a probe of what the installed onnxruntime accepts (``io.max_ir_version``), which
+also runs under onnxruntime-training, for which the library is not built.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .library import get_library_path, kernel_library
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
-LibraryPolicy = Literal["if-built", "required"]
+LibraryPolicy = Literal["if-built", "required", "none"]
 QUIET, VERBOSE = 3, 2  # ONNX Runtime severities: errors only (the default), or warnings too (--verbose)
 _severity = QUIET
 
@@ -106,7 +108,10 @@ def open_session(
     providers = list(providers) if providers else [CPU_EP]
     so = sess_options if sess_options is not None else session_options()
     cuda = wants_cuda(providers)
-    path = get_library_path(cuda=cuda) if library == "required" else kernel_library(cuda=cuda)
+    if library == "none":
+        path = None
+    else:
+        path = get_library_path(cuda=cuda) if library == "required" else kernel_library(cuda=cuda)
     if path:
         so.register_custom_ops_library(path)
     names = _provider_names(providers)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..data.inputs import InputSpec, model_inputs
+from ..data.readers import check_header
 from ..errors import NormactError
-from ..inputs import model_inputs
 from .losses import LOSSES
 
 
@@ -69,7 +70,7 @@ def _arrays(data: str | os.PathLike | Mapping[str, np.ndarray], flag: str) -> tu
 
 
 def input_specs(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[np.dtype, list[int | None]]]:
-    """dtype and shape (None for symbolic dimensions) of each named graph input (read by :mod:`..inputs`)."""
+    """dtype and shape (None for symbolic dimensions) of each named graph input (read by :mod:`..data.inputs`)."""
     return {s.name: (s.dtype, s.fixed_shape) for s in model_inputs(model) if s.name in names}
 
 
@@ -79,7 +80,13 @@ def load_dataset(
     specs: dict[str, tuple[np.dtype, list[int | None]]],
     flag: str = "--data",
 ) -> Dataset:
-    """Read and check a data set: every model input present with a fitting shape, labels of the same length."""
+    """Read and check a data set: every model input present with a fitting shape, labels of the same length.
+
+    The inputs are checked by the same rule as every other data the tool reads (:func:`..data.readers.check_header`:
+    names, kinds of dtype, shapes, no empty input), with the sample axis left free: a data set holds N samples,
+    the training graph runs batches of its own size. A wrong shape is said first, in the data set's terms
+    (``N×8``), before that rule sees it.
+    """
     arrays, source = _arrays(data, flag)
     keys = ", ".join(sorted(arrays)) or "none"
     if labels not in arrays:
@@ -87,21 +94,18 @@ def load_dataset(
     y = arrays[labels]
     if y.ndim == 0:
         raise NormactError(f"labels {labels!r} in {source} are a scalar; expected one label per sample")
-    missing = [name for name in specs if name not in arrays]
-    if missing:
-        raise NormactError(
-            f"{source} has no array for model input(s) {', '.join(missing)} "
-            f"(arrays: {keys}; inputs: {', '.join(specs)})"
-        )
     n = y.shape[0]
     if n == 0:
         raise NormactError(f"{source} is empty: {labels!r} has 0 samples")
+    for name, (_, dims) in specs.items():  # the shape in training's words (N: the data set's own sample count)
+        a = arrays.get(name)
+        if a is not None and (a.ndim != len(dims) or any(d not in (None, s) for d, s in zip(dims[1:], a.shape[1:]))):
+            want = "×".join("N" if d is None else str(d) for d in [None, *dims[1:]][: len(dims)])
+            raise NormactError(f"input {name!r} in {source} has shape {a.shape}; the model expects {want}")
+    check_header(_sample_specs(specs), {k: (a.shape, a.dtype) for k, a in arrays.items()}, source)
     inputs, fixed = {}, {}
     for name, (dtype, dims) in specs.items():
         a = arrays[name]
-        if a.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], a.shape[1:])):
-            want = "×".join("N" if d is None else str(d) for d in dims)
-            raise NormactError(f"input {name!r} in {source} has shape {a.shape}; the model expects {want}")
         if not dims:  # a scalar input (a sample rate, a threshold): the same value for every batch
             fixed[name] = np.ascontiguousarray(a, dtype=dtype)
             continue
@@ -116,6 +120,13 @@ def load_dataset(
                 "clean the data or drop those samples"
             )
     return Dataset(inputs, y, source, fixed)
+
+
+def _sample_specs(specs: dict[str, tuple[np.dtype, list[int | None]]]) -> list[InputSpec]:
+    """The inputs as :mod:`..data` checks them, the leading (sample) axis of any size."""
+    return [
+        InputSpec(name, np.dtype(dtype), [None, *dims[1:]] if dims else []) for name, (dtype, dims) in specs.items()
+    ]
 
 
 def check_labels(ds: Dataset, loss: str, output_name: str, output_shape: tuple[int, ...]) -> None:

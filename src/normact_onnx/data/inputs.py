@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import NormactError
+from ..errors import NormactError
 
 Dim = int | str | None  # a size, a symbolic name, or unknown
 

@@ -8,10 +8,12 @@ data or the synthetic inputs and how many batches of what size, travels as one :
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from ..errors import NormactError
 
 Batch = dict[str, np.ndarray]  # input name → array, samples along axis 0
 Header = dict[str, tuple[tuple[int, ...], np.dtype]]  # input name → (shape, dtype), read without the data
@@ -47,3 +49,25 @@ class DataOptions:
     values: Any = None
     seed: int = 0
     images: Any = None
+
+    def with_synthetic_defaults(self, batches: int, batch_size: int) -> DataOptions:
+        """Synthetic inputs: ``batches`` and ``batch_size`` filled with the caller's defaults where left open.
+
+        Each caller decides its defaults once, here, and reads the filled value back (progress bar totals, the
+        readers); data files keep theirs open (every batch, as stored).
+        """
+        if not self.synthetic:
+            return self
+        return replace(self, batches=self.batches or batches, batch_size=self.batch_size or batch_size)
+
+
+def data_bundle(data_options: DataOptions | None, loose: DataOptions) -> DataOptions:
+    """The data source of a call: ``data_options`` as given, or built from the loose keywords (``loose``)."""
+    if data_options is None:
+        return loose
+    if loose != DataOptions():
+        raise NormactError(
+            "pass the data source as data_options= or as data/batches/batch_size/synthetic/shapes/values/seed/images,"
+            " not both"
+        )
+    return data_options

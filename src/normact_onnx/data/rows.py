@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import NormactError
-from ..inputs import InputSpec
-from .batches import Batch, Source
+from .inputs import InputSpec
+from .options import Batch, Source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")  # what Ray Data's read_images reads
 LAYOUTS = ("nchw", "nhwc")

@@ -23,7 +23,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from .errors import NormactError
+from ..errors import NormactError
 
 _MEANINGLESS = re.compile(r"^(\?|unk__\d+|none|-1|)$", re.IGNORECASE)
 _SAMPLE_RATE = re.compile(r"^(sr|sample_?rate|sampling_?rate)$", re.IGNORECASE)

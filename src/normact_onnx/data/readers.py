@@ -27,10 +27,10 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import NormactError
-from ..inputs import InputSpec, format_shape
-from ..synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
 from . import rows
-from .batches import Batch, DataOptions, Header, Source
+from .inputs import InputSpec, format_shape
+from .options import Batch, DataOptions, Header, Source
+from .synthetic import meaningful, parse_assignments, parse_values, resolve_shapes, synthetic_batch
 
 # Notes about the data (arrays ignored) go to the ``normact_onnx`` logger: without logging configured, Python prints
 # a warning's message alone on stderr (one line), and a program that embeds the package can route or silence them.
@@ -354,7 +354,7 @@ def synthetic_source(
     values: dict[str, float] | None = None,
     batch_size: int = 1,
 ) -> Source:
-    """Synthetic inputs by the shared rules of :mod:`normact_onnx.synthetic` (N(0, 1) floats, 0/1 integers)."""
+    """Synthetic inputs by the shared rules of :mod:`normact_onnx.data.synthetic` (N(0, 1) floats, 0/1 integers)."""
     for s in specs:
         if s.name in shapes:
             check_header([s], {s.name: (tuple(shapes[s.name]), s.dtype)}, "--shape")
