@@ -93,9 +93,7 @@ def _update_function_sites(m: onnx.ModelProto, constants: dict[str, Affine]) -> 
     return done
 
 
-def update_tail_sites(
-    m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine], done: set[str]
-) -> None:
+def update_tail_sites(m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine], done: set[str]) -> None:
     """Subgraph-form sites trained in front of their tail (reference (1, 0)): S·(f − H) written between the
     activation and the tail that applies the rewrite's s₀, h₀ (exact; ``fold`` absorbs both)."""
     todo = {s.output for s in sites if s.reference == (1.0, 0.0) and s.output in constants} - done

@@ -39,6 +39,7 @@ from ..outpaths import beside
 from ..passes.find import find_sites
 from ..policy import select
 from ..progress import bar as progress_bar
+from ..runtime.session import open_session
 from ..selection import SiteSelection
 from .artifacts import Optimizer
 from .backend import Backend, resolve_backend
@@ -183,7 +184,7 @@ def _output_shape(tg: TrainGraph, sample: dict[str, np.ndarray], value: str | No
         model = onnx.ModelProto()
         model.CopyFrom(tg.model)
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = open_session(model, None, so, library="none")
     try:
         (out,) = sess.run([value or tg.output], feeds)
     except Exception as e:
@@ -581,7 +582,7 @@ def _check_export(path: Path, x: dict[str, np.ndarray], output: str, expected: n
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = level
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = open_session(str(path), None, so, library="none")
         return np.asarray(sess.run([output], x)[0], np.float64)
 
     got = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
