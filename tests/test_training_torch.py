@@ -221,3 +221,27 @@ def test_cuda_trains_like_the_cpu(tmp_path: Path) -> None:
     gpu = finetune(path, {"x": x, "y": y}, output=tmp_path / "g.onnx", device="cuda", **common)
     np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-4)
     _check_export(gpu, tmp_path / "g.onnx")
+
+
+def test_sites_as_one_selection_value_train_what_the_loose_keywords_do(tmp_path: Path) -> None:
+    """``selection=`` (the SiteSelection rewrite and calibrate take) trains the same sites as the loose keywords and
+    records the same plan; both at once, or a misspelt keyword, is a TypeError before any work."""
+    from normact_onnx.selection import SiteSelection
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    x, y = _data()
+    common = {"optimizer": "sgd", "lr": 0.2, "batch_size": 16, "epochs": 1, **TORCH}
+    loose = finetune(path, {"x": x, "y": y}, output=tmp_path / "a.onnx", include="relu", **common)
+    value = finetune(
+        path, {"x": x, "y": y}, output=tmp_path / "b.onnx", selection=SiteSelection.parse(include="relu"), **common
+    )
+    assert [s["kind"] for s in value.sites] == [s["kind"] for s in loose.sites] == ["relu"]
+    np.testing.assert_allclose(value.losses, loose.losses, rtol=1e-6)
+    plans = [json.loads((r.workdir / "plan.json").read_text())["selection"] for r in (loose, value)]
+    assert plans[1]["include"] == ["relu"] and plans[1]["nodes"] is None
+    with pytest.raises(TypeError, match="selection= or as include"):
+        finetune(path, {"x": x, "y": y}, selection=SiteSelection(), include="relu", output=tmp_path / "c.onnx")
+    with pytest.raises(TypeError, match=r"unexpected keyword.*'epoch'"):
+        finetune(path, {"x": x, "y": y}, epoch=3, output=tmp_path / "d.onnx")
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "d.onnx.train").exists()

@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 import numpy as np
 import onnx
@@ -222,12 +222,51 @@ def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
     return out
 
 
+class FinetuneKeywords(TypedDict, total=False):
+    """The keywords of :func:`finetune` besides the :class:`Settings` fields, declared once (PEP 692)."""
+
+    labels: str
+    val: DataLike | None
+    output: str | os.PathLike | None
+    workdir: str | os.PathLike | None
+    resume: bool
+    selection: SiteSelection | None
+    include: Any
+    exclude: Any
+    nodes: str | None
+    all_sites: bool
+    output_name: str | None
+    freeze: str | None
+    fold: bool
+    verify: bool
+    progress: bool
+
+
 def finetune(model: str | os.PathLike, data: DataLike, **kwargs: Any) -> FinetuneResult:
-    """Fine-tune ``model`` on ``data``: see :func:`_finetune` for the options.
+    """Fine-tune ``model`` on ``data`` (an ``.npz`` path or arrays by input name) and export the inference model.
+
+    Keywords: ``labels`` (the labels array, default ``y``), ``val`` (validation data), ``output`` (default
+    ``MODEL.tuned.onnx``), ``workdir`` (default ``OUTPUT.train``), ``resume`` (continue from the last checkpoint
+    there; its graph-defining settings win), the sites to train as one :class:`..selection.SiteSelection`
+    (``selection=``, what ``rewrite`` and ``calibrate`` take) or as the loose ``include``/``exclude``/``nodes``/
+    ``all_sites``, ``output_name`` (the graph output the loss reads), ``freeze`` (a regex of weights kept fixed),
+    ``fold``, ``verify``, ``progress``; and every :class:`Settings` field (loss, epochs, batch_size, lr,
+    optimizer, weight_decay, method, variant, q, lambda_rule, centered_rho, seed, max_steps, init, threads,
+    backend, device). An unknown keyword is a ``TypeError``.
 
     A work folder this run created is removed again when the run fails; one that existed before
     (``--workdir`` given, ``--resume``) is kept as it is.
     """
+    known = set(FinetuneKeywords.__annotations__) | set(Settings.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"finetune() got unexpected keyword(s) {unknown}")
+    selection = kwargs.pop("selection", None)
+    if selection is not None:
+        loose = [k for k in ("include", "exclude", "nodes", "all_sites") if kwargs.get(k) not in (None, False)]
+        if loose:
+            raise TypeError(f"finetune(): give the sites as selection= or as {', '.join(loose)}, not both")
+        kwargs.update(_selection_keys(selection))
     out_path, work = _paths(Path(model), kwargs.get("output"), kwargs.get("workdir"))
     check_output_path(out_path)
     existed = work.exists()
@@ -237,6 +276,16 @@ def finetune(model: str | os.PathLike, data: DataLike, **kwargs: Any) -> Finetun
         if not existed:
             shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _selection_keys(selection: SiteSelection) -> dict[str, Any]:
+    """A :class:`SiteSelection` as the plain keys ``plan.json`` records (kinds sorted, so a plan reads the same)."""
+    return {
+        "include": sorted(selection.include) if selection.include is not None else None,
+        "exclude": sorted(selection.exclude) if selection.exclude is not None else None,
+        "nodes": selection.nodes,
+        "all_sites": selection.all_sites,
+    }
 
 
 def _paths(path: Path, output: str | os.PathLike | None, workdir: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -266,7 +315,7 @@ def _finetune(
     progress: bool = True,
     **options: Any,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` on ``data`` through ONNX Runtime training and export the inference model.
+    """The run itself (:func:`finetune` adds the keyword check and the cleanup of a failed run).
 
     ``options`` are :class:`Settings` fields (loss, epochs, batch_size, lr, optimizer,
     weight_decay, method, variant, q, lambda_rule, centered_rho, seed, max_steps).
