@@ -17,6 +17,7 @@ from collections.abc import Callable
 import onnx
 from onnx import helper
 
+from ..domains import is_standard
 from ..outcome import Refusal
 
 MS = "com.microsoft"
@@ -113,7 +114,7 @@ def fuse_back(layer: onnx.NodeProto, kind: str, act: list[onnx.NodeProto], out: 
     FusedGemm take one activation op of :func:`_activation`'s list; BiasGelu / FastGelu take the bias ``Add``
     and the activation of their kind, whatever ops it is written in.
     """
-    standard = layer.domain in ("", "ai.onnx")
+    standard = is_standard(layer)
     if standard and layer.op_type == "Add" and kind in _BIAS_OF and len(layer.input) == 2:
         return helper.make_node(
             _BIAS_OF[kind], list(layer.input), [out], name=layer.name.removesuffix("/bias"), domain=MS
