@@ -140,6 +140,11 @@ class PartialMatch:
 _BOTH = " (both input orders tried)"
 
 
+def _said(text: str) -> Callable[[], str]:
+    """A reason already written (rare failures, where writing it at once costs nothing that matters)."""
+    return lambda: text
+
+
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} '{node.name or node.output[0]}'"
 
@@ -148,9 +153,14 @@ def _label(node: onnx.NodeProto) -> str:
 class _Failure:
     bound: int
     where: onnx.NodeProto
-    why: str
+    explain: Callable[[], str]  # the reason, written only for the failures that are reported
     complete: bool = False  # the whole form matched, and was refused afterwards (taken nodes, Swish-β)
     nodes: tuple[onnx.NodeProto, ...] = ()  # the graph nodes bound when it stopped
+    suffix: str = ""
+
+    @property
+    def why(self) -> str:
+        return self.explain() + self.suffix
 
 
 class _Matcher:
@@ -170,7 +180,9 @@ class _Matcher:
         """Whether a failure now would be the deepest so far (only then is its reason worth writing)."""
         return self.trace and (self.deepest is None or len(env.nodes) + found > self.deepest.bound)
 
-    def fail(self, env: _Env, where: onnx.NodeProto, why: str, complete: bool = False, found: int = 0) -> None:
+    def fail(
+        self, env: _Env, where: onnx.NodeProto, why: Callable[[], str], complete: bool = False, found: int = 0
+    ) -> None:
         """Record a failure with ``env``'s nodes (and ``found`` more) bound; callers check :meth:`deeper` first."""
         self.deepest = _Failure(len(env.nodes) + found, where, why, complete, env.nodes)
 
@@ -178,14 +190,14 @@ class _Matcher:
         if isinstance(p, Var):
             if env.x is None or env.x == name:
                 yield _Env(name, env.nodes, env.params, env.consts)
-            elif self.deeper(env):
-                self.fail(env, consumer, f"input {i} of {_label(consumer)} is '{name}', not x = '{env.x}'")
+            elif self.trace and self.deeper(env):
+                self.fail(env, consumer, lambda: f"input {i} of {_label(consumer)} is '{name}', not x = '{env.x}'")
         elif isinstance(p, C):
             value = const_value(self.c, name, self.base_dir)
             first = p.read(value)  # tolerance follows the constant's dtype
             if first is None:
-                if self.deeper(env):
-                    self.fail(env, consumer, f"input {i} of {_label(consumer)} is {p.mismatch(value)}")
+                if self.trace and self.deeper(env):
+                    self.fail(env, consumer, lambda: f"input {i} of {_label(consumer)} is {p.mismatch(value)}")
                 return
             params = (*env.params, (p.capture, first)) if p.capture else env.params
             yield _Env(env.x, env.nodes, params, (*env.consts, name))
@@ -195,19 +207,21 @@ class _Matcher:
         else:
             node = self.c.producer.get(name)
             if node is None or name in self.c.outputs or id(node) in self.claimed:
-                if self.deeper(env):
-                    origin = self._origin(name)
-                    self.fail(env, consumer, f"input {i} of {_label(consumer)} is {origin}, expected {p.op}")
+                if self.trace and self.deeper(env):
+                    why = lambda: f"input {i} of {_label(consumer)} is {self._origin(name)}, expected {p.op}"  # noqa: E731
+                    self.fail(env, consumer, why)
                 return
             if node.op_type != p.op:
-                if self.deeper(env):
-                    self.fail(env, consumer, f"input {i} of {_label(consumer)} is {_label(node)}, expected {p.op}")
+                if self.trace and self.deeper(env):
+                    self.fail(
+                        env, consumer, lambda: f"input {i} of {_label(consumer)} is {_label(node)}, expected {p.op}"
+                    )
                 return
             other = next((n for n in self.c.consumers.get(name, ()) if n is not consumer), None)
             if other is not None:  # an intermediate value with another consumer: not part of a pattern
-                if self.deeper(env, found=1):  # the node is the right op: it counts as reached
-                    why = f"{_label(node)} also feeds {_label(other)} (a pattern's inner values have one reader)"
-                    self.fail(env, node, why, found=1)
+                if self.trace and self.deeper(env, found=1):  # the node is the right op: it counts as reached
+                    fan_out = f"{_label(node)} also feeds {_label(other)} (a pattern's inner values have one reader)"
+                    self.fail(env, node, _said(fan_out), found=1)
                 return
             yield from self.node(p, node, env)
 
@@ -221,38 +235,41 @@ class _Matcher:
         return f"constant '{name}'" if name in self.c.initializers else f"'{name}' from an enclosing graph"
 
     def node(self, p: N, node: onnx.NodeProto, env: _Env) -> Iterator[_Env]:
-        if node.op_type != p.op or not (node.domain == p.domain if p.domain else is_standard(node)):
-            if self.deeper(env):
-                self.fail(env, node, f"{_label(node)} of domain '{node.domain}' is not {p.op} of '{p.domain}'")
+        if node.op_type != p.op or node.domain not in ((p.domain,) if p.domain else STANDARD_DOMAINS):  # hot path
+            if self.trace and self.deeper(env):
+                self.fail(env, node, lambda: f"{_label(node)} of domain '{node.domain}' is not {p.op} of '{p.domain}'")
             return
         if any(node is n for n in env.nodes):
             return
         for name, want in p.attrs:
             got = attr_value(node, name, want.default)
             if got is None or (want.value is not None and not np.isclose(float(got), want.value, rtol=1e-4)):
-                if self.deeper(env):
-                    self.fail(env, node, f"{_label(node)} has {name} = {got}, expected {want.value:.6g}")
+                if self.trace and self.deeper(env):
+                    self.fail(env, node, _said(f"{_label(node)} has {name} = {got}, expected {want.value:.6g}"))
                 return
         inputs = list(node.input)
         while inputs and not inputs[-1]:
             inputs.pop()
         if len(inputs) != len(p.inputs):
-            if self.deeper(env):
-                self.fail(env, node, f"{_label(node)} has {len(inputs)} inputs, expected {len(p.inputs)}")
+            if self.trace and self.deeper(env):
+                self.fail(env, node, lambda: f"{_label(node)} has {len(inputs)} inputs, expected {len(p.inputs)}")
             return
         orders = [p.inputs]
         if p.commutative and len(p.inputs) == 2:
             orders.append(p.inputs[::-1])
         env = _Env(env.x, (*env.nodes, node), env.params, env.consts)
+        if not self.trace:
+            for order in orders:
+                yield from self._inputs(list(enumerate(order)), inputs, node, env)
+            return
         matched = False
         for order in orders:
             for e in self._inputs(list(enumerate(order)), inputs, node, env):
                 matched = True
                 yield e
         last = self.deepest
-        exhausted = self.trace and not matched and len(orders) == 2
-        if exhausted and last is not None and last.where is node and not last.why.endswith(_BOTH):
-            last.why += _BOTH  # the deepest failure is at this node's inputs, and the other order fared no better
+        if not matched and len(orders) == 2 and last is not None and last.where is node:
+            last.suffix = _BOTH  # the deepest failure is at this node's inputs, and the other order fared no better
 
     def _inputs(
         self, pairs: list[tuple[int, Pattern]], inputs: list[str], node: onnx.NodeProto, env: _Env
@@ -510,7 +527,9 @@ def find_in_container(
                 taken = next((n for n in env.nodes if id(n) in claimed), None)
                 if taken is not None or env.x is None:
                     if taken is not None and matcher.deeper(env):
-                        matcher.fail(env, taken, f"{_label(taken)} is part of another site already", complete=True)
+                        matcher.fail(
+                            env, taken, _said(f"{_label(taken)} is part of another site already"), complete=True
+                        )
                     continue
                 nodes = sorted(env.nodes, key=lambda n: order[id(n)])  # node order, root last
                 if nodes[-1] is not node:
@@ -520,7 +539,7 @@ def find_in_container(
                     refusal = form.refuse(params)
                     refused.update((id(n), refusal) for n in nodes)
                     if matcher.trace:
-                        matcher.fail(env, node, refusal, complete=True)
+                        matcher.fail(env, node, _said(refusal), complete=True)
                     break
                 site = Site(c, act.kind, params, nodes, env.x, node.output[0], f"pattern {form.name}")
                 site.const_nodes = _exclusive_const_nodes(c, env.consts, nodes)
