@@ -237,7 +237,11 @@ class _Matcher:
     def node(self, p: N, node: onnx.NodeProto, env: _Env) -> Iterator[_Env]:
         if node.op_type != p.op or node.domain not in ((p.domain,) if p.domain else STANDARD_DOMAINS):  # hot path
             if self.trace and self.deeper(env):
-                self.fail(env, node, lambda: f"{_label(node)} of domain '{node.domain}' is not {p.op} of '{p.domain}'")
+                self.fail(
+                    env,
+                    node,
+                    lambda: f"{_label(node)} of domain '{node.domain}' is not {p.op} of '{p.domain or 'ai.onnx'}'",
+                )
             return
         if any(node is n for n in env.nodes):
             return
