@@ -24,7 +24,7 @@ PACKAGE = "normact_onnx"
 # Bottom first. A module may import modules of its own layer (without a cycle) and of the layers below.
 # Patterns are module names below the package ("calibration.*": the package's modules, not the package).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["", "errors", "outcome", "progress", "valuetypes", "texttable", "runtime", "runtime.*"]),
+    ("base", ["", "errors", "outcome", "progress", "valuetypes", "domains", "texttable", "runtime", "runtime.*"]),
     ("catalogue", ["catalogue", "catalogue.*"]),
     ("model", ["io", "outpaths", "interop", "graph", "provenance", "ort"]),
     ("data", ["data", "data.*"]),

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
+from .domains import is_standard
 from .io import tensor_array
 
 SMALL_CONST = 4096  # elements: constants larger than this are never read while matching
@@ -307,7 +308,7 @@ def _rename_outer(node: onnx.NodeProto, old: str, new: str) -> None:
 
 def default_opset(opset_imports: Any) -> int:
     for o in opset_imports:
-        if o.domain in ("", "ai.onnx"):
+        if is_standard(o):
             return o.version
     return 1
 
@@ -421,12 +422,12 @@ def _const(c: Container, name: str, base_dir: str | None, limit: int | None, dep
     scope: Container | None = c
     while scope is not None:
         node = scope.producer.get(name)
-        if node is not None and node.op_type in ("ConstantOfShape", *_SHAPING) and node.domain in ("", "ai.onnx"):
+        if node is not None and node.op_type in ("ConstantOfShape", *_SHAPING) and is_standard(node):
             try:
                 return _computed_constant(scope, node, base_dir, limit, depth)
             except (ValueError, IndexError):  # an inconsistent constant subgraph is not ours to judge
                 return None
-        if node is not None and node.op_type in ("Identity", "Cast") and node.domain in ("", "ai.onnx"):
+        if node is not None and node.op_type in ("Identity", "Cast") and is_standard(node):
             # converters often write a constant through Identity or a Cast (tf2onnx, paddle2onnx)
             value = _const(scope, node.input[0], base_dir, limit, depth + 1) if node.input else None
             if value is None or node.op_type == "Identity":
@@ -434,7 +435,7 @@ def _const(c: Container, name: str, base_dir: str | None, limit: int | None, dep
             to = attr_value(node, "to")
             return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to)) if to else None
         if node is not None:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Constant" and is_standard(node):
                 for a in node.attribute:
                     if a.name == "value" and limit is not None and tensor_size(a.t) > limit:
                         return None

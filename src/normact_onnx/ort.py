@@ -14,11 +14,10 @@ from functools import lru_cache
 from typing import Any
 
 from .catalogue import NORM_DOMAIN
+from .domains import canonical_domain
 from .graph import containers
 from .runtime.library import kernel_library
 from .runtime.session import open_session, require_onnxruntime, session_options
-
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def make_session(
@@ -46,7 +45,7 @@ def _known_ops() -> frozenset[tuple[str, str]] | None:
         schemas = state.get_all_operator_schema()
     except Exception:  # an onnxruntime build without schema introspection: no pre-check
         return None
-    return frozenset(("" if s.domain in STANDARD_DOMAINS else s.domain, s.name) for s in schemas)
+    return frozenset((canonical_domain(s.domain), s.name) for s in schemas)
 
 
 def unknown_ops(model: Any) -> list[str]:
@@ -62,11 +61,11 @@ def unknown_ops(model: Any) -> list[str]:
     out: dict[str, None] = {}
     for c in containers(model):
         for n in c.nodes:
-            domain = "" if n.domain in STANDARD_DOMAINS else n.domain
+            domain = canonical_domain(n.domain)
             if (domain, n.op_type) in known or (n.domain, n.op_type) in local or (library and domain == NORM_DOMAIN):
                 continue
             out[f"{n.domain or 'ai.onnx'}::{n.op_type}"] = None
     return list(out)
 
 
-__all__ = ["STANDARD_DOMAINS", "kernel_library", "make_session", "require_onnxruntime", "unknown_ops"]
+__all__ = ["kernel_library", "make_session", "require_onnxruntime", "unknown_ops"]

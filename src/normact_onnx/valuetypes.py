@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
+from .domains import is_standard
+
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
 
 
@@ -157,7 +159,7 @@ def _propagate(g: onnx.GraphProto, out: ValueTypes) -> None:
                     _propagate(sg, out)
         if not n.output or n.output[0] in out.elem:
             continue
-        if n.domain not in ("", "ai.onnx"):
+        if not is_standard(n):
             continue
         elem = _attr_type(n) if n.op_type in ("Constant", "Cast") else _FIXED.get(n.op_type)
         if elem is None and n.op_type in _KEEPS_TYPE:

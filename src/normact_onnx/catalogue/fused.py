@@ -17,11 +17,13 @@ from collections.abc import Callable
 import onnx
 from onnx import helper
 
+from ..domains import is_standard
 from ..outcome import Refusal
 
 MS = "com.microsoft"
 Split = tuple[list[onnx.NodeProto], onnx.NodeProto]
-NO_BIAS = "no bias to split off"  # FastGelu without a bias is a standalone activation, not a miss
+NO_BIAS = "no bias to split off"
+STANDALONE = "a standalone activation, nothing fused"  # FastGelu without a bias: the op forms read it; not a miss
 FUSED_PRE = "__normact_pre"  # the suffix of a split fused op's pre-activation value: how fold finds it again
 
 
@@ -68,12 +70,15 @@ def _fused_layer(op: str, n_inputs: int) -> Callable[[onnx.NodeProto, str], Spli
     return split
 
 
-def _bias_then(act_op: str) -> Callable[[onnx.NodeProto, str], Split | Refusal]:
-    """BiasGelu(A, B) = Gelu(A + B); FastGelu(X, bias) = FastGelu(X + bias)."""
+def _bias_then(act_op: str, standalone: bool) -> Callable[[onnx.NodeProto, str], Split | Refusal]:
+    """BiasGelu(A, B) = Gelu(A + B); FastGelu(X, bias) = FastGelu(X + bias).
+
+    ``standalone``: without a bias the op is itself an activation op (FastGelu), not a fused op missing its bias.
+    """
 
     def split(node: onnx.NodeProto, pre: str) -> Split | Refusal:
         if len(node.input) < 2 or not node.input[1]:
-            return Refusal(NO_BIAS)
+            return Refusal(STANDALONE if standalone else NO_BIAS)
         add = helper.make_node("Add", [node.input[0], node.input[1]], [pre], name=f"{node.name}/bias")
         act = helper.make_node(act_op, [pre], [node.output[0]], name=node.name or None, domain=MS)
         return [add], act
@@ -90,8 +95,8 @@ FUSED: dict[tuple[str, str], Callable[[onnx.NodeProto, str], Split | Refusal]] =
     (MS, "QuickGelu"): _quick_gelu,
     (MS, "FusedConv"): _fused_layer("Conv", 3),
     (MS, "FusedGemm"): _fused_layer("Gemm", 3),
-    (MS, "BiasGelu"): _bias_then("Gelu"),
-    (MS, "FastGelu"): _bias_then("FastGelu"),
+    (MS, "BiasGelu"): _bias_then("Gelu", standalone=False),
+    (MS, "FastGelu"): _bias_then("FastGelu", standalone=True),
 }
 
 
@@ -113,7 +118,7 @@ def fuse_back(layer: onnx.NodeProto, kind: str, act: list[onnx.NodeProto], out: 
     FusedGemm take one activation op of :func:`_activation`'s list; BiasGelu / FastGelu take the bias ``Add``
     and the activation of their kind, whatever ops it is written in.
     """
-    standard = layer.domain in ("", "ai.onnx")
+    standard = is_standard(layer)
     if standard and layer.op_type == "Add" and kind in _BIAS_OF and len(layer.input) == 2:
         return helper.make_node(
             _BIAS_OF[kind], list(layer.input), [out], name=layer.name.removesuffix("/bias"), domain=MS

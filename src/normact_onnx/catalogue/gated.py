@@ -7,6 +7,7 @@ lists the decomposed spellings that real exporters emit.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,11 @@ def _read_swish(view: Any) -> dict[str, Any] | Refusal:
     return {} if alpha == 1.0 else Refusal(f"Swish alpha={alpha} (only alpha=1 is SiLU)")
 
 
+def _swish_beta(params: Mapping[str, float]) -> str:
+    """Why x·Sigmoid(β·x) is not SiLU: the catalogue has no Swish-β (its moments and kernel assume β = 1)."""
+    return f"x·Sigmoid(β·x) with β = {params['beta']:g}: a Swish with β ≠ 1 is not in the catalogue"
+
+
 SILU = Activation(
     kind="silu",
     op_name="NormSilu",
@@ -175,6 +181,11 @@ SILU = Activation(
         DecomposedForm("x·Sigmoid(x)", node("Mul", X, node("Sigmoid", X), comm=True)),
         # exporters of Swish(β) write the β even when it is 1 (a Swish with β ≠ 1 stays a Sigmoid gate)
         DecomposedForm("x·Sigmoid(1·x)", node("Mul", X, node("Sigmoid", node("Mul", X, C(1.0), comm=True)), comm=True)),
+        DecomposedForm(
+            "x·Sigmoid(β·x)",
+            node("Mul", X, node("Sigmoid", node("Mul", X, C(capture="beta"), comm=True)), comm=True),
+            refuse=_swish_beta,
+        ),
     ),
     summary="x·sigmoid(x) (Swish)",
     derivative_body=_silu_derivative_body,

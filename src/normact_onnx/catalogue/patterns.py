@@ -9,6 +9,7 @@ declare them, so adding a spelling of an activation is one line, not a new match
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,18 @@ class C:
         if self.value is not None and not np.isclose(first, self.value, rtol=rtol, atol=rtol * 1e-3):
             return None
         return first
+
+    def mismatch(self, value: np.ndarray | None) -> str:
+        """Why ``value`` does not fit this leaf (``read`` returned None), in words for ``--explain``."""
+        want = "a constant" if self.value is None else f"the constant {self.value:.6g}"
+        if value is None:
+            return f"not a constant (expected {want})"
+        if value.size == 0 or not is_numeric(value.dtype):
+            return f"a {value.dtype} constant of {value.size} elements (expected {want})"
+        if not np.all(value == value.flat[0]):
+            return f"a constant whose {value.size} elements differ (expected {want})"
+        rtol = max(self.rtol, rounding(value.dtype))
+        return f"the constant {float(value.flat[0]):.6g} (expected {want}, rtol {rtol:.0e})"
 
 
 # the spacing of 1.0 in float types numpy does not describe (ml_dtypes types, as onnx returns them)
@@ -117,19 +130,27 @@ def alt(*options: Pattern) -> Alt:
 
 @dataclass(frozen=True)
 class DecomposedForm:
-    """A named multi-node spelling of an activation (``fixed`` params are implied by the pattern)."""
+    """A named multi-node spelling of an activation (``fixed`` params are implied by the pattern).
+
+    ``refuse`` marks a spelling that looks like the activation but is not in the catalogue (Swish with
+    β ≠ 1): when it matches, the matcher does not make a site of it, its nodes stay what they are one by
+    one, and ``refuse(captured params)`` is the reason ``inspect --explain`` and the skip note give.
+    Refusing forms are tried after the accepted forms of the same size.
+    """
 
     name: str
     pattern: N
     fixed: dict[str, float] = field(default_factory=dict)
+    refuse: Callable[[Mapping[str, float]], str] | None = None
 
-    def size(self) -> int:
-        return _count_nodes(self.pattern)
+    def size(self, longest: bool = False) -> int:
+        """Pattern nodes in the form: the shortest alternative's count (``longest``: the longest's)."""
+        return _count_nodes(self.pattern, max if longest else min)
 
 
-def _count_nodes(p: Pattern) -> int:
+def _count_nodes(p: Pattern, pick: Callable[..., int] = min) -> int:
     if isinstance(p, N):
-        return 1 + sum(_count_nodes(i) for i in p.inputs)
+        return 1 + sum(_count_nodes(i, pick) for i in p.inputs)
     if isinstance(p, Alt):
-        return min(_count_nodes(o) for o in p.options)
+        return pick(_count_nodes(o, pick) for o in p.options)
     return 0

@@ -1,31 +1,63 @@
-"""``normact-onnx inspect``: which activations, where, already normalized, skipped why."""
+"""``normact-onnx inspect``: which activations, where, already normalized, skipped why.
+
+With ``--explain`` it also says why the other candidates are not sites: ops the catalogue read and
+refused, and decomposed forms that matched part of the way (how far, and the first thing that differed).
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..api import inspect
+from ..io import load_model_like, model_folder
+from ..passes.find import Explanation, explain
 from ..runtime.library import kernel_status
 from ..texttable import plural, table
+from ..writer import check_input
 from .common import print_json
+
+SHOWN = 3  # names listed per group of half-matched candidates that fail the same way
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list activation sites", description="List every activation site.")
     p.add_argument("model", help="path to an .onnx file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list near misses: refused activation ops and half-matched patterns, with the reason",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    sites = inspect(args.model)
+    why: Explanation | None = None
+    if args.explain:
+        m, path = load_model_like(args.model)
+        check_input(m, path, runtime=False)
+        why = explain(m, model_folder(path))
+        sites = [s.summary() for s in why.sites]
+    else:
+        sites = inspect(args.model)
     if args.json:
-        print_json(sites)
+        if why is None:
+            print_json(sites)
+        else:
+            print_json({"sites": sites, "misses": why.misses, "partial": [p.as_dict() for p in why.partial]})
         return 0
     if not sites:
         print("no activation sites found")
-        print("\n".join(kernel_status()))
-        return 0
+    else:
+        print_sites(sites)
+    if why is not None:
+        print_explanation(why)
+    print("\n".join(kernel_status()))  # what a rewritten model will run with here
+    return 0
+
+
+def print_sites(sites: list[dict[str, Any]]) -> None:
     rows = [
         {
             **s,
@@ -41,5 +73,21 @@ def run(args: argparse.Namespace) -> int:
         f"\n{plural(len(sites), 'site')}, {n_norm} already normalized, "
         f"{sum(1 for s in sites if s['skipped'] and not s['normalized'])} skipped by default"
     )
-    print("\n".join(kernel_status()))  # what a rewritten model will run with here
-    return 0
+
+
+def print_explanation(why: Explanation) -> None:
+    """Near misses as a table; half-matched forms one line per way of failing, with where else it happens."""
+    if why.misses:
+        print("\nlooked like activations but did not qualify:")
+        print(table(why.misses, ["name", "op", "graph", "why"]))
+    if not why.partial:
+        print("\nno half-matched patterns")
+        return
+    print("\nhalf-matched patterns (kind, form, at which node, how far it got, where and why it stopped):")
+    for first, more in why.grouped():
+        where = "" if first.graph == "main" else f" [in {first.graph}]"
+        line = f"  {first.line()}{where}"
+        if more:
+            names = ", ".join(f"'{p.anchor}'" for p in more[:SHOWN])
+            line += f"  (also at {names}{', …' if len(more) > SHOWN else ''}: {len(more) + 1} in all)"
+        print(line)

@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..domains import is_standard
 from ..graph import Container, attr_value, const_value, renamable_in_subgraphs
 from ..outcome import Refusal
 
@@ -319,7 +320,7 @@ def _plan_tensor(
     plans: list[Plan] = []
     unique = list({id(n): n for n in consumers}.values())  # a node reading the value twice is one consumer
     for node in unique:
-        standard = node.domain in ("", "ai.onnx")
+        standard = is_standard(node)
         rule = _TRANSPARENT.get(node.op_type) if standard else None
         plan: Plan | Refusal
         composed = _helper_map(c, node, tensor, weights) if standard else None
@@ -338,7 +339,7 @@ def _plan_tensor(
         elif (
             residual
             and node.op_type == "Add"
-            and node.domain in ("", "ai.onnx")
+            and is_standard(node)
             and len(node.input) == 2
             and list(node.input).count(tensor) == 1
         ):
@@ -401,7 +402,7 @@ HELPER_MARK = "_normact_"  # in the name of every node this tool writes (restore
 
 def is_helper(node: onnx.NodeProto) -> bool:
     """A node ``rewrite --preserve-function`` or ``fold`` wrote around a site (its name says so)."""
-    return HELPER_MARK in node.name and node.domain in ("", "ai.onnx")
+    return HELPER_MARK in node.name and is_standard(node)
 
 
 def _helper_map(
@@ -601,7 +602,7 @@ def _merge_pad(c: Container, node: onnx.NodeProto, pads: np.ndarray) -> None:
     if len(readers) != 1 or out in c.outputs or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]]):
         return
     conv = readers[0]
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.input[0] != out or out in conv.input[1:]:
+    if conv.op_type != "Conv" or not is_standard(conv) or conv.input[0] != out or out in conv.input[1:]:
         return
     if any(attr_value(conv, "pads", [0])) or attr_value(conv, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return
@@ -657,7 +658,7 @@ def _plan_through_add(
 def _plan_producer(c: Container, tensor: str, a: np.ndarray, off: np.ndarray, weights: _Weights) -> Plan | Refusal:
     """Make the layer writing ``tensor`` write ``a·tensor + off`` (output channels scaled, bias a·b + off)."""
     node = c.producer.get(tensor)
-    if node is None or node.domain not in ("", "ai.onnx"):
+    if node is None or not is_standard(node):
         return Refusal("it is not computed by a standard layer of this graph")
     label = f"producer {node.op_type} '{node.name or tensor}'"
     if node.op_type not in ("Conv", "Gemm", "MatMul", "Add") or node.output[0] != tensor:
@@ -779,7 +780,7 @@ def _plan_one(
     padding: Padding,
 ) -> Plan | Refusal:
     label = f"{node.op_type} '{node.name or node.output[0]}'"
-    linear = node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose") and node.domain in ("", "ai.onnx")
+    linear = node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose") and is_standard(node)
     if not linear or len(node.input) < 2 or node.input[0] != tensor or tensor in node.input[1:]:
         return Refusal(
             f"consumer {label} is not linear in this value (only Gemm, MatMul(+Add), Conv, ConvTranspose fold)"

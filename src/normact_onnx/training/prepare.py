@@ -42,6 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..catalogue import CATALOGUE
+from ..domains import is_standard
 from ..errors import NormactError
 from ..graph import default_opset
 from ..passes.find import find_sites
@@ -133,7 +134,7 @@ def lift_weight_constants(m: onnx.ModelProto) -> list[str]:
 
 
 def _constant_tensor(n: onnx.NodeProto) -> onnx.TensorProto | None:
-    if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
+    if n.op_type != "Constant" or not is_standard(n):
         return None
     return next((a.t for a in n.attribute if a.name == "value"), None)
 
@@ -241,7 +242,7 @@ def decompose_resize(m: onnx.ModelProto, prep: Preparation) -> None:
     producers = {o: n for n in g.node for o in n.output}
     replace = {}
     for node in g.node:
-        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or opset < 11:
+        if node.op_type != "Resize" or not is_standard(node) or opset < 11:
             continue
         scales = _integer_nearest_scales(node, g, producers)
         if scales is not None:
@@ -307,7 +308,7 @@ def decompose_conv_transpose(m: onnx.ModelProto, prep: Preparation) -> None:
     dims = {t.name: list(t.dims) for t in g.initializer}
     replace = {}
     for node in g.node:
-        if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or node.input[1] not in dims:
+        if node.op_type != "ConvTranspose" or not is_standard(node) or node.input[1] not in dims:
             continue
         nodes = _conv_transpose_nodes(node, dims[node.input[1]])
         if nodes is not None:
@@ -328,7 +329,7 @@ def decompose_batchnorm(m: onnx.ModelProto, prep: Preparation) -> None:
     types = infer_value_types(m)
     replace = {}
     for node in g.node:
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        if node.op_type != "BatchNormalization" or not is_standard(node) or len(node.output) != 1:
             continue
         shape = types.shape.get(node.input[0])
         if shape is not None and len(shape) < 2:
@@ -397,7 +398,7 @@ def decompose_sum(m: onnx.ModelProto, prep: Preparation) -> None:
     g = m.graph
     replace = {}
     for node in g.node:
-        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Sum" or not is_standard(node):
             continue
         p = f"{node.name or node.output[0]}/grad_safe/"
         acc, nodes = node.input[0], []
@@ -416,7 +417,7 @@ def decompose_sum(m: onnx.ModelProto, prep: Preparation) -> None:
 def complete_layernorm_outputs(m: onnx.ModelProto, prep: Preparation) -> None:
     """LayerNormalization with its optional Mean and InvStdDev outputs named: ORT's gradient builder reads them."""
     for node in m.graph.node:
-        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) < 3:
+        if node.op_type == "LayerNormalization" and is_standard(node) and len(node.output) < 3:
             base = node.name or node.output[0]
             while len(node.output) < 3:
                 node.output.append(f"{base}/grad_safe/{('mean', 'inv_std')[len(node.output) - 1]}")
@@ -434,7 +435,7 @@ def explicit_same_pads(m: onnx.ModelProto, prep: Preparation) -> None:
     g = m.graph
     replace = {}
     for node in g.node:
-        if node.op_type not in ("Conv", "MaxPool") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Conv", "MaxPool") or not is_standard(node):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         mode = attrs.get("auto_pad", b"NOTSET")

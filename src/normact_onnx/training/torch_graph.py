@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..catalogue import BY_OP_NAME, NORM_DOMAIN
+from ..domains import is_standard
 from ..errors import NormactError
 from ..passes.forms import AFFINE_ATTRS
 from . import torch_ops
@@ -441,7 +442,7 @@ def _reads(plan: Plan) -> set[str]:
 def _index_subgraphs(graph: onnx.GraphProto, path: str, out: dict[str, onnx.GraphProto]) -> None:
     """Graph path → GraphProto, with the same paths :func:`_plan` gives subgraphs."""
     for i, node in enumerate(graph.node):
-        if node.op_type in CONTROL and node.domain in ("", "ai.onnx"):
+        if node.op_type in CONTROL and is_standard(node):
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     sub = f"{path}/{node.name or node.op_type + str(i)}.{a.name}"
