@@ -109,10 +109,13 @@ def test_calibrate_o_on_a_model_without_sites_leaves_the_verified_unchanged_copy
 
 
 def test_the_training_environment_hint_is_a_command_that_works_from_a_checkout(tmp_path):
-    """In the main environment finetune says how to get the training one: the script exists and installs the CLI."""
+    """In the main environment finetune --backend ort says how to get the training environment: the script exists
+    and installs the CLI (the default torch backend trains here: tests/test_training_torch.py)."""
     shutil.copy(MLP, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=np.ones((4, 64), np.float32), y=np.zeros(4, np.int64))
-    line = one_line_error(run_cli("finetune", "m.onnx", "--data", "d.npz", cwd=tmp_path), "make_train_env.sh")
+    line = one_line_error(
+        run_cli("finetune", "m.onnx", "--data", "d.npz", "--backend", "ort", cwd=tmp_path), "make_train_env.sh"
+    )
     command = line.split("from the repository's folder: ", 1)[1].strip()
     script, _, run = command.partition(" && ")
     assert script == "scripts/make_train_env.sh train-env" and run.startswith("train-env/bin/normact-onnx finetune")

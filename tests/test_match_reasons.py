@@ -158,6 +158,20 @@ def test_inspect_explain_prints_the_reason_and_json_carries_it(cli, tmp_path):
     assert "half-matched" not in plain.stdout and plain.returncode == 0
 
 
+def test_rewrite_explain_prints_half_matched_patterns_and_writes_nothing(cli, tmp_path):
+    """The dry run of rewrite shows the same half-match line as inspect; a real rewrite traces nothing."""
+    path = tmp_path / "gelu.onnx"
+    onnx.save(_gelu_tanh(0.05), path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = cli("rewrite", path, "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert "gelu_tanh tanh chain at 'gelu': 8 of 9 nodes; input 1 of Mul 'cubic_term'" in proc.stdout
+    assert "(dry run: nothing written)" in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == before
+    from normact_onnx.api import rewrite
+
+    assert rewrite(str(path), details=True, verify=False).partial == []
+
+
 def test_inspect_explain_on_a_bad_file_is_one_line_and_exit_2(cli, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")

@@ -21,7 +21,9 @@ from ..data.options import DataOptions
 from ..data.rows import ImageOptions
 from ..errors import NormactError
 from ..methods.anact import AGGREGATES, LAMBDA_RULES
+from ..operations.rewrite import RewriteResult
 from ..outpaths import IN_PLACE, Named, beside, check_run_paths, model_files
+from ..passes.find import Explanation, grouped
 from ..passes.normalize import FORMS
 from ..selection import SiteSelection
 from ..writer import OutputOptions
@@ -263,3 +265,21 @@ def default_output(src: str, suffix: str = ".normact.onnx") -> Path:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+SHOWN = 3  # names listed per group of half-matched candidates that fail the same way
+
+
+def print_partial(why: Explanation | RewriteResult) -> None:
+    """The half-matched forms (``inspect --explain`` and ``rewrite --explain`` alike)."""
+    if not why.partial:
+        print("\nno half-matched patterns")
+        return
+    print("\nhalf-matched patterns (kind, form, at which node, how far it got, where and why it stopped):")
+    for first, more in grouped(why.partial):
+        where = "" if first.graph == "main" else f" [in {first.graph}]"
+        line = f"  {first.line()}{where}"
+        if more:
+            names = ", ".join(f"'{p.anchor}'" for p in more[:SHOWN])
+            line += f"  (also at {names}{', …' if len(more) > SHOWN else ''}: {len(more) + 1} in all)"
+        print(line)

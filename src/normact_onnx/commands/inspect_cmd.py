@@ -15,9 +15,7 @@ from ..passes.find import Explanation, explain
 from ..runtime.library import kernel_status
 from ..texttable import plural, table
 from ..writer import check_input
-from .common import print_json
-
-SHOWN = 3  # names listed per group of half-matched candidates that fail the same way
+from .common import print_json, print_partial
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,14 +78,4 @@ def print_explanation(why: Explanation) -> None:
     if why.misses:
         print("\nlooked like activations but did not qualify:")
         print(table(why.misses, ["name", "op", "graph", "why"]))
-    if not why.partial:
-        print("\nno half-matched patterns")
-        return
-    print("\nhalf-matched patterns (kind, form, at which node, how far it got, where and why it stopped):")
-    for first, more in why.grouped():
-        where = "" if first.graph == "main" else f" [in {first.graph}]"
-        line = f"  {first.line()}{where}"
-        if more:
-            names = ", ".join(f"'{p.anchor}'" for p in more[:SHOWN])
-            line += f"  (also at {names}{', …' if len(more) > SHOWN else ''}: {len(more) + 1} in all)"
-        print(line)
+    print_partial(why)

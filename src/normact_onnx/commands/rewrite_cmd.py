@@ -10,7 +10,7 @@ from ..methods.static import VARIANTS
 from ..operations.rewrite import RewriteResult, rewrite_model, write_report
 from ..policy import MethodOptions
 from ..texttable import plural, table
-from .common import OutputArgs, SelectionArgs, add_factor_flags, add_quiet, check_paths, output_label
+from .common import OutputArgs, SelectionArgs, add_factor_flags, add_quiet, check_paths, output_label, print_partial
 
 
 class RewriteMethodArgs:
@@ -113,6 +113,8 @@ def finish(result: RewriteResult, *, explain: bool = False, report: str | None =
     if explain and result.misses:
         print("\nlooked like activations but did not qualify:")
         print(table(result.misses, ["name", "op", "graph", "why"]))
+    if explain:
+        print_partial(result)
     if report:
         write_report(result, report)
     if explain:

@@ -32,7 +32,7 @@ from ..io import (
     refuse_overwrite,
 )
 from ..ort import kernel_library
-from ..passes.find import Site, find_sites
+from ..passes.find import PartialMatch, Site, find_sites
 from ..passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
 from ..policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from ..progress import bar as progress_bar
@@ -65,6 +65,7 @@ class RewriteResult:
     notes: list[str] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
     misses: list[dict[str, Any]] = field(default_factory=list)  # candidates that did not qualify, and why
+    partial: list[PartialMatch] = field(default_factory=list)  # dry runs: forms that matched part of the way
     whole_model: dict[str, Any] = field(default_factory=dict)  # the rewritten model against the original
 
     @property
@@ -195,9 +196,10 @@ def _run(
     base_dir = model_folder(path)
     misses: list[dict[str, Any]] = []
     stage(bar, "finding sites")
-    sites = find_sites(m, base_dir, misses)
+    partial: list[PartialMatch] | None = [] if dry_run else None  # traced only when someone will read it
+    sites = find_sites(m, base_dir, misses, partial)
     outcomes = select(sites, selection, constants)
-    result = RewriteResult(m, outcomes, misses=misses)
+    result = RewriteResult(m, outcomes, misses=misses, partial=partial or [])
     if not sites:
         result.notes.append("no activation sites found")
     elif design_q is not None:

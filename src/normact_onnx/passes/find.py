@@ -511,11 +511,16 @@ class Explanation:
     partial: list[PartialMatch]  # forms that matched part of the way at a node that ended in no site
 
     def grouped(self) -> list[tuple[PartialMatch, list[PartialMatch]]]:
-        """The half-matched forms, one group per way of failing (:attr:`PartialMatch.pattern`), first seen first."""
-        groups: dict[tuple[str, str], list[PartialMatch]] = {}
-        for p in self.partial:
-            groups.setdefault((p.graph, p.pattern), []).append(p)
-        return [(members[0], members[1:]) for members in groups.values()]
+        """The half-matched forms, one group per way of failing: :func:`grouped`."""
+        return grouped(self.partial)
+
+
+def grouped(partial: list[PartialMatch]) -> list[tuple[PartialMatch, list[PartialMatch]]]:
+    """Half-matched forms, one group per way of failing (:attr:`PartialMatch.pattern`), first seen first."""
+    groups: dict[tuple[str, str], list[PartialMatch]] = {}
+    for p in partial:
+        groups.setdefault((p.graph, p.pattern), []).append(p)
+    return [(members[0], members[1:]) for members in groups.values()]
 
 
 def explain(model: onnx.ModelProto, base_dir: str | None = None) -> Explanation:
