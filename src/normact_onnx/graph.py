@@ -13,6 +13,9 @@ two plans scale in turn, a value a plan renamed) without any pending-edit layer.
 Untouched nodes are never copied: they keep their bytes. Positions are found through
 sortable keys kept beside the node list, so an edit costs no scan of the list and a
 pass over thousands of sites stays linear.
+
+Why one module past 500 lines: the container index and its edit methods keep the producer/consumer maps and
+position keys true together; an edit outside this class could leave them stale, so they stay in one place.
 """
 
 from __future__ import annotations

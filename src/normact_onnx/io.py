@@ -10,6 +10,10 @@
   checked before any work starts.
 - A model with external data keeps all its weights external: tensors a pass computed
   (folded weights) are streamed into a data file beside the output, never inlined.
+
+Why one module past 500 lines: external data is the thread through all of it (where a tensor's bytes live
+decides how a model is loaded, copied, clamped, streamed and renamed into place), and splitting the readers
+from the writers would put that one rule in two rooms.
 """
 
 from __future__ import annotations

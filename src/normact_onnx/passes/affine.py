@@ -40,6 +40,11 @@ edits its container in place when called (:class:`~normact_onnx.graph.Container`
 edit methods). Plans compose: a plan reads weights when it runs, so it sees what
 earlier plans wrote, and a layer can absorb one site on its input side and another
 on its output side.
+
+Why one module past 500 lines: every consumer rule here (Gemm, MatMul, Conv, ConvTranspose, Pad, Add, the
+preserve helpers) plans against the same private bookkeeping (``_Weights``: a shared weight copied once, never
+changed for its other readers) and the same recursion through transparent ops (``_plan_tensor``); split, that
+bookkeeping would have to become public API for the sake of file size.
 """
 
 from __future__ import annotations

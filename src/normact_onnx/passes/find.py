@@ -4,6 +4,10 @@ The matcher knows no activation by name: it interprets the catalogue's
 :class:`~normact_onnx.catalogue.OpForm` entries and pattern trees. Larger patterns
 claim their nodes first, so the Sigmoid of a SiLU or the Tanh of a Mish is part
 of that site, never a site of its own.
+
+Why one module past 500 lines: it is the matcher alone (the site record lives in :mod:`.site`, the roles a
+site plays in :mod:`.roles`); pattern binding, the claim order of larger patterns and the trace of the deepest
+failure (``--explain``) walk the same candidate state and are read together.
 """
 
 from __future__ import annotations

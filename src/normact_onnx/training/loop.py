@@ -10,6 +10,10 @@ so the next step gets the new λ and μ. Around the steps: validation, checkpoin
 A work folder holds everything a run needs to resume or be audited: ``plan.json`` (sites and settings, the
 backend among them), the backend's own files (ORT: ``artifacts/``), checkpoints per epoch (weights, α,
 optimizer state and the running statistics), ``log.csv`` and ``loss.png``.
+
+Why one module past 500 lines: it is the driver only (the backends are :mod:`.ort_backend` and
+:mod:`.torch_backend`, the graph :mod:`.graph`, the export :mod:`.export`); resume, init, selection, logging and
+the export check share the run's settings and work folder, and are read top to bottom as one run.
 """
 
 from __future__ import annotations
