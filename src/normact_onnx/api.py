@@ -46,7 +46,7 @@ from .methods.anact import AGGREGATES, check_options
 from .ort import kernel_library, make_session
 from .outpaths import IN_PLACE, check_run_paths, model_files
 from .passes.find import Site, find_sites
-from .passes.kernel_form import kernel_form_notes
+from .passes.kernel_form import mark_fused
 from .passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
 from .policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from .progress import bar as progress_bar
@@ -375,7 +375,7 @@ def _rewrite(
             )
     if dry_run:
         return result
-    result.notes += kernel_form_notes(m, outcomes, plan.form, base_dir)  # before the rewrite changes m
+    mark_fused(m, outcomes, plan.form, base_dir)  # asked of the original, before the rewrite changes m
     had_external = bool(external_locations(m))  # its new weights go to external data too
     original = None
     if out.verify and any(o.action == "rewritten" for o in outcomes) and not had_external:

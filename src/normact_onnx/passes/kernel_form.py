@@ -8,7 +8,7 @@ which on small convolutional networks costs 1.20–1.76× the original (benchmar
 
 ``fold`` keeps such a site's activation op where it is (the affine moves into the neighbouring weights), so the
 fusion survives: for these models ``fold`` of the rewritten model, not the kernel, is the deployment path, and
-``rewrite`` says so (:func:`kernel_form_notes`).
+``rewrite`` says so on each such site (:func:`mark_fused`).
 
 Which sites are fused is asked of ONNX Runtime itself rather than written down as a list of op pairs (the
 list differs between versions and providers): the original model is optimized at the extended level, where
@@ -52,22 +52,22 @@ def fused_sites(model: onnx.ModelProto, sites: list[Site], base_dir: str | None 
     return [s for s in main if s.input not in values and s.output in values]
 
 
-def kernel_form_notes(
-    model: onnx.ModelProto, outcomes: list[SiteOutcome], form: str, base_dir: str | None = None
-) -> list[str]:
-    """A note for ``rewrite``'s output when sites it rewrites were fused by ONNX Runtime in ``model`` (the original).
+FUSED_REASON = (
+    "ONNX Runtime fuses this activation into the Conv/Gemm before it in the original model; the normalized op "
+    "ends that fusion: deploy through `normact-onnx fold`, which keeps it"
+)
 
-    ``form``: the rewrite's; the subgraph form writes standard ops after the activation, which ORT still fuses.
+
+def mark_fused(model: onnx.ModelProto, outcomes: list[SiteOutcome], form: str, base_dir: str | None = None) -> None:
+    """Say so on each site ``rewrite`` rewrites that ONNX Runtime fused in ``model`` (the original, before the edit).
+
+    The reason shows in rewrite's per-site table ("why") and its JSON report. ``form``: the rewrite's; the
+    subgraph form writes standard ops after the activation, which ORT still fuses, so it is not marked.
     """
-    rewritten = [o.site for o in outcomes if o.action == "rewritten"]
+    rewritten = [o for o in outcomes if o.action == "rewritten" and not o.reason]
     if form == "subgraph" or not rewritten:
-        return []
-    fused = fused_sites(model, rewritten, base_dir)
-    if not fused:
-        return []
-    kinds = sorted({s.kind for s in fused})
-    return [
-        f"{len(fused)} of the {len(rewritten)} rewritten sites ({', '.join(kinds)}) are activations ONNX Runtime "
-        "fuses into the Conv/Gemm before them in the original model; the normalized op ends that fusion, so "
-        "deploy this model through `normact-onnx fold` (it keeps those fusions), not the kernel form"
-    ]
+        return
+    fused = {s.output for s in fused_sites(model, [o.site for o in rewritten], base_dir)}
+    for o in rewritten:
+        if o.site.output in fused:
+            o.reason = FUSED_REASON
