@@ -25,7 +25,8 @@
 
 5. ``--breakdown``: where the time of one batch goes (issue 24): session creation and the median time of one
    batch for plain inference, the instrumented copy measuring the original network, and in situ with the
-   library's ``NormInSitu`` op and with the standard-op graph it replaces, all interleaved in one process;
+   library's ``NormInSitu`` op and with the standard-op graph it replaces, all interleaved in one process
+   (thread spinning off in every session, so one does not steal the cores of the next);
    plus ONNX Runtime's node count of each optimized copy by type (the layout reorders the statistics need).
 
     PYTHONPATH=src python benchmarks/bench_calibration.py --breakdown --models yolov8n,ppocr_det,mobilenet
@@ -286,15 +287,17 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
             }
             runs, created, nodes = {}, {}, {}
             start = time.perf_counter()
+            quiet = {"session.intra_op.allow_spinning": "0"}  # an idle session's spinning threads take the cores
             so = ort.SessionOptions()
             so.log_severity_level = 3
+            so.add_session_config_entry(*next(iter(quiet.items())))
             plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             created["plain"] = time.perf_counter() - start
             runs["plain"] = lambda feed, s=plain: s.run(None, feed)
             for k, inst in copies.items():
                 clamp_ir(inst.model)
                 start = time.perf_counter()
-                sess = calibration_session(inst.model, base)
+                sess = calibration_session(inst.model, base, config=quiet)
                 created[k] = time.perf_counter() - start
                 runs[k] = lambda feed, s=sess, i=inst: run_batch(s, i, feed, "bench")
                 nodes[k] = len(inst.model.graph.node)

@@ -16,6 +16,7 @@ namespace normact {
 namespace {
 
 constexpr size_t kNumStats = 5;  // mean x, ss x, mean f, ss f, ss f'
+constexpr size_t kApplyChunk = size_t(1) << 18;  // elements per ParallelFor task (1 MiB of float32)
 
 struct InSituKernel {
   const OrtApi* api;
@@ -148,7 +149,9 @@ OrtStatusPtr ORT_API_CALL compute_insitu(void* kernel, OrtKernelContext* ctx) {
     constants(k, per, stats[1][c], stats[2][c], stats[3][c], stats[4][c], &scale[c], &shift[c]);
   void* f = nullptr;
   NORMACT_RETURN_IF_ERROR(api->GetTensorMutableData(const_cast<OrtValue*>(fin), &f));
-  size_t tasks = n / kMinChunk;
+  // One pass of a read and a write is memory-bound: only large tensors are worth waking the pool's threads
+  // for (on a busy machine a wake-up costs more than a small tensor's whole pass).
+  size_t tasks = n / kApplyChunk;
   if (tasks > 64) tasks = 64;
   if (tasks < 1) tasks = 1;
   const size_t step = (n + tasks - 1) / tasks;
