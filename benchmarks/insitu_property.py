@@ -30,8 +30,11 @@ sys.path.insert(0, str(ROOT))
 from tests import real_models as rm  # noqa: E402
 
 
-def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_size: int | None) -> dict:
+def _run(
+    path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_size: int | None, centered: bool = False
+) -> dict:
     from normact_onnx.api import calibrate
+    from normact_onnx.calibration import DataOptions
     from normact_onnx.comparison import measure_sites
     from normact_onnx.methods.anact import site_factors
     from normact_onnx.outcome import Refusal
@@ -39,9 +42,10 @@ def _run(path: Path, entry: dict, method: str, in_situ: bool, data: Path, batch_
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
         start = time.perf_counter()
-        stats = calibrate(path, data, out, method=method, in_situ=in_situ, aggregate="mean", verify=False)
+        extra = {"centered_rho": True} if centered and method == "anact" else {}
+        stats = calibrate(path, data, out, method=method, in_situ=in_situ, aggregate="mean", verify=False, **extra)
         seconds = time.perf_counter() - start
-        rows = [r for r in measure_sites(out, data) if "holds" in r]
+        rows = [r for r in measure_sites(out, DataOptions(data)) if "holds" in r]
     limited = set()
     if method == "anact":
         for s in stats.sites.values():
@@ -66,6 +70,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--centered-rho", action="store_true", help="ANAct with --centered-rho (issue 24's property)")
+    ap.add_argument("--in-situ-only", action="store_true", help="skip the original-network calibration")
+    ap.add_argument("--methods", default="static,anact", help="comma-separated (default static,anact)")
     args = ap.parse_args()
     wanted = set(args.models.split(",")) if args.models else None
     rows = []
@@ -76,10 +83,10 @@ def main() -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             rm.write_batches(entry, tmp, args.batches, args.batch_size)
-            for method in ("static", "anact"):
-                for in_situ in (False, True):
+            for method in args.methods.split(","):
+                for in_situ in (True,) if args.in_situ_only else (False, True):
                     try:
-                        r = _run(path, entry, method, in_situ, Path(tmp), None)
+                        r = _run(path, entry, method, in_situ, Path(tmp), None, args.centered_rho)
                     except Exception as e:  # a model the tool cannot calibrate is a row, not a crash
                         r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
                     r.update(model=entry["id"], family=entry["family"], method=method, in_situ=in_situ)

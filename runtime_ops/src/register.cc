@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "insitu_op.h"
 #if defined(NORMACT_WITH_CUDA)
 #include "cuda_device.h"
 #endif
@@ -61,6 +62,7 @@ constexpr int kNumEps = 1;
 
 NormOp g_ops[kNumEps][kNumOps][kNumDTypes];
 StatsOp g_stats_ops[kNumOps][kNumDTypes];
+InSituOp g_insitu_op;
 std::mutex g_mutex;
 std::vector<OrtCustomOpDomain*> g_domains;  // see RegisterCustomOps
 
@@ -95,6 +97,8 @@ void init_ops(uint32_t version) {
       init_common(g_stats_ops[i][t], version);
       init_stats_op(g_stats_ops[i][t], i, t);
     }
+  init_common(g_insitu_op, version);
+  init_insitu_op(g_insitu_op);
 }
 
 // "1.19.2" -> 19 (for ONNX Runtime 1.x the C API version equals the minor).
@@ -147,6 +151,7 @@ NORMACT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
       for (int t = 0; t < kNumDTypes && !st; ++t) st = api->CustomOpDomain_Add(domain, &g_ops[ep][i][t]);
   for (int i = 0; i < kNumOps && !st; ++i)
     for (int t = 0; t < kNumDTypes && !st; ++t) st = api->CustomOpDomain_Add(domain, &g_stats_ops[i][t]);
+  if (!st) st = api->CustomOpDomain_Add(domain, &g_insitu_op);
   if (!st) st = api->AddCustomOpDomain(options, domain);
   if (st) {
     api->ReleaseCustomOpDomain(domain);
@@ -177,6 +182,9 @@ NORMACT_EXPORT const char* NormactLibraryInfo() {
     // Every op X also has a statistics op X + stats_suffix (calibration).
     s += "\", \"stats_suffix\": \"";
     s += kStatsSuffix;
+    // Calibration's in-situ normalization of one float32 site (insitu_op.h).
+    s += "\", \"insitu_op\": \"";
+    s += kInSituOpName;
     s += "\", \"ops\": {";
     char buf[64];
     for (int i = 0; i < kNumOps; ++i) {

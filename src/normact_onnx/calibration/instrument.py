@@ -45,7 +45,7 @@ from ..passes.unfuse import split_fused_sites
 from ..runtime.library import info_at, kernel_library
 from ..streaming import Moments, merge_cross
 from ..valuetypes import FLOAT_TYPES, infer_value_types
-from .insitu import Normalizer, batch_normalized
+from .insitu import Normalizer, batch_normalized, fused_normalized, fused_rule
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
@@ -66,6 +66,17 @@ def fused_stats_suffix() -> str | None:
         return None
     try:
         return info_at(lib).get("stats_suffix") or None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def fused_insitu_op() -> str | None:
+    """The library's in-situ normalization op (``NormInSitu``) when calibration can use it, else None."""
+    lib = kernel_library() if fused_stats_suffix() is not None else None
+    if lib is None:
+        return None
+    try:
+        return info_at(lib).get("insitu_op") or None
     except (OSError, AttributeError, ValueError):
         return None
 
@@ -138,6 +149,7 @@ def instrument(
     fused: bool | None = None,
     normalize: Normalizer | None = None,
     selected: Callable[[Site], bool] | None = None,
+    fused_insitu: bool = True,
 ) -> Instrumented:
     """A copy of ``model`` with statistics outputs for every calibratable site (the input is not modified).
 
@@ -145,7 +157,9 @@ def instrument(
     ``NORMACT_FUSED_STATS`` is not 0; False: standard ops only); the copy then needs the
     library registered to run. ``normalize``: in-situ calibration (:mod:`.insitu`): the sites
     ``selected`` accepts (all calibratable ones when None) pass this batch's
-    normalized value on to the rest of the network instead of the raw activation.
+    normalized value on to the rest of the network instead of the raw activation;
+    ``fused_insitu``: a float32 site with fused statistics is normalized by the library's
+    ``NormInSitu`` op when it has one (same bits as the standard-op graph; False: the graph).
     """
     suffix = fused_stats_suffix() if fused is None or fused else None
     if fused and suffix is None:
@@ -162,6 +176,7 @@ def instrument(
     in_situ: list[str] = []
     cache: dict[tuple[int, str, int | None], dict[str, str]] = {}  # (container, x, axis): x statistics already built
     cross = normalize is not None and normalize.needs_cross
+    insitu_op = fused_insitu_op() if suffix is not None and fused_insitu and normalize is not None else None
     for depth, site in enumerate(sites):
         why = _not_calibratable(site, types)
         if why:
@@ -195,7 +210,10 @@ def instrument(
             if stat_elem != TensorProto.FLOAT:  # one element type for every hoisted statistic
                 local[CROSS] = b.op("Cast", local[CROSS], to=stat_elem)
         if normalizer is not None:
-            batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
+            if insitu_op and use_fused and elem == TensorProto.FLOAT and fused_rule(normalizer) is not None:
+                fused_normalized(b, local, f, site.output, normalizer, insitu_op, axis)
+            else:
+                batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
         c = site.container
         c.insert_after(site.root, b.nodes)  # right after the site: the normalized value feeds the layers after it
         if rank is None:

@@ -38,16 +38,21 @@ OPTIMIZATION: bool | str = True
 
 
 def calibration_session(
-    model: onnx.ModelProto, base_dir: str | None, providers: list[str] | None = None, threads: int = 0
+    model: onnx.ModelProto,
+    base_dir: str | None,
+    providers: list[str] | None = None,
+    threads: int = 0,
+    config: dict[str, str] | None = None,
 ) -> Any:
     """An ORT session for the instrumented copy: kernel library registered, all graph optimizations.
 
     External data stays where it is: ORT is told the model's folder instead of the
     copy being written next to it. ``threads``: intra-op threads (0: ORT's default;
-    a Ray worker uses its one CPU).
+    a Ray worker uses its one CPU); ``config``: more session configuration entries (a benchmark turns
+    thread spinning off so interleaved sessions do not steal each other's cores).
     """
     require_onnxruntime()
-    config = {}
+    config = dict(config or {})
     if external_locations(model) and base_dir:
         config["session.model_external_initializers_file_folder_path"] = base_dir
     try:

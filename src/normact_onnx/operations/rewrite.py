@@ -33,6 +33,7 @@ from ..io import (
 )
 from ..ort import kernel_library
 from ..passes.find import PartialMatch, Site, find_sites
+from ..passes.kernel_form import mark_fused
 from ..passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
 from ..policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from ..progress import bar as progress_bar
@@ -212,6 +213,7 @@ def _run(
             )
     if dry_run:
         return result
+    mark_fused(m, outcomes, plan.form, base_dir)  # asked of the original, before the rewrite changes m
     had_external = bool(external_locations(m))  # its new weights go to external data too
     original = None
     if out.verify and any(o.action == "rewritten" for o in outcomes) and not had_external:
