@@ -32,12 +32,12 @@ from onnx import TensorProto, helper
 
 from ..catalogue import NORM_DOMAIN
 from ..errors import NormactError
-from ..methods.anact import LAMBDA_RULES
+from ..methods import METHODS
+from ..methods.anact import check_lambda_rule
 from ..methods.static import MEASURED_VARIANTS as VARIANTS
 from .stats_body import StatsBody
 
 EPS = 1e-12
-METHODS = ("anact", "static")
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ class Normalizer:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise NormactError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.lambda_rule not in LAMBDA_RULES:
-            raise NormactError(f"unknown --lambda-rule {self.lambda_rule!r}; choose one of {', '.join(LAMBDA_RULES)}")
+        check_lambda_rule(self.lambda_rule)
         if self.variant not in VARIANTS:
             raise NormactError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.method == "static" and self.variant == "ratio" and self.ratio is None:
