@@ -88,6 +88,25 @@ def test_adamw_is_onnxruntime_trainings_formula() -> None:
     assert np.abs(q.detach().numpy() - want).max() > 1e-5
 
 
+def test_adamw_step_count_is_shared_when_a_parameter_has_no_gradient() -> None:
+    """ORT keeps one step count t: a parameter that got no gradient in step 1 is corrected with t = 2 in step 2
+    (torch's fused kernel, which OrtAdamW runs, counts per parameter; OrtAdamW re-syncs the counts)."""
+    from normact_onnx.training.torch_backend import ADAM_EPS, OrtAdamW
+
+    a = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = OrtAdamW([a, b], lr=1e-2, weight_decay=0.0)
+    g = np.array([1e-4, -2e-4, 3e-4])
+    a.grad = torch.tensor(g)
+    opt.step()  # b has no gradient: untouched
+    assert not b.detach().numpy().any()
+    a.grad, b.grad = torch.tensor(g), torch.tensor(g)
+    opt.step()
+    m, v, t = 0.1 * g, 0.001 * g * g, 2
+    want = -1e-2 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (np.sqrt(v) + ADAM_EPS)
+    np.testing.assert_allclose(b.detach().numpy(), want, rtol=1e-12)
+
+
 # (model id, method, learning rate): magika ends in a GlobalMaxPool, which onnxruntime-training cannot differentiate
 REAL = [("ppocr_cls", "none", 1e-4), ("magika", "none", 1e-4)]
 

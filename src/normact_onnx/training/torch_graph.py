@@ -36,7 +36,9 @@ CONTROL = {"If", "Loop"}
 
 @dataclass
 class Step:
-    """One node, its attributes parsed once, and what runs it."""
+    """One node, planned once: its attributes parsed, its op function looked up, its input and output names as
+    tuples. A training step runs thousands of nodes, so nothing of this is redone per step (per-step attribute
+    parsing and table lookups were a tenth of the detector's step)."""
 
     node: onnx.NodeProto
     attrs: dict[str, Any]
@@ -44,6 +46,12 @@ class Step:
     kind: str  # "op", "control", "norm", "function", "constant"
     subgraphs: dict[str, Plan] = field(default_factory=dict)
     no_grad: bool = False  # no output of this step reaches an output that is differentiated (TorchGraph.differentiate)
+    fn: torch_ops.Op | None = None  # kind "op": the torch function
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.inputs, self.outputs = tuple(self.node.input), tuple(self.node.output)
 
 
 @dataclass
@@ -159,6 +167,8 @@ def _plan(
             step.kind = "function"
         elif (domain, node.op_type) not in torch_ops.OPS:
             raise NormactError(f"node {node.name!r}: no torch function for {node.domain or 'ai.onnx'}::{node.op_type}")
+        else:
+            step.fn = torch_ops.OPS[(domain, node.op_type)]
         steps.append(step)
     return Plan(path, steps, inputs, outputs, initializers)
 
@@ -239,6 +249,8 @@ def torch_graph_class() -> type:
             self.model = model
             self.tensors = Tensors()
             self.functions = {(f.domain, f.name): f for f in model.functions}
+            # calling node's id -> (node, planned body, its constants): see call_function
+            self.function_plans: dict[int, tuple[onnx.NodeProto, Plan, Tensors]] = {}
             self.opsets = _opsets(model.opset_import)
             g = model.graph
             names = self.tensors.add_graph(g, "")
@@ -331,12 +343,14 @@ def torch_graph_class() -> type:
             for name, key in plan.initializers.items():
                 if name not in env or plan.path:
                     env[name] = self.tensor(key)
+            grad = torch.is_grad_enabled()
+            execute = self.execute
             for step in plan.steps:
-                if step.no_grad and torch.is_grad_enabled():
+                if grad and step.no_grad:
                     with torch.no_grad():
-                        self.execute(step, env)
+                        execute(step, env)
                 else:
-                    self.execute(step, env)
+                    execute(step, env)
             return [env[o] for o in plan.outputs]
 
         def tensor(self, key: str) -> Any:
@@ -345,15 +359,14 @@ def torch_graph_class() -> type:
             return getattr(self, self.buffer_index[key])
 
         def execute(self, step: Step, env: dict[str, Any]) -> None:
-            node = step.node
-            if step.kind == "constant":
+            if step.fn is not None:
+                outs = step.fn(step.attrs, [env[i] if i else None for i in step.inputs], step.opset)
+            elif step.kind == "constant":
                 outs = [self.tensor(step.attrs["_key"])]
             else:
-                inputs = [env[i] if i else None for i in node.input]
-                if step.kind == "op":
-                    domain = "" if node.domain == "ai.onnx" else node.domain
-                    outs = torch_ops.OPS[(domain, node.op_type)](step.attrs, inputs, step.opset)
-                elif step.kind == "norm":
+                node = step.node
+                inputs = [env[i] if i else None for i in step.inputs]
+                if step.kind == "norm":
                     outs = [norm_forward(node.op_type, step.attrs, inputs[0], step.opset)]
                 elif step.kind == "function":
                     outs = self.call_function(self.functions[(node.domain, node.op_type)], node, inputs)
@@ -364,7 +377,7 @@ def torch_graph_class() -> type:
                     outs = self.run(step.subgraphs[branch], env)
                 else:
                     outs = self.loop(step, inputs, env)
-            for name, value in zip(node.output, outs):
+            for name, value in zip(step.outputs, outs):
                 if name:
                     env[name] = value
 
@@ -391,7 +404,25 @@ def torch_graph_class() -> type:
             return carried + [torch.stack(acc) if acc else torch.empty(0) for acc in scans]
 
         def call_function(self, fn: onnx.FunctionProto, node: onnx.NodeProto, inputs: list[Any]) -> list[Any]:
-            """A model-local function, inlined: its body runs with the caller's attributes substituted."""
+            """A model-local function, inlined: its body runs with the caller's attributes substituted (planned on
+            the first call of each calling node, kept for the next steps)."""
+            planned = self.function_plans.get(id(node))
+            if planned is None or planned[0] is not node:
+                planned = (node, *self.plan_function(fn, node))
+                self.function_plans[id(node)] = planned
+            _, plan, scratch = planned
+            env = dict(zip(fn.input, inputs))
+            for step in plan.steps:
+                if step.kind == "constant":
+                    value = torch.from_numpy(np.array(scratch.buffers[step.attrs["_key"]], copy=True))
+                    like = inputs[0] if inputs and inputs[0] is not None else None
+                    env[step.node.output[0]] = value.to(like.device) if like is not None else value
+                else:
+                    self.execute(step, env)
+            return [env[o] for o in fn.output]
+
+        def plan_function(self, fn: onnx.FunctionProto, node: onnx.NodeProto) -> tuple[Plan, Tensors]:
+            """The body of ``fn`` with ``node``'s attributes substituted, planned."""
             given = {a.name: a for a in node.attribute}
             defaults = {a.name: a for a in fn.attribute_proto}
             body = []
@@ -415,15 +446,7 @@ def torch_graph_class() -> type:
             opsets = {**self.opsets, **_opsets(fn.opset_import)}
             scratch = Tensors()
             plan = _plan(body, list(fn.input), list(fn.output), "", opsets, self.functions, scratch, {}, lift=False)
-            env = dict(zip(fn.input, inputs))
-            for step in plan.steps:
-                if step.kind == "constant":
-                    value = torch.from_numpy(np.array(scratch.buffers[step.attrs["_key"]], copy=True))
-                    like = inputs[0] if inputs and inputs[0] is not None else None
-                    env[step.node.output[0]] = value.to(like.device) if like is not None else value
-                else:
-                    self.execute(step, env)
-            return [env[o] for o in fn.output]
+            return plan, scratch
 
     return TorchGraph
 
