@@ -188,7 +188,9 @@ def cast_like(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 @op("Identity", "Dropout")
 def identity(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    return [x[0], torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask; extra outputs are dropped by name
+    if a.get("_n_outputs", 1) < 2:
+        return [x[0]]  # no mask asked for: no tensor allocated (most Identity nodes)
+    return [x[0], torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask
 
 
 @op("LeakyRelu")
