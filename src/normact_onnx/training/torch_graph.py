@@ -32,6 +32,15 @@ from . import torch_ops
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 CONTROL = {"If", "Loop"}
+# Plan-time rewrites (why: a training graph's site statistics are long elementwise chains over whole feature maps,
+# run without autograd; on CPU a fresh output tensor costs more than the arithmetic, and a bool comparison followed
+# by its Cast costs 5x a comparison written straight into a float tensor):
+COMPARE = {"Greater": "gt", "Less": "lt", "GreaterOrEqual": "ge", "LessOrEqual": "le", "Equal": "eq"}
+COMPARE_CAST = "Compare+Cast"
+# op -> (in-place method, whether the second input may be the one overwritten)
+INPLACE = {"Add": ("add_", True), "Mul": ("mul_", True), "Sub": ("sub_", False), "Div": ("div_", False)}
+# ops whose torch function always returns a tensor of its own (never an input, never a view)
+FRESH = {"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Tanh", "Sigmoid", "Sqrt", "Abs", COMPARE_CAST}
 
 
 @dataclass
@@ -49,9 +58,12 @@ class Step:
     fn: torch_ops.Op | None = None  # kind "op": the torch function
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    label: str = ""  # the op type, or COMPARE_CAST for a comparison fused with the Cast of its result
+    inplace: int | None = None  # a no-grad step that may overwrite this input (see _mark_inplace)
 
     def __post_init__(self) -> None:
         self.inputs, self.outputs = tuple(self.node.input), tuple(self.node.output)
+        self.label = self.node.op_type
 
 
 @dataclass
@@ -170,7 +182,98 @@ def _plan(
         else:
             step.fn = torch_ops.OPS[(domain, node.op_type)]
         steps.append(step)
-    return Plan(path, steps, inputs, outputs, initializers)
+    plan = Plan(path, steps, inputs, outputs, initializers)
+    _fuse_compare_cast(plan)
+    return plan
+
+
+def _protected(plan: Plan) -> set[str]:
+    """Values a rewrite must leave alone: the plan's outputs and whatever a nested body reads."""
+    out = set(plan.outputs)
+    for step in plan.steps:
+        for sub in step.subgraphs.values():
+            out |= _reads(sub)
+    return out
+
+
+def _uses(plan: Plan) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for step in plan.steps:
+        for i in step.inputs:
+            if i:
+                uses[i] = uses.get(i, 0) + 1
+    return uses
+
+
+def _fuse_compare_cast(plan: Plan) -> None:
+    """A comparison whose only reader is a Cast to a float type becomes one step that writes the comparison into a
+    float tensor (``torch.gt(a, b, out=float_tensor)``: 1.0 / 0.0, what the Cast makes of true / false)."""
+    protected, uses = _protected(plan), _uses(plan)
+    readers = {i: s for s in plan.steps for i in s.inputs if i}
+    dropped: set[int] = set()
+    for step in plan.steps:
+        if step.fn is None or step.node.domain not in ("", "ai.onnx") or step.label not in COMPARE:
+            continue
+        out = step.outputs[0] if step.outputs else ""
+        cast = readers.get(out)
+        if not out or out in protected or uses.get(out) != 1 or cast is None or cast.label != "Cast":
+            continue
+        if cast.fn is None or cast.attrs.get("to") not in FLOAT_TYPES:
+            continue
+        step.fn = _compare_into(COMPARE[step.label], torch_ops.dtype_of(cast.attrs["to"]))
+        step.outputs, step.label = cast.outputs, COMPARE_CAST
+        dropped.add(id(cast))
+    plan.steps = [s for s in plan.steps if id(s) not in dropped]
+
+
+def _compare_into(name: str, dtype: Any) -> torch_ops.Op:
+    compare = getattr(torch_ops.torch, name)
+
+    def run(a: dict[str, Any], x: list[Any], v: int) -> list[Any]:
+        p, q = x
+        out = torch_ops.torch.empty(torch_ops.torch.broadcast_shapes(p.shape, q.shape), dtype=dtype, device=p.device)
+        with torch_ops.torch.no_grad():  # a comparison has no gradient; out= refuses inputs that require one
+            compare(p, q, out=out)
+        return [out]
+
+    return run
+
+
+def _mark_inplace(plan: Plan) -> None:
+    """Let a no-grad Add/Sub/Mul/Div overwrite an input that nothing else reads: one made by a no-grad step of the
+    plan whose op always returns a new tensor (so no name, parameter, feed or autograd record shares it). Whether
+    the shapes and dtype allow it (the result has the input's shape and dtype) is checked when it runs."""
+    protected, uses = _protected(plan), _uses(plan)
+    producers = {o: s for s in plan.steps for o in s.outputs if o}
+    for step in plan.steps:
+        step.inplace = None
+        if not step.no_grad or step.fn is None or step.label not in INPLACE or len(step.inputs) != 2:
+            continue
+        if step.node.domain not in ("", "ai.onnx"):
+            continue
+        for k in (0, 1) if INPLACE[step.label][1] else (0,):
+            name = step.inputs[k]
+            made = producers.get(name)
+            fresh = made is not None and made.no_grad and made.label in FRESH
+            if name and fresh and uses.get(name) == 1 and name not in protected:
+                step.inplace = k
+                break
+
+
+def _run_inplace(step: Step, x: list[Any]) -> list[Any] | None:
+    """The step written into its input ``step.inplace``, or None where the result would not fit that tensor."""
+    k = step.inplace
+    assert k is not None
+    target, other = x[k], x[1 - k]
+    if other is None or not target.is_floating_point() or target.requires_grad:
+        return None
+    torch = torch_ops.torch
+    if torch.result_type(target, other) != target.dtype:
+        return None
+    if torch.broadcast_shapes(target.shape, other.shape) != target.shape:
+        return None
+    getattr(target, INPLACE[step.label][0])(other)
+    return [target]
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
@@ -320,11 +423,12 @@ def torch_graph_class() -> type:
             like the outputs ONNX Runtime training builds no gradient for."""
             needed = set(outputs)
             for step in reversed(self.plan.steps):
-                step.no_grad = not any(o in needed for o in step.node.output if o)
+                step.no_grad = not any(o in needed for o in step.outputs if o)
                 if not step.no_grad:
-                    needed.update(i for i in step.node.input if i)
+                    needed.update(i for i in step.inputs if i)
                     for sub in step.subgraphs.values():  # outer values read inside If/Loop bodies
                         needed.update(_reads(sub))
+            _mark_inplace(self.plan)
 
         def value(self, plan: Plan, name: str, env: dict[str, Any]) -> Any:
             return env[name]
@@ -360,7 +464,9 @@ def torch_graph_class() -> type:
 
         def execute(self, step: Step, env: dict[str, Any]) -> None:
             if step.fn is not None:
-                outs = step.fn(step.attrs, [env[i] if i else None for i in step.inputs], step.opset)
+                x = [env[i] if i else None for i in step.inputs]
+                done = _run_inplace(step, x) if step.inplace is not None else None
+                outs = done if done is not None else step.fn(step.attrs, x, step.opset)
             elif step.kind == "constant":
                 outs = [self.tensor(step.attrs["_key"])]
             else:
@@ -455,7 +561,7 @@ def _reads(plan: Plan) -> set[str]:
     """Every value name the steps of ``plan`` (and of its nested bodies) read."""
     out: set[str] = set()
     for step in plan.steps:
-        out.update(i for i in step.node.input if i)
+        out.update(i for i in step.inputs if i)
         for sub in step.subgraphs.values():
             out |= _reads(sub)
     return out
