@@ -148,8 +148,9 @@ def bench_model(
                 trainers[f"base_{method}"], _ = _trainer(path, data, loss, method, work, "torch", threads, baseline)
         x, y = ds.inputs, ds.labels
         times: dict[str, list[float]] = {k: [] for k in trainers}
-        for _ in range(steps + 2):
-            for label, tr in trainers.items():
+        order = list(trainers.items())
+        for r in range(steps + 2):  # each round starts with the next trainer: no one always follows the same one
+            for label, tr in order[r % len(order) :] + order[: r % len(order)]:
                 t = time.perf_counter()
                 tr.train_step(x, y)
                 times[label].append(time.perf_counter() - t)

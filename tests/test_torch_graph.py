@@ -395,3 +395,9 @@ def test_training_graph_rewrites_keep_outputs_and_gradients():
     assert sum(a is not None for _, a, _ in grads) > 100
     for key, a, b in grads:  # the trainer freezes what it does not train (batch-norm statistics): those have none
         assert a is None or (b is not None and torch.equal(a, b)), key
+    # the export check's float64 run leaves the module as it was (float32, the same values)
+    before = [p.detach().clone() for _, p in g.named_initializers()]
+    wide = g.forward_float64(feeds)
+    assert wide is not None and all(o.dtype == torch.float64 for o in wide if o.is_floating_point())
+    assert _rel(want[stats], wide[stats].numpy()) <= 1e-5
+    assert all(torch.equal(p, q) for (_, p), q in zip(g.named_initializers(), before))

@@ -181,6 +181,16 @@ class TorchTrainer(Trainer):
         with torch.no_grad():
             return self._named(self._run(x, y))
 
+    def forward_float64(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray] | None:
+        """:meth:`forward` computed in float64 (:meth:`.TorchGraph.forward_float64`): the export check's reference;
+        None for a model that computes in 16 bits."""
+        feeds: dict[str, Any] = {**x, self.label: y}
+        if self.tg.anact_sites:
+            lam, mu = self.running.feeds(self.settings.lambda_rule)
+            feeds[LAMBDA_INPUT], feeds[MU_INPUT] = lam, mu
+        outs = self.graph.forward_float64(feeds)
+        return None if outs is None else self._named(outs)
+
     def parameters(self) -> dict[str, np.ndarray]:
         return {k: p.detach().cpu().numpy() for k, p in self.trained.items()} | (
             {} if ALPHA_PARAM in self.trained else self._alpha()
@@ -221,6 +231,18 @@ class TorchTrainer(Trainer):
         self.epoch, self.step = int(props["normact.epoch"]), int(props["normact.step"])
 
 
+def export_float64(path: Path, x: dict[str, np.ndarray], output: str) -> np.ndarray | None:
+    """The exported model at ``path``, evaluated by :class:`.torch_graph.TorchGraph` in float64 on ``x``: the export
+    check's exact value of the file (None for a model that computes in 16 bits)."""
+    import onnx
+
+    graph = torch_graph.torch_graph_class()(onnx.load(str(path)))
+    outs = graph.forward_float64(x)
+    if outs is None:
+        return None
+    return np.asarray(outs[graph.plan.outputs.index(output)].cpu().numpy(), np.float64)
+
+
 def open_torch(tg: TrainGraph, settings: Any, work: Path, resume: bool, label_rank: int) -> TorchTrainer:
     """The torch trainer of ``work``: fresh, or from the last checkpoint for ``resume``."""
     last = work / "checkpoints" / "last"
@@ -229,4 +251,4 @@ def open_torch(tg: TrainGraph, settings: Any, work: Path, resume: bool, label_ra
     return TorchTrainer(tg, settings, label_rank, last if resume else None)
 
 
-__all__ = ["OrtAdamW", "TorchTrainer", "open_torch", "pick_device"]
+__all__ = ["OrtAdamW", "TorchTrainer", "export_float64", "open_torch", "pick_device"]

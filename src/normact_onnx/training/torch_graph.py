@@ -220,19 +220,22 @@ def _fuse_compare_cast(plan: Plan) -> None:
             continue
         if cast.fn is None or cast.attrs.get("to") not in FLOAT_TYPES:
             continue
-        step.fn = _compare_into(COMPARE[step.label], torch_ops.dtype_of(cast.attrs["to"]))
+        step.fn = _compare_into(COMPARE[step.label], cast.attrs["to"])
         step.outputs, step.label = cast.outputs, COMPARE_CAST
         dropped.add(id(cast))
     plan.steps = [s for s in plan.steps if id(s) not in dropped]
 
 
-def _compare_into(name: str, dtype: Any) -> torch_ops.Op:
-    compare = getattr(torch_ops.torch, name)
+def _compare_into(name: str, to: int) -> torch_ops.Op:
+    torch = torch_ops.torch
+    compare = getattr(torch, name)
+    narrow = torch_ops.dtype_of(to)
 
     def run(a: dict[str, Any], x: list[Any], v: int) -> list[Any]:
         p, q = x
-        out = torch_ops.torch.empty(torch_ops.torch.broadcast_shapes(p.shape, q.shape), dtype=dtype, device=p.device)
-        with torch_ops.torch.no_grad():  # a comparison has no gradient; out= refuses inputs that require one
+        dtype = torch.float64 if torch_ops.wide else narrow
+        out = torch.empty(torch.broadcast_shapes(p.shape, q.shape), dtype=dtype, device=p.device)
+        with torch.no_grad():  # a comparison has no gradient; out= refuses inputs that require one
             compare(p, q, out=out)
         return [out]
 
@@ -370,6 +373,7 @@ def torch_graph_class() -> type:
                 names,
             )
             self.keys = list(self.tensors.params)
+            self.narrow = _computes_narrow(model)
             self.weights = torch.nn.ParameterList(
                 torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(t).copy()), requires_grad=True)
                 for t in self.tensors.params.values()
@@ -441,6 +445,28 @@ def torch_graph_class() -> type:
             torch_ops.device = device
             env = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             return self.run(self.plan, env)
+
+        def forward_float64(self, feeds: dict[str, Any]) -> list[Any] | None:
+            """The forward with every float32 weight, buffer, feed and intermediate in float64, no gradient: the
+            function the float32 module approximates, to check an export against (ONNX Runtime's float32 result
+            and this one differ by ORT's own rounding only, not by two roundings that a graph like magika's
+            LayerNorm amplifies). The module's tensors are back in float32 afterwards, unchanged. None for a
+            model that computes in float16 or bfloat16 on purpose (there float32 is the reference)."""
+            floats = [t for t in [*self.weights, *self.buffers()] if t.is_floating_point()]
+            if self.narrow or any(t.dtype != torch.float32 for t in floats):
+                return None
+            wide = {k: np.asarray(v, np.float64) if np.asarray(v).dtype == np.float32 else v for k, v in feeds.items()}
+            saved = [(t, t.data) for t in floats]
+            try:
+                for t in floats:
+                    t.data = t.data.double()
+                torch_ops.wide = True
+                with torch.no_grad():
+                    return list(self(wide))
+            finally:
+                torch_ops.wide = False
+                for t, data in saved:
+                    t.data = data
 
         def run(self, plan: Plan, env: dict[str, Any]) -> list[Any]:
             env = dict(env)
@@ -555,6 +581,21 @@ def torch_graph_class() -> type:
             return plan, scratch
 
     return TorchGraph
+
+
+def _computes_narrow(model: onnx.ModelProto) -> bool:
+    """Whether a graph or function of ``model`` casts to float16 / bfloat16 (it computes in 16 bits on purpose)."""
+    narrow = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def visit(nodes: Any) -> bool:
+        for n in nodes:
+            if n.op_type in ("Cast", "CastLike") and any(a.name == "to" and a.i in narrow for a in n.attribute):
+                return True
+            if any(a.type == onnx.AttributeProto.GRAPH and visit(a.g.node) for a in n.attribute):
+                return True
+        return False
+
+    return visit(model.graph.node) or any(visit(f.node) for f in model.functions)
 
 
 def _reads(plan: Plan) -> set[str]:

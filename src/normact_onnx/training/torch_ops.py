@@ -25,6 +25,9 @@ F: Any = None
 # Where tensors an op creates from nothing (Shape, ConstantOfShape, Range) live: the running graph's device, set by
 # TorchGraph.forward, so every tensor of a run shares one device (CUDA included).
 device: Any = None
+# Set while TorchGraph.forward_float64 runs: every float tensor an op creates (Cast, ConstantOfShape, the plan's fused
+# comparisons) is float64, so a float32 graph runs in float64 throughout (the export check's reference).
+wide: bool = False
 
 Attrs = dict[str, Any]
 Op = Callable[[Attrs, list[Any], int], list[Any]]
@@ -53,11 +56,12 @@ def op(*names: str, domain: str = "") -> Callable[[Op], Op]:
 
 
 def dtype_of(elem: int) -> Any:
-    """The torch dtype of an ONNX element type."""
+    """The torch dtype of an ONNX element type (float64 for every float type while :data:`wide` is set)."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem)
     if np_dtype == np.bool_:
         return torch.bool
-    return getattr(torch, np.dtype(np_dtype).name)
+    dtype = getattr(torch, np.dtype(np_dtype).name)
+    return torch.float64 if wide and dtype.is_floating_point else dtype
 
 
 def ints(t: Any) -> list[int]:
