@@ -5,12 +5,13 @@ transformers, for the MiniLM export and the PyTorch eager step) is named by ``--
 
     PYTHONPATH=src train-env/bin/python benchmarks/bench_train_step.py --main-python venv/bin/python --threads 1
 
-Per model, the same batch goes through four trainers built the way ``finetune`` builds them, interleaved step
-by step: the ORT backend and the torch backend, each with ``--method none`` (the model as exported, made
-trainable) and ``--method anact`` (every site's in-graph statistics and the host's running update; target ≤
-1.3× of none). The torch backend's target is ≤ 1.5× the ORT step (issue 23). For MiniLM a PyTorch eager
-AdamW step of the same model, batch and loss is timed in the regular environment in the same run (the PP-OCR
-detector has no PyTorch definition). Every runtime gets the same number of threads. Median over the timed steps.
+Per model, the same batch goes through four trainers built the way ``finetune`` builds them, interleaved step by
+step (each round starting with the next trainer): the ORT backend and the torch backend, each with ``--method none``
+(the model as exported, made trainable) and ``--method anact`` (every site's in-graph statistics and the host's
+running update; target ≤ 1.3× of none). The torch backend's target is ≤ 1.5× the ORT step (issue 23). For MiniLM a
+PyTorch eager AdamW step of the same model, batch and loss is timed in the regular environment in the same run (the
+PP-OCR detector has no PyTorch definition). Every runtime gets the same number of threads. Median over the timed
+steps.
 
 ``--baseline-src DIR`` adds the torch backend of another source tree (e.g. ``git archive <commit> src | tar -x -C
 DIR``; DIR/normact_onnx is loaded as the package ``normact_onnx_baseline``, its modules import each other

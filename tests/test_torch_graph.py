@@ -401,3 +401,36 @@ def test_training_graph_rewrites_keep_outputs_and_gradients():
     assert wide is not None and all(o.dtype == torch.float64 for o in wide if o.is_floating_point())
     assert _rel(want[stats], wide[stats].numpy()) <= 1e-5
     assert all(torch.equal(p, q) for (_, p), q in zip(g.named_initializers(), before))
+
+
+def test_in_place_steps_only_where_the_result_fits_the_tensor():
+    """No-grad steps marked in place: one whose result broadcasts beyond the overwritten input's shape (a [3] input,
+    a [2, 3] result) runs out of place; one whose result fits runs in place; both give ONNX Runtime's values, and
+    the differentiated output's gradient is untouched."""
+    f = TensorProto.FLOAT
+    inits = [
+        helper.make_tensor("w", f, [3], [0.5, -1.0, 2.0]),
+        helper.make_tensor("one", f, [1], [1.0]),
+        helper.make_tensor("big", f, [2, 3], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        helper.make_tensor("two", f, [], [2.0]),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["y"]),
+        helper.make_node("Add", ["x", "one"], ["a"]),
+        helper.make_node("Mul", ["a", "big"], ["s"]),  # [3] input, [2, 3] result: cannot be written into a
+        helper.make_node("Mul", ["x", "two"], ["m"]),
+        helper.make_node("Sub", ["m", "x"], ["t"]),  # fits m
+    ]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("y", "s", "t")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [3])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    g = TorchGraph(model)
+    g.differentiate(["y"])
+    assert [s.inplace for s in g.plan.steps] == [None, None, 0, None, 0]
+    x = np.array([1.0, -2.0, 3.0], np.float32)
+    want = _session(model).run(None, {"x": x})
+    got = g({"x": x})
+    for w, o in zip(want, got):
+        np.testing.assert_array_equal(o.detach().numpy(), w)
+    got[0].sum().backward()
+    np.testing.assert_array_equal(g.parameter("w").grad.numpy(), x)

@@ -234,12 +234,20 @@ def _compare_into(name: str, to: int) -> torch_ops.Op:
     def run(a: dict[str, Any], x: list[Any], v: int) -> list[Any]:
         p, q = x
         dtype = torch.float64 if torch_ops.wide else narrow
-        out = torch.empty(torch.broadcast_shapes(p.shape, q.shape), dtype=dtype, device=p.device)
+        out = torch.empty(_broadcast(p, q), dtype=dtype, device=p.device)
         with torch.no_grad():  # a comparison has no gradient; out= refuses inputs that require one
             compare(p, q, out=out)
         return [out]
 
     return run
+
+
+def _broadcast(p: Any, q: Any) -> Any:
+    """The broadcast shape of two tensors; the common cases (same shape, a scalar other) without torch's helper,
+    which costs more than a small op."""
+    if p.shape == q.shape or (q.dim() <= p.dim() and q.numel() == 1):
+        return p.shape
+    return torch_ops.torch.broadcast_shapes(p.shape, q.shape)
 
 
 def _mark_inplace(plan: Plan) -> None:
@@ -273,7 +281,7 @@ def _run_inplace(step: Step, x: list[Any]) -> list[Any] | None:
     torch = torch_ops.torch
     if torch.result_type(target, other) != target.dtype:
         return None
-    if torch.broadcast_shapes(target.shape, other.shape) != target.shape:
+    if _broadcast(target, other) != target.shape:
         return None
     getattr(target, INPLACE[step.label][0])(other)
     return [target]
