@@ -5,12 +5,17 @@ transformers, for the MiniLM export and the PyTorch eager step) is named by ``--
 
     PYTHONPATH=src train-env/bin/python benchmarks/bench_train_step.py --main-python venv/bin/python --threads 1
 
-Per model, the same batch goes through four trainers built the way ``finetune`` builds them, interleaved step
-by step: the ORT backend and the torch backend, each with ``--method none`` (the model as exported, made
-trainable) and ``--method anact`` (every site's in-graph statistics and the host's running update; target ≤
-1.3× of none). The torch backend's target is ≤ 1.5× the ORT step (issue 23). For MiniLM a PyTorch eager
-AdamW step of the same model, batch and loss is timed in the regular environment in the same run (the PP-OCR
-detector has no PyTorch definition). Every runtime gets the same number of threads. Median over the timed steps.
+Per model, the same batch goes through four trainers built the way ``finetune`` builds them, interleaved step by
+step (each round starting with the next trainer): the ORT backend and the torch backend, each with ``--method none``
+(the model as exported, made trainable) and ``--method anact`` (every site's in-graph statistics and the host's
+running update; target ≤ 1.3× of none). The torch backend's target is ≤ 1.5× the ORT step (issue 23). For MiniLM a
+PyTorch eager AdamW step of the same model, batch and loss is timed in the regular environment in the same run (the
+PP-OCR detector has no PyTorch definition). Every runtime gets the same number of threads. Median over the timed
+steps.
+
+``--baseline-src DIR`` adds the torch backend of another source tree (e.g. ``git archive <commit> src | tar -x -C
+DIR``; DIR/normact_onnx is loaded as the package ``normact_onnx_baseline``, its modules import each other
+relatively) to the same interleaved loop: before and after of a torch-backend change, timed step by step together.
 """
 
 from __future__ import annotations
@@ -66,16 +71,51 @@ np.savez(sys.argv[3], **x, y=(0.5 * y).astype(np.float32))
 """
 
 
-def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path, backend: str, threads: int):
+BASELINE = "normact_onnx_baseline"
+
+
+def load_baseline(src: Path) -> str:
+    """Import ``src``/normact_onnx as the package ``normact_onnx_baseline``; returns the package name."""
+    import importlib.util
+
+    init = src / "normact_onnx" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-src: {init} does not exist")
+    spec = importlib.util.spec_from_file_location(BASELINE, init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE] = module
+    spec.loader.exec_module(module)
+    return BASELINE
+
+
+def _trainer(
+    model_path: Path,
+    data: dict,
+    loss: str,
+    method: str,
+    work: Path,
+    backend: str,
+    threads: int,
+    package: str = "normact_onnx",
+):
+    import importlib
+
     import onnx
 
-    from normact_onnx.training.artifacts import generate
-    from normact_onnx.training.data import check_labels, input_specs, load_dataset
-    from normact_onnx.training.graph import build_train_graph
-    from normact_onnx.training.loop import Settings, _data_shapes, _output_shape
-    from normact_onnx.training.ort_backend import OrtTrainer
-    from normact_onnx.training.prepare import fix_input_shapes
-    from normact_onnx.training.torch_backend import TorchTrainer
+    def mod(name: str):
+        return importlib.import_module(f"{package}.training.{name}")
+
+    generate = mod("artifacts").generate
+    check_labels, input_specs, load_dataset = (
+        getattr(mod("data"), n) for n in ("check_labels", "input_specs", "load_dataset")
+    )
+    build_train_graph = mod("graph").build_train_graph
+    Settings, _data_shapes, _output_shape = (
+        getattr(mod("loop"), n) for n in ("Settings", "_data_shapes", "_output_shape")
+    )
+    fix_input_shapes = mod("prepare").fix_input_shapes
+    TorchTrainer = mod("torch_backend").TorchTrainer
 
     settings = Settings(
         loss=loss, method=method, lr=1e-4, batch_size=len(data["y"]), threads=threads, backend=backend, device="cpu"
@@ -89,26 +129,42 @@ def _trainer(model_path: Path, data: dict, loss: str, method: str, work: Path, b
     # the ORT training graph with the batch's concrete shape, as finetune builds it
     fix_input_shapes(tg.model, _data_shapes(ds, tg.batch), tg.prepared)
     art = generate(tg, work / "artifacts", loss, label_rank=ds.labels.ndim)
-    return OrtTrainer(tg, art, settings, art.checkpoint), ds
+    return mod("ort_backend").OrtTrainer(tg, art, settings, art.checkpoint), ds
 
 
-def bench_model(name: str, path: Path, data: dict, loss: str, steps: int, threads: int) -> dict:
-    """Interleaved ORT/torch × none/anact steps on one batch; medians and their ratios."""
+def bench_model(
+    name: str, path: Path, data: dict, loss: str, steps: int, threads: int, baseline: str | None = None
+) -> dict:
+    """Interleaved ORT/torch × none/anact steps on one batch (and the baseline tree's torch backend); medians and
+    their ratios."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
         for backend in ("ort", "torch"):
             for method in ("none", "anact"):
                 work = Path(tmp) / f"{backend}_{method}"
                 trainers[f"{backend}_{method}"], ds = _trainer(path, data, loss, method, work, backend, threads)
+        if baseline:
+            for method in ("none", "anact"):
+                work = Path(tmp) / f"base_{method}"
+                trainers[f"base_{method}"], _ = _trainer(path, data, loss, method, work, "torch", threads, baseline)
         x, y = ds.inputs, ds.labels
         times: dict[str, list[float]] = {k: [] for k in trainers}
-        for _ in range(steps + 2):
-            for label, tr in trainers.items():
+        order = list(trainers.items())
+        for r in range(steps + 2):  # each round starts with the next trainer: no one always follows the same one
+            for label, tr in order[r % len(order) :] + order[: r % len(order)]:
                 t = time.perf_counter()
                 tr.train_step(x, y)
                 times[label].append(time.perf_counter() - t)
         med = {k: float(np.median(v[2:])) for k, v in times.items()}
-        return {
+        base = {}
+        if baseline:
+            base = {
+                "baseline_torch_none_s": med["base_none"],
+                "baseline_torch_anact_s": med["base_anact"],
+                "baseline_vs_ort": med["base_none"] / med["ort_none"],
+                "baseline_vs_ort_anact": med["base_anact"] / med["ort_anact"],
+            }
+        return base | {
             "model": name,
             "sites": len(trainers["ort_anact"].tg.anact_sites),
             "batch": len(y),
@@ -128,10 +184,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="threads of every runtime (ORT intra-op, torch)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--baseline-src", type=Path, help="a source tree whose torch backend is timed alongside")
     args = ap.parse_args()
     from machine import machine
     from tests import real_models as rm
 
+    baseline = load_baseline(args.baseline_src.resolve()) if args.baseline_src else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         e = rm.entry("ppocrv4_det")
@@ -141,7 +199,7 @@ def main() -> int:
 
         out = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         y = (out < 0.5).astype(np.float32)
-        rows.append(bench_model("ppocrv4_det", det, {**feeds, "y": y}, "bce", args.steps, args.threads))
+        rows.append(bench_model("ppocrv4_det", det, {**feeds, "y": y}, "bce", args.steps, args.threads, baseline))
 
         minilm, batch = Path(tmp) / "minilm.onnx", Path(tmp) / "batch.npz"
         env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
@@ -149,7 +207,7 @@ def main() -> int:
             [args.main_python, "-c", PREPARE_MINILM, str(ROOT), str(minilm), str(batch)], check=True, env=env
         )
         data = dict(np.load(batch))
-        row = bench_model("minilm", minilm, data, "mse", args.steps, args.threads)
+        row = bench_model("minilm", minilm, data, "mse", args.steps, args.threads, baseline)
         r = subprocess.run(
             [args.main_python, "-c", TORCH_STEP, str(ROOT), str(batch), str(args.steps), str(args.threads)],
             check=True,
@@ -172,6 +230,11 @@ def main() -> int:
             f"  | torch backend none {r['torch_none_s'] * 1e3:8.1f} ms ({r['torch_vs_ort']:.3f}x ORT), "
             f"anact {r['torch_anact_s'] * 1e3:8.1f} ms ({r['torch_vs_ort_anact']:.3f}x ORT; target ≤ 1.5)"
         )
+        if "baseline_torch_none_s" in r:
+            line += (
+                f"  | baseline none {r['baseline_torch_none_s'] * 1e3:8.1f} ms ({r['baseline_vs_ort']:.3f}x ORT), "
+                f"anact {r['baseline_torch_anact_s'] * 1e3:8.1f} ms ({r['baseline_vs_ort_anact']:.3f}x ORT)"
+            )
         if "torch_eager_s" in r:
             line += (
                 f"  | PyTorch eager {r['torch_eager_s'] * 1e3:.1f} ms, ORT/eager {r['ort_vs_torch']:.3f}x, "

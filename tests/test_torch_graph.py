@@ -342,3 +342,95 @@ def test_one_module_runs_every_shape_the_model_allows():
         with torch.no_grad():
             (got,) = g(feeds)
         assert got.shape == want.shape and _rel(want, got.numpy()) <= FP32_TOL
+
+
+def _anact_trainer(model_id: str):
+    """The torch backend's trainer of a real model's ANAct training graph (as finetune builds it) and one batch."""
+    from normact_onnx.training.data import input_specs, load_dataset
+    from normact_onnx.training.graph import build_train_graph
+    from normact_onnx.training.loop import Settings
+    from normact_onnx.training.torch_backend import TorchTrainer
+    from tests.test_training_real import _task
+
+    path = _real(model_id)
+    feeds = _sample(model_id)
+    loss, y = _task(path, feeds)
+    settings = Settings(loss=loss, method="anact", lr=1e-4, batch_size=2, threads=1, backend="torch", device="cpu")
+    tg = build_train_graph(onnx.load(str(path)), str(path.parent), method="anact", backend="torch")
+    ds = load_dataset({**feeds, "y": y}, "y", input_specs(tg.model, tg.data_inputs))
+    tg.batch = len(ds)
+    return TorchTrainer(tg, settings, ds.labels.ndim, None), ds
+
+
+def test_training_graph_rewrites_keep_outputs_and_gradients():
+    """The plan's rewrites of a training graph (a comparison and the Cast of its result as one step; no-grad steps
+    of the sites' statistics written into a tensor only they read) change no bit of any output (loss, statistics,
+    logits) or gradient against the same graph run without in-place steps (a module on which ``differentiate`` was
+    never called), and the statistics they compute match ONNX Runtime on that graph. (The detector's bce on logits
+    of ~1e5 differs from ORT by 5e-5 relative with or without the rewrites: summation order over 131k terms; the
+    loss curves are held to ORT by tests/test_training_torch_parity.py.)"""
+    from normact_onnx.io import clamp_ir
+    from normact_onnx.training.graph import LAMBDA_INPUT, MU_INPUT, STATS_OUTPUT
+    from normact_onnx.training.torch_graph import COMPARE_CAST
+
+    tr, ds = _anact_trainer("ppocrv4_det")
+    g = tr.graph
+    assert sum(s.label == COMPARE_CAST for s in g.plan.steps) >= 36  # the sites' derivative bodies
+    assert sum(s.inplace is not None for s in g.plan.steps) >= 36
+    lam, mu = tr.running.feeds(tr.settings.lambda_rule)
+    feeds = {**ds.inputs, tr.label: ds.labels, LAMBDA_INPUT: lam, MU_INPUT: mu}
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    clamp_ir(model)
+    want = _session(model).run(None, feeds)
+    plain = TorchGraph(g.model)  # no differentiate: every step out of place, with autograd
+    got, ref = g(feeds), plain(feeds)
+    for o, r, name in zip(got, ref, g.plan.outputs):
+        assert torch.equal(o, r), f"{name}: the rewritten steps changed the value"
+    stats = g.plan.outputs.index(STATS_OUTPUT)
+    assert _rel(want[stats], got[stats].numpy()) <= 1e-5
+    got[0].backward()
+    ref[0].backward()
+    grads = [(k, p.grad, q.grad) for (k, p), (_, q) in zip(g.named_initializers(), plain.named_initializers())]
+    assert sum(a is not None for _, a, _ in grads) > 100
+    for key, a, b in grads:  # the trainer freezes what it does not train (batch-norm statistics): those have none
+        assert a is None or (b is not None and torch.equal(a, b)), key
+    # the export check's float64 run leaves the module as it was (float32, the same values)
+    before = [p.detach().clone() for _, p in g.named_initializers()]
+    wide = g.forward_float64(feeds)
+    assert wide is not None and all(o.dtype == torch.float64 for o in wide if o.is_floating_point())
+    assert _rel(want[stats], wide[stats].numpy()) <= 1e-5
+    assert all(torch.equal(p, q) for (_, p), q in zip(g.named_initializers(), before))
+
+
+def test_in_place_steps_only_where_the_result_fits_the_tensor():
+    """No-grad steps marked in place: one whose result broadcasts beyond the overwritten input's shape (a [3] input,
+    a [2, 3] result) runs out of place; one whose result fits runs in place; both give ONNX Runtime's values, and
+    the differentiated output's gradient is untouched."""
+    f = TensorProto.FLOAT
+    inits = [
+        helper.make_tensor("w", f, [3], [0.5, -1.0, 2.0]),
+        helper.make_tensor("one", f, [1], [1.0]),
+        helper.make_tensor("big", f, [2, 3], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        helper.make_tensor("two", f, [], [2.0]),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["y"]),
+        helper.make_node("Add", ["x", "one"], ["a"]),
+        helper.make_node("Mul", ["a", "big"], ["s"]),  # [3] input, [2, 3] result: cannot be written into a
+        helper.make_node("Mul", ["x", "two"], ["m"]),
+        helper.make_node("Sub", ["m", "x"], ["t"]),  # fits m
+    ]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("y", "s", "t")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [3])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    g = TorchGraph(model)
+    g.differentiate(["y"])
+    assert [s.inplace for s in g.plan.steps] == [None, None, 0, None, 0]
+    x = np.array([1.0, -2.0, 3.0], np.float32)
+    want = _session(model).run(None, {"x": x})
+    got = g({"x": x})
+    for w, o in zip(want, got):
+        np.testing.assert_array_equal(o.detach().numpy(), w)
+    got[0].sum().backward()
+    np.testing.assert_array_equal(g.parameter("w").grad.numpy(), x)

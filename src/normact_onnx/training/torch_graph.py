@@ -12,6 +12,10 @@ training graph uses, docs/architecture.md §3), followed by ``scale·(f(x) − s
 
 Why a module-level ``__getattr__``: torch is an optional dependency, imported only when the class is first asked
 for, so importing :mod:`normact_onnx.training` never needs it (docs/architecture.md §2).
+
+Why one module past 500 lines: the plan (each node prepared once: its op, attributes, opset, the bit-exact
+rewrites of training graphs), the parameter table and write-back, and the executor of main graph and subgraphs
+share one step representation; the ops themselves are in :mod:`.torch_ops`.
 """
 
 from __future__ import annotations
@@ -26,18 +30,29 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..catalogue import BY_OP_NAME, NORM_DOMAIN
-from ..domains import is_standard
+from ..domains import canonical_domain, is_standard, is_standard_domain
 from ..errors import NormactError
 from ..passes.forms import AFFINE_ATTRS
 from . import torch_ops
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 CONTROL = {"If", "Loop"}
+# Plan-time rewrites (why: a training graph's site statistics are long elementwise chains over whole feature maps,
+# run without autograd; on CPU a fresh output tensor costs more than the arithmetic, and a bool comparison followed
+# by its Cast costs 5x a comparison written straight into a float tensor):
+COMPARE = {"Greater": "gt", "Less": "lt", "GreaterOrEqual": "ge", "LessOrEqual": "le", "Equal": "eq"}
+COMPARE_CAST = "Compare+Cast"
+# op -> (in-place method, whether the second input may be the one overwritten)
+INPLACE = {"Add": ("add_", True), "Mul": ("mul_", True), "Sub": ("sub_", False), "Div": ("div_", False)}
+# ops whose torch function always returns a tensor of its own (never an input, never a view)
+FRESH = {"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Tanh", "Sigmoid", "Sqrt", "Abs", COMPARE_CAST}
 
 
 @dataclass
 class Step:
-    """One node, its attributes parsed once, and what runs it."""
+    """One node, planned once: its attributes parsed, its op function looked up, its input and output names as
+    tuples. A training step runs thousands of nodes, so nothing of this is redone per step (per-step attribute
+    parsing and table lookups were a tenth of the detector's step)."""
 
     node: onnx.NodeProto
     attrs: dict[str, Any]
@@ -45,6 +60,15 @@ class Step:
     kind: str  # "op", "control", "norm", "function", "constant"
     subgraphs: dict[str, Plan] = field(default_factory=dict)
     no_grad: bool = False  # no output of this step reaches an output that is differentiated (TorchGraph.differentiate)
+    fn: torch_ops.Op | None = None  # kind "op": the torch function
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    label: str = ""  # the op type, or COMPARE_CAST for a comparison fused with the Cast of its result
+    inplace: int | None = None  # a no-grad step that may overwrite this input (see _mark_inplace)
+
+    def __post_init__(self) -> None:
+        self.inputs, self.outputs = tuple(self.node.input), tuple(self.node.output)
+        self.label = self.node.op_type
 
 
 @dataclass
@@ -59,7 +83,7 @@ class Plan:
 
 
 def _opsets(imports: Any) -> dict[str, int]:
-    out = {("" if i.domain == "ai.onnx" else i.domain): i.version for i in imports}
+    out = {canonical_domain(i.domain): i.version for i in imports}
     out.setdefault("", 1)
     return out
 
@@ -71,7 +95,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 
     def visit(nodes: Any) -> None:
         for n in nodes:
-            key = (n.domain if n.domain != "ai.onnx" else "", n.op_type)
+            key = (canonical_domain(n.domain), n.op_type)
             known = key in torch_ops.OPS or key in functions or n.op_type in CONTROL or n.op_type == "Constant"
             known = known or (n.domain == NORM_DOMAIN and n.op_type in BY_OP_NAME)
             if not known:
@@ -133,7 +157,7 @@ def _plan(
     steps = []
     for i, node in enumerate(nodes):
         attrs = torch_ops.attributes(node)
-        domain = "" if node.domain == "ai.onnx" else node.domain
+        domain = canonical_domain(node.domain)
         step = Step(node, attrs, opsets.get(domain, 1), "op")
         if node.op_type == "Constant" and domain == "":
             step.kind = "constant"
@@ -160,8 +184,112 @@ def _plan(
             step.kind = "function"
         elif (domain, node.op_type) not in torch_ops.OPS:
             raise NormactError(f"node {node.name!r}: no torch function for {node.domain or 'ai.onnx'}::{node.op_type}")
+        else:
+            step.fn = torch_ops.OPS[(domain, node.op_type)]
         steps.append(step)
-    return Plan(path, steps, inputs, outputs, initializers)
+    plan = Plan(path, steps, inputs, outputs, initializers)
+    _fuse_compare_cast(plan)
+    return plan
+
+
+def _protected(plan: Plan) -> set[str]:
+    """Values a rewrite must leave alone: the plan's outputs and whatever a nested body reads."""
+    out = set(plan.outputs)
+    for step in plan.steps:
+        for sub in step.subgraphs.values():
+            out |= _reads(sub)
+    return out
+
+
+def _uses(plan: Plan) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for step in plan.steps:
+        for i in step.inputs:
+            if i:
+                uses[i] = uses.get(i, 0) + 1
+    return uses
+
+
+def _fuse_compare_cast(plan: Plan) -> None:
+    """A comparison whose only reader is a Cast to a float type becomes one step that writes the comparison into a
+    float tensor (``torch.gt(a, b, out=float_tensor)``: 1.0 / 0.0, what the Cast makes of true / false)."""
+    protected, uses = _protected(plan), _uses(plan)
+    readers = {i: s for s in plan.steps for i in s.inputs if i}
+    dropped: set[int] = set()
+    for step in plan.steps:
+        if step.fn is None or not is_standard_domain(step.node.domain) or step.label not in COMPARE:
+            continue
+        out = step.outputs[0] if step.outputs else ""
+        cast = readers.get(out)
+        if not out or out in protected or uses.get(out) != 1 or cast is None or cast.label != "Cast":
+            continue
+        if cast.fn is None or cast.attrs.get("to") not in FLOAT_TYPES:
+            continue
+        step.fn = _compare_into(COMPARE[step.label], cast.attrs["to"])
+        step.outputs, step.label = cast.outputs, COMPARE_CAST
+        dropped.add(id(cast))
+    plan.steps = [s for s in plan.steps if id(s) not in dropped]
+
+
+def _compare_into(name: str, to: int) -> torch_ops.Op:
+    torch = torch_ops.torch
+    compare = getattr(torch, name)
+    narrow = torch_ops.dtype_of(to)
+
+    def run(a: dict[str, Any], x: list[Any], v: int) -> list[Any]:
+        p, q = x
+        dtype = torch.float64 if torch_ops.wide else narrow
+        out = torch.empty(_broadcast(p, q), dtype=dtype, device=p.device)
+        with torch.no_grad():  # a comparison has no gradient; out= refuses inputs that require one
+            compare(p, q, out=out)
+        return [out]
+
+    return run
+
+
+def _broadcast(p: Any, q: Any) -> Any:
+    """The broadcast shape of two tensors; the common cases (same shape, a scalar other) without torch's helper,
+    which costs more than a small op."""
+    if p.shape == q.shape or (q.dim() <= p.dim() and q.numel() == 1):
+        return p.shape
+    return torch_ops.torch.broadcast_shapes(p.shape, q.shape)
+
+
+def _mark_inplace(plan: Plan) -> None:
+    """Let a no-grad Add/Sub/Mul/Div overwrite an input that nothing else reads: one made by a no-grad step of the
+    plan whose op always returns a new tensor (so no name, parameter, feed or autograd record shares it). Whether
+    the shapes and dtype allow it (the result has the input's shape and dtype) is checked when it runs."""
+    protected, uses = _protected(plan), _uses(plan)
+    producers = {o: s for s in plan.steps for o in s.outputs if o}
+    for step in plan.steps:
+        step.inplace = None
+        if not step.no_grad or step.fn is None or step.label not in INPLACE or len(step.inputs) != 2:
+            continue
+        if not is_standard_domain(step.node.domain):
+            continue
+        for k in (0, 1) if INPLACE[step.label][1] else (0,):
+            name = step.inputs[k]
+            made = producers.get(name)
+            fresh = made is not None and made.no_grad and made.label in FRESH
+            if name and fresh and uses.get(name) == 1 and name not in protected:
+                step.inplace = k
+                break
+
+
+def _run_inplace(step: Step, x: list[Any]) -> list[Any] | None:
+    """The step written into its input ``step.inplace``, or None where the result would not fit that tensor."""
+    k = step.inplace
+    assert k is not None
+    target, other = x[k], x[1 - k]
+    if other is None or not target.is_floating_point() or target.requires_grad:
+        return None
+    torch = torch_ops.torch
+    if torch.result_type(target, other) != target.dtype:
+        return None
+    if _broadcast(target, other) != target.shape:
+        return None
+    getattr(target, INPLACE[step.label][0])(other)
+    return [target]
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
@@ -240,6 +368,8 @@ def torch_graph_class() -> type:
             self.model = model
             self.tensors = Tensors()
             self.functions = {(f.domain, f.name): f for f in model.functions}
+            # calling node's id -> (node, planned body, its constants): see call_function
+            self.function_plans: dict[int, tuple[onnx.NodeProto, Plan, Tensors]] = {}
             self.opsets = _opsets(model.opset_import)
             g = model.graph
             names = self.tensors.add_graph(g, "")
@@ -256,6 +386,7 @@ def torch_graph_class() -> type:
                 names,
             )
             self.keys = list(self.tensors.params)
+            self.narrow = _computes_narrow(model)
             self.weights = torch.nn.ParameterList(
                 torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(t).copy()), requires_grad=True)
                 for t in self.tensors.params.values()
@@ -309,11 +440,12 @@ def torch_graph_class() -> type:
             like the outputs ONNX Runtime training builds no gradient for."""
             needed = set(outputs)
             for step in reversed(self.plan.steps):
-                step.no_grad = not any(o in needed for o in step.node.output if o)
+                step.no_grad = not any(o in needed for o in step.outputs if o)
                 if not step.no_grad:
-                    needed.update(i for i in step.node.input if i)
+                    needed.update(i for i in step.inputs if i)
                     for sub in step.subgraphs.values():  # outer values read inside If/Loop bodies
                         needed.update(_reads(sub))
+            _mark_inplace(self.plan)
 
         def value(self, plan: Plan, name: str, env: dict[str, Any]) -> Any:
             return env[name]
@@ -327,17 +459,41 @@ def torch_graph_class() -> type:
             env = {k: torch.as_tensor(v).to(device) for k, v in feeds.items()}
             return self.run(self.plan, env)
 
+        def forward_float64(self, feeds: dict[str, Any]) -> list[Any] | None:
+            """The forward with every float32 weight, buffer, feed and intermediate in float64, no gradient: the
+            function the float32 module approximates, to check an export against (ONNX Runtime's float32 result
+            and this one differ by ORT's own rounding only, not by two roundings that a graph like magika's
+            LayerNorm amplifies). The module's tensors are back in float32 afterwards, unchanged. None for a
+            model that computes in float16 or bfloat16 on purpose (there float32 is the reference)."""
+            floats = [t for t in [*self.weights, *self.buffers()] if t.is_floating_point()]
+            if self.narrow or any(t.dtype != torch.float32 for t in floats):
+                return None
+            wide = {k: np.asarray(v, np.float64) if np.asarray(v).dtype == np.float32 else v for k, v in feeds.items()}
+            saved = [(t, t.data) for t in floats]
+            try:
+                for t in floats:
+                    t.data = t.data.double()
+                torch_ops.wide = True
+                with torch.no_grad():
+                    return list(self(wide))
+            finally:
+                torch_ops.wide = False
+                for t, data in saved:
+                    t.data = data
+
         def run(self, plan: Plan, env: dict[str, Any]) -> list[Any]:
             env = dict(env)
             for name, key in plan.initializers.items():
                 if name not in env or plan.path:
                     env[name] = self.tensor(key)
+            grad = torch.is_grad_enabled()
+            execute = self.execute
             for step in plan.steps:
-                if step.no_grad and torch.is_grad_enabled():
+                if grad and step.no_grad:
                     with torch.no_grad():
-                        self.execute(step, env)
+                        execute(step, env)
                 else:
-                    self.execute(step, env)
+                    execute(step, env)
             return [env[o] for o in plan.outputs]
 
         def tensor(self, key: str) -> Any:
@@ -346,15 +502,16 @@ def torch_graph_class() -> type:
             return getattr(self, self.buffer_index[key])
 
         def execute(self, step: Step, env: dict[str, Any]) -> None:
-            node = step.node
-            if step.kind == "constant":
+            if step.fn is not None:
+                x = [env[i] if i else None for i in step.inputs]
+                done = _run_inplace(step, x) if step.inplace is not None else None
+                outs = done if done is not None else step.fn(step.attrs, x, step.opset)
+            elif step.kind == "constant":
                 outs = [self.tensor(step.attrs["_key"])]
             else:
-                inputs = [env[i] if i else None for i in node.input]
-                if step.kind == "op":
-                    domain = "" if node.domain == "ai.onnx" else node.domain
-                    outs = torch_ops.OPS[(domain, node.op_type)](step.attrs, inputs, step.opset)
-                elif step.kind == "norm":
+                node = step.node
+                inputs = [env[i] if i else None for i in step.inputs]
+                if step.kind == "norm":
                     outs = [norm_forward(node.op_type, step.attrs, inputs[0], step.opset)]
                 elif step.kind == "function":
                     outs = self.call_function(self.functions[(node.domain, node.op_type)], node, inputs)
@@ -365,7 +522,7 @@ def torch_graph_class() -> type:
                     outs = self.run(step.subgraphs[branch], env)
                 else:
                     outs = self.loop(step, inputs, env)
-            for name, value in zip(node.output, outs):
+            for name, value in zip(step.outputs, outs):
                 if name:
                     env[name] = value
 
@@ -392,7 +549,25 @@ def torch_graph_class() -> type:
             return carried + [torch.stack(acc) if acc else torch.empty(0) for acc in scans]
 
         def call_function(self, fn: onnx.FunctionProto, node: onnx.NodeProto, inputs: list[Any]) -> list[Any]:
-            """A model-local function, inlined: its body runs with the caller's attributes substituted."""
+            """A model-local function, inlined: its body runs with the caller's attributes substituted (planned on
+            the first call of each calling node, kept for the next steps)."""
+            planned = self.function_plans.get(id(node))
+            if planned is None or planned[0] is not node:
+                planned = (node, *self.plan_function(fn, node))
+                self.function_plans[id(node)] = planned
+            _, plan, scratch = planned
+            env = dict(zip(fn.input, inputs))
+            for step in plan.steps:
+                if step.kind == "constant":
+                    value = torch.from_numpy(np.array(scratch.buffers[step.attrs["_key"]], copy=True))
+                    like = inputs[0] if inputs and inputs[0] is not None else None
+                    env[step.node.output[0]] = value.to(like.device) if like is not None else value
+                else:
+                    self.execute(step, env)
+            return [env[o] for o in fn.output]
+
+        def plan_function(self, fn: onnx.FunctionProto, node: onnx.NodeProto) -> tuple[Plan, Tensors]:
+            """The body of ``fn`` with ``node``'s attributes substituted, planned."""
             given = {a.name: a for a in node.attribute}
             defaults = {a.name: a for a in fn.attribute_proto}
             body = []
@@ -416,24 +591,31 @@ def torch_graph_class() -> type:
             opsets = {**self.opsets, **_opsets(fn.opset_import)}
             scratch = Tensors()
             plan = _plan(body, list(fn.input), list(fn.output), "", opsets, self.functions, scratch, {}, lift=False)
-            env = dict(zip(fn.input, inputs))
-            for step in plan.steps:
-                if step.kind == "constant":
-                    value = torch.from_numpy(np.array(scratch.buffers[step.attrs["_key"]], copy=True))
-                    like = inputs[0] if inputs and inputs[0] is not None else None
-                    env[step.node.output[0]] = value.to(like.device) if like is not None else value
-                else:
-                    self.execute(step, env)
-            return [env[o] for o in fn.output]
+            return plan, scratch
 
     return TorchGraph
+
+
+def _computes_narrow(model: onnx.ModelProto) -> bool:
+    """Whether a graph or function of ``model`` casts to float16 / bfloat16 (it computes in 16 bits on purpose)."""
+    narrow = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def visit(nodes: Any) -> bool:
+        for n in nodes:
+            if n.op_type in ("Cast", "CastLike") and any(a.name == "to" and a.i in narrow for a in n.attribute):
+                return True
+            if any(a.type == onnx.AttributeProto.GRAPH and visit(a.g.node) for a in n.attribute):
+                return True
+        return False
+
+    return visit(model.graph.node) or any(visit(f.node) for f in model.functions)
 
 
 def _reads(plan: Plan) -> set[str]:
     """Every value name the steps of ``plan`` (and of its nested bodies) read."""
     out: set[str] = set()
     for step in plan.steps:
-        out.update(i for i in step.node.input if i)
+        out.update(i for i in step.inputs if i)
         for sub in step.subgraphs.values():
             out |= _reads(sub)
     return out

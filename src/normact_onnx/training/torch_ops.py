@@ -9,6 +9,10 @@ are read back to Python integers, so a graph with dynamic shapes runs shape by s
 Gradient safety: every function is built from torch ops whose gradients are finite wherever ONNX Runtime training's
 are (no ``where`` over a branch that overflows; ``max``/``min`` split ties). ``torch`` is an optional dependency:
 :func:`load` imports it on first use and binds it here.
+
+Why one module past 500 lines: it is a table, one short function per ONNX op (≈ 90 ops), each read on its own
+against the ONNX operator spec; splitting the table by op family would only spread the shared helpers (attribute
+defaults, shape reading, broadcasting) over several files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ F: Any = None
 # Where tensors an op creates from nothing (Shape, ConstantOfShape, Range) live: the running graph's device, set by
 # TorchGraph.forward, so every tensor of a run shares one device (CUDA included).
 device: Any = None
+# Set while TorchGraph.forward_float64 runs: every float tensor an op creates (Cast, ConstantOfShape, the plan's fused
+# comparisons) is float64, so a float32 graph runs in float64 throughout (the export check's reference).
+wide: bool = False
 
 Attrs = dict[str, Any]
 Op = Callable[[Attrs, list[Any], int], list[Any]]
@@ -53,11 +60,12 @@ def op(*names: str, domain: str = "") -> Callable[[Op], Op]:
 
 
 def dtype_of(elem: int) -> Any:
-    """The torch dtype of an ONNX element type."""
+    """The torch dtype of an ONNX element type (float64 for every float type while :data:`wide` is set)."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem)
     if np_dtype == np.bool_:
         return torch.bool
-    return getattr(torch, np.dtype(np_dtype).name)
+    dtype = getattr(torch, np.dtype(np_dtype).name)
+    return torch.float64 if wide and dtype.is_floating_point else dtype
 
 
 def ints(t: Any) -> list[int]:
@@ -188,7 +196,9 @@ def cast_like(a: Attrs, x: list[Any], v: int) -> list[Any]:
 
 @op("Identity", "Dropout")
 def identity(a: Attrs, x: list[Any], v: int) -> list[Any]:
-    return [x[0], torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask; extra outputs are dropped by name
+    if a.get("_n_outputs", 1) < 2:
+        return [x[0]]  # no mask asked for: no tensor allocated (most Identity nodes)
+    return [x[0], torch.ones_like(x[0], dtype=torch.bool)]  # Dropout's mask
 
 
 @op("LeakyRelu")
