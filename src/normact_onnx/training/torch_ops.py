@@ -10,7 +10,7 @@ Gradient safety: every function is built from torch ops whose gradients are fini
 are (no ``where`` over a branch that overflows; ``max``/``min`` split ties). ``torch`` is an optional dependency:
 :func:`load` imports it on first use and binds it here.
 
-Why one module past 500 lines: it is a table, one short function per ONNX op (≈ 90 ops), each read on its own
+Why one module past 500 lines: it is a table, one short function per ONNX op (102 ops in `OPS`), each read on its own
 against the ONNX operator spec; splitting the table by op family would only spread the shared helpers (attribute
 defaults, shape reading, broadcasting) over several files.
 """
