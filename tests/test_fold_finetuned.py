@@ -95,3 +95,52 @@ def test_fold_of_a_finetuned_anact_model_is_the_original_graph(tmp_path: Path) -
     scale = float(np.abs(want).max())
     assert np.abs(want - _run(original, feeds)).max() > 1e-3 * scale  # training moved the function
     np.testing.assert_allclose(_run(out.model, feeds), want, rtol=0, atol=1e-5 * scale)
+
+
+def test_half_a_restore_is_completed_by_the_export(tmp_path: Path) -> None:
+    """A site preserved at h₀ = 0 has a restore ``Mul`` (1/s₀) and no ``Add`` in front of its gate; once trained it
+    is S·(f − H) with H ≠ 0 in general, so the export writes the whole restore (1/S, then H) and fold removes it."""
+    pytest.importorskip("torch")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normact_onnx.api import rewrite
+    from normact_onnx.deploy import fold
+    from normact_onnx.methods.static import Affine
+    from normact_onnx.training import finetune
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal((8, 3)) / 3).astype(np.float32), "w1"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["m0"]),
+        helper.make_node("Tanh", ["m0"], ["t0"]),
+        helper.make_node("Mul", ["t0", "x"], ["g"]),  # a gate: it cannot absorb the inverse
+        helper.make_node("MatMul", ["g", "w1"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", d]) for n, d in (("x", 8), ("y", 3))]
+    m = helper.make_model(
+        helper.make_graph(nodes, "gate", io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    preserved = tmp_path / "p.onnx"
+    rewrite(
+        m, preserved, preserve_function=True, constants=lambda s: Affine(2.0, 0.0, 0.0), all_sites=True, verify=False
+    )
+    assert [n.op_type for n in onnx.load(str(preserved)).graph.node if "normact_restore" in n.name] == ["Mul"]
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    y = (_run(m, {"x": x}) + 0.3).astype(np.float32)
+    tuned = tmp_path / "t.onnx"
+    torch_cpu = {"backend": "torch", "device": "cpu", "threads": 1, "progress": False}
+    res = finetune(preserved, {"x": x, "y": y}, output=tuned, loss="mse", batch_size=32, epochs=5, lr=1e-2,
+                   init="preserve", all_sites=True, **torch_cpu)  # fmt: skip
+    assert [h["ops"] for h in res.sites[0]["helpers"]] == [["Mul"]]
+    t = onnx.load(str(tuned))
+    restore = [n.op_type for n in t.graph.node if "normact_restore" in n.name]
+    assert restore == ["Mul", "Add"], restore
+    out = fold(t, data=[{"x": x}], details=True)
+    assert len(out.folded) == 1 and not [n.name for n in out.model.graph.node if "normact" in n.name]
+    assert [n.op_type for n in out.model.graph.node] == [n.op_type for n in m.graph.node]
+    want = _run(t, {"x": x})
+    np.testing.assert_allclose(_run(out.model, {"x": x}), want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
