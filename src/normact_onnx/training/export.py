@@ -12,6 +12,7 @@ then moves the affine part into the next layers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from onnx import helper, numpy_helper
 from ..api import rewrite
 from ..catalogue import NORM_DOMAIN
 from ..deploy import fold as fold_model
-from ..graph import containers, unique_namer
+from ..graph import Container, const_value, containers, unique_namer
 from ..io import atomic_path, clamp_ir, write_model
 from ..methods.static import Affine
 from ..outcome import Refusal
@@ -116,6 +117,80 @@ def update_tail_sites(m: onnx.ModelProto, sites: list[TrainSite], constants: dic
         main.insert_after(node, b.nodes)
 
 
+def follow_helpers(m: onnx.ModelProto, sites: list[TrainSite], constants: dict[str, Affine]) -> None:
+    """Write each compensated site's preserve helpers from its final S, H, as the training graph computed them.
+
+    A Pad fills with −S·H (the site's output at f = 0), a restore multiplies by 1/S and adds H, a shift adds
+    S·H (docs/math.md §2.7). So every helper is again the exact inverse of the site, and ``fold`` removes
+    both, as it does after ``--preserve-function``. A subgraph-form site's helpers read its tail's output:
+    S, H composed with the tail's s₀, h₀.
+    """
+    main, fresh = containers(m)[0], unique_namer(m)
+    for s in sites:
+        if not s.helpers or s.output not in constants:
+            continue
+        aff = constants[s.output]
+        scale, shift = float(np.float32(aff.scale)), float(np.float32(aff.shift))  # as the site's record holds them
+        if s.tail is not None:
+            s0, h0 = s.tail
+            scale, shift = s0 * scale, shift + h0 / scale
+        for h in s.helpers:
+            nodes = [main.producer[o] for o in h.outputs if o in main.producer]
+            if len(nodes) != len(h.outputs):
+                continue
+            if h.kind == "pad":
+                _set_pad_fill(main, nodes[0], -scale * shift, fresh)
+            elif h.kind == "shift":
+                _set_operand(main, nodes[0], 2, scale * shift)
+            else:
+                _set_restore(main, nodes, 1.0 / scale, shift, fresh)
+
+
+def _set_operand(c: Container, node: onnx.NodeProto, index: int, value: float) -> None:
+    """Give the constant input ``index`` of ``node`` the value ``value`` everywhere (its own dtype and shape)."""
+    name = node.input[index]
+    old = const_value(c, name)
+    assert old is not None  # found as a constant when the training graph was built
+    c.set_constant(name, np.full(old.shape, value, dtype=old.dtype))
+
+
+def _set_pad_fill(c: Container, pad: onnx.NodeProto, value: float, fresh: Callable[[str], str]) -> None:
+    if c.opset < 11:
+        c.set_attribute(pad, "value", float(value))
+    elif len(pad.input) > 2 and pad.input[2]:
+        _set_operand(c, pad, 2, value)
+    else:  # preserve wrote no fill (its value was 0): a new one
+        name = fresh(f"{pad.name}_value")
+        c.add_constant(name, np.asarray(value, np.float32), pad)
+        c.set_input(pad, 2, name)
+
+
+def _set_restore(
+    c: Container, chain: list[onnx.NodeProto], inverse: float, shift: float, fresh: Callable[[str], str]
+) -> None:
+    """The restore Mul(1/S) → Add(H); the half preserve left out (s₀ = 1 or h₀ = 0) is written now."""
+    ops = {n.op_type: n for n in chain}
+    for op, value in (("Mul", inverse), ("Add", shift)):
+        node = ops.get(op)
+        if node is not None:
+            _set_operand(c, node, 1 if const_value(c, node.input[1]) is not None else 0, value)
+            continue
+        anchor = chain[0] if op == "Mul" else chain[-1]
+        k, out = fresh(f"{anchor.name}_normact_restore_{op.lower()}"), fresh(f"{anchor.name}_normact_restored")
+        ref = const_value(c, next(i for i in anchor.input if const_value(c, i) is not None))
+        c.add_constant(k, np.asarray(value, ref.dtype if ref is not None else np.float32), anchor)
+        if op == "Mul":  # in front of the Add: it reads the site's value, the Add reads the product
+            u = next(i for i in anchor.input if const_value(c, i) is None)
+            node = helper.make_node("Mul", [u, k], [out], name=fresh(f"{anchor.name}_normact_restore_Mul"))
+            c.insert_before(anchor, [node])
+            c.set_input(anchor, list(anchor.input).index(u), out)
+        else:  # after the Mul: its readers read the sum
+            name = fresh(f"{anchor.name}_normact_restore_Add")
+            node = helper.make_node("Add", [out, k], [anchor.output[0]], name=name)
+            c.set_output(anchor, 0, out)
+            c.insert_after(anchor, [node])
+
+
 def export_model(
     model: onnx.ModelProto,
     base_dir: str | None,
@@ -135,6 +210,7 @@ def export_model(
     m = _with_weights(model, base_dir, weights)
     updated = _update_function_sites(m, constants)
     update_tail_sites(m, sites, constants, updated)
+    follow_helpers(m, sites, constants)
     per_site = [
         {**s.as_dict(), **(constants[s.output].as_dict() if s.output in constants else {})}
         | (

@@ -21,7 +21,7 @@ A static site is the literal normalized form (fixed constants, nothing fed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -32,10 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 from ..calibration.stats_body import StatsBody
 from ..catalogue import CATALOGUE, NORM_DOMAIN
 from ..errors import NormactError
-from ..graph import Container, default_opset, remove_unused
+from ..graph import Container, attr_value, const_value, default_opset, remove_unused
 from ..methods.static import Affine
 from ..moments import gaussian_moments
 from ..outcome import Refusal
+from ..passes.affine import is_helper
 from ..passes.find import Site, find_sites
 from ..passes.forms import literal_site
 from ..policy import select, static_constants
@@ -58,6 +59,21 @@ METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass
+class PreserveHelper:
+    """Nodes ``rewrite --preserve-function`` wrote after a site, tied to its factors S, H (docs/math.md §2.7).
+
+    ``pad``: a ``Pad`` whose fill is the site's output at f = 0 (−S·H); ``restore``: the ``Mul`` (1/S) and/or
+    ``Add`` (H) that give a gate f back; ``shift``: a depthwise 1×1 ``Conv`` (weight 1) adding S·H in front of
+    a ConvTranspose. ``outputs``: each node's output, in order (the same names in the training graph and in
+    the model the export starts from).
+    """
+
+    kind: Literal["pad", "restore", "shift"]
+    outputs: list[str]
+    ops: list[str]
+
+
+@dataclass
 class TrainSite:
     """One site of the training graph: where it came from and how it is trained."""
 
@@ -75,6 +91,9 @@ class TrainSite:
     # (s₀, h₀) of a compensated site (docs/math.md §2.7): its consumers read s₀·(y/λ + μ − h₀), so moving λ, μ
     # leaves the function as it is; None: the site's output goes to its consumers as it is
     reference: tuple[float, float] | None = None
+    # preserve's helpers after a compensated site, kept at the site's current factors (docs/math.md §2.7)
+    helpers: list[PreserveHelper] = field(default_factory=list)
+    tail: tuple[float, float] | None = None  # (s₀, h₀) of a subgraph-form site's literal tail (its helpers read it)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "name": self.name, "kind": self.kind, "output": self.output, "method": self.method}
@@ -82,6 +101,10 @@ class TrainSite:
             out.update(self.affine.as_dict())
         if self.reference is not None:
             out["reference"] = list(self.reference)
+        if self.helpers:
+            out["helpers"] = [asdict(h) for h in self.helpers]
+        if self.tail is not None:
+            out["tail"] = list(self.tail)
         return out
 
 
@@ -138,13 +161,20 @@ def prior_start(record: SiteRecord | None) -> tuple[float, float, float] | None:
 
 
 def _anact_nodes(
-    site: Site, index: int, elem: int, opset: int, reference: tuple[float, float] | None = None
-) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes of one ANAct site (output name kept) and the name of its [5] statistics vector.
+    site: Site,
+    index: int,
+    elem: int,
+    opset: int,
+    reference: tuple[float, float] | None = None,
+    tail: tuple[float, float] | None = None,
+) -> tuple[list[onnx.NodeProto], str, tuple[str, str]]:
+    """Nodes of one ANAct site (output name kept), the name of its [5] statistics vector, and the names of its
+    current gain S and output at f = 0, v₀ = −S·H (what preserve's helpers must follow; see :func:`_follow`).
 
     With a ``reference`` (s₀, h₀) the site's consumers read z = y·(s₀/λ) + s₀·(μ − h₀) instead of y: the
     compensation written in the same λ, μ the site is fed, so z = s₀·(1 + 0.3·tanh α/λ)·(f − μ) + s₀·(μ − h₀)
-    whatever the running update makes of λ and μ (docs/math.md §2.7).
+    whatever the running update makes of λ and μ (docs/math.md §2.7). ``tail`` (s₀, h₀): a subgraph-form
+    site's literal tail s₀·(z − h₀), which the S, v₀ returned include (the helpers read the tail's output).
 
     The statistics use calibration's :class:`StatsBody`, but as whole-batch means for the host's running
     update rather than calibration's mergeable centred sums (see :mod:`normact_onnx.calibration.stats_body`).
@@ -162,12 +192,21 @@ def _anact_nodes(
     lam, mu, alpha = pick(LAMBDA_INPUT), pick(MU_INPUT), pick(ALPHA_PARAM)
     scale = b.op("Add", lam, b.op("Mul", b.const(ALPHA_AMPLITUDE), b.op("Tanh", alpha)))
     y = b.op("Mul", b.op("Sub", f, mu), scale)
+    factors = ("", "")
     if reference is not None:
         s0, h0 = reference
         gain = b.op("Div", b.const(s0), lam)  # s₀/λ
         offset = b.op("Mul", b.op("Sub", mu, b.const(h0)), b.const(s0))  # s₀·(μ − h₀)
         b.op("Add", b.op("Mul", y, gain), offset)
-    b.nodes[-1].output[0] = site.output  # the site keeps its output name: consumers stay untouched
+        b.nodes[-1].output[0] = site.output  # the site keeps its output name: consumers stay untouched
+        gain_now = b.op("Mul", scale, gain)  # z = S·f + v₀ with S = s·s₀/λ, v₀ = s₀·(μ − h₀) − S·μ
+        zero = b.op("Sub", offset, b.op("Mul", gain_now, mu))
+        if tail is not None:  # the tail s₀·(z − h₀) after it
+            zero = b.op("Mul", b.op("Sub", zero, b.const(tail[1])), b.const(tail[0]))
+            gain_now = b.op("Mul", gain_now, b.const(tail[0]))
+        factors = (gain_now, zero)
+    else:
+        b.nodes[-1].output[0] = site.output
 
     d = b.derivative(site, x)
     mean_x = b.mean_all(x)
@@ -180,7 +219,127 @@ def _anact_nodes(
         b.mean_all(b.op("Mul", centred, centred)),
     ]
     vec = b.op("Concat", *[b.to_float(s) for s in stats], axis=0)
-    return b.nodes, vec
+    return b.nodes, vec, factors
+
+
+# ops that a scalar affine map of their (first) input passes through unchanged: op(a·u + c) = a·op(u) + c
+# (a > 0 for the max pools; passes/affine.py looks through the same ones when it writes or folds a map)
+_MAP_PRESERVING = (
+    "MaxPool", "GlobalMaxPool", "GlobalAveragePool", "ReduceMean", "Identity", "Dropout", "Flatten", "Reshape",
+    "Transpose", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Split", "Slice", "Gather", "Expand", "Tile",
+    "DepthToSpace", "SpaceToDepth",
+)  # fmt: skip
+
+
+def _close(value: Any, want: float) -> bool:
+    v = np.asarray(value, np.float64)
+    return v.size > 0 and bool(np.allclose(v, want, rtol=1e-5, atol=1e-12))
+
+
+def find_preserve_helpers(c: Container, value: str, s0: float, h0: float) -> list[PreserveHelper]:
+    """The helpers ``rewrite --preserve-function`` wrote for the site whose output ``value`` is s₀·(f − h₀).
+
+    Looked for among the readers of ``value`` and, through map-preserving ops, of what they compute; a node
+    counts only if it is named as this tool names its helpers and its constants are this site's (a Pad fill of
+    −s₀·h₀, a restore 1/s₀ then h₀, a shift s₀·h₀): anything else is the model's and trains as it is.
+    """
+    found: list[PreserveHelper] = []
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for n in list({id(n): n for n in c.consumers.get(v, [])}.values()):
+            if n.domain not in ("", "ai.onnx") or not n.input:
+                continue
+            h = _helper_at(c, n, v, s0, h0)
+            if h is not None:
+                found.append(h)
+            elif n.op_type in _MAP_PRESERVING and n.input[0] == v and v not in n.input[1:]:
+                todo.extend(o for o in (n.output if n.op_type == "Split" else n.output[:1]) if o)
+    return found
+
+
+def _helper_at(c: Container, n: onnx.NodeProto, v: str, s0: float, h0: float) -> PreserveHelper | None:
+    """``n`` (reading ``v``) as one of preserve's helpers of a site at s₀, h₀, or None."""
+    if not is_helper(n) or any(o in c.outputs for o in n.output):
+        return None
+
+    def const(name: str) -> np.ndarray | None:
+        return const_value(c, name) if name else None
+
+    if n.op_type == "Pad" and n.input[0] == v and attr_value(n, "mode", "constant") == "constant":
+        if c.opset < 11:
+            fill: Any = attr_value(n, "value", 0.0)
+        elif (len(n.input) > 3 and n.input[3]) or len(n.input) < 2 or const(n.input[1]) is None:
+            return None
+        else:
+            fill = const(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
+        return PreserveHelper("pad", [n.output[0]], ["Pad"]) if fill is not None and _close(fill, -s0 * h0) else None
+    if n.op_type in ("Mul", "Add") and len(n.input) == 2 and list(n.input).count(v) == 1:
+        k = const(n.input[1] if n.input[0] == v else n.input[0])
+        if k is None or k.size != 1 or not _close(k, 1 / s0 if n.op_type == "Mul" else h0):
+            return None
+        chain = [n]
+        readers = c.consumers.get(n.output[0], [])
+        if n.op_type == "Mul" and len(readers) == 1 and is_helper(readers[0]) and readers[0].op_type == "Add":
+            add, out = readers[0], n.output[0]
+            if len(add.input) == 2 and list(add.input).count(out) == 1 and add.output[0] not in c.outputs:
+                d = const(add.input[1] if add.input[0] == out else add.input[0])
+                if d is not None and d.size == 1 and _close(d, h0):
+                    chain.append(add)
+        if (chain[-1].op_type == "Mul" and h0 != 0) or (chain[0].op_type == "Add" and s0 != 1):
+            return None  # half a restore: not this site's
+        return PreserveHelper("restore", [x.output[0] for x in chain], [x.op_type for x in chain])
+    if n.op_type == "Conv" and n.input[0] == v and len(n.input) == 3 and v not in n.input[1:]:
+        w, bias = const(n.input[1]), const(n.input[2])
+        if w is None or bias is None or w.ndim < 3 or any(d != 1 for d in w.shape[1:]) or not np.all(w == 1):
+            return None
+        if int(attr_value(n, "group", 1)) != w.shape[0] or any(attr_value(n, "pads", [0])):
+            return None
+        if any(s != 1 for s in attr_value(n, "strides", [1])) or attr_value(n, "auto_pad", "NOTSET") != "NOTSET":
+            return None
+        return PreserveHelper("shift", [n.output[0]], ["Conv"]) if _close(bias, s0 * h0) else None
+    return None
+
+
+def _follow(c: Container, h: PreserveHelper, gain: str, zero: str, prefix: str) -> None:
+    """Rewrite helper ``h`` in the training graph so that it follows the site's current S (``gain``) and
+    v₀ = −S·H (``zero``): a Pad fills with v₀ (Pad(u − v₀, 0) + v₀: every part has a gradient in both
+    backends), a restore computes (u − v₀)/S = f, a shift u − v₀ = S·f. At α = 0 they compute what they did."""
+    nodes = [c.producer[o] for o in h.outputs]
+    first, last = nodes[0], nodes[-1]
+    u = next(i for i in first.input if const_value(c, i) is None) if h.kind == "restore" else first.input[0]
+    out = last.output[0]
+
+    def node(op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> onnx.NodeProto:
+        name = f"{prefix}{len(new)}"
+        new.append(helper.make_node(op, inputs, [output or name], name=name, **attrs))
+        return new[-1]
+
+    new: list[onnx.NodeProto] = []
+    centred = node("Sub", [u, zero]).output[0]
+    if h.kind == "pad":
+        pad = onnx.NodeProto()
+        pad.CopyFrom(first)
+        pad.output[0] = f"{prefix}padded"
+        if c.opset < 11:
+            pad.input[0] = centred
+            for a in pad.attribute:
+                if a.name == "value":
+                    a.f = 0.0
+        else:
+            pad.ClearField("input")
+            pad.input.extend([centred, first.input[1]])
+        new.append(pad)
+        node("Add", [pad.output[0], zero], out)
+    elif h.kind == "restore":
+        node("Div", [centred, gain], out)
+    else:
+        new[-1].output[0] = out
+    c.replace(first, new)
+    c.remove(nodes[1:])
 
 
 def _static_nodes(site: Site, affine: Affine, elem: int, opset: int) -> list[onnx.NodeProto]:
@@ -232,6 +391,8 @@ def _trainable(model: onnx.ModelProto, freeze: str | None, bodies: bool = False)
     pattern = re.compile(freeze) if freeze else None
     weights: set[str] = set()
     for n in _readers(model.graph, bodies):
+        if is_helper(n):  # preserve's helpers hold the site's factors (or follow them): never trained apart
+            continue
         for pos, name in enumerate(n.input):
             t = inits.get(name)
             if t is None:
@@ -366,14 +527,21 @@ def build_train_graph(
         if method == "anact" and id(site) not in own_constants:
             index = len(train_sites)
             primed = prior_start(prior)
-            reference = None
+            reference: tuple[float, float] | None = None
+            literal_tail: tuple[float, float] | None = None
+            helpers: list[PreserveHelper] = []
             if preserve and primed is not None and prior is not None:
+                s0, h0 = float(prior["scale"]), float(prior.get("shift", 0.0))
                 subgraph_form = prior.get("act_output") == site.output  # its own tail applies s₀, h₀
-                reference = (1.0, 0.0) if subgraph_form else (float(prior["scale"]), float(prior.get("shift", 0.0)))
-            new_nodes, vec = _anact_nodes(site, index, elem, opset, reference)
+                reference = (1.0, 0.0) if subgraph_form else (s0, h0)
+                literal_tail = (s0, h0) if subgraph_form else None
+                helpers = find_preserve_helpers(c, prior.get("output", site.output), s0, h0)
+            new_nodes, vec, (gain, zero) = _anact_nodes(site, index, elem, opset, reference, literal_tail)
             stats.append(vec)
             ts = TrainSite(index, site.name, site.kind, dict(site.params), site.output, "anact", prior=prior)
             ts.reference = reference
+            ts.helpers = helpers
+            ts.tail = literal_tail
             ts.gaussian = primed or gaussian_start(site.kind, site.params, centered_rho)
             ts.primed = primed is not None
             ts.input = site.input
@@ -384,6 +552,8 @@ def build_train_graph(
         c.replace(site.root, new_nodes)
         c.remove(site.nodes[:-1] + site.const_nodes)
         c.drop_value_info({out for n in site.nodes[:-1] for out in n.output})
+        for k, h in enumerate(ts.helpers):
+            _follow(c, h, gain, zero, f"normact/{ts.index}/follow{k}/")
         train_sites.append(ts)
 
     anact = [s for s in train_sites if s.method == "anact"]

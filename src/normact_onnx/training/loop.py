@@ -54,6 +54,7 @@ from .graph import (
     LAMBDA_INPUT,
     MU_INPUT,
     Method,
+    PreserveHelper,
     TrainGraph,
     TrainSite,
     build_train_graph,
@@ -223,6 +224,9 @@ def _sites_from_plan(plan: dict[str, Any]) -> list[TrainSite]:
         s.gaussian = tuple(d["gaussian"])
         if d.get("reference") is not None:
             s.reference = (float(d["reference"][0]), float(d["reference"][1]))
+        s.helpers = [PreserveHelper(**h) for h in d.get("helpers", [])]
+        if d.get("tail") is not None:
+            s.tail = (float(d["tail"][0]), float(d["tail"][1]))
         out.append(s)
     return out
 
