@@ -144,3 +144,19 @@ def test_half_a_restore_is_completed_by_the_export(tmp_path: Path) -> None:
     assert [n.op_type for n in out.model.graph.node] == [n.op_type for n in m.graph.node]
     want = _run(t, {"x": x})
     np.testing.assert_allclose(_run(out.model, {"x": x}), want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_exported_weights_hold_no_subnormal_floats():
+    """The export zeroes subnormal float32/float64 trained weights (a slow CPU path, no measurable effect on
+    outputs) and nothing else: normal values, zeros, the smallest normal float, float16 and integers keep their
+    bits."""
+    from normact_onnx.training.export import flush_subnormals
+
+    for dtype in (np.float32, np.float64):
+        tiny = np.finfo(dtype).tiny
+        w = np.array([1.0, -tiny, tiny, tiny / 4, -tiny / 1000, 0.0, 3e-5], dtype)
+        got = flush_subnormals(w)
+        assert got.dtype == dtype and w[3] != 0  # the input is not changed in place
+        np.testing.assert_array_equal(got, np.array([1.0, -tiny, tiny, 0, 0, 0, 3e-5], dtype))
+    ints, half = np.arange(4, dtype=np.int64), np.array([3e-5, 1e-7], np.float16)  # float16 subnormals both
+    assert flush_subnormals(ints) is ints and flush_subnormals(half) is half

@@ -17,6 +17,10 @@ output (``normact_stats``, shape ``[sites·5]``), so a training step returns a
 few floats per site and never raw activations.
 
 A static site is the literal normalized form (fixed constants, nothing fed).
+
+Why one module past 500 lines: the sites' training forms (ANAct, static, preserved with its compensation and
+the helpers that follow the factors) and the choice of what trains are written into one graph in one pass; the
+gradient-safety rewrites of the rest of the graph are :mod:`.prepare`, the export :mod:`.export`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import methods
 from ..calibration.stats_body import StatsBody
 from ..catalogue import CATALOGUE, NORM_DOMAIN
 from ..errors import NormactError
@@ -53,8 +58,8 @@ STATS_FIELDS = ("mean_f", "mean_f2", "mean_d2", "mean_x", "var_x")
 ALPHA_AMPLITUDE = 0.3  # y = (λ + 0.3·tanh α)(f − μ): the paper's bounded learnable correction
 MAX_TRAIN_IR = 10  # onnxruntime-training 1.19 reads IR ≤ 10
 MAX_TRAIN_OPSET = 21  # … and opsets ≤ 21
-Method = Literal["anact", "static", "none"]  # "none": fine-tune the model as it is
-SiteMethod = Literal["anact", "static"]  # how one site trains
+SiteMethod = methods.Method  # how one site trains: the methods rewrite and calibrate offer (defined once there)
+Method = Literal[SiteMethod, "none"]  # "none": fine-tune the model as it is
 METHODS: tuple[Method, ...] = get_args(Method)
 
 
