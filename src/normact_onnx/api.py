@@ -242,17 +242,7 @@ def calibrate(
     """
     kw: dict[str, Any] = _known("calibrate", keywords, CalibrateKeywords)
     selection, out = _bundles(kw)
-    loose_data = DataOptions(
-        data,
-        kw.get("batches"),
-        kw.get("batch_size"),
-        kw.get("synthetic", False),
-        kw.get("shapes"),
-        kw.get("values"),
-        kw.get("seed", 0),
-        kw.get("images"),
-    )
-    source = data_bundle(kw.get("data_options"), loose_data)
+    source = data_bundle(kw.get("data_options"), DataOptions.from_keywords(data, kw))
     d = CALIBRATE_METHOD
     defaults = MethodOptions(
         kw.get("method", d.method), d.variant, d.q, None, d.lambda_rule, d.centered_rho, d.aggregate

@@ -181,15 +181,7 @@ def fold(
         output_options = loose
     elif loose != OutputOptions():
         raise NormactError("pass the output options as output_options= or as verify/in_place/write_unchanged, not both")
-    loose_data = DataOptions(
-        kw.get("data"),
-        kw.get("batches"),
-        kw.get("batch_size"),
-        kw.get("synthetic", False),
-        kw.get("shapes"),
-        kw.get("values"),
-        kw.get("seed", 0),
-    )
+    loose_data = DataOptions.from_keywords(kw.get("data"), kw)
     if data_options is None:
         data_options = loose_data
     elif loose_data != DataOptions():

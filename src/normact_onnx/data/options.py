@@ -7,7 +7,7 @@ data or the synthetic inputs and how many batches of what size, travels as one :
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +49,13 @@ class DataOptions:
     values: Any = None
     seed: int = 0
     images: Any = None
+
+    @classmethod
+    def from_keywords(cls, data: Any, keywords: Mapping[str, Any]) -> DataOptions:
+        """The value the loose keywords of an API call name (``batches``, ``batch_size``, ``synthetic``, ``shapes``,
+        ``values``, ``seed``, ``images``; absent ones at their defaults), with ``data`` as the source."""
+        fields = ("batches", "batch_size", "synthetic", "shapes", "values", "seed", "images")
+        return cls(data, **{k: keywords[k] for k in fields if k in keywords})
 
     def with_synthetic_defaults(self, batches: int, batch_size: int) -> DataOptions:
         """Synthetic inputs: ``batches`` and ``batch_size`` filled with the caller's defaults where left open.
