@@ -268,6 +268,18 @@ def _gelu_forms(model: onnx.ModelProto) -> str:
     return f"Gelu ops: {ops.count('Gelu')}, Erf (Erf-chain GELU): {ops.count('Erf')}"
 
 
+def write_distill_data(model: Path, out: Path, n_sentences: int, seq: int = 16) -> None:
+    """The data of the README's pretrained path: the model's inputs for ``n_sentences`` sentences and, as ``y``,
+    what the exported model itself computes on them (fine-tuning towards its own outputs: the best loss is 0, so
+    any drift is the tool's, not the task's)."""
+    import onnxruntime as ort
+
+    feed = minilm_inputs(n_sentences, seq)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    y = sess.run(None, feed)[0]
+    np.savez(out, **feed, y=y.astype(np.float32))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="output .onnx path")
@@ -278,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="check the file and compare ONNX Runtime with torch",
     )
+    parser.add_argument(
+        "--distill-data",
+        type=Path,
+        metavar="NPZ",
+        help="also write a self-distillation set: tokenized sentences and y, the exported model's own first output",
+    )
+    parser.add_argument("--sentences", type=int, default=8, help="how many sentences --distill-data holds")
     args = parser.parse_args(argv)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     start = time.perf_counter()
@@ -289,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{path}: exporter={args.exporter} opset={opset} ir={model.ir_version} "
         f"size={path.stat().st_size / 1e6:.1f} MB export={elapsed:.1f}s; " + _gelu_forms(model)
     )
+    if args.distill_data:
+        write_distill_data(path, args.distill_data, args.sentences)
+        names = ", ".join(INPUT_NAMES)
+        print(f"{args.distill_data}: {args.sentences} sentences ({names}) and y, the model's own output")
     if args.verify:
         import onnxruntime as ort
 
