@@ -32,12 +32,23 @@ EXPORT = 1e-5  # loop.EXPORT_TOLERANCE["torch"]: of the output's scale, against 
 
 
 def _check_export(res, path: Path) -> np.ndarray:
-    """The written export runs in ONNX Runtime and reproduces the torch forward it was checked against."""
+    """The written export runs in ONNX Runtime and reproduces the torch forward it was checked against, by the rule
+    the tool states: the file evaluated exactly (float64) equals the trained graph's float64 forward to 1e-5 of the
+    output scale, and ONNX Runtime's float32 run of it is within that bound or, where its own rounding on a deep
+    network is larger (PP-OCRv4 det: 1.02e-5), within 10× of it — never more."""
+    from normact_onnx.training.torch_backend import export_float64
+
     check = np.load(res.workdir / "export_check.npz")
     expected = check["expected"]
-    got = _run(path, {k: check[k] for k in check.files if k != "expected"})
-    np.testing.assert_allclose(got, expected, rtol=0, atol=EXPORT * max(1.0, float(np.abs(expected).max())))
-    assert res.export_max_abs_diff is not None and res.export_max_abs_diff <= EXPORT * max(1.0, np.abs(expected).max())
+    inputs = {k: check[k] for k in check.files if k != "expected"}
+    got = _run(path, inputs)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=10 * EXPORT * scale)
+    assert res.export_max_abs_diff == pytest.approx(float(np.abs(got - expected).max()), rel=1e-3, abs=1e-12)
+    first = onnx.load(str(path), load_external_data=False).graph.output[0].name  # what _run returns, as got
+    exact = export_float64(path, inputs, first)
+    assert exact is not None  # float32 models here
+    np.testing.assert_allclose(exact, expected, rtol=0, atol=EXPORT * scale)
     return got
 
 
@@ -135,11 +146,26 @@ def test_export_check_is_1e5_of_the_float64_value_with_ort_rounding_bounded_apar
         _check_export(path, x, out, exact, rounding / 20, export_float64)  # rounding 20× the bound
 
 
-# (model id, method, learning rate): magika ends in a GlobalMaxPool, which onnxruntime-training cannot differentiate
-REAL = [("ppocr_cls", "none", 1e-4), ("magika", "none", 1e-4)]
+# (model id, method, learning rate): every real model the ORT backend trains (tests/test_training_real.REAL, the
+# same learning rates), and magika, whose GlobalMaxPool onnxruntime-training cannot differentiate; the detectors
+# and the recognizer take 10-40 s each on one core, so they carry the slow marker
+REAL = [
+    ("ppocr_cls", "none", 1e-4),
+    ("magika", "none", 1e-4),
+    *(
+        pytest.param(model_id, "none", lr, marks=pytest.mark.slow, id=model_id)
+        for model_id, lr in (
+            ("ppocrv4_det", 1e-4),
+            ("yolov8n_doclaynet", 1e-4),
+            ("picodet_layout_cdla", 1e-5),
+            ("ppocrv4_rec", 1e-4),
+            ("ppocrv5_det_small", 1e-4),
+        )
+    ),
+]
 
 
-@pytest.mark.parametrize(("model_id", "method", "lr"), REAL, ids=[r[0] for r in REAL])
+@pytest.mark.parametrize(("model_id", "method", "lr"), REAL, ids=[r[0] if isinstance(r, tuple) else r.id for r in REAL])
 def test_real_model_overfits_one_batch_and_exports(tmp_path: Path, model_id: str, method: str, lr: float) -> None:
     e = rm.entry(model_id)
     path = rm.require_path(e, rm.model_path(e))
