@@ -147,25 +147,20 @@ def test_export_check_is_1e5_of_the_float64_value_with_ort_rounding_bounded_apar
 
 
 # (model id, method, learning rate): every real model the ORT backend trains (tests/test_training_real.REAL, the
-# same learning rates), and magika, whose GlobalMaxPool onnxruntime-training cannot differentiate; the detectors
-# and the recognizer take 10-40 s each on one core, so they carry the slow marker
+# same learning rates; 2-8 s each on one core), and magika, whose GlobalMaxPool onnxruntime-training cannot
+# differentiate
 REAL = [
     ("ppocr_cls", "none", 1e-4),
     ("magika", "none", 1e-4),
-    *(
-        pytest.param(model_id, "none", lr, marks=pytest.mark.slow, id=model_id)
-        for model_id, lr in (
-            ("ppocrv4_det", 1e-4),
-            ("yolov8n_doclaynet", 1e-4),
-            ("picodet_layout_cdla", 1e-5),
-            ("ppocrv4_rec", 1e-4),
-            ("ppocrv5_det_small", 1e-4),
-        )
-    ),
+    ("ppocrv4_det", "none", 1e-4),
+    ("yolov8n_doclaynet", "none", 1e-4),
+    ("picodet_layout_cdla", "none", 1e-5),
+    ("ppocrv4_rec", "none", 1e-4),
+    ("ppocrv5_det_small", "none", 1e-4),
 ]
 
 
-@pytest.mark.parametrize(("model_id", "method", "lr"), REAL, ids=[r[0] if isinstance(r, tuple) else r.id for r in REAL])
+@pytest.mark.parametrize(("model_id", "method", "lr"), REAL, ids=[r[0] for r in REAL])
 def test_real_model_overfits_one_batch_and_exports(tmp_path: Path, model_id: str, method: str, lr: float) -> None:
     e = rm.entry(model_id)
     path = rm.require_path(e, rm.model_path(e))
