@@ -29,6 +29,15 @@ def test_rewrite_marks_the_fused_sites(tmp_path) -> None:
     assert plain.rewritten and not any(o.reason == FUSED_REASON for o in plain.outcomes)
     sub = rewrite(MODELS / "cnn_relu.torchscript.onnx", tmp_path / "c.onnx", form="subgraph", details=True)
     assert not any(o.reason == FUSED_REASON for o in sub.outcomes)  # standard ops after the activation: still fused
+    fast = rewrite(MODELS / "cnn_relu.torchscript.onnx", tmp_path / "d.onnx", verify=False, details=True)
+    assert fast.rewritten and not any(o.reason for o in fast.rewritten)  # --no-verify: no ORT optimizer run
+
+
+def test_transformer_gelu_fused_with_its_matmul_bias_is_marked(tmp_path) -> None:
+    """Not only Conv/Gemm: ORT fuses a GELU with the MatMul bias before it, so the bundled transformer block's GELU
+    sites are marked too (fold keeps the original chain, which ORT fuses again)."""
+    res = rewrite(MODELS / "transformer_gelu.dynamo.onnx", tmp_path / "t.onnx", details=True)
+    assert [(o.site.kind, o.reason) for o in res.rewritten] == [("gelu", FUSED_REASON)]
 
 
 def test_cli_table_and_report_say_it(cli, tmp_path) -> None:

@@ -53,8 +53,8 @@ def fused_sites(model: onnx.ModelProto, sites: list[Site], base_dir: str | None 
 
 
 FUSED_REASON = (
-    "ONNX Runtime fuses this activation into the Conv/Gemm before it in the original model; the normalized op "
-    "ends that fusion: deploy through `normact-onnx fold`, which keeps it"
+    "ONNX Runtime fuses this activation with the op before it in the original model (Conv/Gemm + activation, "
+    "MatMul bias + GELU); the normalized op ends that fusion: deploy through `normact-onnx fold`, which keeps it"
 )
 
 
