@@ -226,14 +226,10 @@ def test_real_model_starts_at_its_own_loss_and_lr_zero_keeps_it(tmp_path: Path, 
 
 # ---- MiniLM self-distillation ---------------------------------------------------------------------
 _PREPARE = """
-import sys, numpy as np, onnxruntime as ort
+import sys
 sys.path.insert(0, sys.argv[1] + "/models")
-from minilm import export_minilm, minilm_inputs
-out = sys.argv[2]
-export_minilm(out, exporter="torchscript")
-x = minilm_inputs(6, 16)
-y = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, x)[0]
-np.savez(sys.argv[3], **x, y=y.astype(np.float32))
+from minilm import export_minilm, write_distill_data
+write_distill_data(export_minilm(sys.argv[2], exporter="torchscript"), sys.argv[3], 6)
 """
 
 

@@ -12,18 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_training import HAVE_TRAINING, _data, _tiny_onnx
 from tests.test_training_preserve import _run, _tiny
 
-try:
-    import onnxruntime.training.api  # noqa: F401
-
-    HAVE_TRAINING = True
-except ImportError:
-    HAVE_TRAINING = False
 pytestmark = pytest.mark.skipif(not HAVE_TRAINING, reason="onnxruntime-training is not installed (train env only)")
 torch = pytest.importorskip("torch")
-
-from tests.test_training import _data, _tiny_onnx  # noqa: E402
 
 STEPS = 20
 
