@@ -25,7 +25,8 @@ from .library import get_library_path, kernel_library
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 LibraryPolicy = Literal["if-built", "required", "none"]
-QUIET, VERBOSE = 3, 2  # ONNX Runtime severities: errors only (the default), or warnings too (--verbose)
+QUIET, VERBOSE = 4, 2  # ONNX Runtime severities: fatal only (the default: a failed run is raised and said in one line
+# by the command; ORT logging it too would print it twice), or warnings and errors too (--verbose)
 _severity = QUIET
 
 
