@@ -1,0 +1,124 @@
+"""What the models from exporters first added in issue 24 broke, pinned down without the real-model cache.
+
+The real models themselves (openWakeWord's tf2onnx speech embedding and torch-1.12 Silero v3, magika 0.5's Keras
+model, faster-whisper's Silero v6) run through the parametrized real-model tests; these tests keep each fix
+checked where the cache is missing, on the smallest graph that shows the failure, and check the new feed recipes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from . import real_models as rm
+from .conftest import run_model, tiny_model
+
+torch = pytest.importorskip("torch")
+from normact_onnx.training.torch_graph import TorchGraph  # noqa: E402
+
+
+def _torch_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.numpy() for t in TorchGraph(model)(feeds)]
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_torch_backend_pads_the_last_axis_of_a_4d_tensor(mode):
+    """Silero v3 (torch 1.12) reflect-pads only the last axis of a 4-D tensor; torch's F.pad refuses that spec
+    for rank 4, so the torch backend (finetune --backend torch) failed on the model."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 3, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 3, 0, 0, 0, 2], np.int64), "pads")
+    model = tiny_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Pad", ["r", "pads"], ["y"], mode=mode)],
+        [x],
+        [y],
+        [pads],
+        opset=13,
+    )
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 1, 3, 8)).astype(np.float32)}
+    (want,) = run_model(model, feeds)
+    (got,) = _torch_outputs(model, feeds)
+    assert got.shape == want.shape == (2, 1, 3, 13)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_torch_backend_runs_onehot_as_onnx_defines_it():
+    """magika 0.5 one-hot encodes its byte values: negative indices count from depth, out-of-range ones give an
+    all-off row, ``axis`` places the new axis (the torch backend refused the op)."""
+    idx = helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    depth = numpy_helper.from_array(np.array(4, np.int64), "depth")
+    values = numpy_helper.from_array(np.array([-1.0, 2.5], np.float32), "values")
+    for axis in (-1, 0, 1):
+        model = tiny_model(
+            [helper.make_node("OneHot", ["i", "depth", "values"], ["y"], axis=axis)], [idx], [out], [depth, values]
+        )
+        feeds = {"i": np.array([[0, 3, -1], [-4, 7, 2]], np.int64)}  # -1 → 3, -4 → 0, 7 out of range
+        (want,) = run_model(model, feeds)
+        (got,) = _torch_outputs(model, feeds)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_that_fails_to_run_is_one_line_on_stderr(tmp_path):
+    """A model ORT loads but cannot run on the given inputs (faster-whisper's Silero, whose LSTM state dimension
+    synthetic data cannot guess): one line, exit 2. ONNX Runtime used to log the same failure itself first, in
+    colour, once per nested graph."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])
+    shape = numpy_helper.from_array(np.array([2, 5], np.int64), "shape")
+    model = tiny_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Reshape", ["r", "shape"], ["y"]),  # holds only when n == 2
+        ],
+        [x],
+        [y],
+        [shape, numpy_helper.from_array(np.eye(5, dtype=np.float32), "w")],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 5), np.float32))
+    out = tmp_path / "out.onnx"
+    for args in (
+        ["calibrate", str(src), "--data", str(tmp_path / "x.npz"), "-o", str(out), "--quiet"],
+        ["compare", str(src), str(src), "--data", str(tmp_path / "x.npz"), "--quiet"],
+    ):
+        r = subprocess.run([sys.executable, "-m", "normact_onnx", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith("normact-onnx: error: ") and "Reshape" in lines[0]
+        assert not out.exists()
+
+
+def test_new_feed_recipes_follow_their_packages_preprocessing():
+    """openWakeWord's embedding input is a log-mel window (dB / 10 + 2, 80 dB floor below the peak) of 76 frames
+    × 32 mels; magika 0.5 reads 512 + 512 + 512 byte values as float32; the two Silero VADs get their own state
+    shapes (v3: h and c [2, B, 64] and sr; faster-whisper's v6: [1, 1, 128] whatever the number of chunks)."""
+    (mel,) = rm.sample_batches("oww_speech_embedding", 1, 3)
+    m = mel["input_1"]
+    assert m.shape == (3, 76, 32, 1) and m.dtype == np.float32
+    peak = m.max(axis=(1, 2, 3))
+    assert np.all(m.min(axis=(1, 2, 3)) >= peak - 8.0 - 1e-5)  # the 80 dB floor, in the model's units
+    assert np.all(peak > 2.0) and np.all(peak < 12.0)  # audio in [-1, 1]: power below 10 log10(n_fft² / 4) dB
+    assert m.std() > 0.5  # not flat: the harmonics stand out of the noise
+
+    (mg,) = rm.sample_batches("magika_v1_keras", 1, 4)
+    b = mg["bytes"]
+    assert b.shape == (4, 1536) and b.dtype == np.float32
+    assert b.min() >= 0 and b.max() <= 256 and np.array_equal(b, np.round(b))
+    assert np.all(b[:, :512] != 256, axis=1).any()  # a file's first bytes (after lstrip) fill the head
+
+    (v3,) = rm.sample_batches("oww_silero_vad_v3", 1, 3)
+    assert v3["input"].shape == (3, 512) and v3["h"].shape == v3["c"].shape == (2, 3, 64)
+    assert int(v3["sr"]) == 16000 and not v3["h"].any()
+    (v6,) = rm.sample_batches("fw_silero_vad_v6", 1, 5)
+    assert v6["input"].shape == (5, 576) and v6["h"].shape == v6["c"].shape == (1, 1, 128)
