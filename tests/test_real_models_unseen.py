@@ -122,3 +122,51 @@ def test_new_feed_recipes_follow_their_packages_preprocessing():
     assert int(v3["sr"]) == 16000 and not v3["h"].any()
     (v6,) = rm.sample_batches("fw_silero_vad_v6", 1, 5)
     assert v6["input"].shape == (5, 576) and v6["h"].shape == v6["c"].shape == (1, 1, 128)
+
+
+def test_torch_backend_runs_array_feature_extractor():
+    """skl2onnx's label head picks the class label with ONNX-ML ArrayFeatureExtractor (classes[argmax]); the torch
+    backend refused the whole model for it, though the loss reads the probabilities."""
+    scores = helper.make_tensor_value_info("s", TensorProto.FLOAT, [3, 4])
+    label = helper.make_tensor_value_info("label", TensorProto.INT64, None)
+    rows = helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)
+    classes = numpy_helper.from_array(np.array([10, 11, 12, 13], np.int64), "classes")
+    cols = numpy_helper.from_array(np.array([3, 0], np.int64), "cols")
+    nodes = [
+        helper.make_node("ArgMax", ["s"], ["am"], axis=1, keepdims=0),
+        helper.make_node("ArrayFeatureExtractor", ["classes", "am"], ["label"], domain="ai.onnx.ml"),
+        helper.make_node("ArrayFeatureExtractor", ["s", "cols"], ["rows"], domain="ai.onnx.ml"),
+    ]
+    model = tiny_model(nodes, [scores], [label, rows], [classes, cols])
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    feeds = {"s": np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)}
+    want = run_model(model, feeds)
+    got = _torch_outputs(model, feeds)
+    for w, g in zip(want, got):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("item", rm.params(["skl_mlp_relu", "skl_mlp_tanh", "skl_mlp_logistic"]))
+def test_skl2onnx_mlp_fine_tunes_on_its_probabilities(item, tmp_path):
+    """A skl2onnx classifier's first output is its int64 label: cross-entropy on it is refused in one line that
+    names --output-name; on ``probabilities`` the torch backend trains (the loss falls from the model's own) and the
+    export reproduces the training graph, label head included."""
+    from normact_onnx.errors import NormactError
+    from normact_onnx.training import finetune
+
+    e, path = item
+    path = rm.require_path(e, path)
+    x = rm.sample_batches(e, 1, 64)[0]["X"]
+    y = np.rint(x.reshape(-1, 8, 8)[:, 2:6, 2:6].mean(axis=(1, 2)) * 9).astype(np.int64)  # not the model's labels
+    data = {"X": x, "y": y}
+    opts = {"backend": "torch", "device": "cpu", "threads": 1, "progress": False, "loss": "cross-entropy"}
+    with pytest.raises(NormactError, match="choose the scores with --output-name"):
+        finetune(path, data, output=tmp_path / "no.onnx", epochs=1, **opts)
+    out = tmp_path / "tuned.onnx"
+    res = finetune(path, data, output=out, output_name="probabilities", epochs=4, batch_size=64, lr=1e-2, **opts)
+    assert all(np.isfinite(res.losses)) and res.losses[-1] < res.losses[0], res.losses
+    label, probs = run_model(out, {"X": x})
+    assert label.dtype == np.int64 and probs.shape == (64, 10)
+    np.testing.assert_array_equal(label, probs.argmax(1))  # the label head still reads the tuned probabilities
+    assert res.export_max_abs_diff < 1e-5

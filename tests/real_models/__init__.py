@@ -301,7 +301,8 @@ def sample_batches(
     The recipe is the entry's ``feed`` (documented in the manifest): document pages or text lines of handwritten
     digits for OCR and layout models, digit "photos" for ImageNet classifiers (each normalized as the model's package
     does), speech-like audio for voice detectors with their state zeroed and ``sr`` set, the bytes of real files for
-    magika, tokenized sentences for MiniLM. Models whose batch dimension is fixed at 1 get ``batch_size`` ignored.
+    magika, tokenized sentences for MiniLM, scikit-learn digit rows for the skl2onnx MLPs. Models whose batch
+    dimension is fixed at 1 get ``batch_size`` ignored.
     """
     e = entry(e) if isinstance(e, str) else e
     feed = e["feed"]
@@ -319,6 +320,10 @@ def sample_batches(
             for name, spec in feed.get("constants", {}).items():
                 d[name] = np.asarray(spec["value"], dtype=spec["dtype"])
             batches.append(d)
+        elif kind == "tabular_digits":  # the rows a scikit-learn model was trained on, drawn at random
+            images, _ = _digits()
+            rows = images.reshape(len(images), -1)[rng.integers(0, len(images), b)]
+            batches.append({feed["input"]: (rows * np.float32(feed["scale"])).astype(np.float32)})
         elif kind == "log_mel":
             batches.append({feed["input"]: _log_mel_batch(feed, rng, b)})
         elif kind == "file_bytes":

@@ -198,6 +198,14 @@ def one_hot(a: Attrs, x: list[Any], v: int) -> list[Any]:
     return [torch.movedim(out, -1, axis_norm(int(a.get("axis", -1)), i.dim() + 1))]
 
 
+@op("ArrayFeatureExtractor", domain="ai.onnx.ml")
+def array_feature_extractor(a: Attrs, x: list[Any], v: int) -> list[Any]:
+    """ONNX-ML ArrayFeatureExtractor (skl2onnx's class-label head): the last axis' entries at the given indices;
+    a 1-D input becomes one row, as ONNX Runtime computes it."""
+    t = x[0] if x[0].dim() > 1 else x[0].unsqueeze(0)
+    return [t.index_select(-1, x[1].reshape(-1).to(torch.int64))]
+
+
 @op("Cast")
 def cast(a: Attrs, x: list[Any], v: int) -> list[Any]:
     return [x[0].to(dtype_of(a["to"]))]
