@@ -170,3 +170,60 @@ def test_skl2onnx_mlp_fine_tunes_on_its_probabilities(item, tmp_path):
     assert label.dtype == np.int64 and probs.shape == (64, 10)
     np.testing.assert_array_equal(label, probs.argmax(1))  # the label head still reads the tuned probabilities
     assert res.export_max_abs_diff < 1e-5
+
+
+def _score_then_verify() -> onnx.ModelProto:
+    """openWakeWord's wake-word models (torch 1.12): a score p = Sigmoid(Gemm(x)); below the threshold the model
+    returns p itself (the else branch reads it from the enclosing graph), above it a verifier network runs."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    verify = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wv"], ["hv"]),
+            helper.make_node("Relu", ["hv"], ["rv"]),
+            helper.make_node("MatMul", ["rv", "wq"], ["q"]),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("q", f, [2, 1])],
+        [
+            numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "wv"),
+            numpy_helper.from_array(rng.normal(size=(4, 1)).astype(np.float32), "wq"),
+        ],
+    )
+    p_out = helper.make_tensor_value_info("p_out", f, [2, 1])
+    passthrough = helper.make_graph([helper.make_node("Identity", ["p"], ["p_out"])], "else", [], [p_out])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p"]),
+        helper.make_node("ReduceMax", ["p"], ["pmax"], keepdims=0),
+        helper.make_node("GreaterOrEqual", ["pmax", "threshold"], ["hit"]),
+        helper.make_node("If", ["hit"], ["score"], then_branch=verify, else_branch=passthrough),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([-6.0], np.float32), "b"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "threshold"),
+    ]
+    x = helper.make_tensor_value_info("x", f, [2, 8])
+    return tiny_model(nodes, [x], [helper.make_tensor_value_info("score", f, [2, 1])], inits)
+
+
+def test_a_score_returned_through_one_if_branch_is_an_output_head(tmp_path):
+    """The score reaches the graph output through the else branch: an output head, skipped by default (it was
+    rewritten, so the model returned a normalized score in place of a probability); the Relu in the verifier
+    branch stays a hidden site."""
+    from normact_onnx.api import inspect, rewrite
+
+    model = _score_then_verify()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    sites = {s["name"] or s["output"]: s for s in inspect(path)}
+    (sig,) = [s for s in sites.values() if s["kind"] == "sigmoid"]
+    assert sig["skipped"] is not None and "output head" in sig["skipped"] and "'score'" in sig["skipped"]
+    (relu,) = [s for s in sites.values() if s["kind"] == "relu"]
+    assert relu["skipped"] is None
+    out = tmp_path / "r.onnx"
+    rewrite(path, out)
+    feeds = {"x": np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32) * 0.1}  # p ≈ 0.0025: else
+    np.testing.assert_array_equal(run_model(out, feeds)[0], run_model(path, feeds)[0])
