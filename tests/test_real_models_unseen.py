@@ -265,3 +265,38 @@ def test_preserve_check_allows_the_absolute_precision_of_a_small_sigmoid_score()
     b2.CopyFrom(numpy_helper.from_array(np.array([-7.99], np.float32), "b2"))  # the score moves by 1 %
     with pytest.raises(NormactError, match="changed output 'p'"):
         check_whole_model(original, broken, preserve=True)
+
+
+NEW = ["oww_speech_embedding", "oww_silero_vad_v3", "magika_v1_keras", "fw_silero_vad_v6", "skl_mlp_tanh"]
+
+
+@pytest.mark.parametrize("item", rm.params(NEW))
+def test_new_exporters_calibrate_rewrite_from_stats_and_fold(item, tmp_path):
+    """What a user runs on a new model, on its own data: in-situ calibration by both methods writes a model that
+    runs with finite outputs, ``rewrite --method anact --stats`` normalizes the sites calibration measured, and
+    ``fold`` of the calibrated model passes its self-check (Silero v3's 8 kHz branch sees no data: its sites are
+    left alone, not normalized with empty statistics)."""
+    from normact_onnx.api import calibrate, inspect, rewrite
+    from normact_onnx.deploy import fold
+
+    e, path = item
+    path = rm.require_path(e, path)
+    data = rm.sample_batches(e, 3, 4)
+    for method in ("anact", "static"):
+        out, stats = tmp_path / f"cal_{method}.onnx", tmp_path / f"{method}.json"
+        res = calibrate(path, data, out, method=method, stats_path=stats, details=True, progress=False)
+        assert out.is_file() and stats.is_file() and res.rewrite is not None
+        done = {o.site.name for o in res.rewrite.outcomes if o.action == "rewritten"}
+        hidden = sum(e["sites"]["hidden"].values())
+        assert 0 < len(done) <= hidden
+        if e["id"] == "oww_silero_vad_v3":
+            assert len(done) == hidden // 2  # the 16 kHz branch only
+        for feeds in data[:1]:
+            for want, got in zip(run_model(path, feeds), run_model(out, feeds)):
+                if np.issubdtype(want.dtype, np.floating):
+                    assert np.all(np.isfinite(got[np.isfinite(want)]))
+    from_stats = rewrite(path, tmp_path / "rw.onnx", method="anact", stats=tmp_path / "anact.json", details=True)
+    calibrated = {s["name"] for s in inspect(tmp_path / "cal_anact.onnx") if s["normalized"]}
+    assert {o.site.name for o in from_stats.outcomes if o.action == "rewritten"} == calibrated
+    folded = fold(tmp_path / "cal_anact.onnx", tmp_path / "f.onnx", data=data, details=True)
+    assert (tmp_path / "f.onnx").is_file() and folded.check["rule"] == "float noise"
