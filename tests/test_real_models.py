@@ -113,7 +113,8 @@ def test_manifest_describes_a_varied_pinned_set():
         else:
             assert src["kind"] == "derived" and src["recipe"] and src["description"] and src["deterministic_with"]
         feed = _feed_entry(e)["feed"]
-        assert feed["kind"] in {"image", "audio", "file_bytes", "tokens"} and feed["source"]
+        kinds = {"image", "audio", "log_mel", "file_bytes", "tokens", "tabular_digits"}
+        assert feed["kind"] in kinds and feed["source"]
 
 
 def test_fetch_script_lists_and_rejects_unknown_ids(tmp_path):

@@ -157,6 +157,8 @@ REAL = [
     ("picodet_layout_cdla", "none", 1e-5),
     ("ppocrv4_rec", "none", 1e-4),
     ("ppocrv5_det_small", "none", 1e-4),
+    ("oww_speech_embedding", "none", 1e-4),  # tf2onnx 1.9 Keras: NHWC Conv, LeakyReLU, Max
+    ("magika_v1_keras", "none", 1e-4),  # tf2onnx 1.14 Keras: OneHot of the byte values, Erf GELU
 ]
 
 

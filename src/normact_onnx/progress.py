@@ -54,8 +54,9 @@ def stage(b: tqdm, name: str) -> None:
 def quiet_libraries(verbose: bool = False) -> Iterator[None]:
     """Keep what libraries print off the terminal unless ``verbose``: the command's own lines are the output.
 
-    ONNX Runtime logs errors only and numpy's floating-point RuntimeWarnings are not shown (Ray's Python
-    loggers are quieted where Ray starts, :mod:`.data.ray_data`). With ``verbose`` they print as usual.
+    ONNX Runtime logs fatal errors only (the command says a failure itself, once) and numpy's floating-point
+    RuntimeWarnings are not shown (Ray's Python loggers are quieted where Ray starts, :mod:`.data.ray_data`).
+    With ``verbose`` they print as usual.
     Warnings of this tool (printed as lines, not through :mod:`warnings`) are never affected.
     """
     global _native_quiet

@@ -203,6 +203,19 @@ def _quantized(model: onnx.ModelProto) -> str:
     )
 
 
+def _absolute_floor(dtype: np.dtype, working: np.dtype | None) -> float:
+    """The least absolute difference a preserve check may flag: one epsilon of the coarser of the output's and the
+    computation's type.
+
+    ONNX Runtime's float activation kernels are accurate in absolute terms near 0, not relative: its float32 Sigmoid
+    steps by ~3e-8 around 3e-4, so a wake-word score of 3e-4 moves by 2e-4 of itself when a folded inverse moves its
+    logit by one rounding. The optimized-vs-plain noise cannot see that (both runs use the same kernel). Outputs of
+    order 1 or above are unaffected: there ``tolerance`` × scale is far above one epsilon.
+    """
+    eps = float(np.finfo(dtype).eps)
+    return max(eps, float(np.finfo(working).eps)) if working is not None else eps
+
+
 def _precision(dtype: np.dtype, working: np.dtype | None) -> str:
     if working is None or np.finfo(working).eps <= np.finfo(dtype).eps:
         return str(dtype)
@@ -218,7 +231,8 @@ def check_whole_model(
     normalized by mistake does that), and, for a function-preserving rewrite,
     when an output differs by more than ``tolerance`` of its scale and more
     than ``NOISE_FACTOR`` times the model's own float noise (absolute ``tolerance``
-    for an output that is all zeros), and always when it differs by more than
+    for an output that is all zeros) and more than one epsilon of its type
+    (:func:`_absolute_floor`), and always when it differs by more than
     ``CHECK_CAP`` of its scale (then the message asks for real inputs). When the original
     does not run on synthetic inputs, the check is skipped and says so.
     """
@@ -257,7 +271,7 @@ def check_whole_model(
             if working is not None:  # float32 outputs of a float16 computation: float16's precision
                 tol = max(tol, type_tolerance(working, tolerance))
             tolerances[name] = tol
-            derived = max(tol * (scale or 1.0), NOISE_FACTOR * n)  # an all-zero output: absolute
+            derived = max(tol * (scale or 1.0), NOISE_FACTOR * n, _absolute_floor(a.dtype, working))
             if err > min(derived, CHECK_CAP * (scale or 1.0)):
                 noisy = derived > CHECK_CAP * (scale or 1.0)
                 hint = (

@@ -228,11 +228,53 @@ def _byte_corpus() -> tuple[bytes, ...]:
 
 
 def _magika_features(data: bytes, feed: dict[str, Any]) -> np.ndarray:
-    """Magika's features: first ``beg`` bytes after lstrip and last ``end`` bytes after rstrip, padded."""
+    """Magika's features: first ``beg`` bytes after lstrip and last ``end`` bytes after rstrip, padded; magika 0.5's
+    models also take ``mid`` bytes from the middle (here the middle of the stored first and last 4 KiB), padded on
+    both sides, and read the byte values as float32."""
     pad, beg, end, block = feed["padding_token"], feed["beg_size"], feed["end_size"], feed["block_size"]
     head = list(data[:block].lstrip()[:beg])
     tail = list(data[-block:].rstrip()[-end:]) if data else []
-    return np.asarray(head + [pad] * (beg - len(head)) + [pad] * (end - len(tail)) + tail, dtype=np.int32)
+    mid_size = feed.get("mid_size", 0)
+    mid: list[int] = []
+    if mid_size:
+        start = max(0, (len(data) - mid_size) // 2)
+        body = list(data[start : start + mid_size])
+        left = (mid_size - len(body)) // 2
+        mid = [pad] * left + body + [pad] * (mid_size - len(body) - left)
+    row = head + [pad] * (beg - len(head)) + mid + [pad] * (end - len(tail)) + tail
+    return np.asarray(row, dtype=feed.get("dtype", "int32"))
+
+
+def _mel_filters(feed: dict[str, Any]) -> np.ndarray:
+    """Triangular mel filters [n_fft // 2 + 1, n_mels] on the HTK mel scale between f_min and f_max (torchaudio's
+    MelSpectrogram defaults, which openWakeWord's melspectrogram model was exported from)."""
+    sr, n_fft, n_mels = feed["sample_rate"], feed["n_fft"], feed["n_mels"]
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+
+    def mel(f: Any) -> Any:
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    pts = 700.0 * (10 ** (np.linspace(mel(feed["f_min"]), mel(feed["f_max"]), n_mels + 2) / 2595.0) - 1.0)
+    lo, mid, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
+    up = (freqs[None, :] - lo) / (mid - lo)
+    down = (hi - freqs[None, :]) / (hi - mid)
+    return np.maximum(0.0, np.minimum(up, down)).T
+
+
+def _log_mel_batch(feed: dict[str, Any], rng: np.random.Generator, batch: int) -> np.ndarray:
+    """[batch, frames, n_mels, 1]: the speech-like audio as openWakeWord feeds its embedding model (power mel
+    spectrogram, dB with a floor ``top_db`` below the peak, then ``x * scale + offset``)."""
+    n_fft, win, hop, frames = feed["n_fft"], feed["win_length"], feed["hop_length"], feed["frames"]
+    n = (frames - 1) * hop + n_fft
+    audio = _audio_batch({"sample_rate": feed["sample_rate"], "samples": n}, rng, batch).astype(np.float64)
+    window = np.zeros(n_fft)
+    start = (n_fft - win) // 2
+    window[start : start + win] = np.hanning(win + 1)[:-1]
+    idx = np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]
+    power = np.abs(np.fft.rfft(audio[:, idx] * window, axis=-1)) ** 2
+    db = 10.0 * np.log10(np.maximum(power @ _mel_filters(feed), 1e-10))
+    db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - feed["top_db"])
+    return (db * feed["scale"] + feed["offset"]).astype(np.float32)[..., None]
 
 
 @cache
@@ -259,7 +301,8 @@ def sample_batches(
     The recipe is the entry's ``feed`` (documented in the manifest): document pages or text lines of handwritten
     digits for OCR and layout models, digit "photos" for ImageNet classifiers (each normalized as the model's package
     does), speech-like audio for voice detectors with their state zeroed and ``sr`` set, the bytes of real files for
-    magika, tokenized sentences for MiniLM. Models whose batch dimension is fixed at 1 get ``batch_size`` ignored.
+    magika, tokenized sentences for MiniLM, scikit-learn digit rows for the skl2onnx MLPs. Models whose batch
+    dimension is fixed at 1 get ``batch_size`` ignored.
     """
     e = entry(e) if isinstance(e, str) else e
     feed = e["feed"]
@@ -277,6 +320,12 @@ def sample_batches(
             for name, spec in feed.get("constants", {}).items():
                 d[name] = np.asarray(spec["value"], dtype=spec["dtype"])
             batches.append(d)
+        elif kind == "tabular_digits":  # the rows a scikit-learn model was trained on, drawn at random
+            images, _ = _digits()
+            rows = images.reshape(len(images), -1)[rng.integers(0, len(images), b)]
+            batches.append({feed["input"]: (rows * np.float32(feed["scale"])).astype(np.float32)})
+        elif kind == "log_mel":
+            batches.append({feed["input"]: _log_mel_batch(feed, rng, b)})
         elif kind == "file_bytes":
             corpus = _byte_corpus()
             picks = rng.choice(len(corpus), size=b, replace=False)

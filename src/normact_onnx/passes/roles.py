@@ -116,6 +116,13 @@ def _head_path(c: Container, start: str, base_dir: str | None, path: list[str]) 
                     continue
             elif n.op_type == "If" and value not in n.input:  # read inside the branches: follow if they are plain
                 if not all(m.op_type in _WEIGHTLESS | _PLAIN for a in n.attribute for m in a.g.node):
+                    # or into a branch that passes it to its output (openWakeWord's models return the score as
+                    # it is below the threshold and run a verifier network on the other branch)
+                    for sub in c.children:
+                        if sub.owner is n and value in sub.consumers:
+                            found = _head_path(sub, value, base_dir, [*path, "If"])
+                            if found is not None:
+                                return found
                     continue
             elif n.op_type not in _WEIGHTLESS:
                 continue

@@ -25,7 +25,8 @@ from .library import get_library_path, kernel_library
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 LibraryPolicy = Literal["if-built", "required", "none"]
-QUIET, VERBOSE = 3, 2  # ONNX Runtime severities: errors only (the default), or warnings too (--verbose)
+QUIET, VERBOSE = 4, 2  # ONNX Runtime severities: fatal only (the default: a failed run is raised and said in one line
+# by the command; ORT logging it too would print it twice), or warnings and errors too (--verbose)
 _severity = QUIET
 
 
@@ -67,7 +68,8 @@ def wants_cuda(providers: Sequence[Any] | None) -> bool:
 
 
 def session_options(optimize: bool | str = True, threads: int = 0, config: Mapping[str, str] | None = None) -> Any:
-    """Session options that log errors only (warnings about the user's own model are not ours to print).
+    """Session options that log only fatal errors (a failed run is raised and said once, by the command; warnings
+    about the user's own model are not ours to print).
 
     ``optimize=False`` (or ``"none"``) turns off graph rewrites that could fuse or erase sites;
     ``optimize="basic"`` keeps constant folding only. ``threads``: intra-op threads (0: ORT's default).
@@ -147,7 +149,7 @@ def InferenceSession(
     requested and available the CUDA library (CUDA + CPU kernels) is used,
     otherwise the CPU one.  The library is registered on ``sess_options`` itself
     when one is given (the caller's object is modified); without one, ORT logs
-    errors only.
+    fatal errors only.
     Raises :class:`~normact_onnx.runtime.library.KernelLibraryNotFound` when the
     library was not built.
     """

@@ -139,7 +139,8 @@ def check_labels(ds: Dataset, loss: str, output_name: str, output_shape: tuple[i
         if len(output_shape) < 2 or output_shape[-1] < 2:
             raise NormactError(
                 f"--loss cross-entropy needs class scores (N×C, C ≥ 2) but output {output_name!r} has shape "
-                f"{output_shape}; use --loss mse for regression outputs"
+                f"{output_shape}; choose the scores with --output-name (a classifier's first output may be its label, "
+                "as skl2onnx writes it) or use --loss mse for regression outputs"
             )
         classes = output_shape[-1]
         if y.shape[1:] == per_sample:

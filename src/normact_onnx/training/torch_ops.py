@@ -184,6 +184,28 @@ def where(a: Attrs, x: list[Any], v: int) -> list[Any]:
     return [torch.where(x[0].bool(), x[1], x[2])]
 
 
+@op("OneHot")
+def one_hot(a: Attrs, x: list[Any], v: int) -> list[Any]:
+    """ONNX OneHot (magika 0.5's byte encoding): negative indices count from ``depth``, out-of-range ones give an
+    all-``off`` row, the new axis goes where ``axis`` says."""
+    depth = int(scalar(x[1]))
+    off, on = x[2][0], x[2][1]
+    i = x[0].to(torch.int64)
+    i = torch.where(i < 0, i + depth, i)
+    valid = ((i >= 0) & (i < depth)).unsqueeze(-1)
+    hot = F.one_hot(i.clamp(0, depth - 1), depth).bool() & valid
+    out = torch.where(hot, on, off)
+    return [torch.movedim(out, -1, axis_norm(int(a.get("axis", -1)), i.dim() + 1))]
+
+
+@op("ArrayFeatureExtractor", domain="ai.onnx.ml")
+def array_feature_extractor(a: Attrs, x: list[Any], v: int) -> list[Any]:
+    """ONNX-ML ArrayFeatureExtractor (skl2onnx's class-label head): the last axis' entries at the given indices;
+    a 1-D input becomes one row, as ONNX Runtime computes it."""
+    t = x[0] if x[0].dim() > 1 else x[0].unsqueeze(0)
+    return [t.index_select(-1, x[1].reshape(-1).to(torch.int64))]
+
+
 @op("Cast")
 def cast(a: Attrs, x: list[Any], v: int) -> list[Any]:
     return [x[0].to(dtype_of(a["to"]))]
@@ -462,11 +484,13 @@ def pad(a: Attrs, x: list[Any], v: int) -> list[Any]:
         spec = spec[:-2]
     if mode == "constant":
         return [F.pad(t, spec, value=value)]
-    # torch pads only the trailing spatial axes in these modes: batch and channel dims must stay unpadded
+    # torch pads k trailing axes in these modes only on inputs of rank k + 1 or k + 2 (silero v3 reflect-pads the
+    # last axis of a 4-D tensor): the untouched leading axes are merged into one, and split again after
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
-    if t.dim() == 2 and len(spec) == 2:  # (N, W): torch wants a channel axis for reflect
-        return [F.pad(t.unsqueeze(1), spec, mode=torch_mode).squeeze(1)]
-    return [F.pad(t, spec, mode=torch_mode)]
+    k = len(spec) // 2
+    lead, tail = t.shape[: rank - k], t.shape[rank - k :]
+    padded = F.pad(t.reshape(-1, *tail), spec, mode=torch_mode)
+    return [padded.reshape(*lead, *padded.shape[1:])]
 
 
 @op("Constant")
