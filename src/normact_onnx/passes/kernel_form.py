@@ -181,8 +181,9 @@ def layout_sites(
 
     1. On a trial with the sites as ``Norm<Act>`` nodes: the Norm op reads a ``ReorderOutput`` (its producer runs
        in the NCHWc layout and the op takes the value out of it; NCHWc consumers then pay a ``ReorderInput`` back).
-    2. On a trial in the layout form: the exporter's activation node is gone, fused into its NCHWc convolution
-       (where it is not, as for an activation written as four elementwise ops, the one fused kernel is cheaper).
+    2. On a trial in the layout form: the exporter's activation nodes are gone, fused into their NCHWc convolution
+       (where they are not, as for an activation written as four elementwise ops or yolov8n's SiLU, which ORT
+       turns into a ``QuickGelu`` outside the layout, the one fused kernel is cheaper).
 
     Empty when the kernel library is not built or ORT cannot load a trial.
     """
@@ -205,12 +206,18 @@ def layout_sites(
     graph = _optimized(trial, base_dir)
     if graph is None:
         return set()
-    left = {n.name for n in graph.node}
-    return {
-        o.site.output
-        for o in unit
-        if o.site.root.name and names[o.site.root.name] == 1 and o.site.root.name not in left
-    }
+    left = [n.name for n in graph.node]
+
+    def fused_away(node: onnx.NodeProto) -> bool:
+        """Gone from the optimized graph: neither kept nor renamed by a fusion of its own (ORT names those
+        ``<name>/<Fusion>/``, as SiLU's ``Mul`` becoming ``QuickGelu``, which runs outside the layout)."""
+        return (
+            bool(node.name)
+            and names[node.name] == 1
+            and not any(n == node.name or n.startswith(f"{node.name}/") for n in left)
+        )
+
+    return {o.site.output for o in unit if all(fused_away(n) for n in o.site.nodes)}
 
 
 def choose_layout_form(
