@@ -68,9 +68,7 @@ def test_rewrite_returns_the_type_it_was_given_and_computes_what_the_path_route_
 def test_fold_returns_the_type_it_was_given_and_computes_what_the_path_route_does(kind, tmp_path):
     src = MODELS / "cnn_relu.torchscript.onnx"
     normalized = tmp_path / "n.onnx"
-    # Norm ops at every site: a Graph keeps no metadata, so fold finds the layout-form sites of a default rewrite
-    # (subgraph form, docs/cli.md) only in a path or ModelProto
-    rewrite(src, normalized, form="custom-op", verify=False)
+    rewrite(src, normalized)
     reference = fold(normalized)
     out = fold(held(kind, normalized))
     assert isinstance(out, expected_type(kind))

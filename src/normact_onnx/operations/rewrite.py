@@ -215,7 +215,7 @@ def _run(
         return result
     if out.verify:  # ONNX Runtime's optimizer answers it (0.6 s of MiniLM's 0.9 s rewrite): with the checks,
         mark_fused(m, outcomes, plan.form, base_dir)  # not in --no-verify; asked of the original, before the edit
-    choose_layout_form(m, outcomes, plan.form, base_dir)  # with or without checks: the file written is the same
+    choose_layout_form(m, outcomes, plan.form, base_dir)  # --form layout, with or without checks: the same file
     had_external = bool(external_locations(m))  # its new weights go to external data too
     original = None
     if out.verify and any(o.action == "rewritten" for o in outcomes) and not had_external:

