@@ -98,7 +98,8 @@ def check_sites(
         elem = types.elem_type(s.input)
         dtype = helper.tensor_dtype_to_np_dtype(elem)
         shapes = [np.shape(v) for v in (a.scale, a.shift, a.slope, *s.params.values())]
-        x = (rng.standard_normal(_probe_shape(types.shape.get(s.input), shapes)) * 3).astype(dtype)
+        shape = types.shape.get(s.input) or ([2, o.conv_tail, 3, 3] if o.conv_tail else None)  # a Conv reads N, C, H, W
+        x = (rng.standard_normal(_probe_shape(shape, shapes)) * 3).astype(dtype)
         feeds[f"x{i}"] = x
         inputs.append(helper.make_tensor_value_info(f"x{i}", elem, x.shape))
         outputs.append(helper.make_tensor_value_info(f"y{i}", elem, None))

@@ -33,7 +33,8 @@ from .verify import check_model_file, check_sites, ort_load
 class OutputOptions:
     """How a command writes its model, as one value from the CLI through ``rewrite``/``calibrate`` to the writer.
 
-    ``form``: how a normalized site is written (``function``, ``subgraph``, ``custom-op``; ``fold`` has none).
+    ``form``: how a normalized site is written (``function``, ``subgraph``, ``custom-op``, ``layout``; ``fold`` has
+    none).
     ``verify``: check the written file (checker, ONNX Runtime, site by site) before it takes its name.
     ``in_place``: the output may be the input file. ``write_unchanged``: with an output path, write a verified
     copy even when nothing changed (the CLI without ``-o`` does not).

@@ -207,7 +207,8 @@ class OutputArgs:
             choices=FORMS,
             default="function",
             help="function: Norm<Act> ops with model-local function bodies (default); "
-            "subgraph: standard ops only; custom-op: fused ops that need the kernel library",
+            "subgraph: standard ops only; custom-op: fused ops that need the kernel library; layout: function, "
+            "except sites ONNX Runtime runs fused in its NCHWc convolutions (their op + a depthwise Conv)",
         )
 
     def add_no_verify(self, g: Arguments, checks: str = "checker, ORT load and per-site numeric checks") -> None:

@@ -33,7 +33,7 @@ from ..io import (
 )
 from ..ort import kernel_library
 from ..passes.find import PartialMatch, Site, find_sites
-from ..passes.kernel_form import mark_fused
+from ..passes.kernel_form import choose_layout_form, mark_fused
 from ..passes.normalize import DOUBLE_REASON, FORMS, Plan, SiteOutcome, apply_plan
 from ..policy import Constants, MethodOptions, check_some_rewritten, method_constants, missed_targets, select
 from ..progress import bar as progress_bar
@@ -215,6 +215,7 @@ def _run(
         return result
     if out.verify:  # ONNX Runtime's optimizer answers it (0.6 s of MiniLM's 0.9 s rewrite): with the checks,
         mark_fused(m, outcomes, plan.form, base_dir)  # not in --no-verify; asked of the original, before the edit
+    choose_layout_form(m, outcomes, plan.form, base_dir)  # --form layout, with or without checks: the same file
     had_external = bool(external_locations(m))  # its new weights go to external data too
     original = None
     if out.verify and any(o.action == "rewritten" for o in outcomes) and not had_external:

@@ -202,3 +202,24 @@ def _identity(b: LiteralBody, f: str, out: str) -> str:
     b.nodes[-1].output[0] = out
     b.nodes[-1].name = out
     return out
+
+
+def conv_affine_tail(b: LiteralBody, f: str, affine: Any, channels: int, out: str) -> str:
+    """scale·(f − shift) as one 1×1 depthwise ``Conv`` over the ``channels`` of an NCHW value (slope 0 only).
+
+    The same numbers as :func:`affine_literal_tail`, in the one standard op ONNX Runtime's CPU provider keeps in
+    its blocked NCHWc layout between two convolutions (a ``Mul``/``Sub`` or a custom op there costs a reorder
+    out of the layout and one back in; :mod:`.kernel_form`).
+    """
+    if np.any(np.asarray(affine.slope) != 0) or any(
+        np.size(v) not in (1, channels) for v in (affine.scale, affine.shift)
+    ):
+        raise ValueError("the depthwise-Conv tail takes slope 0 and scalar or per-channel constants")
+    dtype = helper.tensor_dtype_to_np_dtype(b.elem_type)
+    scale, shift = (np.resize(np.asarray(v, dtype=np.float64), channels) for v in (affine.scale, affine.shift))
+    weight = b.tensor(scale.reshape(channels, 1, 1, 1).astype(dtype))
+    bias = b.tensor((-scale * shift).astype(dtype))
+    b.op("Conv", f, weight, bias, group=channels, kernel_shape=[1, 1])
+    b.nodes[-1].output[0] = out
+    b.nodes[-1].name = out
+    return out

@@ -30,12 +30,14 @@ from .forms import (
     MIN_FUNCTION_OPSET,
     LiteralBody,
     affine_literal_tail,
+    conv_affine_tail,
     norm_function,
     norm_node,
 )
 
-Form = Literal["function", "subgraph", "custom-op"]
-FORMS: tuple[Form, ...] = ("function", "subgraph", "custom-op")
+Form = Literal["function", "subgraph", "custom-op", "layout"]
+# layout: the function form, except at the sites .kernel_form finds ONNX Runtime runs fused in its NCHWc layout
+FORMS: tuple[Form, ...] = ("function", "subgraph", "custom-op", "layout")
 Action = Literal["rewritten", "skipped", "normalized"]  # "normalized": it already was
 
 
@@ -53,6 +55,7 @@ class SiteOutcome:
     affine: Affine | None = None
     form: Form | Literal[""] = ""
     refused: bool = False  # selected, but its constants (or --preserve-function) could not be had: ``reason`` says why
+    conv_tail: int = 0  # > 0: subgraph form, the affine a 1×1 depthwise Conv over this many channels (.kernel_form)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.site.summary()
@@ -123,7 +126,10 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             root.CopyFrom(site.unfused[1] if site.unfused else site.root)
             root.output[0] = f_name
             b = LiteralBody(c.opset, f"{site.name}/normact_", elem, {}, False)
-            affine_literal_tail(b, site.input, f_name, affine, out=site.output)
+            if o.conv_tail:
+                conv_affine_tail(b, f_name, affine, o.conv_tail, out=site.output)
+            else:
+                affine_literal_tail(b, site.input, f_name, affine, out=site.output)
             c.replace(site.root, [*pre, root, *b.nodes])
             record["act_output"] = f_name
         else:
@@ -171,6 +177,8 @@ def _choose_form(
     scalar = affine.is_scalar and all(np.ndim(v) == 0 for v in o.site.params.values())
     if wanted == "subgraph":
         return wanted
+    if wanted == "layout":  # its other sites: the function form
+        wanted = "function"
     if elem == onnx.TensorProto.DOUBLE:
         o.reason = DOUBLE_REASON
         return "subgraph"
@@ -180,7 +188,10 @@ def _choose_form(
     if wanted == "custom-op":
         return wanted
     if model.ir_version < MIN_FUNCTION_IR or opset < MIN_FUNCTION_OPSET:
-        o.reason = f"function form needs IR ≥ {MIN_FUNCTION_IR} and opset ≥ {MIN_FUNCTION_OPSET}: standard ops"
+        why = f"function form needs IR ≥ {MIN_FUNCTION_IR} and opset ≥ {MIN_FUNCTION_OPSET}: standard ops"
+        o.reason = f"{why}; {o.reason}" if o.conv_tail else why
+        return "subgraph"
+    if o.conv_tail:  # chosen by .kernel_form (its reason says why)
         return "subgraph"
     if opset < GENERIC_OPSET:  # functions are typed below opset 15: one element type per op
         op = o.site.activation.op_name
