@@ -133,7 +133,9 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, base_dir: str | None) -> None
             c.replace(site.root, [*pre, root, *b.nodes])
             record["act_output"] = f_name
         else:
-            node = norm_node(site.activation, site.input, site.output, affine, site.params, site.root.name, doc)
+            # a split fused op: its layer keeps the fused node's name, the Norm op takes the activation's
+            name = site.unfused[1].name if site.unfused else site.root.name
+            node = norm_node(site.activation, site.input, site.output, affine, site.params, name, doc)
             c.replace(site.root, [*pre, node])
             c.remove(site.nodes[:-1] + site.const_nodes)
             c.drop_value_info({out for n in site.nodes[:-1] for out in n.output})
