@@ -1,0 +1,152 @@
+"""Whether a site's statistics op may compute f from x itself, bit-identical to ONNX Runtime's own f.
+
+Why: ONNX Runtime runs convolutions in its blocked NCHWc layout, while a custom op
+sees NCHW tensors; every tensor the statistics op reads costs a full-tensor
+reorder. Reading x alone and computing f inside the op saves the reorder and the
+read of f (on yolov8n about a fifth of the instrumented run). The statistics must
+still be those of the f the model computes, so the library computes f with ONNX
+Runtime's own CPU arithmetic where it knows it (``runtime_ops/include/normact_ort_f.h``,
+listed in the library's ``ort_f`` info) and this module checks that claim against
+the installed ONNX Runtime once per activation and parameters: one session runs the
+catalogue's standard-op body and two statistics ops on the same probe tensor, one
+reading ORT's f and one reading x alone, one element per channel, so each op's
+per-channel mean of f is that f, element for element; any difference (another ONNX
+Runtime version, another CPU dispatch) and the site reads f as before.
+
+A site qualifies only when its own nodes are the body's ops (``x·Sigmoid(x)``, a
+``Relu`` op, …): another spelling of the activation rounds differently.
+``NORMACT_ORT_F=0`` turns the computed f off (the statistics then read f).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..catalogue import CATALOGUE, NORM_DOMAIN, NORM_DOMAIN_VERSION
+from ..io import clamp_ir
+from ..ort import make_session
+from ..passes.find import Site
+from ..passes.forms import LiteralBody
+from ..runtime.library import info_at, kernel_library
+
+ORT_F_ENV = "NORMACT_ORT_F"  # "0": every fused statistics op reads f
+PROBE_OPSET = 17
+STAT_OUTPUTS = 6  # size, x_mean, x_ss, f_mean, f_ss, d_ss
+F_MEAN = 3
+
+
+def enabled() -> bool:
+    """False when ``NORMACT_ORT_F`` says 0/false/no/off."""
+    return os.environ.get(ORT_F_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library_ort_f() -> frozenset[str]:
+    """The statistics ops (by op name, ``NormSilu``) whose x-only form computes ONNX Runtime's f; empty for a
+    library without that ability (built before it), which then reads f at every site."""
+    lib = kernel_library()
+    if lib is None:
+        return frozenset()
+    try:
+        return frozenset(info_at(lib).get("ort_f") or ())
+    except (OSError, AttributeError, ValueError):
+        return frozenset()
+
+
+def probe_values() -> np.ndarray:
+    """The check's inputs: a dense sweep of [-30, 30] (where activations bend, clamp and saturate), every
+    float in [16, 20) (where SiLU's logistic rounds above 1 before its clamp), random bit patterns (every
+    exponent), and the special values."""
+    dense = np.linspace(-30.0, 30.0, 1 << 18, dtype=np.float32)
+    lo, hi = np.float32(16.0).view(np.uint32), np.float32(20.0).view(np.uint32)
+    band = np.arange(lo, hi, 16, dtype=np.uint32).view(np.float32)  # every 16th float of [16, 20)
+    bits = np.random.default_rng(24).integers(0, 1 << 32, size=1 << 17, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 18.0, -18.0, 1e-45, -1e-45, 3.0, -3.0], np.float32)
+    return np.concatenate([dense, band, -band, bits.view(np.float32), special])
+
+
+def site_matches_body(site: Site) -> bool:
+    """Whether the site's own nodes are the catalogue body's ops (the spelling the check measures)."""
+    body = _body_ops(site.kind, _params_key(site.activation.with_defaults(site.params)))
+    return Counter(n.op_type for n in site.nodes if n.op_type != "Constant") == Counter(dict(body))
+
+
+def computes_ort_f(site: Site, suffix: str) -> bool:
+    """Whether ``site``'s statistics op may read x alone: enabled, the library claims ONNX Runtime's f for
+    its activation, the site is spelled as the body, and the probe check passed (once per kind and params)."""
+    if not enabled() or site.activation.op_name not in library_ort_f():
+        return False
+    params = site.activation.with_defaults(site.params)
+    if not all(np.ndim(v) == 0 for v in params.values()) or not site_matches_body(site):
+        return False
+    return check(site.kind, _params_key(params), suffix)
+
+
+@functools.cache
+def check(kind: str, params: tuple[tuple[str, float], ...], suffix: str) -> bool:
+    """One session: the per-element mean of f from a statistics op reading ORT's f and from one reading x
+    alone, compared exactly.
+
+    Equal means equal values (NaN where NaN): the statistics are sums of values, so the sign of a zero
+    cannot change them.
+    """
+    model = _probe_model(kind, dict(params), suffix)
+    x = probe_values().reshape(1, -1, 1)
+    try:
+        read, computed = make_session(model.SerializeToString(), ["CPUExecutionProvider"]).run(
+            ["f_read", "f_computed"], {"x": x}
+        )
+    except Exception:  # a library or runtime that cannot run the probe: read f, as before
+        return False
+    ref = np.asarray(read, np.float64).ravel()
+    got = np.asarray(computed, np.float64).ravel()
+    return ref.size == x.size and bool(np.all((ref == got) | (np.isnan(ref) & np.isnan(got))))
+
+
+def _params_key(params: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((k, float(v)) for k, v in params.items()))
+
+
+@functools.cache
+def _body_ops(kind: str, params: tuple[tuple[str, float], ...]) -> tuple[tuple[str, int], ...]:
+    b = _body(kind, dict(params))
+    return tuple(sorted(Counter(n.op_type for n in b.nodes if n.op_type not in ("Constant", "Identity")).items()))
+
+
+def _body(kind: str, params: dict[str, Any]) -> LiteralBody:
+    b = LiteralBody(PROBE_OPSET, "probe/", TensorProto.FLOAT, params, False)
+    out = CATALOGUE[kind].body(b, "x")
+    b.nodes.append(helper.make_node("Identity", [out], ["f"], name="probe/f"))
+    return b
+
+
+def _probe_model(kind: str, params: dict[str, Any], suffix: str) -> onnx.ModelProto:
+    act = CATALOGUE[kind]
+    b = _body(kind, params)
+    nodes = list(b.nodes)
+    for name, inputs in (("f_read", ["x", "f"]), ("f_computed", ["x"])):
+        stats = [f"probe/{name}/stat{i}" for i in range(STAT_OUTPUTS)]
+        stats[F_MEAN] = name
+        nodes.append(
+            helper.make_node(
+                act.op_name + suffix, inputs, stats, name=f"probe/{name}", domain=NORM_DOMAIN, axis=1, **params
+            )
+        )
+    graph = helper.make_graph(
+        nodes,
+        "ort_f_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 1])],
+        [helper.make_tensor_value_info(name, TensorProto.DOUBLE, None) for name in ("f_read", "f_computed")],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", PROBE_OPSET), helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION)],
+    )
+    clamp_ir(model)
+    return model

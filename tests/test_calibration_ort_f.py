@@ -1,0 +1,117 @@
+"""The statistics op reading x alone gives the statistics of ONNX Runtime's own f, bit for bit.
+
+Where the kernel library computes ONNX Runtime's CPU f for an activation (SiLU as ORT's fused
+``QuickGelu``: MLAS's logistic and a multiply; Relu; LeakyRelu) and the check against the installed
+runtime passes (``calibration/ort_f.py``), instrumentation drops the statistics op's f input. Every
+statistic of every batch, and the merged statistics, must then equal those of the op reading ORT's f:
+``assert_array_equal``, on the real models' sites, measuring the original network and in situ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from normact_onnx.calibration import ort_f
+from normact_onnx.calibration.insitu import Normalizer
+from normact_onnx.calibration.instrument import fused_stats_suffix, instrument
+from normact_onnx.calibration.run import calibration_session, empty_stats, fold, run_batch
+from normact_onnx.io import clamp_ir
+
+from . import real_models as rm
+from .conftest import MODELS
+
+pytestmark = pytest.mark.skipif(
+    fused_stats_suffix() is None or "NormSilu" not in ort_f.library_ort_f(),
+    reason="kernel library without ONNX Runtime's f in its statistics ops",
+)
+
+
+def _run_both(model: onnx.ModelProto, base: str | None, norm: Normalizer | None, per_channel: bool, batches):
+    out = []
+    for computed in (True, False):
+        inst = instrument(model, base, per_channel, normalize=norm, ort_f=computed)
+        clamp_ir(inst.model)
+        sess = calibration_session(inst.model, base)
+        stats = empty_stats(inst, per_channel, "fp")
+        runs = []
+        for i, feed in enumerate(batches):
+            values = run_batch(sess, inst, feed, f"batch {i}")
+            runs.append(values)
+            fold(stats, inst, values, f"batch {i}")
+        out.append((inst, runs, stats))
+    return out
+
+
+def _identical(a, b) -> int:
+    """Asserts equal statistics; returns how many sites computed f in the first copy."""
+    (ia, runs_a, stats_a), (ib, runs_b, stats_b) = a, b
+    assert ib.computed_f == []
+    assert [p.site.output for p in ia.probes] == [p.site.output for p in ib.probes]
+    for ra, rb in zip(runs_a, runs_b):
+        for pa, pb in zip(ia.probes, ib.probes):
+            for stat in pa.outputs:
+                np.testing.assert_array_equal(ra[pa.outputs[stat]], rb[pb.outputs[stat]], err_msg=f"{pa.site.name}")
+    for key, sa in stats_a.sites.items():
+        sb = stats_b.sites[key]
+        for part in ("x", "f"):
+            for name in ("n", "mean", "m2"):
+                np.testing.assert_array_equal(getattr(getattr(sa, part), name), getattr(getattr(sb, part), name))
+        np.testing.assert_array_equal(sa.d2, sb.d2)
+    return len(ia.computed_f)
+
+
+def _reads(inst) -> list[int]:
+    """Input counts of the statistics ops in the copy."""
+    suffix = fused_stats_suffix()
+    return [len(n.input) for n in inst.model.graph.node if suffix and n.op_type.endswith(suffix)]
+
+
+# Sites whose f the op computes, per model: yolov8n's 57 SiLU, ppocrv4_det's 12 Relu,
+# ppocrv5_rec_small's 5 SiLU and 10 Relu; MiniLM has GELU only, whose f stays read.
+REAL = {"yolov8n_doclaynet": 57, "ppocrv4_det": 12, "ppocrv5_rec_small": 15, "minilm_ort_optimized": 0}
+
+
+@pytest.mark.parametrize("item", rm.params(list(REAL)))
+@pytest.mark.parametrize("norm", [None, Normalizer(centered_rho=True)], ids=["original", "insitu"])
+def test_real_models_same_bits(item, norm: Normalizer | None) -> None:
+    entry, path = item
+    path = rm.require_path(entry, path)
+    batches = rm.sample_batches(entry["id"], 2, 2)
+    model = onnx.load(path)
+    a, b = _run_both(model, str(path.parent), norm, False, batches)
+    computed = _identical(a, b)
+    assert computed == REAL[entry["id"]]
+    assert _reads(a[0]).count(1) == computed and _reads(b[0]).count(1) == 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_bundled_models_same_bits(per_channel: bool) -> None:
+    rng = np.random.default_rng(5)
+    for name, shape in (("cnn_relu", (8, 1, 28, 28)), ("mobilenet_like", (8, 3, 32, 32)), ("silu_net", (8, 3, 16, 16))):
+        model = onnx.load(MODELS / f"{name}.torchscript.onnx")
+        batches = [{"x": (rng.standard_normal(shape) * s).astype(np.float32)} for s in (1.0, 3.0)]
+        assert _identical(*_run_both(model, None, None, per_channel, batches)) > 0
+
+
+def test_check_refuses_a_library_f_that_is_not_orts() -> None:
+    """The probe tells ORT's f from the library's own: GELU (the library's erf-free Phi) differs from ORT's."""
+    suffix = fused_stats_suffix()
+    assert ort_f.check("silu", (), suffix) and ort_f.check("relu", (), suffix)
+    assert not ort_f.check("gelu", (), suffix) and not ort_f.check("hard_swish", (), suffix)
+
+
+def test_environment_turns_it_off(monkeypatch) -> None:
+    model = onnx.load(MODELS / "cnn_relu.torchscript.onnx")
+    assert instrument(model, None).computed_f
+    monkeypatch.setenv(ort_f.ORT_F_ENV, "0")
+    inst = instrument(model, None)
+    assert inst.computed_f == [] and 1 not in _reads(inst)
+
+
+def test_a_library_without_the_ability_reads_f(monkeypatch) -> None:
+    """An older library (no ``ort_f`` in its info) keeps reading f: the same statistics as before, not others."""
+    monkeypatch.setattr(ort_f, "library_ort_f", lambda: frozenset())
+    inst = instrument(onnx.load(MODELS / "cnn_relu.torchscript.onnx"), None)
+    assert inst.computed_f == [] and 1 not in _reads(inst)
