@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from normact_onnx.calibration import ort_f
 from normact_onnx.calibration.insitu import Normalizer
@@ -84,6 +85,11 @@ def test_real_models_same_bits(item, norm: Normalizer | None) -> None:
     computed = _identical(a, b)
     assert computed == REAL[entry["id"]]
     assert _reads(a[0]).count(1) == computed and _reads(b[0]).count(1) == 0
+    if norm is not None:  # NormInSitu computes f from x too, so the raw activation's nodes are gone
+        from_x = [n for n in a[0].model.graph.node if n.op_type == "NormInSitu" and n.input[0] == ""]
+        assert len(from_x) == computed
+        dropped = sum(len(p.site.nodes) for p in a[0].probes if p.site.output in a[0].computed_f)
+        assert len(b[0].model.graph.node) - len(a[0].model.graph.node) == dropped
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -100,6 +106,83 @@ def test_check_refuses_a_library_f_that_is_not_orts() -> None:
     suffix = fused_stats_suffix()
     assert ort_f.check("silu", (), suffix) and ort_f.check("relu", (), suffix)
     assert not ort_f.check("gelu", (), suffix) and not ort_f.check("hard_swish", (), suffix)
+
+
+def _insitu_model(inputs: list[str], **attrs) -> bytes:
+    """One NormInSitu node over a [1, 4, 3] tensor with per-channel statistics given as inputs."""
+    stats = ["count", "mx", "sx", "mf", "sf", "sd"]
+    vi = [helper.make_tensor_value_info("count", TensorProto.INT64, [])]
+    vi += [helper.make_tensor_value_info(s, TensorProto.DOUBLE, [1, 4, 1]) for s in stats[1:]]
+    vi += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 3]) for n in ("f", "x")]
+    node = helper.make_node("NormInSitu", inputs, ["y"], domain="ai.normact", rule=0, axis=1, **attrs)
+    graph = helper.make_graph(
+        [node], "g", [v for v in vi if v.name in inputs], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.normact", 1)])
+    clamp_ir(m)
+    return m.SerializeToString()
+
+
+def _insitu_feed(x: np.ndarray, f: np.ndarray) -> dict[str, np.ndarray]:
+    stat = lambda v: np.full((1, 4, 1), v, np.float64)  # noqa: E731
+    return {
+        "count": np.array(12, np.int64),
+        "mx": stat(0.1),
+        "sx": stat(2.0),
+        "mf": stat(0.3),
+        "sf": stat(1.5),
+        "sd": stat(1.2),
+        "x": x,
+        "f": f,
+    }
+
+
+def test_insitu_op_from_x_equals_from_orts_f() -> None:
+    """NormInSitu given x and activation=NormSilu writes the bits it writes from ORT's own SiLU output."""
+    from normact_onnx.ort import make_session
+
+    x = (np.random.default_rng(2).standard_normal((1, 4, 3)) * 8).astype(np.float32)
+    sig = make_session(_silu_model(), ["CPUExecutionProvider"])
+    f = sig.run(None, {"x": x})[0]
+    stats = ["count", "mx", "sx", "mf", "sf", "sd"]
+    feed = _insitu_feed(x, f)
+    by_f = make_session(_insitu_model(["f", *stats]), ["CPUExecutionProvider"])
+    by_x = make_session(_insitu_model(["", *stats, "x"], activation="NormSilu"), ["CPUExecutionProvider"])
+    y_f = by_f.run(None, {k: feed[k] for k in ["f", *stats]})[0]
+    y_x = by_x.run(None, {k: feed[k] for k in [*stats, "x"]})[0]
+    np.testing.assert_array_equal(y_x, y_f)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({}, "needs F, or X with the activation attribute"),
+        ({"activation": "NormGelu"}, "does not compute ONNX Runtime's f for NormGelu"),
+        ({"activation": "NormNothing"}, "unknown activation NormNothing"),
+    ],
+)
+def test_insitu_op_refuses_what_it_cannot_compute(attrs, message) -> None:
+    from normact_onnx.ort import make_session
+
+    stats = ["count", "mx", "sx", "mf", "sf", "sd"]
+    feed = _insitu_feed(np.ones((1, 4, 3), np.float32), np.ones((1, 4, 3), np.float32))
+    with pytest.raises(Exception, match=message):
+        make_session(_insitu_model(["", *stats, "x"], **attrs), ["CPUExecutionProvider"]).run(
+            None, {k: feed[k] for k in [*stats, "x"]}
+        )
+
+
+def _silu_model() -> bytes:
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["f"])]
+    graph = helper.make_graph(
+        nodes,
+        "silu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    clamp_ir(m)
+    return m.SerializeToString()
 
 
 def test_environment_turns_it_off(monkeypatch) -> None:

@@ -49,7 +49,7 @@ from ..runtime.library import info_at, kernel_library
 from ..streaming import Moments, merge_cross
 from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized, fused_normalized, fused_rule
-from .ort_f import computes_ort_f
+from .ort_f import computes_ort_f, insitu_from_x
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
@@ -221,13 +221,21 @@ def instrument(
             local[CROSS] = _cross_statistic(b, site.input, f, elem, local, stat_elem, axes)
             if stat_elem != TensorProto.FLOAT:  # one element type for every hoisted statistic
                 local[CROSS] = b.op("Cast", local[CROSS], to=stat_elem)
+        drop_raw = False
         if normalizer is not None:
             if insitu_op and use_fused and elem == TensorProto.FLOAT and fused_rule(normalizer) is not None:
-                fused_normalized(b, local, f, site.output, normalizer, insitu_op, axis)
+                from_x = None
+                if site.output in computed_f and insitu_from_x():
+                    params = {k: float(v) for k, v in site.activation.with_defaults(site.params).items()}
+                    from_x = (site.input, site.activation.op_name, params)
+                fused_normalized(b, local, f, site.output, normalizer, insitu_op, axis, from_x)
+                drop_raw = from_x is not None
             else:
                 batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
         c = site.container
         c.insert_after(site.root, b.nodes)  # right after the site: the normalized value feeds the layers after it
+        if drop_raw:  # nothing reads the raw activation now: ORT need not compute it
+            _drop_raw_activation(site, f)
         if rank is None:
             keep_shape = [1]
         else:
@@ -274,6 +282,29 @@ def _fused_statistics(
     )
     b.nodes.append(node)
     return outs
+
+
+def _drop_raw_activation(site: Site, f: str) -> None:
+    """Remove the site's nodes once nothing reads the raw activation ``f`` (every in-situ reader computes it
+    from x): ONNX Runtime would otherwise still compute it, and reorder it out of its NCHWc layout."""
+    c = site.container
+    if c.consumers.get(f) or f in c.outputs:
+        return
+    dead = True
+    while dead:
+        dead = False
+        for node in list(site.nodes):
+            if _placed(c, node) and not any(c.consumers.get(o) or o in c.outputs for o in node.output if o):
+                c.remove([node])
+                dead = True
+
+
+def _placed(c: Container, node: onnx.NodeProto) -> bool:
+    try:
+        c.position(node)
+    except ValueError:
+        return False
+    return True
 
 
 def _cross_statistic(

@@ -37,6 +37,7 @@ from ..passes.forms import LiteralBody
 from ..runtime.library import info_at, kernel_library
 
 ORT_F_ENV = "NORMACT_ORT_F"  # "0": every fused statistics op reads f
+INSITU_ENV = "NORMACT_ORT_F_INSITU"  # "0": NormInSitu reads f even where the statistics op computes it
 PROBE_OPSET = 17
 STAT_OUTPUTS = 6  # size, x_mean, x_ss, f_mean, f_ss, d_ss
 F_MEAN = 3
@@ -45,6 +46,12 @@ F_MEAN = 3
 def enabled() -> bool:
     """False when ``NORMACT_ORT_F`` says 0/false/no/off."""
     return os.environ.get(ORT_F_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def insitu_from_x() -> bool:
+    """Whether ``NormInSitu`` also computes f from x where the statistics op does (its ``activation``
+    attribute, same library), so ONNX Runtime does not compute the raw activation at all."""
+    return os.environ.get(INSITU_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def library_ort_f() -> frozenset[str]:
