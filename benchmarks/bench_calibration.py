@@ -320,10 +320,11 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
             for run in runs.values():
                 run(feeds[0])
             times: dict[str, list[float]] = {k: [] for k in runs}
-            for b in range(batches):
-                for k, run in runs.items():
+            order = list(runs)
+            for b in range(batches):  # each batch starts at the next variant: none always runs after the same one
+                for k in order[b % len(order) :] + order[: b % len(order)]:
                     t0 = time.perf_counter()
-                    run(feeds[b % len(feeds)])
+                    runs[k](feeds[b % len(feeds)])
                     times[k].append(time.perf_counter() - t0)
             ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
             sites, computed = len(copies["original"].probes), len(copies["original"].computed_f)

