@@ -40,7 +40,7 @@ ORT_F_ENV = "NORMACT_ORT_F"  # "0": every fused statistics op reads f
 INSITU_ENV = "NORMACT_ORT_F_INSITU"  # "0": NormInSitu reads f even where the statistics op computes it
 PROBE_OPSET = 17
 STAT_OUTPUTS = 6  # size, x_mean, x_ss, f_mean, f_ss, d_ss
-F_MEAN = 3
+F_MEAN = 3  # f_ss follows it
 
 
 def enabled() -> bool:
@@ -66,16 +66,21 @@ def library_ort_f() -> frozenset[str]:
         return frozenset()
 
 
+SPECIAL = (0.0, -0.0, np.inf, -np.inf, np.nan, 18.0, -18.0, 1e-45, -1e-45, 3.0, -3.0)
+CHUNK = 64  # bulk probe values per channel of the check's statistics
+
+
 def probe_values() -> np.ndarray:
-    """The check's ~100k inputs (about 0.1 s, once per process and activation): a dense sweep of [-30, 30]
-    (where activations bend, clamp and saturate), every 128th float in ±[16, 20) (where SiLU's logistic
-    rounds above 1 before its clamp), random bit patterns (every exponent), and the special values."""
+    """The check's ~100k finite inputs: a dense sweep of [-30, 30] (where activations bend, clamp and
+    saturate), every 128th float in ±[16, 20) (where SiLU's logistic rounds above 1 before its clamp) and
+    random bit patterns (every exponent), as many as fill whole channels of ``CHUNK``."""
     dense = np.linspace(-30.0, 30.0, 1 << 16, dtype=np.float32)
     lo, hi = np.float32(16.0).view(np.uint32), np.float32(20.0).view(np.uint32)
     band = np.arange(lo, hi, 128, dtype=np.uint32).view(np.float32)
     bits = np.random.default_rng(24).integers(0, 1 << 32, size=1 << 14, dtype=np.uint64).astype(np.uint32)
-    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 18.0, -18.0, 1e-45, -1e-45, 3.0, -3.0], np.float32)
-    return np.concatenate([dense, band, -band, bits.view(np.float32), special])
+    values = np.concatenate([dense, band, -band, bits.view(np.float32)])
+    values = values[np.isfinite(values)]
+    return values[: values.size // CHUNK * CHUNK]
 
 
 def site_matches_body(site: Site) -> bool:
@@ -97,23 +102,27 @@ def computes_ort_f(site: Site, suffix: str) -> bool:
 
 @functools.cache
 def check(kind: str, params: tuple[tuple[str, float], ...], suffix: str) -> bool:
-    """One session: the per-element mean of f from a statistics op reading ORT's f and from one reading x
-    alone, compared exactly.
+    """One session (about 0.05 s): the statistics of f from ops reading ORT's f and from ops reading x alone,
+    compared exactly: per channel of ``CHUNK`` probe values the mean and centred sum of squares of f (one
+    element of f off by an ulp moves them), and per element for the special values (a NaN would hide the
+    rest of its channel).
 
     Equal means equal values (NaN where NaN): the statistics are sums of values, so the sign of a zero
     cannot change them.
     """
     model = _probe_model(kind, dict(params), suffix)
-    x = probe_values().reshape(1, -1, 1)
+    feed = {"x": probe_values().reshape(1, -1, CHUNK), "s": np.asarray(SPECIAL, np.float32).reshape(1, -1, 1)}
+    names = [f"{v}_{how}_{stat}" for v in feed for how in ("read", "computed") for stat in ("mean", "ss")]
     try:
-        read, computed = make_session(model.SerializeToString(), ["CPUExecutionProvider"]).run(
-            ["f_read", "f_computed"], {"x": x}
-        )
+        got = dict(zip(names, make_session(model.SerializeToString(), ["CPUExecutionProvider"]).run(names, feed)))
     except Exception:  # a library or runtime that cannot run the probe: read f, as before
         return False
-    ref = np.asarray(read, np.float64).ravel()
-    got = np.asarray(computed, np.float64).ravel()
-    return ref.size == x.size and bool(np.all((ref == got) | (np.isnan(ref) & np.isnan(got))))
+    for v in feed:
+        for stat in ("mean", "ss"):
+            ref, new = (np.asarray(got[f"{v}_{how}_{stat}"], np.float64).ravel() for how in ("read", "computed"))
+            if ref.size != feed[v].shape[1] or not np.all((ref == new) | (np.isnan(ref) & np.isnan(new))):
+                return False
+    return True
 
 
 def _params_key(params: dict[str, Any]) -> tuple[tuple[str, float], ...]:
@@ -126,30 +135,35 @@ def _body_ops(kind: str, params: tuple[tuple[str, float], ...]) -> tuple[tuple[s
     return tuple(sorted(Counter(n.op_type for n in b.nodes if n.op_type not in ("Constant", "Identity")).items()))
 
 
-def _body(kind: str, params: dict[str, Any]) -> LiteralBody:
-    b = LiteralBody(PROBE_OPSET, "probe/", TensorProto.FLOAT, params, False)
-    out = CATALOGUE[kind].body(b, "x")
-    b.nodes.append(helper.make_node("Identity", [out], ["f"], name="probe/f"))
+def _body(kind: str, params: dict[str, Any], x: str = "x") -> LiteralBody:
+    """The catalogue's standard-op body of ``kind`` on ``x``, its output named ``x`` + ``_f``."""
+    b = LiteralBody(PROBE_OPSET, f"probe/{x}/", TensorProto.FLOAT, params, False)
+    out = CATALOGUE[kind].body(b, x)
+    b.nodes.append(helper.make_node("Identity", [out], [f"{x}_f"], name=f"probe/{x}/f"))
     return b
 
 
 def _probe_model(kind: str, params: dict[str, Any], suffix: str) -> onnx.ModelProto:
+    """For the bulk values ``x`` [1, C, CHUNK] and the special ones ``s`` [1, S, 1]: the body, and statistics
+    ops (per channel) reading its f and reading the input alone; outputs ``<x|s>_<read|computed>_<mean|ss>``."""
     act = CATALOGUE[kind]
-    b = _body(kind, params)
-    nodes = list(b.nodes)
-    for name, inputs in (("f_read", ["x", "f"]), ("f_computed", ["x"])):
-        stats = [f"probe/{name}/stat{i}" for i in range(STAT_OUTPUTS)]
-        stats[F_MEAN] = name
-        nodes.append(
-            helper.make_node(
-                act.op_name + suffix, inputs, stats, name=f"probe/{name}", domain=NORM_DOMAIN, axis=1, **params
+    nodes: list[onnx.NodeProto] = []
+    outputs = []
+    for v in ("x", "s"):
+        nodes += _body(kind, params, v).nodes
+        for how, inputs in (("read", [v, f"{v}_f"]), ("computed", [v])):
+            stats = [f"probe/{v}/{how}/stat{i}" for i in range(STAT_OUTPUTS)]
+            stats[F_MEAN], stats[F_MEAN + 1] = f"{v}_{how}_mean", f"{v}_{how}_ss"
+            outputs += stats[F_MEAN : F_MEAN + 2]
+            node = helper.make_node(
+                act.op_name + suffix, inputs, stats, name=f"probe/{v}/{how}", domain=NORM_DOMAIN, axis=1, **params
             )
-        )
+            nodes.append(node)
     graph = helper.make_graph(
         nodes,
         "ort_f_probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 1])],
-        [helper.make_tensor_value_info(name, TensorProto.DOUBLE, None) for name in ("f_read", "f_computed")],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, None, None]) for v in ("x", "s")],
+        [helper.make_tensor_value_info(name, TensorProto.DOUBLE, None) for name in outputs],
     )
     model = helper.make_model(
         graph,
