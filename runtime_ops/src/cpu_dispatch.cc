@@ -38,6 +38,13 @@ const CpuStatsFn (*select_stats_table())[kNumDTypes] {
                                  : cpu_generic::kStatsTable;
 }
 
+const CpuOrtFFn* select_ort_f_table() {
+  const auto t = select_cpu_table();
+  return t == cpu_avx512::kTable ? cpu_avx512::kOrtFTable
+         : t == cpu_avx2::kTable ? cpu_avx2::kOrtFTable
+                                 : cpu_generic::kOrtFTable;
+}
+
 const char* cpu_isa_name() {
   const auto t = select_cpu_table();
   return t == cpu_avx512::kTable ? "avx512" : t == cpu_avx2::kTable ? "avx2" : "generic";

@@ -18,6 +18,7 @@ constexpr size_t kMaxTasks = 256;
 // baseline loops too by setting it before creating a session).
 const CpuFn (*select_cpu_table())[kNumDTypes];
 const CpuStatsFn (*select_stats_table())[kNumDTypes];
+const CpuOrtFFn* select_ort_f_table();
 // "avx512", "avx2" or "generic": what select_cpu_table picks now.
 const char* cpu_isa_name();
 

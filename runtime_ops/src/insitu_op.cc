@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "normact_ort_f.h"
+#include "op_table.h"
 #include "ort_util.h"
 
 namespace normact {
@@ -17,6 +19,13 @@ namespace {
 
 constexpr size_t kNumStats = 5;  // mean x, ss x, mean f, ss f, ss f'
 constexpr size_t kApplyChunk = size_t(1) << 18;  // elements per ParallelFor task (1 MiB of float32)
+constexpr size_t kXInput = 2 + kNumStats;         // X, when F is absent
+constexpr size_t kFBlock = 1024;                  // f computed from x a block at a time
+
+// Whether the library computes ONNX Runtime's own f for op i (normact_ort_f.h).
+#define NORMACT_INSITU_EXACT(name, functor, kind, an, ad, bn, bd) ortf::OrtF<act::functor>::kExact,
+constexpr bool kOrtFExact[kNumOps] = {NORMACT_OP_TABLE(NORMACT_INSITU_EXACT)};
+#undef NORMACT_INSITU_EXACT
 
 struct InSituKernel {
   const OrtApi* api;
@@ -25,7 +34,33 @@ struct InSituKernel {
   float eps;
   bool per_channel;
   int64_t axis;
+  CpuOrtFFn ort_f;  // with attribute `activation`: f from X when F is absent
+  Params params;
 };
+
+// The `activation` attribute (an op name such as NormSilu) and its parameters, when given.
+OrtStatusPtr read_activation(const OrtApi* api, const OrtKernelInfo* info, CpuOrtFFn* fn, Params* p) {
+  size_t size = 0;
+  OrtStatusPtr st = api->KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
+  if (st) {  // absent: the op reads F
+    api->ReleaseStatus(st);
+    return nullptr;
+  }
+  std::string name(size, '\0');
+  NORMACT_RETURN_IF_ERROR(api->KernelInfoGetAttribute_string(info, "activation", &name[0], &size));
+  name.resize(size ? size - 1 : 0);
+  for (int i = 0; i < kNumOps; ++i) {
+    if (name != kOps[i].name) continue;
+    if (!kOrtFExact[i])
+      return make_error(api, ORT_INVALID_ARGUMENT,
+                        std::string(kInSituOpName) + ": the library does not compute ONNX Runtime's f for " + name);
+    NORMACT_RETURN_IF_ERROR(read_float(api, info, kInSituOpName, kOps[i].a_name, kOps[i].a_default, &p->a));
+    NORMACT_RETURN_IF_ERROR(read_float(api, info, kInSituOpName, kOps[i].b_name, kOps[i].b_default, &p->b));
+    *fn = select_ort_f_table()[i];
+    return nullptr;
+  }
+  return make_error(api, ORT_INVALID_ARGUMENT, std::string(kInSituOpName) + ": unknown activation " + name);
+}
 
 OrtStatusPtr ORT_API_CALL create_insitu_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                                                void** kernel) {
@@ -41,7 +76,10 @@ OrtStatusPtr ORT_API_CALL create_insitu_kernel(const OrtCustomOp*, const OrtApi*
   st = api->KernelInfoGetAttribute_int64(info, "axis", &axis);
   const bool per_channel = st == nullptr;
   if (st) api->ReleaseStatus(st);
-  *kernel = new InSituKernel{api, rule, centered != 0, eps, per_channel, axis};
+  CpuOrtFFn fn = nullptr;
+  Params p{1.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  NORMACT_RETURN_IF_ERROR(read_activation(api, info, &fn, &p));
+  *kernel = new InSituKernel{api, rule, centered != 0, eps, per_channel, axis, fn, p};
   return nullptr;
 }
 
@@ -75,15 +113,39 @@ struct ApplyJob {
   const float* scale;
   const float* shift;
   size_t channels, inner, step, n;
+  const float* x;   // with f null: f = ort_f(x)
+  CpuOrtFFn ort_f;
+  const Params* params;
 };
+
+// y[begin, end) from f[0, end - begin) (f's elements begin..end).
+void apply_range(const ApplyJob& j, const float* f, size_t begin, size_t end);
+
+// F absent: f = ONNX Runtime's f(x) a block at a time into a local buffer, then the same pass over it.
+void apply_from_x(const ApplyJob& j, size_t begin, size_t end) {
+  alignas(64) float buf[kFBlock];
+  for (size_t b = begin; b < end; b += kFBlock) {
+    const size_t e = b + kFBlock < end ? b + kFBlock : end;
+    j.ort_f(j.x + b, buf, e - b, *j.params);
+    apply_range(j, buf, b, e);
+  }
+}
 
 void apply_task(void* data, size_t t) {
   const ApplyJob& j = *static_cast<const ApplyJob*>(data);
   const size_t begin = t * j.step;
   const size_t end = begin + j.step < j.n ? begin + j.step : j.n;
+  if (j.f == nullptr) {
+    apply_from_x(j, begin, end);
+  } else {
+    apply_range(j, j.f + begin, begin, end);
+  }
+}
+
+void apply_range(const ApplyJob& j, const float* f, size_t begin, size_t end) {
   if (j.channels == 1) {
     const float s = j.scale[0], h = j.shift[0];
-    for (size_t i = begin; i < end; ++i) j.y[i] = (j.f[i] - h) * s;
+    for (size_t i = begin; i < end; ++i) j.y[i] = (f[i - begin] - h) * s;
     return;
   }
   size_t i = begin;
@@ -91,7 +153,7 @@ void apply_task(void* data, size_t t) {
     const size_t c = (i / j.inner) % j.channels;
     const size_t stop = (i / j.inner + 1) * j.inner < end ? (i / j.inner + 1) * j.inner : end;
     const float s = j.scale[c], h = j.shift[c];
-    for (; i < stop; ++i) j.y[i] = (j.f[i] - h) * s;
+    for (; i < stop; ++i) j.y[i] = (f[i - begin] - h) * s;
   }
 }
 
@@ -101,6 +163,13 @@ OrtStatusPtr ORT_API_CALL compute_insitu(void* kernel, OrtKernelContext* ctx) {
   const std::string name = std::string("ai.normact::") + kInSituOpName;
   const OrtValue* fin = nullptr;
   NORMACT_RETURN_IF_ERROR(api->KernelContext_GetInput(ctx, 0, &fin));
+  size_t inputs = 0;
+  NORMACT_RETURN_IF_ERROR(api->KernelContext_GetInputCount(ctx, &inputs));
+  const OrtValue* xin = nullptr;
+  if (inputs > kXInput) NORMACT_RETURN_IF_ERROR(api->KernelContext_GetInput(ctx, kXInput, &xin));
+  if (!fin && !(xin && k.ort_f))
+    return make_error(api, ORT_INVALID_ARGUMENT, name + ": needs F, or X with the activation attribute");
+  if (!fin) fin = xin;  // the shape is X's; f is computed from it
   std::vector<int64_t> dims;
   size_t n = 0;
   ONNXTensorElementDataType type{};
@@ -149,6 +218,11 @@ OrtStatusPtr ORT_API_CALL compute_insitu(void* kernel, OrtKernelContext* ctx) {
     constants(k, per, stats[1][c], stats[2][c], stats[3][c], stats[4][c], &scale[c], &shift[c]);
   void* f = nullptr;
   NORMACT_RETURN_IF_ERROR(api->GetTensorMutableData(const_cast<OrtValue*>(fin), &f));
+  const float* x = nullptr;
+  if (fin == xin) {  // F absent: the data is X's
+    x = static_cast<const float*>(f);
+    f = nullptr;
+  }
   // One pass of a read and a write is memory-bound: only large tensors are worth waking the pool's threads
   // for (on a busy machine a wake-up costs more than a small tensor's whole pass).
   size_t tasks = n / kApplyChunk;
@@ -156,7 +230,8 @@ OrtStatusPtr ORT_API_CALL compute_insitu(void* kernel, OrtKernelContext* ctx) {
   if (tasks < 1) tasks = 1;
   const size_t step = (n + tasks - 1) / tasks;
   tasks = (n + step - 1) / step;
-  ApplyJob job{static_cast<const float*>(f), y, scale.data(), shift.data(), channels, inner, step, n};
+  ApplyJob job{static_cast<const float*>(f), y, scale.data(), shift.data(), channels, inner, step, n, x, k.ort_f,
+               &k.params};
   if (tasks == 1) {
     apply_task(&job, 0);
   } else {
@@ -168,10 +243,13 @@ OrtStatusPtr ORT_API_CALL compute_insitu(void* kernel, OrtKernelContext* ctx) {
 void ORT_API_CALL destroy_insitu_kernel(void* kernel) { delete static_cast<InSituKernel*>(kernel); }
 const char* ORT_API_CALL get_insitu_name(const OrtCustomOp*) { return kInSituOpName; }
 const char* ORT_API_CALL cpu_ep(const OrtCustomOp*) { return nullptr; }
-size_t ORT_API_CALL inputs(const OrtCustomOp*) { return 2 + kNumStats; }
+size_t ORT_API_CALL inputs(const OrtCustomOp*) { return kXInput + 1; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp*, size_t i) {
+  return i == 0 || i == kXInput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
 size_t ORT_API_CALL one(const OrtCustomOp*) { return 1; }
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
-  if (i == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (i == 0 || i == kXInput) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
 }
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
@@ -188,6 +266,7 @@ void init_insitu_op(InSituOp& o) {
   o.GetOutputType = output_type;
   o.GetOutputTypeCount = one;
   o.KernelDestroy = destroy_insitu_kernel;
+  o.GetInputCharacteristic = input_kind;
   o.CreateKernelV2 = create_insitu_kernel;
   o.KernelComputeV2 = compute_insitu;
 }

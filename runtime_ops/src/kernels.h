@@ -58,20 +58,26 @@ inline bool stats_row_mode(const StatsShape& s) {
   return s.inner < kStatsShortInner && s.channels * s.inner <= kStatsRowMax;
 }
 
+// y[0, n) = ONNX Runtime's f(x) for float32 (normact_ort_f.h; the library's f where it has no ORT form).
+using CpuOrtFFn = void (*)(const float* x, float* y, size_t n, const Params& p);
+
 // The same loops compiled three times: for the baseline ISA (SSE2 on x86-64),
 // AVX2+FMA+F16C and AVX-512; cpu_dispatch.cc picks one at kernel creation (see
 // select_cpu_table).  On non-x86 builds all three are baseline code.
 namespace cpu_generic {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
 extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
+extern const CpuOrtFFn kOrtFTable[kNumOps];
 }
 namespace cpu_avx2 {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
 extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
+extern const CpuOrtFFn kOrtFTable[kNumOps];
 }
 namespace cpu_avx512 {
 extern const CpuFn kTable[kNumOps][kNumDTypes];
 extern const CpuStatsFn kStatsTable[kNumOps][kNumDTypes];
+extern const CpuOrtFFn kOrtFTable[kNumOps];
 }
 
 // Launches the kernel on `stream` (a cudaStream_t) on the device that holds x,

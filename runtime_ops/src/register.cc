@@ -23,6 +23,7 @@
 
 #include "cpu_dispatch.h"
 #include "insitu_op.h"
+#include "normact_ort_f.h"
 #if defined(NORMACT_WITH_CUDA)
 #include "cuda_device.h"
 #endif
@@ -185,7 +186,18 @@ NORMACT_EXPORT const char* NormactLibraryInfo() {
     // Calibration's in-situ normalization of one float32 site (insitu_op.h).
     s += "\", \"insitu_op\": \"";
     s += kInSituOpName;
-    s += "\", \"ops\": {";
+    // Statistics ops that, given x alone, compute ONNX Runtime's own f
+    // (normact_ort_f.h): calibration may then skip reading f (after a check).
+    s += "\", \"ort_f\": [";
+    bool any = false;
+#define NORMACT_ORT_F_NAME(name, functor, kind, an, ad, bn, bd) \
+    if (ortf::OrtF<act::functor>::kExact) {                     \
+      s += any ? ", \"" #name "\"" : "\"" #name "\"";           \
+      any = true;                                               \
+    }
+    NORMACT_OP_TABLE(NORMACT_ORT_F_NAME)
+#undef NORMACT_ORT_F_NAME
+    s += "], \"ops\": {";
     char buf[64];
     for (int i = 0; i < kNumOps; ++i) {
       const OpDesc& d = kOps[i];

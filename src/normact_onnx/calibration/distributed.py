@@ -70,7 +70,7 @@ class StatsWorker:
     ) -> None:
         model = onnx.load_from_string(require_ray().get(model[0]))
         self.specs = model_inputs(model)
-        self.inst = prepare(model, base_dir, per_channel, normalize, selection)
+        self.inst = prepare(model, base_dir, per_channel, normalize, selection, providers)
         got = [p.site.output for p in self.inst.probes]
         if got != sites:
             raise NormactError("the workers instrumented the model differently from the driver (sites differ)")

@@ -143,11 +143,20 @@ def fused_rule(norm: Normalizer) -> int | None:
 
 
 def fused_normalized(
-    b: StatsBody, stats: dict[str, str], f: str, y: str, norm: Normalizer, op: str, axis: int | None
+    b: StatsBody,
+    stats: dict[str, str],
+    f: str,
+    y: str,
+    norm: Normalizer,
+    op: str,
+    axis: int | None,
+    from_x: tuple[str, str, dict[str, float]] | None = None,
 ) -> None:
     """One ``NormInSitu`` node writing ``y`` from float32 ``f`` and the fused statistics (float64, count int64).
 
     Bit-identical to :func:`batch_normalized` on the same inputs (tests/test_insitu_fused.py).
+    ``from_x`` (x, activation op name, its params): the node reads x and computes ONNX Runtime's f itself
+    (``calibration/ort_f.py`` decides where that is exact), so ``f`` is not read.
     """
     rule = fused_rule(norm)
     if rule is None:
@@ -156,4 +165,8 @@ def fused_normalized(
     if axis is not None:
         attrs["axis"] = axis
     inputs = [f, stats["size"], stats["x_mean"], stats["x_ss"], stats["f_mean"], stats["f_ss"], stats["d_ss"]]
+    if from_x is not None:
+        inputs[0] = ""  # F absent
+        inputs.append(from_x[0])
+        attrs.update(from_x[2], activation=from_x[1])
     b.nodes.append(helper.make_node(op, inputs, [y], name=y, domain=NORM_DOMAIN, **attrs))

@@ -11,8 +11,11 @@ Two interchangeable ways to compute them, with the same outputs and meaning:
 * fused (when the kernel library is registered): one ``ai.normact::<Op>Stats``
   node per site reads x and f once and returns all six (count as int64, the rest
   float64 from double accumulators); f' from the library's ``df`` in
-  ``normact_math.h``. Sites whose parameters are tensors (per-channel PRelu)
-  or whose type the library lacks (double) use the standard ops.
+  ``normact_math.h``. Where the library computes ONNX Runtime's own f bit for
+  bit (checked against the installed runtime, :mod:`.ort_f`) the node reads x
+  alone: the same statistics without the read of f and its layout reorder.
+  Sites whose parameters are tensors (per-channel PRelu) or whose type the
+  library lacks (double) use the standard ops.
 * standard ops, written by :class:`.stats_body.StatsBody` (shared with training):
   about six float32 passes over each tensor; runs on any ONNX runtime.
 
@@ -46,6 +49,7 @@ from ..runtime.library import info_at, kernel_library
 from ..streaming import Moments, merge_cross
 from ..valuetypes import FLOAT_TYPES, infer_value_types
 from .insitu import Normalizer, batch_normalized, fused_normalized, fused_rule
+from .ort_f import computes_ort_f, insitu_from_x
 from .stats_body import StatsBody
 
 STAT_NAMES = ("size", "x_mean", "x_ss", "f_mean", "f_ss", "d_ss")
@@ -126,6 +130,7 @@ class Instrumented:
     sites: list[Site]
     fused: bool = False  # whether the library's statistics ops were used (for some or all sites)
     in_situ: list[str] = field(default_factory=list)  # sites normalized with batch statistics in the copy
+    computed_f: list[str] = field(default_factory=list)  # sites whose statistics op computes ORT's f from x (ort_f)
 
     @property
     def output_names(self) -> list[str]:
@@ -150,6 +155,7 @@ def instrument(
     normalize: Normalizer | None = None,
     selected: Callable[[Site], bool] | None = None,
     fused_insitu: bool = True,
+    ort_f: bool = True,
 ) -> Instrumented:
     """A copy of ``model`` with statistics outputs for every calibratable site (the input is not modified).
 
@@ -160,6 +166,8 @@ def instrument(
     normalized value on to the rest of the network instead of the raw activation;
     ``fused_insitu``: a float32 site with fused statistics is normalized by the library's
     ``NormInSitu`` op when it has one (same bits as the standard-op graph; False: the graph).
+    ``ort_f``: a fused statistics op reads x alone where the library computes ONNX Runtime's CPU f bit
+    for bit (:mod:`.ort_f`; False: every op reads f, as a run whose activations are not on the CPU needs).
     """
     suffix = fused_stats_suffix() if fused is None or fused else None
     if fused and suffix is None:
@@ -174,6 +182,7 @@ def instrument(
     probes: list[Probe] = []
     skipped: dict[str, str] = {}
     in_situ: list[str] = []
+    computed_f: list[str] = []
     cache: dict[tuple[int, str, int | None], dict[str, str]] = {}  # (container, x, axis): x statistics already built
     cross = normalize is not None and normalize.needs_cross
     insitu_op = fused_insitu_op() if suffix is not None and fused_insitu and normalize is not None else None
@@ -200,7 +209,10 @@ def instrument(
         use_fused = fused_suffix is not None
         b = StatsBody(site.container.opset, fresh(f"{site.name}/normact_stats") + "/", TensorProto.FLOAT, {}, False)
         if fused_suffix is not None:
-            local = _fused_statistics(site, f, axis, fused_suffix, fresh, b)
+            read_f = not (ort_f and computes_ort_f(site, fused_suffix))
+            if not read_f:
+                computed_f.append(site.output)
+            local = _fused_statistics(site, f if read_f else None, axis, fused_suffix, fresh, b)
         else:
             local = _site_statistics(site, f, elem, rank, axis, fresh, cache, b)
         axes = None if axis is None else [a for a in range(rank or 0) if a != axis]
@@ -209,13 +221,21 @@ def instrument(
             local[CROSS] = _cross_statistic(b, site.input, f, elem, local, stat_elem, axes)
             if stat_elem != TensorProto.FLOAT:  # one element type for every hoisted statistic
                 local[CROSS] = b.op("Cast", local[CROSS], to=stat_elem)
+        drop_raw = False
         if normalizer is not None:
             if insitu_op and use_fused and elem == TensorProto.FLOAT and fused_rule(normalizer) is not None:
-                fused_normalized(b, local, f, site.output, normalizer, insitu_op, axis)
+                from_x = None
+                if site.output in computed_f and insitu_from_x():
+                    params = {k: float(v) for k, v in site.activation.with_defaults(site.params).items()}
+                    from_x = (site.input, site.activation.op_name, params)
+                fused_normalized(b, local, f, site.output, normalizer, insitu_op, axis, from_x)
+                drop_raw = from_x is not None
             else:
                 batch_normalized(b, local, site.input, f, site.output, elem, normalizer, stat_elem)
         c = site.container
         c.insert_after(site.root, b.nodes)  # right after the site: the normalized value feeds the layers after it
+        if drop_raw:  # nothing reads the raw activation now: ORT need not compute it
+            _drop_raw_activation(site, f)
         if rank is None:
             keep_shape = [1]
         else:
@@ -230,7 +250,7 @@ def instrument(
     any_fused = any(p.fused for p in probes)
     if any_fused and not any(o.domain == NORM_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(NORM_DOMAIN, NORM_DOMAIN_VERSION))
-    return Instrumented(m, probes, skipped, sites, any_fused, in_situ)
+    return Instrumented(m, probes, skipped, sites, any_fused, in_situ, computed_f)
 
 
 def _fusable(site: Site, elem: int) -> bool:
@@ -242,9 +262,10 @@ def _fusable(site: Site, elem: int) -> bool:
 
 
 def _fused_statistics(
-    site: Site, f: str, axis: int | None, suffix: str, fresh: Callable[[str], str], b: StatsBody
+    site: Site, f: str | None, axis: int | None, suffix: str, fresh: Callable[[str], str], b: StatsBody
 ) -> dict[str, str]:
-    """One ``<Op>Stats`` node reading x and f (the site's raw output): statistic -> local value name."""
+    """One ``<Op>Stats`` node reading x and f (the site's raw output; None: x alone, the op computes ONNX
+    Runtime's f): statistic -> local value name."""
     name = fresh(f"{site.name}/normact_stats")
     outs = {stat: fresh(f"{name}/{stat}") for stat in STAT_NAMES}
     params = site.activation.with_defaults(site.params)
@@ -253,7 +274,7 @@ def _fused_statistics(
         attrs["axis"] = axis
     node = helper.make_node(
         site.activation.op_name + suffix,
-        [site.input, f],
+        [site.input] if f is None else [site.input, f],
         [outs[stat] for stat in STAT_NAMES],
         name=name,
         domain=NORM_DOMAIN,
@@ -261,6 +282,29 @@ def _fused_statistics(
     )
     b.nodes.append(node)
     return outs
+
+
+def _drop_raw_activation(site: Site, f: str) -> None:
+    """Remove the site's nodes once nothing reads the raw activation ``f`` (every in-situ reader computes it
+    from x): ONNX Runtime would otherwise still compute it, and reorder it out of its NCHWc layout."""
+    c = site.container
+    if c.consumers.get(f) or f in c.outputs:
+        return
+    dead = True
+    while dead:
+        dead = False
+        for node in list(site.nodes):
+            if _placed(c, node) and not any(c.consumers.get(o) or o in c.outputs for o in node.output if o):
+                c.remove([node])
+                dead = True
+
+
+def _placed(c: Container, node: onnx.NodeProto) -> bool:
+    try:
+        c.position(node)
+    except ValueError:
+        return False
+    return True
 
 
 def _cross_statistic(

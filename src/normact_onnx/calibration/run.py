@@ -89,7 +89,7 @@ def collect(
             if batches is not None and i >= batches:
                 break
             check_header(specs, header, where, noted)
-    inst = prepare(src, base_dir, per_channel, normalize, selection)
+    inst = prepare(src, base_dir, per_channel, normalize, selection, providers)
     sess = calibration_session(inst.model, base_dir, providers)
     stats = empty_stats(inst, per_channel, structure_fingerprint(src))
     folder = FlatFolder(stats, inst, fold_probes)  # every main-graph site merged as one flat array per batch
@@ -148,14 +148,17 @@ def prepare(
     per_channel: bool,
     normalize: Normalizer | None = None,
     selection: SiteSelection | None = None,
+    providers: list[str] | None = None,
 ) -> Instrumented:
     """The instrumented copy (IR clamped for ONNX Runtime), or why nothing in the model can be calibrated.
 
     ``normalize``: in situ (:mod:`.insitu`), for the sites the ``selection`` flags (include, exclude,
-    nodes, all_sites; None: a default rewrite's) leave to be normalized.
+    nodes, all_sites; None: a default rewrite's) leave to be normalized. ``providers``: where the copy
+    runs; the statistics ops compute ONNX Runtime's f themselves only when that is the CPU (:mod:`.ort_f`).
     """
     selected = (selection or SiteSelection()).selected if normalize is not None else None
-    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected)
+    on_cpu = all(p == "CPUExecutionProvider" for p in providers or ["CPUExecutionProvider"])
+    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected, ort_f=on_cpu)
     if not inst.probes:
         if not inst.sites:
             raise NormactError("no activation sites found: nothing to calibrate")
