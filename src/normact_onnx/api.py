@@ -102,6 +102,7 @@ class CalibrateKeywords(_Shared, total=False):
     data_options: DataOptions | None
     per_channel: bool
     in_situ: bool
+    closing: bool
     providers: list[str] | None
     ray: bool | str | None
     workers: int
@@ -258,6 +259,7 @@ def calibrate(
         report=kw.get("report"),
         per_channel=kw.get("per_channel", False),
         in_situ=kw.get("in_situ", True),
+        closing=kw.get("closing", True),
         providers=kw.get("providers"),
         progress=kw.get("progress", False),
         ray=kw.get("ray"),
