@@ -110,9 +110,9 @@ def measure(
     """The batches ``source`` names through an instrumented copy: the merged per-site statistics (keyed as
     ``inst``'s sites). ``reader``: the source already opened (and its files checked) by :func:`collect`;
     None: opened here (a closing pass re-reads the data :func:`collect` read). ``noted``: arrays no input
-    takes, already said. ``extra``: fed with every batch (overridable initializers: a closing pass's constants);
+    takes, already said. ``extra``: inputs fed with every batch, not read from the data (a closing pass's constants);
     ``session``: for ``inst.model``, made once for several passes."""
-    specs = model_inputs(inst.model)
+    specs = [s for s in model_inputs(inst.model) if s.name not in (extra or {})]
     batches = source.batches
     noted = set() if noted is None else noted
     if reader is None:
