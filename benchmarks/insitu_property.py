@@ -98,7 +98,13 @@ def main() -> None:
         if wanted is None and (entry.get("known_failures") or not entry["sites"].get("hidden")):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            rm.write_batches(entry, tmp, args.batches, args.batch_size)
+            try:
+                rm.write_batches(entry, tmp, args.batches, args.batch_size)
+            except Exception as e:  # a manifest entry the sampler cannot feed is a row, not a crash
+                r = {"error": f"sample data: {type(e).__name__}: {str(e).splitlines()[0][:100]}"}
+                rows.append({**r, "model": entry["id"], "family": entry["family"], "method": "-", "how": "-"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             for method in args.methods.split(","):
                 runs = [(True, c == "on") for c in args.closing.split(",")]
                 for in_situ, closing in ([] if args.in_situ_only else [(False, False)]) + runs:
