@@ -211,3 +211,24 @@ def test_ppocrv5_det_small_holds_at_batch_two(case, tmp_path):
     rows = [r for r in measure_sites(out, DataOptions(data)) if "holds" in r]
     assert len(rows) == 33
     assert all(r["holds"] for r in rows), [(r["site"], r["value"]) for r in rows if not r["holds"]]
+
+
+def test_the_pass_cap_stops_unconverged_and_says_which_sites(deep_small):
+    from normact_onnx.calibration.closing import close
+    from normact_onnx.calibration.insitu import Normalizer
+    from normact_onnx.calibration.run import collect
+    from normact_onnx.policy import MethodOptions, method_constants
+
+    data = DataOptions(deep_small / "data.npz", batch_size=2)
+    stats = collect(deep_small / "deep.onnx", data, normalize=Normalizer("anact", centered_rho=True))
+    stats.settings.update({"method": "anact", "lambda_rule": "anact", "centered_rho": True, "aggregate": "mean"})
+    rule = lambda st: method_constants(MethodOptions("anact"), st)[0]  # noqa: E731
+    capped, done = close(deep_small / "deep.onnx", data, stats, rule, max_passes=1)
+    assert done.passes == 1 and not done.converged and done.off and len(done.repaired) == 1
+    assert capped.settings["closing"] == done.as_dict()
+    # the sites repaired took the check's measurement; the others kept the in-situ pass's
+    names = {s.name: k for k, s in stats.sites.items()}
+    for name in done.repaired[0]:
+        assert capped.sites[names[name]] is not stats.sites[names[name]]
+    untouched = [k for k, s in stats.sites.items() if s.name not in done.repaired[0]]
+    assert all(capped.sites[k] is stats.sites[k] for k in untouched)

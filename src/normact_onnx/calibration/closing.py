@@ -86,7 +86,7 @@ class Closing:
     passes: int = 0
     repaired: list[list[str]] = field(default_factory=list)  # per repair pass, the sites' names
     converged: bool = False
-    off: list[str] = field(default_factory=list)  # sites still off when the pass cap stopped it
+    off: list[str] = field(default_factory=list)  # sites the last pass found off, when the pass cap stopped it
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -314,7 +314,7 @@ def close(
                 current[k] = fresh[k]
             else:  # refused now: fed as the identity, as the rewrite leaves it
                 current.pop(k)
-        report.off = sorted(chosen[k].name for k in off - repair)
+        report.off = sorted(chosen[k].name for k in off)  # the last measurement's; repairs are re-checked next pass
     if report.converged:
         report.off = []
     final = {k: (chosen[k] if k in normalized else latest.sites.get(k, v)) for k, v in stats.sites.items()}

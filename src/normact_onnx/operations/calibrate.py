@@ -172,8 +172,9 @@ def _closed(
     closed, done = close(model, data, stats, lambda st: method_constants(options, st)[0], providers=providers)
     if not done.converged:
         notes.append(
-            f"note: the closing check stopped after {done.passes} passes with {len(done.off)} sites still off "
-            f"({', '.join(done.off[:5])}{', …' if len(done.off) > 5 else ''})"
+            f"note: the closing check stopped after {done.passes} passes (the cap) before every site settled; "
+            f"the last pass found {len(done.off)} off ({', '.join(done.off[:5])}{', …' if len(done.off) > 5 else ''}"
+            "), repaired the shallowest and could not re-check them"
         )
     return closed
 
