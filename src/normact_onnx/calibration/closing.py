@@ -247,7 +247,7 @@ def measure_fixed(
 ) -> CalibrationStats:
     """The statistics of every site with the normalized sites at ``constants``, keyed as in the original model."""
     feed = fixed.feed(constants)
-    stats = measure(fixed.inst, source, base_dir, per_channel, fingerprint, extra=feed, session=session)
+    stats = measure(fixed.inst, source, base_dir, per_channel, fingerprint, extra=feed, session=session, quiet=True)
     key = fixed.raw_to_site
     stats.sites = {key[k]: dataclasses.replace(v, key=key[k]) for k, v in stats.sites.items()}
     stats.skipped = {key.get(k, k): v for k, v in stats.skipped.items()}

@@ -106,12 +106,13 @@ def measure(
     noted: set[str] | None = None,
     extra: dict[str, np.ndarray] | None = None,
     session: Any = None,
+    quiet: bool = False,
 ) -> CalibrationStats:
     """The batches ``source`` names through an instrumented copy: the merged per-site statistics (keyed as
     ``inst``'s sites). ``reader``: the source already opened (and its files checked) by :func:`collect`;
     None: opened here (a closing pass re-reads the data :func:`collect` read). ``noted``: arrays no input
     takes, already said. ``extra``: inputs fed with every batch, not read from the data (a closing pass's constants);
-    ``session``: for ``inst.model``, made once for several passes."""
+    ``session``: for ``inst.model``, made once for several passes; ``quiet``: no notes (a pass re-reading data)."""
     specs = [s for s in model_inputs(inst.model) if s.name not in (extra or {})]
     batches = source.batches
     noted = set() if noted is None else noted
@@ -127,6 +128,8 @@ def measure(
         for where, raw in reader.batches():
             if batches is not None and n >= batches:
                 break
+            if quiet and isinstance(raw, dict):  # a re-read: its arrays no input takes were noted the first time
+                noted.update(raw)
             feed = conform(specs, raw, where, noted)
             folder.fold(run_batch(sess, inst, {**feed, **extra} if extra else feed, where), where)
             n += 1
