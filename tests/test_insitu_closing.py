@@ -232,3 +232,20 @@ def test_the_pass_cap_stops_unconverged_and_says_which_sites(deep_small):
         assert capped.sites[names[name]] is not stats.sites[names[name]]
     untouched = [k for k, s in stats.sites.items() if s.name not in done.repaired[0]]
     assert all(capped.sites[k] is stats.sites[k] for k in untouched)
+
+
+def test_cli_closing_flag(deep_small, tmp_path, cli):
+    """``--closing on|off`` as asked (the statistics file records what ran); a bad value exits 2 in one line."""
+    import json
+
+    args = ("calibrate", deep_small / "deep.onnx", "--data", deep_small / "data.npz", "--batch-size", "2")
+    args += ("--centered-rho", "--aggregate", "mean", "--stats-only")
+    r = cli(*args, "--stats", tmp_path / "off.json", "--closing", "off")
+    assert r.returncode == 0, r.stderr
+    assert "closing" not in json.loads((tmp_path / "off.json").read_text())["settings"]
+    r = cli(*args, "--stats", tmp_path / "on.json", "--closing", "on")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "on.json").read_text())["settings"]["closing"]["converged"] is True
+    r = cli(*args, "--stats", tmp_path / "bad.json", "--closing", "maybe")
+    assert r.returncode == 2 and "--closing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad.json").exists()
