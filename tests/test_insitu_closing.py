@@ -153,7 +153,7 @@ def test_closing_repairs_in_depth_order_and_records_it(deep_small, tmp_path):
     kw = {"batch_size": 2, "method": "anact", "centered_rho": True, "aggregate": "mean", "verify": False}
     stats = calibrate(deep_small / "deep.onnx", deep_small / "data.npz", out, **kw)  # auto: batches of 2 rows
     done = stats.settings["closing"]
-    assert done["converged"] and done["passes"] == len(done["repaired"]) + 1 and sum(done["repaired"]) >= 1
+    assert done["converged"] and done["passes"] - len(done["repaired"]) in (0, 1) and sum(done["repaired"]) >= 1
     assert done["off"] == []
     # the written model's constants are the statistics' (rewrite --stats gives the same model)
     written = {n.name: {a.name: a.f for a in n.attribute} for n in onnx.load(out).graph.node}

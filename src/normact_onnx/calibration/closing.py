@@ -13,9 +13,9 @@ when its recomputed constants equal its current ones within a tolerance and ever
 site upstream of it is settled. A repair pass replaces the constants of the
 shallowest unsettled sites only (no unsettled site upstream of them): those were
 just measured with final constants everywhere upstream, so their new constants are
-exact and stay so; the sites after them are re-measured by the next pass. At
-convergence every site was measured with the final constants upstream; the common
-case is one check pass that finds every site settled.
+exact and stay so; the sites after them are re-measured by the next pass (none after
+them: no pass is needed). At convergence every site was measured with the final
+constants upstream; the common case is one check pass that finds every site settled.
 
 Fixing all constants at once and rewriting them all from the second pass (tried,
 benchmarks/README.md) oscillates: every site is then measured with constants
@@ -315,6 +315,9 @@ def close(
             else:  # refused now: fed as the identity, as the rewrite leaves it
                 current.pop(k)
         report.off = sorted(chosen[k].name for k in off)  # the last measurement's; repairs are re-checked next pass
+        if off == repair and not any(upstream.get(k, frozenset()) & repair for k in current):
+            report.converged = True  # nothing measured after the repaired sites: they are exact, all else settled
+            break
     if report.converged:
         report.off = []
     final = {k: (chosen[k] if k in normalized else latest.sites.get(k, v)) for k, v in stats.sites.items()}
