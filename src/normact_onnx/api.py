@@ -102,6 +102,7 @@ class CalibrateKeywords(_Shared, total=False):
     data_options: DataOptions | None
     per_channel: bool
     in_situ: bool
+    closing: bool | None
     providers: list[str] | None
     ray: bool | str | None
     workers: int
@@ -216,7 +217,9 @@ def calibrate(
     ``in_situ`` (default): every site the written model will normalize (the selection
     flags decide which) is normalized with each batch's statistics on its way through,
     so each site is measured where it sits, in the network as it will be written
-    (:mod:`.calibration.insitu`). ``method``: ``"anact"`` (λ, μ; default) or ``"static"`` (``variant``,
+    (:mod:`.calibration.insitu`); ``closing`` (None: auto, when the batches hold fewer than 32 rows; True;
+    False) then checks the pooled constants in the model as written and repairs the sites they leave off, in
+    depth order (:mod:`.calibration.closing`). ``method``: ``"anact"`` (λ, μ; default) or ``"static"`` (``variant``,
     default ``center-scale``, from each site's measured moments); the statistics file records which.
     ``lambda_rule`` (default ``"anact"``), ``centered_rho`` and ``aggregate`` (default ``"ema"``): ANAct's
     factor options. ``per_channel``: one λ, μ per channel.
@@ -258,6 +261,7 @@ def calibrate(
         report=kw.get("report"),
         per_channel=kw.get("per_channel", False),
         in_situ=kw.get("in_situ", True),
+        closing=kw.get("closing"),
         providers=kw.get("providers"),
         progress=kw.get("progress", False),
         ray=kw.get("ray"),

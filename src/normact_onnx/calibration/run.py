@@ -90,8 +90,36 @@ def collect(
                 break
             check_header(specs, header, where, noted)
     inst = prepare(src, base_dir, per_channel, normalize, selection, providers)
-    sess = calibration_session(inst.model, base_dir, providers)
-    stats = empty_stats(inst, per_channel, structure_fingerprint(src))
+    stats = measure(inst, source, base_dir, per_channel, structure_fingerprint(src), providers, progress, reader, noted)
+    return finish(stats, inst, normalize)
+
+
+def measure(
+    inst: Instrumented,
+    source: DataOptions,
+    base_dir: str | None,
+    per_channel: bool,
+    fingerprint: str,
+    providers: list[str] | None = None,
+    progress: bool = False,
+    reader: Any = None,
+    noted: set[str] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+    session: Any = None,
+    quiet: bool = False,
+) -> CalibrationStats:
+    """The batches ``source`` names through an instrumented copy: the merged per-site statistics (keyed as
+    ``inst``'s sites). ``reader``: the source already opened (and its files checked) by :func:`collect`;
+    None: opened here (a closing pass re-reads the data :func:`collect` read). ``noted``: arrays no input
+    takes, already said. ``extra``: inputs fed with every batch, not read from the data (a closing pass's constants);
+    ``session``: for ``inst.model``, made once for several passes; ``quiet``: no notes (a pass re-reading data)."""
+    specs = [s for s in model_inputs(inst.model) if s.name not in (extra or {})]
+    batches = source.batches
+    noted = set() if noted is None else noted
+    if reader is None:
+        reader = open_source(source, specs)
+    sess = session if session is not None else calibration_session(inst.model, base_dir, providers)
+    stats = empty_stats(inst, per_channel, fingerprint)
     folder = FlatFolder(stats, inst, fold_probes)  # every main-graph site merged as one flat array per batch
     total = min(reader.total, batches) if reader.total and batches else (batches or reader.total)
     bar = progress_bar(total, "calibrating", progress, unit="batch")
@@ -100,7 +128,10 @@ def collect(
         for where, raw in reader.batches():
             if batches is not None and n >= batches:
                 break
-            folder.fold(run_batch(sess, inst, conform(specs, raw, where, noted), where), where)
+            if quiet and isinstance(raw, dict):  # a re-read: its arrays no input takes were noted the first time
+                noted.update(raw)
+            feed = conform(specs, raw, where, noted)
+            folder.fold(run_batch(sess, inst, {**feed, **extra} if extra else feed, where), where)
             n += 1
             bar.update()
     finally:
@@ -110,7 +141,7 @@ def collect(
         raise NormactError(f"{reader.describe}: no batches")
     stats.batches = n
     stats.sources = [reader.describe]
-    return finish(stats, inst, normalize)
+    return stats
 
 
 def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np.ndarray | None) -> None:
@@ -142,6 +173,11 @@ def finish(stats: CalibrationStats, inst: Instrumented, normalize: Normalizer | 
 # ---- the pieces the single-process and the distributed (Ray) runs share ----------------------------------------
 
 
+def on_cpu(providers: list[str] | None) -> bool:
+    """Whether a copy runs on ONNX Runtime's CPU provider alone (None: the default, the CPU)."""
+    return all(p == "CPUExecutionProvider" for p in providers or ["CPUExecutionProvider"])
+
+
 def prepare(
     src: onnx.ModelProto,
     base_dir: str | None,
@@ -157,8 +193,7 @@ def prepare(
     runs; the statistics ops compute ONNX Runtime's f themselves only when that is the CPU (:mod:`.ort_f`).
     """
     selected = (selection or SiteSelection()).selected if normalize is not None else None
-    on_cpu = all(p == "CPUExecutionProvider" for p in providers or ["CPUExecutionProvider"])
-    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected, ort_f=on_cpu)
+    inst = instrument(src, base_dir, per_channel, normalize=normalize, selected=selected, ort_f=on_cpu(providers))
     if not inst.probes:
         if not inst.sites:
             raise NormactError("no activation sites found: nothing to calibrate")

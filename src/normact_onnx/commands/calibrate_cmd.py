@@ -56,6 +56,13 @@ class CalibrateMethodArgs:
             "statistics on the way (in situ, the default, is what keeps deep networks normalized in the written "
             "model)",
         )
+        m.add_argument(
+            "--closing",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="in situ: check the pooled constants in the model as written and repair the sites they leave off, "
+            "in depth order (one more pass over the data, or a few; auto: when the batches hold fewer than 32 rows)",
+        )
 
     def value(self, args: argparse.Namespace) -> MethodOptions:
         return MethodOptions(
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         report=args.html_report,
         per_channel=args.per_channel,
         in_situ=args.in_situ,
+        closing={"auto": None, "on": True, "off": False}[args.closing],
         progress=not args.quiet,
         ray=ray.ray,
         workers=ray.workers,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..calibration.closing import close, wanted
 from ..calibration.distributed import collect_ray
 from ..calibration.report import write_html
 from ..calibration.run import collect
@@ -60,6 +61,7 @@ def calibrate_model(
     report: str | os.PathLike | None = None,
     per_channel: bool = False,
     in_situ: bool = True,
+    closing: bool | None = None,
     providers: list[str] | None = None,
     progress: bool = False,
     ray: bool | str | None = None,
@@ -114,6 +116,9 @@ def calibrate_model(
         stats.settings.update(
             {"variant": method.variant, **({"ratio": method.ratio} if method.variant == "ratio" else {})}
         )
+    if closing is not False and normalize is not None:
+        distributed = ray not in (None, False) or is_dataset(data.data)
+        stats = _closed(model, data, stats, method, providers, notes, distributed, closing)
     result = CalibrationResult(stats, notes=notes)
     if output is not None:
         constants, info = method_constants(MethodOptions(method.method), stats)
@@ -139,6 +144,39 @@ def calibrate_model(
         write_html(stats, report, lambda_rule, centered_rho, aggregate, measured, _left_alone(stats, result))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _closed(
+    model: ModelLike,
+    data: DataOptions,
+    stats: CalibrationStats,
+    method: MethodOptions,
+    providers: list[str] | None,
+    notes: list[str],
+    distributed: bool,
+    closing: bool | None,
+) -> CalibrationStats:
+    """The in-situ statistics checked in the written model and repaired in depth order (:mod:`..calibration.closing`).
+
+    ``closing``: True always, None (auto) when the batches hold fewer than ``closing.AUTO_BELOW`` rows. Needs
+    the data a second time: a one-shot reader or a Ray run keeps the single in-situ pass (asked for: said so).
+    """
+    if distributed or not _rereadable(data):
+        if closing:
+            why = "--ray" if distributed else "the data cannot be read twice"
+            notes.append(f"note: the closing check did not run ({why}): the constants are the single in-situ pass's")
+        return stats
+    if not wanted(closing, model, data):
+        return stats
+    options = MethodOptions(method.method)
+    closed, done = close(model, data, stats, lambda st: method_constants(options, st)[0], providers=providers)
+    if not done.converged:
+        notes.append(
+            f"note: the closing check stopped after {done.passes} passes (the cap) before every site settled; "
+            f"the last pass found {len(done.off)} off ({', '.join(done.off[:5])}{', …' if len(done.off) > 5 else ''}"
+            "), repaired the shallowest and could not re-check them"
+        )
+    return closed
 
 
 def _left_alone(stats: CalibrationStats, result: CalibrationResult) -> dict[str, str]:
