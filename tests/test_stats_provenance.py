@@ -93,3 +93,14 @@ def test_same_settings_merge_and_keep_them(model_path, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     s = CalibrationStats.load(tmp_path / "c.json").settings
     assert s["lambda_rule"] == "xavier" and s["centered_rho"] is True and s["in_situ"] is True
+
+
+def test_merge_drops_the_shards_closing_records(model_path, tmp_path):
+    """A shard's closing check held that shard's constants: the merged file keeps the moments, not the record."""
+    parts = []
+    for i in range(2):
+        calibrate(model_path, _data(i), stats_path=tmp_path / f"{i}.json", closing=True)
+        parts.append(CalibrationStats.load(tmp_path / f"{i}.json"))
+    assert all("closing" in p.settings for p in parts)
+    merged = merge(parts)
+    assert "closing" not in merged.settings and merged.settings["in_situ"] is True

@@ -306,6 +306,8 @@ def sample_batches(
     """
     e = entry(e) if isinstance(e, str) else e
     feed = e["feed"]
+    if "same_as" in feed:  # a derived model is fed like the model it comes from
+        feed = entry(feed["same_as"])["feed"]
     rng = np.random.default_rng([seed, sum(map(ord, e["id"]))])
     batches = []
     for i in range(n_batches):

@@ -341,7 +341,8 @@ def merge(parts: list[CalibrationStats]) -> CalibrationStats:
 
     Shards must have been measured the same way (:data:`MEASURED_WITH`, the model, per-channel, the
     aggregate asked for): otherwise the result would carry the first file's label over numbers that
-    mean something else, so the merge is refused naming the field.
+    mean something else, so the merge is refused naming the field. A shard's closing-check record is
+    not carried over: it describes that shard's constants, not the merged ones.
     """
     if not parts:
         raise NormactError("merge-stats: nothing to merge")
@@ -353,6 +354,8 @@ def merge(parts: list[CalibrationStats]) -> CalibrationStats:
             sites[k] = sites[k].merged(s) if k in sites else s.merged(_empty_like(s))
     skipped = {k: v for p in parts for k, v in p.skipped.items() if k not in sites}
     settings = dict(first.settings)
+    # each shard's closing check (.closing) held its own constants; the merged moments were not checked
+    settings.pop("closing", None)
     if settings.get("aggregate") == "ema":
         settings["aggregate"] = "mean"  # the only aggregate a merge reproduces exactly
         settings["asked_aggregate"] = "ema"
