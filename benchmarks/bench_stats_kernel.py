@@ -3,7 +3,8 @@
 Why: calibration's instrumented copy spends most of its extra time in ``ai.normact::NormSiluStats``; this
 measures that kernel by itself (GB/s of x read) next to ONNX Runtime's own passes over the same tensor
 (``ReduceSumSquare`` per channel: one read; ``Sigmoid``: one read and one write), in one process,
-variants interleaved, median of ``--repeats`` runs each, 1 and 2 threads.
+variants interleaved, median of ``--repeats`` runs each, 1 and 2 threads (thread spinning off).
+Run it with ``NORMACT_LIBRARY_DIR`` naming another build to compare two libraries.
 
     python benchmarks/bench_stats_kernel.py [--repeats 15] [--shapes 16x512x512,64x128x128,256x32x32]
 """
@@ -59,7 +60,8 @@ def main() -> None:
         x = (rng.standard_normal((1, c, h, w)) * 3).astype(np.float32)
         f = x / (1 + np.exp(-x))
         for threads in (int(t) for t in args.threads.split(",")):
-            sess = {k: make_session(_model(k), threads=threads) for k in kinds}
+            quiet = {"session.intra_op.allow_spinning": "0"}  # idle sessions' spinning threads take the cores
+            sess = {k: make_session(_model(k), threads=threads, config=quiet) for k in kinds}
             feeds = {k: {"X": x, "F": f} if k == "stats_xf" else {"X": x} for k in kinds}
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for r in range(args.repeats + 1):
