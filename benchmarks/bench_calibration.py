@@ -33,6 +33,11 @@
 
     PYTHONPATH=src python benchmarks/bench_calibration.py --breakdown --models yolov8n,ppocr_det@8,mobilenet
 
+6. ``--profile``: ONNX Runtime's profiler on plain inference and the instrumented copies of (5) (statistics
+   ops computing ORT's f, or reading it), ms per batch summed by op type: which ops the extra time is in.
+
+    PYTHONPATH=src python benchmarks/bench_calibration.py --profile --models yolov8n --batches 8
+
 A real model's batch size is 2 unless the name says another (``ppocr_det@8``; a model whose batch dimension
 is fixed, yolov8n, runs batch 1). ``minilm_real``: the ORT-optimized MiniLM of the real-model set (16 tokens).
 """
@@ -339,6 +344,68 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
     return rows
 
 
+def profile_ops(names: list[str], batches: int) -> None:
+    """Per model: ms per batch of each op type in ORT's profile, plain and instrumented (module doc, 6)."""
+    import collections
+
+    import onnxruntime as ort
+
+    from normact_onnx.calibration.insitu import Normalizer
+    from normact_onnx.calibration.instrument import instrument
+    from normact_onnx.io import clamp_ir, external_locations, load_model
+    from normact_onnx.runtime.library import get_library_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path, spec = model_and_batch(name, Path(tmp))
+            reader = Reader(spec, 2)
+            feeds = [reader.get_next() for _ in range(2)]
+            src, base = load_model(path), str(path.parent)
+            copies = {
+                "plain": None,
+                "original": instrument(src, base),
+                "original, reads f": instrument(src, base, ort_f=False),
+                "in situ": instrument(src, base, normalize=Normalizer()),
+                "in situ, reads f": instrument(src, base, normalize=Normalizer(), ort_f=False),
+            }
+            per_op: dict[str, collections.Counter] = {}
+            for k, inst in copies.items():
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(tmp) / "profile")
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                if inst is None:
+                    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                else:
+                    clamp_ir(inst.model)
+                    so.register_custom_ops_library(get_library_path())
+                    if external_locations(inst.model):
+                        so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
+                    model = inst.model.SerializeToString()
+                    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+                outputs = [o.name for o in sess.get_outputs()]
+                sess.run(outputs, feeds[0])  # warm-up, profiled too: subtracted below by counting it
+                for b in range(batches):
+                    sess.run(outputs, feeds[b % 2])
+                events = json.loads(Path(sess.end_profiling()).read_text())
+                ops: collections.Counter = collections.Counter()
+                for e in events:
+                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                        ops[e["args"]["op_name"]] += e["dur"]
+                per_op[k] = collections.Counter({op: us / (batches + 1) / 1e3 for op, us in ops.items()})
+            top = sorted({op for c in per_op.values() for op in c}, key=lambda op: -max(c[op] for c in per_op.values()))
+            print(
+                f"\n{name}: ms per batch by op type (ORT profiler, {batches} batches + 1 warm-up; "
+                f"load average {os.getloadavg()[0]:.1f})"
+            )
+            print("| op | " + " | ".join(per_op) + " |")
+            print("|---|" + "---|" * len(per_op))
+            for op in top[:12]:
+                print(f"| {op} | " + " | ".join(f"{c[op]:.1f}" for c in per_op.values()) + " |")
+            print("| all ops | " + " | ".join(f"{sum(c.values()):.1f}" for c in per_op.values()) + " |")
+
+
 def _describe_feed(feed: dict) -> str:
     return ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in feed.items())
 
@@ -358,6 +425,7 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="single-process vs Ray Data (local cluster) instead")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers with --ray (default 2)")
     ap.add_argument("--breakdown", action="store_true", help="per-batch cost of each part instead (module doc, 5)")
+    ap.add_argument("--profile", action="store_true", help="ORT's profile by op type instead (module doc, 6)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -366,6 +434,9 @@ def main() -> None:
     print(f"batches per run: {args.batches}, best of {args.repeats}\n")
     if args.breakdown:
         breakdown(args.models.split(","), args.batches)
+        return
+    if args.profile:
+        profile_ops(args.models.split(","), args.batches)
         return
     if args.ray:
         rows = ray_comparison(args.models.split(","), args.batches, args.repeats, args.workers)
