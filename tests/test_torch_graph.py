@@ -133,7 +133,10 @@ def _real(model_id: str):
 def _sample(e: dict | str) -> dict[str, np.ndarray]:
     """One batch of 2 by the model's own preprocessing (derived models are fed like the model they come from)."""
     e = rm.entry(e) if isinstance(e, str) else e
-    return rm.sample_batches(e, 1, 2)[0]  # same_as is followed there, in the derived model's own input dtype
+    same = e["feed"].get("same_as")
+    dtypes = {i["name"]: i["dtype"] for i in e["inputs"]}  # a float16-input model gets the base's data in float16
+    feeds = rm.sample_batches(rm.entry(same) if same else e, 1, 2)[0]
+    return {k: v.astype(dtypes.get(k, v.dtype)) for k, v in feeds.items()}
 
 
 def _loss_backward(g, feeds: dict[str, np.ndarray]) -> None:
