@@ -36,6 +36,8 @@ def role(site: dict) -> str:
         return "hidden"
     if "graph output" in skip:
         return "output"
+    if "output is quantized" in skip:  # a QDQ model's activation feeding a QuantizeLinear
+        return "quantized"
     return "gate" if "gate" in skip else "other"
 
 

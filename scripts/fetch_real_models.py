@@ -26,12 +26,14 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -185,11 +187,106 @@ def _recipe_skl2onnx_mlp(entry: dict, cache: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
+def _recipe_ort_quantize_static(entry: dict, cache: Path, out: Path) -> None:
+    """onnxruntime.quantization.quantize_static in QDQ format, calibrated (MinMax) on the base model's own sample
+    batches (tests/real_models ``sample_batches``): every activation sits between a DequantizeLinear and a
+    QuantizeLinear, and the quantizer drops the ReLUs and Clips its output range makes redundant."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests import real_models
+    finally:
+        sys.path.pop(0)
+    src = entry["source"]
+    args = src["args"]
+    batches = real_models.sample_batches(src["base"], int(args["batches"]), int(args["batch_size"]))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pending = iter(batches)
+
+        def get_next(self) -> dict | None:
+            return next(self.pending, None)
+
+    logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger: the recipe does not, on purpose
+    try:
+        quantize_static(
+            str(cache / f"{src['base']}.onnx"),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=getattr(QuantType, args["activation_type"]),
+            weight_type=getattr(QuantType, args["weight_type"]),
+            per_channel=bool(args["per_channel"]),
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _recipe_torchscript_loop_rnn(entry: dict, cache: Path, out: Path) -> None:
+    """A recurrent digit classifier whose time loop is a scripted Python ``for``: ``torch.jit.script`` and torch's
+    TorchScript exporter (``dynamo=False``) write it as an ONNX ``Loop`` whose body holds the ReLU and Tanh
+    activations, reading the weights from the enclosing graph. Trained here on load_digits read row by row (8
+    steps of 8 pixels / 16), in float64 on one thread so the weights do not depend on the machine's kernels."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    args = entry["source"]["args"]
+    hidden = int(args["hidden"])
+
+    class RowRNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(8, hidden)
+            self.rec = torch.nn.Linear(hidden, hidden)
+            self.out = torch.nn.Linear(hidden, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, steps, 8]
+            h = torch.zeros(x.shape[0], self.rec.in_features, dtype=x.dtype)
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.rec(h) + torch.relu(self.inp(x[:, t])))
+            return self.out(h)
+
+    torch.manual_seed(int(args["seed"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            digits = load_digits()
+            x = torch.from_numpy((digits.data / 16.0).reshape(-1, 8, 8))
+            y = torch.from_numpy(digits.target.astype(np.int64))
+            net = RowRNN().double()
+            opt = torch.optim.Adam(net.parameters(), lr=float(args["lr"]))
+            for _ in range(int(args["epochs"])):  # full batch: no shuffling to seed
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+            net = net.float().eval()
+            example = (x[:2].float(),)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the point here
+            torch.onnx.export(
+                torch.jit.script(net),
+                example,
+                str(out),
+                dynamo=False,
+                opset_version=int(args["opset"]),
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_axes={"x": {0: "batch", 1: "steps"}, "logits": {0: "batch"}},
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 RECIPES = {
     "ort_transformers_optimizer(minilm_torchscript)": _recipe_ort_transformers_optimizer,
     "ort_graph_optimizer": _recipe_ort_graph_optimizer,
     "float16": _recipe_float16,
     "skl2onnx_mlp": _recipe_skl2onnx_mlp,
+    "torchscript_loop_rnn": _recipe_torchscript_loop_rnn,
+    "ort_quantize_static": _recipe_ort_quantize_static,
 }
 
 

@@ -31,7 +31,14 @@ def _noise(path, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-@pytest.mark.parametrize("item", rm.params(marks_by_id={"resnet50_ir3": pytest.mark.slow}))  # 31 s here under load
+_PRESERVE_KNOWN = {
+    e["id"]: pytest.mark.xfail(strict=True, reason=e["known_failures"]["preserve_sites"])
+    for e in rm.entries()
+    if "preserve_sites" in e["known_failures"]
+}
+
+
+@pytest.mark.parametrize("item", rm.params(marks_by_id={"resnet50_ir3": pytest.mark.slow, **_PRESERVE_KNOWN}))  # 31 s
 def test_preserve_function_normalizes_the_hidden_sites_exactly(item, tmp_path):
     """≥ 90% of the hidden sites normalized (all of them today), outputs within 1e-4 of their scale (or within
     10× the model's own float noise, for outputs whose scale is below what float32 resolves)."""

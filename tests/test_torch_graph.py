@@ -54,9 +54,17 @@ def _rel(want: np.ndarray, got: np.ndarray) -> float:
 
 
 def _computes_in_fp16(model: onnx.ModelProto) -> bool:
-    return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) or any(
-        n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)
-        for n in model.graph.node
+    fp16 = TensorProto.FLOAT16  # weights as initializers or Constant nodes (paddle), or float16 inputs
+    return (
+        any(t.data_type == fp16 for t in model.graph.initializer)
+        or any(i.type.tensor_type.elem_type == fp16 for i in model.graph.input)
+        or any(
+            n.op_type in ("Cast", "Constant")
+            and any(
+                (a.name == "to" and a.i == fp16) or (a.name == "value" and a.t.data_type == fp16) for a in n.attribute
+            )
+            for n in model.graph.node
+        )
     )
 
 
@@ -96,7 +104,16 @@ def test_bundled_model_forward_matches_onnx_runtime(path):
     _check_forward(model, _synthetic(model), str(path))
 
 
-@pytest.mark.parametrize("item", rm.params())
+@pytest.mark.parametrize(
+    "item",
+    rm.params(
+        marks_by_id={
+            e["id"]: pytest.mark.xfail(strict=True, reason=e["known_failures"]["torch_forward"])
+            for e in rm.entries()
+            if "torch_forward" in e["known_failures"]
+        }
+    ),
+)
 def test_real_model_forward_matches_onnx_runtime(item):
     """Each model fed by its own preprocessing (rm.sample_batches): outputs in the range the model sees in use."""
     e, path = item
@@ -117,7 +134,9 @@ def _sample(e: dict | str) -> dict[str, np.ndarray]:
     """One batch of 2 by the model's own preprocessing (derived models are fed like the model they come from)."""
     e = rm.entry(e) if isinstance(e, str) else e
     same = e["feed"].get("same_as")
-    return rm.sample_batches(rm.entry(same) if same else e, 1, 2)[0]
+    dtypes = {i["name"]: i["dtype"] for i in e["inputs"]}  # a float16-input model gets the base's data in float16
+    feeds = rm.sample_batches(rm.entry(same) if same else e, 1, 2)[0]
+    return {k: v.astype(dtypes.get(k, v.dtype)) for k, v in feeds.items()}
 
 
 def _loss_backward(g, feeds: dict[str, np.ndarray]) -> None:

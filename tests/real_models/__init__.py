@@ -325,6 +325,8 @@ def sample_batches(
         elif kind == "tabular_digits":  # the rows a scikit-learn model was trained on, drawn at random
             images, _ = _digits()
             rows = images.reshape(len(images), -1)[rng.integers(0, len(images), b)]
+            if feed.get("rows_as_steps"):  # a recurrent model reads the image row by row: [B, 8 steps, 8 pixels]
+                rows = rows.reshape(b, 8, 8)
             batches.append({feed["input"]: (rows * np.float32(feed["scale"])).astype(np.float32)})
         elif kind == "log_mel":
             batches.append({feed["input"]: _log_mel_batch(feed, rng, b)})
@@ -338,7 +340,9 @@ def sample_batches(
             batches.append({k: v[rows] for k, v in table.items()})
         else:
             raise ValueError(f"{e['id']}: unknown feed kind {kind!r}")
-    return batches
+    # a model with float16 inputs (converted without keeping float32 I/O) gets its base model's data in float16
+    half = {i["name"] for i in e.get("inputs", ()) if i.get("dtype") == "float16"}
+    return [{k: v.astype(np.float16) if k in half else v for k, v in d.items()} for d in batches]
 
 
 def write_batches(

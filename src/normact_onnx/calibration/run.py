@@ -144,15 +144,24 @@ def measure(
     return stats
 
 
-def _check_finite(site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np.ndarray | None) -> None:
-    """A batch whose statistics are not finite poisons every later merge: refuse it by name."""
+def _check_finite(
+    site: Site, where: str, x: Any, f: Any, d2: np.ndarray, xf: np.ndarray | None, in_situ: bool = False
+) -> None:
+    """A batch whose statistics are not finite poisons every later merge: refuse it by name.
+
+    ``in_situ``: earlier sites were normalized on the way, so the overflow may be theirs, not the model's (a
+    float16 model whose in-situ ANAct constants grow the variance past float16's range, 65504).
+    """
     parts = [x.mean, x.m2, f.mean, f.m2, d2] + ([xf] if xf is not None else [])
     if not all(np.all(np.isfinite(p)) for p in parts):
         what = "its input" if not (np.all(np.isfinite(x.mean)) and np.all(np.isfinite(x.m2))) else "its output"
-        raise NormactError(
-            f"{where}: site {site.name} ({site.kind}): {what} holds NaN or Inf on this batch "
-            "(check the data, or the model overflows on it)"
+        why = (
+            "check the data, or the model overflows on it; if the original model does not, the sites normalized "
+            "in situ before it do: try --no-in-situ or --method static, or calibrate the float32 model"
+            if in_situ
+            else "check the data, or the model overflows on it"
         )
+        raise NormactError(f"{where}: site {site.name} ({site.kind}): {what} holds NaN or Inf on this batch ({why})")
 
 
 def finish(stats: CalibrationStats, inst: Instrumented, normalize: Normalizer | None) -> CalibrationStats:
@@ -229,7 +238,7 @@ def batch_moments(
     if not np.isfinite(sum(float(np.sum(v)) for v in mine.values())):  # one check per batch
         for probe, rec in zip(probes, records):
             if rec[0].n.size:
-                _check_finite(probe.site, where, *rec)
+                _check_finite(probe.site, where, *rec, in_situ=bool(inst.in_situ))
     return records
 
 

@@ -318,6 +318,11 @@ def _plan_tensor(
     restore: Restore | None = None,
 ) -> Plan | Refusal:
     if tensor in c.outputs:
+        if c.owner is not None and c.owner.op_type in ("Loop", "Scan"):  # a recurrent state (scripted torch loops)
+            return Refusal(
+                f"the value is carried out of the {c.owner.op_type} body (to the next iteration or the "
+                f"{c.owner.op_type}'s outputs): its inverse cannot be folded into the consumers of every iteration"
+            )
         return Refusal("the value is a graph output")
     consumers = c.consumers.get(tensor, [])
     if not consumers:

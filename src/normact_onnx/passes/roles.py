@@ -27,6 +27,9 @@ def skip_reason(site: Site, base_dir: str | None, refused: Mapping[int, str]) ->
     head = _output_head(site, base_dir) if site.normalized is None else None
     if head:
         return head
+    quantized = _quantized_by(site) if site.normalized is None else None
+    if quantized:
+        return quantized
     if site.activation.gate_like:
         for consumer in c.consumers.get(site.output, ()):
             if consumer.op_type in ("Mul", "Div") and len(consumer.input) == 2:
@@ -35,6 +38,22 @@ def skip_reason(site: Site, base_dir: str | None, refused: Mapping[int, str]) ->
                     if id(site.root) in refused:  # a spelling the catalogue declines (Swish with β ≠ 1)
                         return refused[id(site.root)]
                     return f"multiplicative gate (feeds {consumer.op_type} '{consumer.name or consumer.output[0]}')"
+    return None
+
+
+def _quantized_by(site: Site) -> str | None:
+    """Why a site of a QDQ-quantized model is left alone: its output feeds a ``QuantizeLinear``.
+
+    The quantizer's scale and zero point were calibrated for the activation's own range (a gate's [0, 1]): a
+    normalized value lands outside it and saturates, so the model silently computes something else. The way out
+    is the usual order: normalize the float model, then quantize it.
+    """
+    for consumer in site.container.consumers.get(site.output, ()):
+        if consumer.op_type == "QuantizeLinear" and consumer.input[0] == site.output:
+            return (
+                f"its output is quantized (feeds {consumer.op_type} '{consumer.name or consumer.output[0]}', whose "
+                "scale was calibrated for the original values): normalize the float model, then quantize it"
+            )
     return None
 
 

@@ -243,6 +243,18 @@ def export_float64(path: Path, x: dict[str, np.ndarray], output: str) -> np.ndar
     return np.asarray(outs[graph.plan.outputs.index(output)].cpu().numpy(), np.float64)
 
 
+def export_own_precision(path: Path, x: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """The exported model at ``path`` evaluated by :class:`.torch_graph.TorchGraph` in the precision it computes in:
+    the export check's value of the file for a 16-bit model, whose training graph is not run in float64 either."""
+    import onnx
+    import torch
+
+    graph = torch_graph.torch_graph_class()(onnx.load(str(path)))
+    with torch.no_grad():
+        outs = graph(x)
+    return np.asarray(outs[graph.plan.outputs.index(output)].cpu().numpy(), np.float64)
+
+
 def open_torch(tg: TrainGraph, settings: Any, work: Path, resume: bool, label_rank: int) -> TorchTrainer:
     """The torch trainer of ``work``: fresh, or from the last checkpoint for ``resume``."""
     last = work / "checkpoints" / "last"
@@ -251,4 +263,4 @@ def open_torch(tg: TrainGraph, settings: Any, work: Path, resume: bool, label_ra
     return TorchTrainer(tg, settings, label_rank, last if resume else None)
 
 
-__all__ = ["OrtAdamW", "TorchTrainer", "export_float64", "open_torch", "pick_device"]
+__all__ = ["OrtAdamW", "TorchTrainer", "export_float64", "export_own_precision", "open_torch", "pick_device"]
