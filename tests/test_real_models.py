@@ -166,6 +166,34 @@ def test_fetch_script_checks_sha256_and_is_idempotent(tmp_path):
     assert again.returncode == 0 and again.stdout.splitlines()[0].split()[-1] == "cached"
 
 
+def test_fetch_script_checks_a_model_trained_here_by_its_ops(tmp_path):
+    """A recipe that trains here (the scikit-learn MLPs) gives other floats on another CPU's BLAS kernels: with the
+    pinned tools installed a different sha256 is accepted when the ops are the recipe's, and said; ops that are
+    not are one line on stderr and exit 2."""
+    pytest.importorskip("skl2onnx")
+    from importlib.metadata import version
+
+    e = json.loads(json.dumps(rm.entry("skl_mlp_relu")))
+    pinned = e["source"]["deterministic_with"]
+    e["source"]["deterministic_with"] = {k: version(k) for k in pinned}
+    e["sha256"] = "0" * 64  # as if the manifest had been written on another CPU
+    wrong = json.loads(json.dumps(e))
+    wrong["id"] = "skl_mlp_relu_wrong_ops"
+    wrong["source"]["must_contain"] = {"ai.onnx::Conv": 1}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": [e, wrong]}))
+    env = {**os.environ, "NORMACT_REAL_MODELS": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, str(FETCH), "--manifest", str(manifest)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 2
+    assert "float kernels give other weights: checked by op types" in r.stdout
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("fetch_real_models: skl_mlp_relu_wrong_ops: ") and "lacks the ops" in line
+    assert (tmp_path / "cache" / "skl_mlp_relu.onnx").is_file()
+    assert not (tmp_path / "cache" / "skl_mlp_relu_wrong_ops.onnx").exists()
+
+
 def test_sample_batches_are_deterministic_and_shaped_for_each_model():
     """Same seed, same data; another seed, other data; every declared input fed with its dtype and fixed dims."""
     for e in rm.entries():
