@@ -63,6 +63,23 @@ def run_model(model: str | Path | onnx.ModelProto, feeds: dict[str, np.ndarray])
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+def calibrate_copy(inst: Any, base: str | None, per_channel: bool, batches: list[dict]) -> tuple[list[dict], Any]:
+    """An instrumented copy run over ``batches`` as ``collect`` runs it: each batch's statistics outputs, and the
+    merged statistics (for the tests that compare two copies bit for bit)."""
+    from normact_onnx.calibration.run import calibration_session, empty_stats, fold, run_batch
+    from normact_onnx.io import clamp_ir
+
+    clamp_ir(inst.model)
+    sess = calibration_session(inst.model, base)
+    stats = empty_stats(inst, per_channel, "fp")
+    runs = []
+    for i, feed in enumerate(batches):
+        values = run_batch(sess, inst, feed, f"batch {i}")
+        runs.append(values)
+        fold(stats, inst, values, f"batch {i}")
+    return runs, stats
+
+
 def tiny_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir: int = 8, functions=()):
     """A model from helper parts with a deliberate IR version (onnx ≥ 1.23 would stamp 14)."""
     graph = helper.make_graph(list(nodes), "tiny", list(inputs), list(outputs), list(initializers))

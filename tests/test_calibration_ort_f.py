@@ -17,11 +17,10 @@ from onnx import TensorProto, helper
 from normact_onnx.calibration import ort_f
 from normact_onnx.calibration.insitu import Normalizer
 from normact_onnx.calibration.instrument import fused_stats_suffix, instrument
-from normact_onnx.calibration.run import calibration_session, empty_stats, fold, run_batch
 from normact_onnx.io import clamp_ir
 
 from . import real_models as rm
-from .conftest import MODELS
+from .conftest import MODELS, calibrate_copy
 
 pytestmark = pytest.mark.skipif(
     fused_stats_suffix() is None or "NormSilu" not in ort_f.library_ort_f(),
@@ -33,15 +32,7 @@ def _run_both(model: onnx.ModelProto, base: str | None, norm: Normalizer | None,
     out = []
     for computed in (True, False):
         inst = instrument(model, base, per_channel, normalize=norm, ort_f=computed)
-        clamp_ir(inst.model)
-        sess = calibration_session(inst.model, base)
-        stats = empty_stats(inst, per_channel, "fp")
-        runs = []
-        for i, feed in enumerate(batches):
-            values = run_batch(sess, inst, feed, f"batch {i}")
-            runs.append(values)
-            fold(stats, inst, values, f"batch {i}")
-        out.append((inst, runs, stats))
+        out.append((inst, *calibrate_copy(inst, base, per_channel, batches)))
     return out
 
 

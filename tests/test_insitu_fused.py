@@ -13,11 +13,9 @@ import pytest
 
 from normact_onnx.calibration.insitu import Normalizer
 from normact_onnx.calibration.instrument import fused_insitu_op, instrument
-from normact_onnx.calibration.run import calibration_session, empty_stats, fold, run_batch
-from normact_onnx.io import clamp_ir
 
 from . import real_models as rm
-from .conftest import MODELS
+from .conftest import MODELS, calibrate_copy
 
 pytestmark = pytest.mark.skipif(fused_insitu_op() is None, reason="kernel library without NormInSitu")
 
@@ -34,16 +32,8 @@ def _run_both(model: onnx.ModelProto, base: str | None, norm: Normalizer, per_ch
     out = []
     for use_op in (True, False):
         inst = instrument(model, base, per_channel, normalize=norm, fused_insitu=use_op)
-        clamp_ir(inst.model)
         ops = sum(n.op_type == fused_insitu_op() for n in inst.model.graph.node)
-        sess = calibration_session(inst.model, base)
-        stats = empty_stats(inst, per_channel, "fp")
-        runs = []
-        for i, feed in enumerate(batches):
-            values = run_batch(sess, inst, feed, f"batch {i}")
-            runs.append(values)
-            fold(stats, inst, values, f"batch {i}")
-        out.append((inst, ops, runs, stats))
+        out.append((inst, ops, *calibrate_copy(inst, base, per_channel, batches)))
     return out
 
 
