@@ -283,12 +283,27 @@ def ray_comparison(names: list[str], batches: int, repeats: int, workers: int) -
     return rows
 
 
+def _instrumented_copies(src: Any, base: str, with_graph: bool) -> dict[str, Any]:
+    """The instrumented copies --breakdown and --profile time: the original network and in situ, each computing
+    ONNX Runtime's f itself and reading it (and, for --breakdown, the standard-op in-situ graph before NormInSitu)."""
+    from normact_onnx.calibration.insitu import Normalizer
+    from normact_onnx.calibration.instrument import instrument
+
+    copies = {
+        "original": instrument(src, base),
+        "original, reads f": instrument(src, base, ort_f=False),
+        "in situ": instrument(src, base, normalize=Normalizer()),
+        "in situ, reads f": instrument(src, base, normalize=Normalizer(), ort_f=False),
+    }
+    if with_graph:
+        copies["in situ, graph"] = instrument(src, base, normalize=Normalizer(), fused_insitu=False, ort_f=False)
+    return copies
+
+
 def breakdown(names: list[str], batches: int) -> list[dict]:
     """Per model: session creation and median ms per batch of each variant (module doc, 5), interleaved."""
     import onnxruntime as ort
 
-    from normact_onnx.calibration.insitu import Normalizer
-    from normact_onnx.calibration.instrument import instrument
     from normact_onnx.calibration.run import calibration_session, run_batch
     from normact_onnx.io import clamp_ir, load_model
 
@@ -299,13 +314,7 @@ def breakdown(names: list[str], batches: int) -> list[dict]:
             reader = Reader(spec, 4)
             feeds = [reader.get_next() for _ in range(4)]
             src, base = load_model(path), str(path.parent)
-            copies = {
-                "original": instrument(src, base),
-                "original, reads f": instrument(src, base, ort_f=False),
-                "in situ, NormInSitu": instrument(src, base, normalize=Normalizer()),
-                "in situ, Ins., reads f": instrument(src, base, normalize=Normalizer(), ort_f=False),
-                "in situ, graph": instrument(src, base, normalize=Normalizer(), fused_insitu=False, ort_f=False),
-            }
+            copies = _instrumented_copies(src, base, with_graph=True)
             runs, created, nodes = {}, {}, {}
             start = time.perf_counter()
             quiet = {"session.intra_op.allow_spinning": "0"}  # an idle session's spinning threads take the cores
@@ -350,8 +359,6 @@ def profile_ops(names: list[str], batches: int) -> None:
 
     import onnxruntime as ort
 
-    from normact_onnx.calibration.insitu import Normalizer
-    from normact_onnx.calibration.instrument import instrument
     from normact_onnx.io import clamp_ir, external_locations, load_model
     from normact_onnx.runtime.library import get_library_path
 
@@ -361,13 +368,7 @@ def profile_ops(names: list[str], batches: int) -> None:
             reader = Reader(spec, 2)
             feeds = [reader.get_next() for _ in range(2)]
             src, base = load_model(path), str(path.parent)
-            copies = {
-                "plain": None,
-                "original": instrument(src, base),
-                "original, reads f": instrument(src, base, ort_f=False),
-                "in situ": instrument(src, base, normalize=Normalizer()),
-                "in situ, reads f": instrument(src, base, normalize=Normalizer(), ort_f=False),
-            }
+            copies = {"plain": None, **_instrumented_copies(src, base, with_graph=False)}
             per_op: dict[str, collections.Counter] = {}
             for k, inst in copies.items():
                 so = ort.SessionOptions()

@@ -80,6 +80,25 @@ def calibrate_copy(inst: Any, base: str | None, per_channel: bool, batches: list
     return runs, stats
 
 
+def assert_same_statistics(a: tuple[Any, list[dict], Any], b: tuple[Any, list[dict], Any]) -> None:
+    """Two instrumented copies of one model (``(inst, runs, stats)`` from :func:`calibrate_copy`) measured the same
+    bits: every statistics output of every batch, and the merged moments of every site."""
+    (ia, runs_a, stats_a), (ib, runs_b, stats_b) = a, b
+    assert [p.site.output for p in ia.probes] == [p.site.output for p in ib.probes]
+    for ra, rb in zip(runs_a, runs_b):
+        for pa, pb in zip(ia.probes, ib.probes):
+            for stat in pa.outputs:
+                np.testing.assert_array_equal(
+                    ra[pa.outputs[stat]], rb[pb.outputs[stat]], err_msg=f"{pa.site.name} {stat}"
+                )
+    for key, sa in stats_a.sites.items():
+        sb = stats_b.sites[key]
+        for part in ("x", "f"):
+            for name in ("n", "mean", "m2"):
+                np.testing.assert_array_equal(getattr(getattr(sa, part), name), getattr(getattr(sb, part), name))
+        np.testing.assert_array_equal(sa.d2, sb.d2)
+
+
 def tiny_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir: int = 8, functions=()):
     """A model from helper parts with a deliberate IR version (onnx ≥ 1.23 would stamp 14)."""
     graph = helper.make_graph(list(nodes), "tiny", list(inputs), list(outputs), list(initializers))

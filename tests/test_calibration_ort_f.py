@@ -20,7 +20,7 @@ from normact_onnx.calibration.instrument import fused_stats_suffix, instrument
 from normact_onnx.io import clamp_ir
 
 from . import real_models as rm
-from .conftest import MODELS, calibrate_copy
+from .conftest import MODELS, assert_same_statistics, calibrate_copy
 
 pytestmark = pytest.mark.skipif(
     fused_stats_suffix() is None or "NormSilu" not in ort_f.library_ort_f(),
@@ -38,20 +38,9 @@ def _run_both(model: onnx.ModelProto, base: str | None, norm: Normalizer | None,
 
 def _identical(a, b) -> int:
     """Asserts equal statistics; returns how many sites computed f in the first copy."""
-    (ia, runs_a, stats_a), (ib, runs_b, stats_b) = a, b
-    assert ib.computed_f == []
-    assert [p.site.output for p in ia.probes] == [p.site.output for p in ib.probes]
-    for ra, rb in zip(runs_a, runs_b):
-        for pa, pb in zip(ia.probes, ib.probes):
-            for stat in pa.outputs:
-                np.testing.assert_array_equal(ra[pa.outputs[stat]], rb[pb.outputs[stat]], err_msg=f"{pa.site.name}")
-    for key, sa in stats_a.sites.items():
-        sb = stats_b.sites[key]
-        for part in ("x", "f"):
-            for name in ("n", "mean", "m2"):
-                np.testing.assert_array_equal(getattr(getattr(sa, part), name), getattr(getattr(sb, part), name))
-        np.testing.assert_array_equal(sa.d2, sb.d2)
-    return len(ia.computed_f)
+    assert b[0].computed_f == []
+    assert_same_statistics(a, b)
+    return len(a[0].computed_f)
 
 
 def _reads(inst) -> list[int]:

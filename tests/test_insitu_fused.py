@@ -15,7 +15,7 @@ from normact_onnx.calibration.insitu import Normalizer
 from normact_onnx.calibration.instrument import fused_insitu_op, instrument
 
 from . import real_models as rm
-from .conftest import MODELS, calibrate_copy
+from .conftest import MODELS, assert_same_statistics, calibrate_copy
 
 pytestmark = pytest.mark.skipif(fused_insitu_op() is None, reason="kernel library without NormInSitu")
 
@@ -38,21 +38,9 @@ def _run_both(model: onnx.ModelProto, base: str | None, norm: Normalizer, per_ch
 
 
 def _identical(a, b) -> None:
-    (ia, ops_a, runs_a, stats_a), (ib, ops_b, runs_b, stats_b) = a, b
+    (ia, ops_a, *rest_a), (ib, ops_b, *rest_b) = a, b
     assert ops_a == len(ia.in_situ) > 0 and ops_b == 0  # every in-situ site used the op in one copy, none in the other
-    assert [p.site.output for p in ia.probes] == [p.site.output for p in ib.probes]
-    for ra, rb in zip(runs_a, runs_b):
-        for pa, pb in zip(ia.probes, ib.probes):
-            for stat in pa.outputs:
-                np.testing.assert_array_equal(
-                    ra[pa.outputs[stat]], rb[pb.outputs[stat]], err_msg=f"{pa.site.name} {stat}"
-                )
-    for key, sa in stats_a.sites.items():
-        sb = stats_b.sites[key]
-        for part in ("x", "f"):
-            for name in ("n", "mean", "m2"):
-                np.testing.assert_array_equal(getattr(getattr(sa, part), name), getattr(getattr(sb, part), name))
-        np.testing.assert_array_equal(sa.d2, sb.d2)
+    assert_same_statistics((ia, *rest_a), (ib, *rest_b))
 
 
 @pytest.mark.parametrize("norm", NORMALIZERS, ids=lambda n: "-".join(map(str, n.as_dict().values())))
